@@ -1,0 +1,140 @@
+"""A bundle: a model, its transcoder, a corpus cut into token windows (and later the dataset maxima),
+located by one directory with a `bundle.json` manifest. Builds the default bundle.
+
+Layout of a bundle directory:
+    bundle.json        manifest: model, transcoder, corpus stats, build times, the CLT's evaluation report
+    corpus.jsonl       documents with source tags
+    windows/           token windows as .npy (memory-mapped on load) + sources.json
+    clt/               the transcoder in the circuit-tracer layout (config.yaml + safetensors)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreaming.corpus import Windows, build_default_corpus, read_documents, tokenize_windows
+from dreaming.models import DEFAULT_MODEL, LanguageModel, ensure_default_model, load_model
+from dreaming.paths import dreaming_home
+from dreaming.train import TrainConfig, _split, evaluate_clt, train_clt
+from dreaming.transcoders import Transcoder, load_transcoder
+
+MANIFEST = "bundle.json"
+WINDOW_LENGTH = 128
+WINDOW_ARRAYS = ("tokens", "lengths", "document", "source")
+
+
+def default_bundle_dir() -> Path:
+    return dreaming_home() / "default"
+
+
+def save_windows(windows: Windows, directory: Path) -> None:
+    partial = directory.with_name(directory.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    for name in WINDOW_ARRAYS:
+        np.save(partial / f"{name}.npy", getattr(windows, name))
+    (partial / "sources.json").write_text(json.dumps(windows.sources))
+    partial.rename(directory)
+
+
+def load_windows(directory: Path) -> Windows:
+    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in WINDOW_ARRAYS}
+    return Windows(**arrays, sources=json.loads((directory / "sources.json").read_text()))
+
+
+@dataclass
+class Bundle:
+    directory: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, directory: str | Path | None = None) -> Bundle:
+        """Open a bundle; with no directory the default one, built first if it is missing or incomplete."""
+        if directory is None:
+            return build_default_bundle()
+        directory = Path(directory)
+        if not (directory / MANIFEST).exists():
+            raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); build one with `dreaming default build`")
+        return cls(directory, json.loads((directory / MANIFEST).read_text()))
+
+    def load_model(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LanguageModel:
+        return load_model(self.manifest["model"], dtype=dtype, device=device)
+
+    def load_transcoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transcoder:
+        return load_transcoder(self.directory / "clt", dtype=dtype, device=device)
+
+    def windows(self) -> Windows:
+        return load_windows(self.directory / "windows")
+
+    def save_manifest(self) -> None:
+        partial = self.directory / (MANIFEST + ".partial")
+        partial.write_text(json.dumps(self.manifest, indent=2))
+        partial.replace(self.directory / MANIFEST)
+
+
+def build_default_bundle(directory: Path | None = None, config: TrainConfig | None = None,
+                         progress: bool = True) -> Bundle:
+    """Build (idempotently: finished steps are skipped) the default bundle: model cache, corpus, windows, CLT.
+
+    Each step records its wall time in the manifest under "build_seconds".
+    """
+    directory = Path(directory or default_bundle_dir())
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
+    bundle = Bundle(directory, manifest)
+    manifest.setdefault("model", "default")
+    manifest.setdefault("model_name", DEFAULT_MODEL)
+    times = manifest.setdefault("build_seconds", {})
+    config = config or TrainConfig()
+
+    def step(name: str, done: bool, work) -> None:
+        if done:
+            return
+        print(f"[default build] {name} ...", flush=True)
+        started = time.perf_counter()
+        work()
+        times[name] = round(time.perf_counter() - started, 1)
+        bundle.save_manifest()
+        print(f"[default build] {name} done in {times[name]:.0f}s", flush=True)
+
+    step("model", "model" in times and ensure_default_model(verbose=False).exists(),
+         lambda: ensure_default_model(verbose=progress))
+    lm = None
+
+    def model() -> LanguageModel:
+        nonlocal lm
+        if lm is None:
+            lm = load_model("default", dtype=torch.bfloat16)
+        return lm
+
+    def corpus():
+        stats = build_default_corpus(model().model, model().tokenizer, directory / "corpus.jsonl", progress=progress)
+        manifest["corpus"] = {key: stats[key] for key in ("documents", "chars", "tokens") if key in stats}
+
+    step("corpus", (directory / "corpus.jsonl").exists() and "corpus" in manifest, corpus)
+
+    def windows():
+        tokenizer = model().tokenizer
+        cut = tokenize_windows(read_documents(str(directory / "corpus.jsonl")), tokenizer,
+                               window_length=WINDOW_LENGTH, bos_token_id=model().bos_token_id, progress=progress)
+        save_windows(cut, directory / "windows")
+        manifest["windows"] = {"count": len(cut), "window_length": WINDOW_LENGTH, "tokens": int(cut.lengths.sum())}
+
+    step("windows", (directory / "windows").exists(), windows)
+
+    def clt():
+        cut = bundle.windows()
+        transcoder = train_clt(model(), cut, config, directory / "training", progress=progress)
+        (directory / "training" / "clt").rename(directory / "clt")
+        _, heldout = _split(cut, config)
+        manifest["train_config"] = asdict(config)
+        manifest["clt_report"] = evaluate_clt(model(), transcoder, cut, heldout, progress=progress)
+
+    step("clt", (directory / "clt").exists() and "clt_report" in manifest, clt)
+    # The dataset-maxima step joins here.
+    return bundle

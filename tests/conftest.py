@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny tokenizer, tiny random-weight causal LMs of each supported family, tiny windows."""
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+from dreaming.corpus import Windows
+from dreaming.models import LanguageModel
+
+WORDS = "the a cat dog sat on mat ran fast slow red blue big small house tree sun moon def return import class".split()
+SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(family: str, vocab_size: int, n_layers: int = 3, d_model: int = 32):
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if family == "llama":
+        return LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "gemma2":
+        return Gemma2Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                            sliding_window=64, **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=256, **common)
+    raise ValueError(family)
+
+
+def make_tiny_lm(tokenizer, family: str = "llama", n_layers: int = 3, seed: int = 0) -> LanguageModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), n_layers)).eval()
+    model.requires_grad_(False)
+    return LanguageModel(model=model, tokenizer=tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_tokenizer):
+    return make_tiny_lm(tiny_tokenizer)
+
+
+def random_windows(n_windows: int, window_length: int, vocab_size: int, seed: int = 0) -> Windows:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(len(SPECIALS), vocab_size, size=(n_windows, window_length)).astype(np.int32)
+    tokens[:, 0] = 1  # BOS
+    lengths = np.full(n_windows, window_length, dtype=np.int32)
+    lengths[::5] = window_length // 2  # some padded windows
+    for row, length in zip(tokens, lengths):
+        row[length:] = 3
+    return Windows(tokens=tokens, lengths=lengths, document=np.arange(n_windows, dtype=np.int32),
+                   source=(np.arange(n_windows) % 2).astype(np.int16), sources=["even", "odd"])

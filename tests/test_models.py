@@ -1,0 +1,79 @@
+"""Hook points against manual computations; loading from a local directory; the real default model."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm
+from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, load_model
+
+HOOKS = (HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT)
+
+
+def hidden_states(lm, input_ids):
+    with torch.no_grad():
+        return lm.model(input_ids=input_ids, output_hidden_states=True).hidden_states  # embeddings, then each layer
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_hook_points_fit_the_residual_stream(tiny_tokenizer, family):
+    lm = make_tiny_lm(tiny_tokenizer, family)
+    input_ids = torch.randint(4, len(tiny_tokenizer), (2, 10))
+    layer = 1
+    values = lm.capture(input_ids, [(hook, layer) for hook in HOOKS], stop_early=False)
+    resid_mid, mlp_in, mlp_out = (values[(hook, layer)] for hook in HOOKS)
+    block = lm.layers[layer]
+    norm = block.ln_2 if family == "gpt2" else (
+        block.pre_feedforward_layernorm if family == "gemma2" else block.post_attention_layernorm)
+    torch.testing.assert_close(mlp_in, norm(resid_mid))
+    torch.testing.assert_close(mlp_out, block.post_feedforward_layernorm(block.mlp(mlp_in))
+                               if family == "gemma2" else block.mlp(mlp_in))
+    # the block's output is the residual mid-point plus the MLP output
+    torch.testing.assert_close(resid_mid + mlp_out, hidden_states(lm, input_ids)[layer + 1])
+
+
+def test_capture_stops_early(tiny_lm):
+    input_ids = torch.randint(4, len(tiny_lm.tokenizer), (1, 8))
+    calls = []
+    handle = tiny_lm.layers[2].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        early = tiny_lm.capture(input_ids, [(HOOK_MLP_OUT, 1)])
+        full = tiny_lm.capture(input_ids, [(HOOK_MLP_OUT, 1)], stop_early=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # only the full run reached layer 2
+    torch.testing.assert_close(early[(HOOK_MLP_OUT, 1)], full[(HOOK_MLP_OUT, 1)])
+
+
+def test_hook_aliases_and_unknown_names(tiny_lm):
+    input_ids = torch.randint(4, len(tiny_lm.tokenizer), (1, 5))
+    values = tiny_lm.capture(input_ids, [("hook_mlp_out", 0), ("ln2.hook_normalized", 0)])
+    assert set(values) == {(HOOK_MLP_OUT, 0), (HOOK_MLP_IN, 0)}
+    with pytest.raises(ValueError, match="unknown hook point 'resid_post'"):
+        tiny_lm.capture(input_ids, [("resid_post", 0)])
+
+
+def test_load_model_from_a_local_directory(tiny_lm, tmp_path):
+    tiny_lm.model.save_pretrained(tmp_path)
+    tiny_lm.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    input_ids = torch.randint(4, len(tiny_lm.tokenizer), (1, 6))
+    torch.testing.assert_close(loaded.model(input_ids).logits, tiny_lm.model(input_ids).logits)
+    assert loaded.n_layers == 3 and loaded.d_model == 32
+
+
+def test_default_model_hook_points_match_a_manual_computation():
+    lm = load_model("default")
+    assert (lm.n_layers, lm.d_model, lm.vocab_size) == (30, 576, 49152)
+    input_ids = lm.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    layer = 7
+    values = lm.capture(input_ids, [(hook, layer) for hook in HOOKS])
+    resid_mid, mlp_in, mlp_out = (values[(hook, layer)] for hook in HOOKS)
+    block = lm.layers[layer]
+    # RMSNorm and the SwiGLU MLP written out by hand from the weights
+    eps = lm.model.config.rms_norm_eps
+    manual_in = resid_mid * torch.rsqrt(resid_mid.pow(2).mean(-1, keepdim=True) + eps) * block.post_attention_layernorm.weight
+    mlp = block.mlp
+    manual_out = (torch.nn.functional.silu(manual_in @ mlp.gate_proj.weight.T) * (manual_in @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    torch.testing.assert_close(mlp_in, manual_in, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mlp_out, manual_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(resid_mid + mlp_out, hidden_states(lm, input_ids)[layer + 1], rtol=1e-4, atol=1e-4)
