@@ -42,12 +42,13 @@ class TrainConfig:
     batch_windows: int = 32  # windows per step (tokens per step ≈ batch_windows · (window_length - 1))
     reuse: int = 4  # times each model activation is trained on (model forwards are the costly part)
     buffer_windows: int = 256  # windows of activations held in memory and sampled from
-    lr: float = 2e-3
+    lr: float = 1e-4
     warmup_steps: int = 10
     aux_k: int = 128  # dead features used by the auxiliary loss per token
     aux_weight: float = 1 / 32
     dead_after_tokens: int = 100_000  # a feature that has not fired for this many tokens counts as dead
     heldout_windows: int = 64  # windows kept out of training for the report
+    refit_tokens: int = 16_384  # tokens for the final least-squares fit of the decoders (0: none)
     checkpoint_every: int = 25  # steps
     seed: int = 0
 
@@ -105,27 +106,46 @@ class CLTTrainer(torch.nn.Module):
 
     @torch.no_grad()
     def initialise(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
-        """Scales from the first batch; each feature starts as a random token's centred (input, output) pair."""
+        """Scales from the first batch; each feature's encoder starts as a random token's centred input,
+        and the decoders as the least-squares fit to the batch."""
         L, F, d = self.n_layers, self.n_features, self.d_model
         x, y = x.float(), y.float()
         self.input_scale.copy_((d / x.pow(2).sum(-1).mean(-1)).sqrt().view(L, 1, 1))
         self.output_scale.copy_((d / y.pow(2).sum(-1).mean(-1)).sqrt().view(L, 1, 1))
         x, y = x * self.input_scale, y * self.output_scale
-        x_mean, y_mean = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
-        self.b_dec.copy_(y_mean)
+        x_mean = x.mean(1, keepdim=True)
         picks = torch.randperm(x.shape[1], generator=generator)[:F]
         directions = x[:, picks] - x_mean  # [L, F, d]
         self.W_enc.copy_((directions / directions.norm(dim=-1, keepdim=True)).transpose(1, 2))
         # centre the encoder so about k of F features fire on a typical token
         pre = torch.bmm(x - x_mean, self.W_enc)  # [L, N, F]
-        self.b_enc.copy_(-pre.flatten(1).quantile(1 - self.k / F, dim=1).view(L, 1, 1).expand(L, 1, F))
-        # each feature writes its token's centred output, scaled by least squares to fit the batch
-        acts, _ = self.encode(x.to(torch.bfloat16))
-        outputs = y[:, picks] - y_mean  # [L, F, d]
-        guess = torch.bmm(acts.float(), outputs)  # [L, N, d]
-        scale = (guess * (y - y_mean)).sum((1, 2)) / guess.pow(2).sum((1, 2)).clamp_min(1e-9)  # [L]
+        kth = pre.flatten(1).kthvalue(round((1 - self.k / F) * pre[0].numel()), dim=1).values  # [L]
+        self.b_enc.copy_(-kth.view(L, 1, 1).expand(L, 1, F))
+        self.refit_decoders(x.to(torch.bfloat16), y, batch_topk=True)
+
+    @torch.no_grad()
+    def refit_decoders(self, x: torch.Tensor, y: torch.Tensor, batch_topk: bool, ridge: float = 1e-2):
+        """Set every decoder and output bias to the least-squares fit of y from the current encoder's
+        activations (ridge-regularised), on normalised x [L, N, d] (bf16) and y [L, N, d].
+
+        With batch_topk=False the activations are the saved model's JumpReLU ones, so the fit is the one
+        inference will use.
+        """
+        L, F = self.n_layers, self.n_features
+        if batch_topk:
+            acts = self.encode(x)[0].float()
+        else:
+            pre = torch.baddbmm(self.b_enc.to(x.dtype), x, self.W_enc.to(x.dtype)).float()
+            acts = pre * (pre > self.threshold.view(L, 1, 1))
         for t in range(L):
-            self.diagonal(t).copy_(outputs[t] * scale[t])
+            a = acts[self.first_source[t] : t + 1].transpose(0, 1).flatten(1)  # [N, sources · F]
+            a_mean, y_mean = a.mean(0), y[t].float().mean(0)
+            a = a - a_mean
+            gram = a.T @ a
+            gram.diagonal().add_(ridge * gram.diagonal().mean() + 1e-6)
+            weights = torch.linalg.solve(gram, a.T @ (y[t].float() - y_mean))  # [sources · F, d]
+            self.W_dec[t].copy_(weights)
+            self.b_dec[t].copy_(y_mean - a_mean @ weights)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [L, N, d] (normalised, bf16) -> BatchTopK activations [L, N, F] and pre-activations."""
@@ -258,7 +278,7 @@ def train_clt(
         step = state["step"]
         buffer.next_window = state["next_window"]
     else:
-        trainer.initialise(*buffer.sample(batch_tokens), torch.Generator().manual_seed(config.seed))
+        trainer.initialise(*buffer.sample(max(batch_tokens, config.refit_tokens)), torch.Generator().manual_seed(config.seed))
 
     bar = tqdm(total=total_steps, initial=step, desc="train CLT", unit="step", disable=not progress)
     fvu_avg = l0_avg = None
@@ -296,6 +316,11 @@ def train_clt(
                         "step": step + 1, "next_window": buffer.next_window}, partial)
             partial.replace(checkpoint_path)
     bar.close()
+    if config.refit_tokens:
+        # fit the decoders to the activations inference will produce (JumpReLU at the learned thresholds)
+        x, y = buffer.sample(config.refit_tokens)
+        trainer.refit_decoders((x.float() * trainer.input_scale).bfloat16(), y.float() * trainer.output_scale,
+                               batch_topk=False)
     transcoder = trainer.to_transcoder(lm.name)
     save_transcoder(transcoder, out_dir / "clt")
     checkpoint_path.unlink(missing_ok=True)
