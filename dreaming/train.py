@@ -114,8 +114,10 @@ class CLTTrainer(torch.nn.Module):
         self.output_scale.copy_((d / y.pow(2).sum(-1).mean(-1)).sqrt().view(L, 1, 1))
         x, y = x * self.input_scale, y * self.output_scale
         x_mean = x.mean(1, keepdim=True)
-        picks = torch.randperm(x.shape[1], generator=generator)[:F]
-        directions = x[:, picks] - x_mean  # [L, F, d]
+        # different tokens for each layer: shared picks make features of neighbouring layers collinear, and
+        # the cross-layer least-squares fit then cancels huge decoder rows against each other
+        picks = torch.stack([torch.randperm(x.shape[1], generator=generator)[:F] for _ in range(L)])  # [L, F]
+        directions = torch.gather(x, 1, picks[..., None].expand(L, F, d)) - x_mean  # [L, F, d]
         self.W_enc.copy_((directions / directions.norm(dim=-1, keepdim=True)).transpose(1, 2))
         # centre the encoder so about k of F features fire on a typical token
         pre = torch.bmm(x - x_mean, self.W_enc)  # [L, N, F]
