@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dreaming.corpus import Windows, build_default_corpus, read_documents, tokenize_windows
-from dreaming.models import DEFAULT_MODEL, LanguageModel, ensure_default_model, load_model
+from dreaming.models import DEFAULT_MODEL, LanguageModel, default_model_dir, ensure_default_model, load_model
 from dreaming.paths import dreaming_home
 from dreaming.train import TrainConfig, _split, evaluate_clt, train_clt
 from dreaming.transcoders import Transcoder, load_transcoder
@@ -102,8 +102,7 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
         bundle.save_manifest()
         print(f"[default build] {name} done in {times[name]:.0f}s", flush=True)
 
-    step("model", "model" in times and ensure_default_model(verbose=False).exists(),
-         lambda: ensure_default_model(verbose=progress))
+    step("model", (default_model_dir() / "model.safetensors").exists(), lambda: ensure_default_model(verbose=progress))
     lm = None
 
     def model() -> LanguageModel:

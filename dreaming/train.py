@@ -37,8 +37,8 @@ class TrainConfig:
 
     features_per_layer: int = 512
     k: int = 48  # mean active features per token and layer (BatchTopK)
-    reach: int | None = None  # layers after its own that a feature writes to; None = every later layer
-    tokens: int = 400_000  # training tokens (steps × batch)
+    reach: int | None = 2  # later layers a feature writes to besides its own; None = all (see README)
+    tokens: int = 300_000  # training tokens (steps × batch)
     batch_windows: int = 32  # windows per step (tokens per step ≈ batch_windows · (window_length - 1))
     reuse: int = 4  # times each model activation is trained on (model forwards are the costly part)
     buffer_windows: int = 256  # windows of activations held in memory and sampled from
@@ -48,7 +48,7 @@ class TrainConfig:
     aux_weight: float = 1 / 32
     dead_after_tokens: int = 100_000  # a feature that has not fired for this many tokens counts as dead
     heldout_windows: int = 64  # windows kept out of training for the report
-    refit_tokens: int = 16_384  # tokens for the final least-squares fit of the decoders (0: none)
+    refit_tokens: int = 65_536  # new tokens for the final least-squares fit of the decoders (0: none)
     checkpoint_every: int = 25  # steps
     seed: int = 0
 
@@ -123,31 +123,48 @@ class CLTTrainer(torch.nn.Module):
         pre = torch.bmm(x - x_mean, self.W_enc)  # [L, N, F]
         kth = pre.flatten(1).kthvalue(round((1 - self.k / F) * pre[0].numel()), dim=1).values  # [L]
         self.b_enc.copy_(-kth.view(L, 1, 1).expand(L, 1, F))
-        self.refit_decoders(x.to(torch.bfloat16), y, batch_topk=True)
+        self.refit_decoders([(x.to(torch.bfloat16), y)], batch_topk=True)
 
     @torch.no_grad()
-    def refit_decoders(self, x: torch.Tensor, y: torch.Tensor, batch_topk: bool, ridge: float = 1e-2):
-        """Set every decoder and output bias to the least-squares fit of y from the current encoder's
-        activations (ridge-regularised), on normalised x [L, N, d] (bf16) and y [L, N, d].
+    def refit_decoders(self, batches, batch_topk: bool, ridge: float = 1e-2):
+        """Set every decoder and output bias to the least-squares fit of the targets from the current encoder's
+        activations, accumulated over `batches` of normalised (x [L, N, d] bf16, y [L, N, d]).
 
-        With batch_topk=False the activations are the saved model's JumpReLU ones, so the fit is the one
-        inference will use.
+        Streaming: memory holds one batch plus a Gram matrix per target layer, so the fit can use many tokens
+        (a fit on few tokens over-fits rare features, whose decoder rows then blow up on new text). With
+        batch_topk=False the activations are the saved model's JumpReLU ones, the ones inference will use.
         """
         L, F = self.n_layers, self.n_features
-        if batch_topk:
-            acts = self.encode(x)[0].float()
-        else:
-            pre = torch.baddbmm(self.b_enc.to(x.dtype), x, self.W_enc.to(x.dtype)).float()
-            acts = pre * (pre > self.threshold.view(L, 1, 1))
+        sizes = [(t + 1 - self.first_source[t]) * F for t in range(L)]
+        gram = [torch.zeros(n, n) for n in sizes]
+        cross = [torch.zeros(n, self.d_model) for n in sizes]
+        sum_a = [torch.zeros(n) for n in sizes]
+        sum_y, count = torch.zeros(L, self.d_model), 0
+        for x, y in batches:
+            if batch_topk:
+                acts = self.encode(x)[0].float()
+            else:
+                pre = torch.baddbmm(self.b_enc.to(x.dtype), x, self.W_enc.to(x.dtype)).float()
+                acts = pre * (pre > self.threshold.view(L, 1, 1))  # [L, N, F]
+            y = y.float()
+            for t in range(L):
+                a = acts[self.first_source[t] : t + 1].transpose(0, 1).flatten(1)  # [N, sources · F]
+                gram[t] += a.T @ a
+                cross[t] += a.T @ y[t]
+                sum_a[t] += a.sum(0)
+            sum_y += y.sum(1)
+            count += y.shape[1]
         for t in range(L):
-            a = acts[self.first_source[t] : t + 1].transpose(0, 1).flatten(1)  # [N, sources · F]
-            a_mean, y_mean = a.mean(0), y[t].float().mean(0)
-            a = a - a_mean
-            gram = a.T @ a
-            gram.diagonal().add_(ridge * gram.diagonal().mean() + 1e-6)
-            weights = torch.linalg.solve(gram, a.T @ (y[t].float() - y_mean))  # [sources · F, d]
+            a_mean, y_mean = sum_a[t] / count, sum_y[t] / count
+            centred_gram = gram[t] - count * torch.outer(a_mean, a_mean)
+            centred_gram.diagonal().add_(ridge * centred_gram.diagonal().mean() + 1e-6)
+            weights = torch.linalg.solve(centred_gram, cross[t] - count * torch.outer(a_mean, y_mean))  # [sources·F, d]
             self.W_dec[t].copy_(weights)
             self.b_dec[t].copy_(y_mean - a_mean @ weights)
+
+    def normalise(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model activations [L, N, d] -> normalised units: (x as bf16 for the encoder, y as fp32)."""
+        return (x.float() * self.input_scale).bfloat16(), y.float() * self.output_scale
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [L, N, d] (normalised, bf16) -> BatchTopK activations [L, N, F] and pre-activations."""
@@ -228,9 +245,9 @@ class ActivationBuffer:
         self.lm, self.windows, self.config = lm, windows, config
         self.order, self.next_window = order, 0
         self.rng = torch.Generator().manual_seed(config.seed)
-        self.x, self.y = self._read(config.buffer_windows)  # [L, B, d] each, model dtype
+        self.x, self.y = self.read(config.buffer_windows)  # [L, B, d] each, model dtype
 
-    def _read(self, n_windows: int):
+    def read(self, n_windows: int):
         chosen = np.sort(self.order[np.arange(self.next_window, self.next_window + n_windows) % len(self.order)])
         self.next_window += n_windows
         tokens = torch.from_numpy(self.windows.tokens[chosen]).long()
@@ -242,7 +259,7 @@ class ActivationBuffer:
         return self.x[:, picks], self.y[:, picks]
 
     def refresh(self, n_windows: int):
-        x, y = self._read(n_windows)
+        x, y = self.read(n_windows)
         slots = torch.randperm(self.x.shape[1], generator=self.rng)[: x.shape[1]]
         self.x[:, slots], self.y[:, slots] = x, y
 
@@ -280,15 +297,13 @@ def train_clt(
         step = state["step"]
         buffer.next_window = state["next_window"]
     else:
-        trainer.initialise(*buffer.sample(max(batch_tokens, config.refit_tokens)), torch.Generator().manual_seed(config.seed))
+        trainer.initialise(*buffer.sample(4 * batch_tokens), torch.Generator().manual_seed(config.seed))
 
     bar = tqdm(total=total_steps, initial=step, desc="train CLT", unit="step", disable=not progress)
     fvu_avg = l0_avg = None
     started, tokens_seen = time.perf_counter(), 0
     for step in range(step, total_steps):
-        x, y = buffer.sample(batch_tokens)
-        x = (x.float() * trainer.input_scale).bfloat16()  # [L, N, d]
-        y = y.float() * trainer.output_scale
+        x, y = trainer.normalise(*buffer.sample(batch_tokens))  # [L, N, d]
         acts, pre = trainer.encode(x)
         errors = trainer.decode(acts).float() - y  # [L, N, d]
         variance = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1)  # [L]
@@ -319,10 +334,10 @@ def train_clt(
             partial.replace(checkpoint_path)
     bar.close()
     if config.refit_tokens:
-        # fit the decoders to the activations inference will produce (JumpReLU at the learned thresholds)
-        x, y = buffer.sample(config.refit_tokens)
-        trainer.refit_decoders((x.float() * trainer.input_scale).bfloat16(), y.float() * trainer.output_scale,
-                               batch_topk=False)
+        # fit the decoders, on new windows, to the activations inference will produce (JumpReLU thresholds)
+        n_batches = math.ceil(config.refit_tokens / batch_tokens)
+        trainer.refit_decoders((trainer.normalise(*buffer.read(config.batch_windows)) for _ in
+                                tqdm(range(n_batches), desc="refit decoders", disable=not progress)), batch_topk=False)
     transcoder = trainer.to_transcoder(lm.name)
     save_transcoder(transcoder, out_dir / "clt")
     checkpoint_path.unlink(missing_ok=True)

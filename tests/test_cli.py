@@ -10,7 +10,7 @@ from dreaming.cli import main
 from dreaming.corpus import Document, write_documents
 
 TINY_TRAINING = ["--features-per-layer", "32", "--k", "4", "--tokens", "600", "--batch-windows", "4",
-                 "--buffer-windows", "8", "--heldout-windows", "4", "--refit-tokens", "64", "--window-length", "32"]
+                 "--buffer-windows", "8", "--heldout-windows", "4", "--refit-tokens", "100", "--window-length", "32"]
 
 
 @pytest.fixture()
