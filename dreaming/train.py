@@ -1,18 +1,22 @@
 """Training a cross-layer transcoder (CLT) on activations streamed from the model, and evaluating one.
 
-The recipe (choices measured on the 2-core development CPU, see the README):
-- activations are read with forward hooks (`mlp.hook_in` -> `mlp.hook_out`) from bf16 forward passes over
-  shuffled corpus windows and used once; no activation files on disk;
+The recipe (each choice measured on the 2-core development CPU; figures in the README):
+- activations (`mlp.hook_in` -> `mlp.hook_out`) come from bf16 forward passes over shuffled corpus windows
+  into an in-memory buffer; each is trained on `reuse` times, since the forward pass costs as much as a step;
+  nothing is written to disk;
 - every layer's input and target are scaled to a mean squared norm of d_model, so each layer weighs the same
   in the loss; the scales are folded into the weights on save;
 - BatchTopK sparsity (the k·batch largest activations of a layer over the whole batch), turned into a
   per-layer JumpReLU threshold on save;
-- data-based initialisation: each feature starts as one training token's (input, output) pair, so no feature
-  starts dead and the first steps already reconstruct;
-- decoders are kept per *target* layer as one [(sources) · F, d_model] matrix, so decoding is one matmul per
-  target layer; fp32 master weights, bf16 compute;
+- data-based initialisation: each feature's encoder starts as a random training token's input direction and
+  the decoders as the least-squares fit, so training starts near FVU 0.4 instead of 1;
+- decoders are kept per *target* layer as one [(sources) · F, d_model] matrix (one matmul per target layer);
+  `reach` bounds how many later layers a feature writes to; fp32 master weights, bf16 compute;
 - an auxiliary loss (AuxK) lets dead features reconstruct the residual error so they come back;
-- Adam with warm-up and cosine decay, checkpoints, and a final per-layer report on held-out windows.
+- Adam with warm-up and cosine decay, checkpoints;
+- a final least-squares refit of the decoders on new windows, with the JumpReLU activations inference uses;
+- `evaluate_clt`: per-layer FVU, L0 and dead fraction on held-out windows, and the replacement model's
+  cross-entropy.
 """
 
 from __future__ import annotations
@@ -53,9 +57,16 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("features_per_layer", "k", "tokens", "batch_windows", "heldout_windows", "checkpoint_every"):
+        for name in ("features_per_layer", "k", "tokens", "batch_windows", "reuse", "buffer_windows",
+                     "heldout_windows", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reach is not None and self.reach < 0:
+            raise ValueError(f"reach must be >= 0 or None (every later layer), got {self.reach}")
+        if self.refit_tokens < 0:
+            raise ValueError(f"refit_tokens must be >= 0, got {self.refit_tokens}")
+        if self.buffer_windows < self.batch_windows:
+            raise ValueError(f"buffer_windows ({self.buffer_windows}) must be >= batch_windows ({self.batch_windows})")
         if self.k > self.features_per_layer:
             raise ValueError(f"k ({self.k}) cannot exceed features_per_layer ({self.features_per_layer})")
         if not 0 < self.lr < 1:
