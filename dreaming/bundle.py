@@ -21,7 +21,7 @@ import torch
 from dreaming.corpus import Windows, build_default_corpus, read_documents, tokenize_windows
 from dreaming.models import DEFAULT_MODEL, LanguageModel, default_model_dir, ensure_default_model, load_model
 from dreaming.paths import dreaming_home
-from dreaming.train import TrainConfig, _split, evaluate_clt, train_clt
+from dreaming.train import TrainConfig, evaluate_clt, split_windows, train_clt
 from dreaming.transcoders import Transcoder, load_transcoder
 
 MANIFEST = "bundle.json"
@@ -130,7 +130,7 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
         cut = bundle.windows()
         transcoder = train_clt(model(), cut, config, directory / "training", progress=progress)
         (directory / "training" / "clt").rename(directory / "clt")
-        _, heldout = _split(cut, config)
+        _, heldout = split_windows(cut, config)
         manifest["train_config"] = asdict(config)
         manifest["clt_report"] = evaluate_clt(model(), transcoder, cut, heldout, progress=progress)
 

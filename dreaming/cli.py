@@ -97,7 +97,7 @@ def cmd_train_clt(args) -> None:
 
     from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.models import load_model
-    from dreaming.train import TrainConfig, _split, evaluate_clt, train_clt
+    from dreaming.train import TrainConfig, evaluate_clt, split_windows, train_clt
 
     config = config_from_args(TrainConfig, args)
     lm = load_model(args.model, dtype=torch.bfloat16)
@@ -108,7 +108,7 @@ def cmd_train_clt(args) -> None:
     windows = tokenize_windows(read_documents(corpus, limit=args.max_documents), lm.tokenizer,
                                window_length=args.window_length, bos_token_id=lm.bos_token_id)
     transcoder = train_clt(lm, windows, config, Path(args.out))
-    report = evaluate_clt(lm, transcoder, windows, _split(windows, config)[1])
+    report = evaluate_clt(lm, transcoder, windows, split_windows(windows, config)[1])
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         return print_json(report)

@@ -238,7 +238,8 @@ def _batches(windows: Windows, indices: np.ndarray, batch_windows: int):
         yield torch.from_numpy(windows.tokens[chosen]).long(), torch.from_numpy(windows.lengths[chosen]).long()
 
 
-def _split(windows: Windows, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def split_windows(windows: Windows, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Window indices for training and for the held-out report, shuffled under the seed."""
     order = np.random.default_rng(config.seed).permutation(len(windows.tokens))
     if len(order) < config.heldout_windows + config.buffer_windows:
         raise ValueError(
@@ -286,7 +287,7 @@ def train_clt(
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
     torch.manual_seed(config.seed)
-    train_windows, _ = _split(windows, config)
+    train_windows, _ = split_windows(windows, config)
     batch_tokens = config.batch_windows * (windows.tokens.shape[1] - 1)
     total_steps = max(1, math.ceil(config.tokens / batch_tokens))
     refresh_windows = max(1, round(config.batch_windows / config.reuse))
@@ -364,7 +365,7 @@ def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, in
     model's own MLP inputs as they flow (errors compound through the layers).
     """
     L, F = transcoder.config.n_layers, transcoder.config.d_transcoder
-    squared_error, sum_y, sum_y2 = torch.zeros(L), torch.zeros(L), torch.zeros(L)
+    squared_error, sum_y, sum_y2 = torch.zeros(L), torch.zeros(L, transcoder.config.d_model), torch.zeros(L)
     active, n_tokens, fired = torch.zeros(L), 0, torch.zeros(L, F, dtype=torch.bool)
     ce_model, ce_replaced, n_predicted = 0.0, 0.0, 0
     transcoder = transcoder.float()
@@ -374,7 +375,7 @@ def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, in
         x, y = x.float(), y.float()
         acts, reconstruction = transcoder(x)
         squared_error += (reconstruction - y).pow(2).sum(-1).sum(-1)
-        sum_y += y.sum(1).pow(2).sum(-1)  # used as ||Σy||² below
+        sum_y += y.sum(1)
         sum_y2 += y.pow(2).sum(-1).sum(-1)
         stacked = torch.stack(acts) > 0  # [L, N, F]
         active += stacked.float().sum(-1).sum(-1)
@@ -382,7 +383,7 @@ def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, in
         n_tokens += y.shape[1]
         base, replaced, count = _cross_entropies(lm, transcoder, tokens, lengths)
         ce_model, ce_replaced, n_predicted = ce_model + base, ce_replaced + replaced, n_predicted + count
-    variance = sum_y2 - sum_y / n_tokens  # Σ||y - ȳ||² = Σ||y||² - ||Σy||²/n
+    variance = sum_y2 - sum_y.pow(2).sum(-1) / n_tokens  # Σ||y - ȳ||² = Σ||y||² - ||Σy||²/n
     fvu = (squared_error / variance).tolist()
     return {
         "tokens": n_tokens,

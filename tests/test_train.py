@@ -19,7 +19,7 @@ def windows(tiny_lm):
 
 
 def heldout(windows, config):
-    return train._split(windows, config)[1]
+    return train.split_windows(windows, config)[1]
 
 
 def test_training_lowers_fvu(tiny_lm, windows, tmp_path):
