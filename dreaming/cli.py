@@ -41,10 +41,10 @@ def cmd_default_build(args) -> None:
 
 
 def bundle_info(bundle) -> dict:
-    from dreaming.transcoders import load_transcoder
+    from dreaming.transcoders import read_config
 
     manifest = bundle.manifest
-    transcoder = load_transcoder(bundle.directory / "clt").config
+    transcoder = read_config(bundle.directory / "clt")
     report = manifest.get("clt_report", {})
     return {
         "bundle": str(bundle.directory),

@@ -254,7 +254,7 @@ class ActivationBuffer:
     a share 1/reuse of it with new windows, so every activation is used about `reuse` times."""
 
     def __init__(self, lm: LanguageModel, windows: Windows, order: np.ndarray, config: TrainConfig):
-        self.lm, self.windows, self.config = lm, windows, config
+        self.lm, self.windows = lm, windows
         self.order, self.next_window = order, 0
         self.rng = torch.Generator().manual_seed(config.seed)
         self.x, self.y = self.read(config.buffer_windows)  # [L, B, d] each, model dtype

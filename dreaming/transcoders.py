@@ -4,6 +4,7 @@ Owns:
   TranscoderConfig / Transcoder  a cross-layer transcoder (CLT) or a per-layer transcoder set, one module
                                  for both: encode one layer, decode every layer's output
   save_transcoder / load_transcoder  the circuit-tracer directory layout (+ config.yaml), written atomically
+  read_config                    a transcoder directory's config without loading its weights
   load_gemma_scope               a per-layer set from Gemma Scope params.npz files
   LazyEncoder                    the encoder rows of a few features, read from disk without loading the file
 
@@ -157,7 +158,7 @@ def _layers_on_disk(directory: Path, kind) -> int:
     return n
 
 
-def _read_config(directory) -> TranscoderConfig:
+def read_config(directory) -> TranscoderConfig:
     """The config of a transcoder directory: config.yaml where present, the rest inferred from the files."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -274,7 +275,7 @@ def save_transcoder(transcoder: Transcoder, directory) -> None:
 def load_transcoder(directory, dtype=torch.float32, device="cpu") -> Transcoder:
     """Load a CLT or per-layer set saved in the circuit-tracer layout (config.yaml optional)."""
     directory = Path(directory)
-    c = _read_config(directory)
+    c = read_config(directory)
     n, F, d = c.n_layers, c.d_transcoder, c.d_model
     if c.kind == CLT:
         missing = [l for l in range(n) if not (directory / f"W_dec_{l}.safetensors").exists()]
@@ -363,7 +364,7 @@ class LazyEncoder:
 
     def __init__(self, directory, dtype=torch.float32, device="cpu"):
         self.directory = Path(directory)
-        self.config = _read_config(self.directory)
+        self.config = read_config(self.directory)
         self.dtype, self.device = dtype, device
         self._handles = {}  # layer -> open safe_open handle
 
