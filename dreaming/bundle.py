@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from dreaming.corpus import Windows, build_default_corpus, read_documents, tokenize_windows
-from dreaming.models import DEFAULT_MODEL, LanguageModel, default_model_dir, ensure_default_model, load_model
+from dreaming.models import (
+    DEFAULT_MODEL,
+    LanguageModel,
+    best_device,
+    default_model_dir,
+    ensure_default_model,
+    load_model,
+)
 from dreaming.paths import dreaming_home
 from dreaming.train import TrainConfig, evaluate_clt, split_windows, train_clt
 from dreaming.transcoders import Transcoder, load_transcoder
@@ -108,7 +115,7 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
     def model() -> LanguageModel:
         nonlocal lm
         if lm is None:
-            lm = load_model("default", dtype=torch.bfloat16)
+            lm = load_model("default", dtype=torch.bfloat16, device=best_device())
         return lm
 
     def corpus():

@@ -63,6 +63,7 @@ def bundle_info(bundle) -> dict:
             "mean_dead_fraction": report.get("mean_dead_fraction"),
             "cross_entropy": report.get("cross_entropy"),
             "replacement_cross_entropy": report.get("replacement_cross_entropy"),
+            "per_layer": {key: report[key] for key in ("fvu", "l0", "dead_fraction") if key in report},
         },
         "corpus": {**manifest.get("corpus", {}), "windows": manifest.get("windows")},
         "maxima": manifest.get("maxima"),
@@ -96,11 +97,11 @@ def cmd_train_clt(args) -> None:
     import torch
 
     from dreaming.corpus import read_documents, tokenize_windows
-    from dreaming.models import load_model
+    from dreaming.models import best_device, load_model
     from dreaming.train import TrainConfig, evaluate_clt, split_windows, train_clt
 
     config = config_from_args(TrainConfig, args)
-    lm = load_model(args.model, dtype=torch.bfloat16)
+    lm = load_model(args.model, dtype=torch.bfloat16, device=args.device or best_device())
     corpus = args.corpus or str(dreaming_home() / "default" / "corpus.jsonl")
     if not args.corpus and not Path(corpus).exists():
         raise SystemExit(f"no corpus given and the default corpus {corpus} does not exist: "
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus", help="corpus spec (.txt/.jsonl/.parquet/dir/hf:NAME); default: the default corpus")
     train.add_argument("--max-documents", type=int, help="read at most this many documents")
     train.add_argument("--window-length", type=int, default=128)
+    train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     train.add_argument("--out", required=True, help="output directory (checkpoint, clt/, report.json)")
     train.add_argument("--json", action="store_true")
     add_config_arguments(train, TrainConfig)

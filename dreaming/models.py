@@ -163,6 +163,11 @@ class LanguageModel:
         return {key: values[key] for key in wanted}
 
 
+def best_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu" (called when a model is loaded, never at import)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_model_dir() -> Path:
     return dreaming_home() / "models" / DEFAULT_MODEL
 

@@ -127,7 +127,7 @@ class CLTTrainer(torch.nn.Module):
         x_mean = x.mean(1, keepdim=True)
         # different tokens for each layer: shared picks make features of neighbouring layers collinear, and
         # the cross-layer least-squares fit then cancels huge decoder rows against each other
-        picks = torch.stack([torch.randperm(x.shape[1], generator=generator)[:F] for _ in range(L)])  # [L, F]
+        picks = torch.stack([torch.randperm(x.shape[1], generator=generator)[:F] for _ in range(L)]).to(x.device)
         directions = torch.gather(x, 1, picks[..., None].expand(L, F, d)) - x_mean  # [L, F, d]
         self.W_enc.copy_((directions / directions.norm(dim=-1, keepdim=True)).transpose(1, 2))
         # centre the encoder so about k of F features fire on a typical token
@@ -147,10 +147,11 @@ class CLTTrainer(torch.nn.Module):
         """
         L, F = self.n_layers, self.n_features
         sizes = [(t + 1 - self.first_source[t]) * F for t in range(L)]
-        gram = [torch.zeros(n, n) for n in sizes]
-        cross = [torch.zeros(n, self.d_model) for n in sizes]
-        sum_a = [torch.zeros(n) for n in sizes]
-        sum_y, count = torch.zeros(L, self.d_model), 0
+        device = self.W_enc.device
+        gram = [torch.zeros(n, n, device=device) for n in sizes]
+        cross = [torch.zeros(n, self.d_model, device=device) for n in sizes]
+        sum_a = [torch.zeros(n, device=device) for n in sizes]
+        sum_y, count = torch.zeros(L, self.d_model, device=device), 0
         for x, y in batches:
             if batch_topk:
                 acts = self.encode(x)[0].float()
@@ -292,7 +293,7 @@ def train_clt(
     total_steps = max(1, math.ceil(config.tokens / batch_tokens))
     refresh_windows = max(1, round(config.batch_windows / config.reuse))
 
-    trainer = CLTTrainer(lm.n_layers, lm.d_model, config)
+    trainer = CLTTrainer(lm.n_layers, lm.d_model, config).to(lm.device)
     optimizer = torch.optim.Adam(trainer.parameters(), lr=config.lr)
 
     def lr_at(step):  # linear warm-up, cosine decay to zero
@@ -365,10 +366,12 @@ def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, in
     model's own MLP inputs as they flow (errors compound through the layers).
     """
     L, F = transcoder.config.n_layers, transcoder.config.d_transcoder
-    squared_error, sum_y, sum_y2 = torch.zeros(L), torch.zeros(L, transcoder.config.d_model), torch.zeros(L)
-    active, n_tokens, fired = torch.zeros(L), 0, torch.zeros(L, F, dtype=torch.bool)
+    device = lm.device
+    squared_error, sum_y2, active = (torch.zeros(L, device=device) for _ in range(3))
+    sum_y, n_tokens = torch.zeros(L, transcoder.config.d_model, device=device), 0
+    fired = torch.zeros(L, F, dtype=torch.bool, device=device)
     ce_model, ce_replaced, n_predicted = 0.0, 0.0, 0
-    transcoder = transcoder.float()
+    transcoder = transcoder.float().to(device)
     for tokens, lengths in tqdm(list(_batches(windows, indices, batch_windows)), desc="evaluate CLT",
                                 disable=not progress):
         x, y = layer_activations(lm, tokens, lengths)
@@ -401,7 +404,8 @@ def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, in
 def _cross_entropies(lm: LanguageModel, transcoder: Transcoder, tokens: torch.Tensor, lengths: torch.Tensor):
     """Summed next-token cross-entropy of the model and of its CLT replacement over the valid positions."""
     positions = torch.arange(tokens.shape[1])
-    mask = (positions[None, :] < lengths[:, None]).long()
+    mask = (positions[None, :] < lengths[:, None]).long().to(lm.device)
+    tokens = tokens.to(lm.device)
 
     def summed_ce(logits):
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
