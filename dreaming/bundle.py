@@ -11,6 +11,7 @@ Layout of a bundle directory:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,6 +138,7 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
         cut = bundle.windows()
         transcoder = train_clt(model(), cut, config, directory / "training", progress=progress)
         (directory / "training" / "clt").rename(directory / "clt")
+        shutil.rmtree(directory / "training")
         _, heldout = split_windows(cut, config)
         manifest["train_config"] = asdict(config)
         manifest["clt_report"] = evaluate_clt(model(), transcoder, cut, heldout, progress=progress)
