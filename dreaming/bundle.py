@@ -136,9 +136,11 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
 
     def clt():
         cut = bundle.windows()
-        transcoder = train_clt(model(), cut, config, directory / "training", progress=progress)
-        (directory / "training" / "clt").rename(directory / "clt")
-        shutil.rmtree(directory / "training")
+        if not (directory / "clt").exists():  # else trained already, and only the evaluation was cut short
+            train_clt(model(), cut, config, directory / "training", progress=progress)
+            (directory / "training" / "clt").rename(directory / "clt")
+            shutil.rmtree(directory / "training")
+        transcoder = bundle.load_transcoder(device=model().device)
         _, heldout = split_windows(cut, config)
         manifest["train_config"] = asdict(config)
         manifest["clt_report"] = evaluate_clt(model(), transcoder, cut, heldout, progress=progress)
