@@ -111,3 +111,19 @@ def test_layer_activations_drop_bos_and_padding(tiny_lm, windows):
     x, y = train.layer_activations(tiny_lm, tokens, lengths)
     assert x.shape == y.shape == (3, int((lengths - 1).sum()), 32)
     assert np.isfinite(x.numpy()).all()
+
+
+def test_evaluation_matches_a_direct_computation(tiny_lm, windows, tmp_path):
+    config = TrainConfig(tokens=200, **SMALL)
+    transcoder = train_clt(tiny_lm, windows, config, tmp_path, progress=False)
+    indices = heldout(windows, config)
+    report = evaluate_clt(tiny_lm, transcoder, windows, indices, batch_windows=3, progress=False)  # several batches
+    tokens = torch.from_numpy(windows.tokens[np.sort(indices)]).long()
+    lengths = torch.from_numpy(windows.lengths[np.sort(indices)]).long()
+    x, y = train.layer_activations(tiny_lm, tokens, lengths)
+    with torch.no_grad():
+        acts, reconstruction = transcoder(x.float())
+    fvu = (reconstruction - y).pow(2).sum((1, 2)) / (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    np.testing.assert_allclose(report["fvu"], fvu.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(report["l0"], torch.stack([(a > 0).float().sum(-1).mean() for a in acts]).numpy(), rtol=1e-5)
+    assert report["tokens"] == int((lengths - 1).sum())
