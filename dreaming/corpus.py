@@ -332,7 +332,9 @@ def _python_docs(root: Path) -> list[Document]:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        texts.append(re.sub(r" at 0x[0-9a-f]+", "", pydoc.render_doc(module, renderer=pydoc.plaintext)))
+        text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+        text = re.sub(r"\nDATA\n(?:(?: {4}.*)?\n)*", "\n", text)  # DATA shows run-time values (sys.argv, paths)
+        texts.append(re.sub(r" at 0x[0-9a-f]+", "", text))
     for rel in DOC_FILES:
         if (root / rel).exists():
             text = (root / rel).read_text(encoding="utf-8", errors="replace")

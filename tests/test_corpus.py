@@ -198,3 +198,12 @@ def test_generate_chat_transcripts_tiny_model(tokenizer):
     other = generate_chat_transcripts(model, tokenizer, requests, max_new_tokens=40, batch_size=4, seed=1)
     assert other != docs
 
+
+
+def test_python_docs_carry_no_machine_specific_values():
+    import sys
+
+    from dreaming.corpus import _python_docs, stdlib_root
+
+    texts = [doc.text for doc in _python_docs(stdlib_root())]
+    assert texts and not any(sys.prefix in text or sys.executable in text for text in texts)
