@@ -233,10 +233,15 @@ class CLTTrainer(torch.nn.Module):
         return transcoder
 
 
+def _window_tensors(windows: Windows, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [batch, pos] and lengths [batch] of the given windows (read in file order)."""
+    chosen = np.sort(indices)
+    return torch.from_numpy(windows.tokens[chosen]).long(), torch.from_numpy(windows.lengths[chosen]).long()
+
+
 def _batches(windows: Windows, indices: np.ndarray, batch_windows: int):
     for start in range(0, len(indices), batch_windows):
-        chosen = np.sort(indices[start : start + batch_windows])
-        yield torch.from_numpy(windows.tokens[chosen]).long(), torch.from_numpy(windows.lengths[chosen]).long()
+        yield _window_tensors(windows, indices[start : start + batch_windows])
 
 
 def split_windows(windows: Windows, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -261,11 +266,9 @@ class ActivationBuffer:
         self.x, self.y = self.read(config.buffer_windows)  # [L, B, d] each, model dtype
 
     def read(self, n_windows: int):
-        chosen = np.sort(self.order[np.arange(self.next_window, self.next_window + n_windows) % len(self.order)])
+        chosen = self.order[np.arange(self.next_window, self.next_window + n_windows) % len(self.order)]
         self.next_window += n_windows
-        tokens = torch.from_numpy(self.windows.tokens[chosen]).long()
-        lengths = torch.from_numpy(self.windows.lengths[chosen]).long()
-        return layer_activations(self.lm, tokens, lengths)
+        return layer_activations(self.lm, *_window_tensors(self.windows, chosen))
 
     def sample(self, n_tokens: int):
         picks = torch.randperm(self.x.shape[1], generator=self.rng)[:n_tokens]
