@@ -6,10 +6,13 @@ Layout of a bundle directory:
     corpus.jsonl       documents with source tags
     windows/           token windows as .npy (memory-mapped on load) + sources.json
     clt/               the transcoder in the circuit-tracer layout (config.yaml + safetensors)
+    maxima/            the dataset maxima of every feature over the windows (see dreaming/maxima.py)
+    dreams/            cached dream results (see dreaming/dream_cache.py)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -19,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreaming.corpus import Windows, build_default_corpus, read_documents, tokenize_windows
+from dreaming.corpus import Windows, build_default_corpus, load_windows, read_documents, save_windows, tokenize_windows
+from dreaming.maxima import DENSE_ABOVE, Maxima, MaximaConfig, build_maxima, load_maxima
 from dreaming.models import (
     DEFAULT_MODEL,
     LanguageModel,
@@ -34,25 +38,21 @@ from dreaming.transcoders import Transcoder, load_transcoder
 
 MANIFEST = "bundle.json"
 WINDOW_LENGTH = 128
-WINDOW_ARRAYS = ("tokens", "lengths", "document", "source")
+
+
+def transcoder_identity(model_name: str, transcoder_dir: Path) -> str:
+    """Hash of the model name, the transcoder's config and its encoder files (size and first MiB of each)."""
+    digest = hashlib.sha256(model_name.encode())
+    for path in sorted(transcoder_dir.iterdir()):
+        if path.name == "config.yaml" or path.name.startswith(("W_enc_", "layer_")):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def default_bundle_dir() -> Path:
     return dreaming_home() / "default"
-
-
-def save_windows(windows: Windows, directory: Path) -> None:
-    partial = directory.with_name(directory.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    for name in WINDOW_ARRAYS:
-        np.save(partial / f"{name}.npy", getattr(windows, name))
-    (partial / "sources.json").write_text(json.dumps(windows.sources))
-    partial.rename(directory)
-
-
-def load_windows(directory: Path) -> Windows:
-    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in WINDOW_ARRAYS}
-    return Windows(**arrays, sources=json.loads((directory / "sources.json").read_text()))
 
 
 @dataclass
@@ -78,6 +78,19 @@ class Bundle:
 
     def windows(self) -> Windows:
         return load_windows(self.directory / "windows")
+
+    @property
+    def identity(self) -> str:
+        """A fingerprint of the model and the transcoder: maxima and cached dreams are keyed by it."""
+        if "_identity" not in self.__dict__:
+            self.__dict__["_identity"] = transcoder_identity(self.manifest["model_name"], self.directory / "clt")
+        return self.__dict__["_identity"]
+
+    def maxima(self) -> Maxima | None:
+        """The dataset maxima, or None when they have not been built; stale maxima are an error."""
+        if not (self.directory / "maxima" / "maxima.safetensors").exists():
+            return None
+        return load_maxima(self.directory / "maxima", identity=self.identity)
 
     def save_manifest(self) -> None:
         partial = self.directory / (MANIFEST + ".partial")
@@ -146,5 +159,20 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
         manifest["clt_report"] = evaluate_clt(model(), transcoder, cut, heldout, progress=progress)
 
     step("clt", (directory / "clt").exists() and "clt_report" in manifest, clt)
-    # The dataset-maxima step joins here.
+
+    def maxima():
+        built = build_maxima(model(), bundle.load_transcoder(device=model().device), bundle.windows(),
+                             directory / "maxima", bundle.identity, MaximaConfig(), progress=progress)
+        manifest["maxima"] = maxima_report(built)
+
+    step("maxima", (directory / "maxima" / "maxima.safetensors").exists() and "maxima" in manifest, maxima)
     return bundle
+
+
+def maxima_report(maxima: Maxima) -> dict:
+    """What `dreaming info` shows of the maxima: tokens, speed, dead and dense feature counts."""
+    active = maxima.arrays["active_count"]
+    return {"tokens": maxima.metadata["tokens"], "windows": maxima.metadata["windows"],
+            "seconds": maxima.metadata["seconds"], "tokens_per_second": maxima.metadata["tokens_per_second"],
+            "features": int(active.numel()), "dead": int((active == 0).sum()),
+            "dense": int((maxima.arrays["density"] > DENSE_ABOVE).sum()), "dense_above": DENSE_ABOVE}

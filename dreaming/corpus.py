@@ -216,6 +216,23 @@ def tokenize_windows(
     )
 
 
+WINDOW_ARRAYS = ("tokens", "lengths", "document", "source")
+
+
+def save_windows(windows: Windows, directory: Path) -> None:
+    partial = directory.with_name(directory.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    for name in WINDOW_ARRAYS:
+        np.save(partial / f"{name}.npy", getattr(windows, name))
+    (partial / "sources.json").write_text(json.dumps(windows.sources))
+    partial.rename(directory)
+
+
+def load_windows(directory: Path) -> Windows:
+    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in WINDOW_ARRAYS}
+    return Windows(**arrays, sources=json.loads((directory / "sources.json").read_text()))
+
+
 # -----------------------------------------------------------------------------
 # the default corpus, non-model part: what a fresh Python install has
 

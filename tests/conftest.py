@@ -64,3 +64,30 @@ def random_windows(n_windows: int, window_length: int, vocab_size: int, seed: in
         row[length:] = 3
     return Windows(tokens=tokens, lengths=lengths, document=np.arange(n_windows, dtype=np.int32),
                    source=(np.arange(n_windows) % 2).astype(np.int16), sources=["even", "odd"])
+
+
+def make_tiny_transcoder(lm: LanguageModel, features: int = 24, seed: int = 0):
+    """A random JumpReLU CLT over every layer of a tiny model, with the sparsity of a trained one: thresholds
+    in [1, 2] on unit-scale pre-activations (feature 0 of layer 0 is dead: its threshold is unreachable)."""
+    from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
+
+    generator = torch.Generator().manual_seed(seed)
+    config = TranscoderConfig(CLT, lm.n_layers, lm.d_model, features, activation="jumprelu", model_name=lm.name)
+    transcoder = Transcoder(config)
+    with torch.no_grad():
+        for parameter in transcoder.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) / lm.d_model**0.5)
+        transcoder.W_enc.mul_(lm.d_model**0.5 / 4)
+        transcoder.threshold.copy_(1 + torch.rand(config.n_layers, features, generator=generator))
+        transcoder.threshold[0, 0] = 1e9
+    return transcoder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_tokenizer):
+    """A real bundle directory (tiny llama, random CLT, windows, maxima); see tests/tiny_bundle.py."""
+    from tiny_bundle import build_tiny_bundle
+
+    lm = make_tiny_lm(tiny_tokenizer)
+    windows = random_windows(24, 16, len(tiny_tokenizer))
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"), lm, make_tiny_transcoder(lm), windows)

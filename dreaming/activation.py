@@ -1,0 +1,118 @@
+"""The one measurement function: a feature's activation on a text, and everything built on it.
+
+The activation of a feature on a text is the maximum over the text's tokens (position 0, the BOS, excluded)
+of the feature's transcoder activation. A text is measured as `[BOS] + tokens(text)` (BOS added only when the
+text does not already start with it), so a window of the corpus, a user's text and a dreamed prompt inside a
+chat template are all measured the same way. `fraction_of_max` = activation / the feature's dataset max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dreaming.features import Feature, check_feature
+from dreaming.models import LanguageModel
+from dreaming.transcoders import Transcoder
+
+MAX_TEXT_TOKENS = 1024
+
+
+@dataclass
+class TextActivation:
+    text: str
+    token_ids: list[int]  # as measured, BOS first
+    tokens: list[str]  # one string per token id
+    token_activations: list[float]  # per token; 0 at position 0
+    activation: float  # max over positions >= 1
+    fraction_of_max: float | None  # activation / dataset max (None without maxima)
+
+
+def tokenize_text(lm: LanguageModel, text: str) -> list[int]:
+    """The token ids a text is measured on: BOS, then the text tokenised without special tokens added."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty text: give at least one non-blank character")
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or ids[0] != lm.bos_token_id:
+        ids = [lm.bos_token_id, *ids]
+    if len(ids) > MAX_TEXT_TOKENS:
+        raise ValueError(f"text too long: {len(ids)} tokens, at most {MAX_TEXT_TOKENS}")
+    return ids
+
+
+def input_layers(features: list[Feature]) -> list[int]:
+    return sorted({feature.layer for feature in features})
+
+
+def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, layers: list[int] | None = None,
+                      ) -> dict[int, torch.Tensor]:
+    """Every feature of each layer in `layers` (default all): {layer: [batch, pos, F] fp32}.
+
+    Position 0 and padding (attention_mask == 0) are zero. The encoder runs in fp32 on the captured inputs.
+    """
+    layers = list(range(transcoder.config.n_layers)) if layers is None else layers
+    hook = transcoder.config.feature_input_hook
+    keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)  # [batch, pos]
+    keep[:, 0] = False
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    out = {}
+    with torch.no_grad():
+        captured = lm.capture(input_ids, [(hook, layer) for layer in layers], attention_mask=attention_mask)
+        for layer in layers:
+            x = captured[(hook, layer)].float()  # [batch, pos, d_model]
+            acts = transcoder.encode(x.to(transcoder.W_enc.dtype), layer).float()  # [batch, pos, F]
+            out[layer] = acts * keep.unsqueeze(-1)
+    return out
+
+
+def feature_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torch.Tensor,
+                        features: list[Feature], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, pos, n_features] fp32 activations of the chosen features (position 0 and padding zero)."""
+    for feature in features:
+        check_feature(feature, transcoder.config.n_layers, transcoder.config.d_transcoder)
+    by_layer = layer_activations(lm, transcoder, input_ids, attention_mask, input_layers(features))
+    return torch.stack([by_layer[f.layer][..., f.index] for f in features], dim=-1)
+
+
+def _pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def measure_token_ids(lm: LanguageModel, transcoder: Transcoder, feature: Feature, sequences: list[list[int]],
+                      dataset_max: float | None = None, texts: list[str] | None = None,
+                      batch_size: int = 16) -> list[TextActivation]:
+    """Measure token sequences (each BOS first); `texts` only labels them (default: the decoded ids)."""
+    check_feature(feature, transcoder.config.n_layers, transcoder.config.d_transcoder)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_token_id
+    results = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        input_ids, mask = _pad(chunk, pad_id, lm.device)
+        acts = feature_activations(lm, transcoder, input_ids, [feature], mask)[..., 0].cpu()  # [batch, pos]
+        for row, ids in enumerate(chunk):
+            values = acts[row, : len(ids)].tolist()
+            activation = max(values[1:], default=0.0)
+            text = texts[start + row] if texts else lm.tokenizer.decode(ids[1:])
+            results.append(TextActivation(
+                text=text, token_ids=list(ids), tokens=lm.tokenizer.convert_ids_to_tokens(list(ids)),
+                token_activations=values, activation=activation,
+                fraction_of_max=activation / dataset_max if dataset_max else None))
+    return results
+
+
+def measure_texts(lm: LanguageModel, transcoder: Transcoder, feature: Feature, texts: list[str],
+                  dataset_max: float | None = None) -> list[TextActivation]:
+    """The activation of `feature` on each text, per token and at its max, as a fraction of the dataset max."""
+    if not texts:
+        raise ValueError("no texts given")
+    sequences = [tokenize_text(lm, text) for text in texts]
+    return measure_token_ids(lm, transcoder, feature, sequences, dataset_max, texts=list(texts))

@@ -1,0 +1,310 @@
+"""Dataset maxima for every feature, in one streaming pass over a corpus, and the dashboards built from them.
+
+One pass runs the corpus windows (fixed-length, independent sequences, BOS first) through the model and every
+layer's transcoder encoder, and keeps per feature, in fixed-size arrays whatever the corpus size:
+  top_values / top_window / top_position [L, F, k]  the k strongest windows (at most one example per window)
+  active_count [L, F], active_sum [L, F]           -> density and mean activation when active
+  histogram [L, F, bins]                           counts per activation bin (bin 0: inactive tokens)
+  source_max [L, F, S]                             the maximum per corpus source tag
+BOS and padding positions are ignored. On disk (a directory): `maxima.safetensors` (the arrays; metadata:
+format version, the identity of the model + transcoder, sources, token counts) and `windows/` (the corpus
+token ids, memory-mapped on load), so contexts and per-token values are rendered on demand by re-running
+the window, and re-measuring an example's window reproduces its value.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from dreaming.activation import layer_activations, measure_token_ids, tokenize_text
+from dreaming.corpus import Windows, load_windows, save_windows
+from dreaming.features import Feature, check_feature
+from dreaming.models import LanguageModel
+from dreaming.transcoders import Transcoder
+
+FORMAT_VERSION = 1
+# Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];
+# the last bin also takes everything above the top edge. Log-spaced, 8 per decade, so any scale fits.
+HISTOGRAM_EDGES = np.concatenate([[0.0], np.logspace(-3, 4, 57)]).astype(np.float32)
+DENSE_ABOVE = 0.1  # a feature active on more than this fraction of tokens counts as dense
+
+
+@dataclass
+class MaximaConfig:
+    """Options of `build_maxima`; `dreaming maxima build` has one flag per field."""
+
+    top_k: int = 32  # examples kept per feature
+    batch_windows: int = 32  # windows per forward pass
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= 1024:
+            raise ValueError(f"top_k must be in 1..1024, got {self.top_k}")
+        if not 1 <= self.batch_windows <= 4096:
+            raise ValueError(f"batch_windows must be in 1..4096, got {self.batch_windows}")
+
+
+class MaximaAccumulator:
+    """The fixed-size running statistics of the pass; `add` folds in one batch of windows."""
+
+    def __init__(self, n_layers: int, n_features: int, n_sources: int, top_k: int, device):
+        L, F, k = n_layers, n_features, top_k
+        self.edges = torch.tensor(HISTOGRAM_EDGES, device=device)
+        self.top_values = torch.zeros(L, F, k, device=device)
+        self.top_window = torch.full((L, F, k), -1, dtype=torch.int64, device=device)
+        self.top_position = torch.zeros(L, F, k, dtype=torch.int64, device=device)
+        self.active_count = torch.zeros(L, F, dtype=torch.int64, device=device)
+        self.active_sum = torch.zeros(L, F, dtype=torch.float64, device=device)
+        self.histogram = torch.zeros(L, F, len(HISTOGRAM_EDGES) + 1, dtype=torch.int64, device=device)
+        self.source_max = torch.zeros(L, F, n_sources, device=device)
+        self.tokens = 0
+
+    def add(self, layer: int, acts: torch.Tensor, windows: torch.Tensor, sources: torch.Tensor):
+        """acts [batch, pos, F] fp32, zero at ignored positions (BOS, padding); windows/sources [batch]."""
+        F = acts.shape[-1]
+        rows, features = acts.flatten(0, 1).nonzero(as_tuple=True)  # the active entries only (a few %)
+        values = acts.flatten(0, 1)[rows, features]
+        self.active_count[layer] += torch.bincount(features, minlength=F)
+        self.active_sum[layer] += torch.zeros(F, device=acts.device).index_add_(0, features, values).double()
+        n_bins = self.histogram.shape[-1]
+        bins = torch.bucketize(values, self.edges)  # >= 1 since values > 0; bin 0 (inactive) is filled in arrays()
+        self.histogram[layer] += torch.bincount(features * n_bins + bins, minlength=F * n_bins).view(F, n_bins)
+
+        window_max, window_argmax = acts.max(dim=1)  # [batch, F]: one candidate example per window
+        values = torch.cat([self.top_values[layer], window_max.T], dim=1)  # [F, k + batch]
+        window_ids = torch.cat([self.top_window[layer], windows[None, :].expand(F, -1)], dim=1)
+        positions = torch.cat([self.top_position[layer], window_argmax.T], dim=1)
+        top, order = values.topk(self.top_values.shape[-1], dim=1)  # [F, k]
+        self.top_values[layer] = top
+        self.top_window[layer] = torch.where(top > 0, window_ids.gather(1, order), -1)
+        self.top_position[layer] = torch.where(top > 0, positions.gather(1, order), 0)
+        for source in sources.unique().tolist():
+            best = window_max[sources == source].max(0).values  # [F]
+            self.source_max[layer, :, source] = torch.maximum(self.source_max[layer, :, source], best)
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        count = self.active_count.clamp(min=1)
+        self.histogram[..., 0] = self.tokens - self.active_count
+        return {
+            "max_activation": self.top_values[..., 0].float(),
+            "top_values": self.top_values.float(),
+            "top_window": self.top_window.int(),
+            "top_position": self.top_position.int(),
+            "active_count": self.active_count,
+            "density": (self.active_count / max(self.tokens, 1)).float(),
+            "mean_active": (self.active_sum / count).float(),
+            "histogram": self.histogram,
+            "histogram_edges": self.edges.float(),
+            "source_max": self.source_max.float(),
+        }
+
+
+@dataclass
+class Maxima:
+    """Dataset maxima of every feature of one transcoder, as stored in a maxima directory."""
+
+    arrays: dict[str, torch.Tensor]
+    metadata: dict
+    windows: Windows
+
+    @property
+    def identity(self) -> str:
+        return self.metadata["identity"]
+
+    @property
+    def sources(self) -> list[str]:
+        return self.windows.sources
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.arrays["max_activation"].shape)
+
+    def check(self, feature: Feature) -> Feature:
+        return check_feature(feature, *self.shape)
+
+    def dataset_max(self, feature: Feature) -> float:
+        self.check(feature)
+        return float(self.arrays["max_activation"][feature.layer, feature.index])
+
+    def summary(self, feature: Feature) -> dict:
+        """The feature's statistics (no contexts): max, density, mean when active, histogram, max per source."""
+        self.check(feature)
+        at = (feature.layer, feature.index)
+        edges = self.arrays["histogram_edges"].tolist()
+        return {
+            "feature": str(feature),
+            "dataset_max": float(self.arrays["max_activation"][at]),
+            "density": float(self.arrays["density"][at]),
+            "mean_when_active": float(self.arrays["mean_active"][at]),
+            "dead": bool(self.arrays["active_count"][at] == 0),
+            "dense": bool(self.arrays["density"][at] > DENSE_ABOVE),
+            "source_max": dict(zip(self.sources, self.arrays["source_max"][at].tolist())),
+            "histogram": {"edges": edges, "counts": self.arrays["histogram"][at].tolist(),
+                          "note": "bin 0: inactive tokens; bin i: (edges[i-1], edges[i]]; last bin: above"},
+            "tokens": self.metadata["tokens"],
+        }
+
+    def top_examples(self, feature: Feature) -> list[tuple[float, int, int]]:
+        """[(activation, window, position)] strongest first, stored values (the pass's dtype)."""
+        self.check(feature)
+        at = (feature.layer, feature.index)
+        rows = zip(self.arrays["top_values"][at].tolist(), self.arrays["top_window"][at].tolist(),
+                   self.arrays["top_position"][at].tolist())
+        return [(value, window, position) for value, window, position in rows if window >= 0]
+
+
+def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
+                 identity: str, config: MaximaConfig | None = None, progress: bool = True) -> Maxima:
+    """One pass of `windows` through the model and every layer's encoder; writes `out_dir` atomically."""
+    config = config or MaximaConfig()
+    out_dir = Path(out_dir)
+    if len(windows) == 0:
+        raise ValueError("no windows to build maxima from (empty corpus)")
+    tc = transcoder.config
+    device = lm.device
+    stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device)
+    started = time.perf_counter()
+    bar = tqdm(total=int(np.asarray(windows.lengths).sum()), desc="maxima", unit="tok", unit_scale=True,
+               disable=not progress)
+    for start in range(0, len(windows), config.batch_windows):
+        stop = min(start + config.batch_windows, len(windows))
+        lengths = torch.from_numpy(np.asarray(windows.lengths[start:stop], dtype=np.int64))
+        width = int(lengths.max())
+        tokens = torch.from_numpy(np.asarray(windows.tokens[start:stop, :width], dtype=np.int64)).to(device)
+        positions = torch.arange(width)
+        keep = ((positions[None, :] >= 1) & (positions[None, :] < lengths[:, None])).to(device)  # [batch, pos]
+        # Padding is at the tail, so under causal attention it cannot change the positions kept: no mask needed,
+        # and each window is measured exactly as it would be alone.
+        by_layer = layer_activations(lm, transcoder, tokens)
+        window_ids = torch.arange(start, stop, device=device)
+        sources = torch.from_numpy(np.asarray(windows.source[start:stop], dtype=np.int64)).to(device)
+        for layer, acts in by_layer.items():
+            stats.add(layer, acts * keep.unsqueeze(-1), window_ids, sources)
+        stats.tokens += int(keep.sum())
+        bar.update(int(lengths.sum()))
+    bar.close()
+    seconds = time.perf_counter() - started
+    metadata = {"format_version": FORMAT_VERSION, "identity": identity, "model": lm.name,
+                "tokens": stats.tokens, "windows": len(windows), "top_k": config.top_k,
+                "seconds": round(seconds, 1), "tokens_per_second": round(stats.tokens / seconds, 1)}
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file({name: t.contiguous().cpu() for name, t in stats.arrays().items()}, str(partial / "maxima.safetensors"),
+              metadata={"dreaming": json.dumps(metadata)})
+    save_windows(windows, partial / "windows")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    return load_maxima(out_dir)
+
+
+def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
+    """Open a maxima directory; with `identity`, refuse maxima built for another model or transcoder."""
+    directory = Path(directory)
+    path = directory / "maxima.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset maxima at {directory}: build them with `dreaming maxima build`")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = json.loads(f.metadata()["dreaming"])
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: maxima format {metadata.get('format_version')}, this version reads "
+                         f"{FORMAT_VERSION}; rebuild with `dreaming maxima build`")
+    if identity is not None and metadata["identity"] != identity:
+        raise ValueError(f"{path} was built for another model/transcoder ({metadata['identity']}, this bundle is "
+                         f"{identity}); rebuild with `dreaming maxima build`")
+    return Maxima(load_file(str(path)), metadata, load_windows(directory / "windows"))
+
+
+def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
+                    top: int | None = None, context: int = 12) -> list[dict]:
+    """The feature's top dataset examples, re-measured from their windows (in `lm`'s dtype, fp32 encoder):
+    source tag, activation, % of max, per-token values, and the context around the max token marked."""
+    dataset_max = maxima.dataset_max(feature)
+    examples = maxima.top_examples(feature)[:top]
+    if not examples:
+        return []
+    windows = maxima.windows
+    sequences = [np.asarray(windows.tokens[w, : windows.lengths[w]]).tolist() for _, w, _ in examples]
+    measured = measure_token_ids(lm, transcoder, feature, sequences, dataset_max)
+    rendered = []
+    for (stored, window, position), result in zip(examples, measured):
+        tokens = result.tokens
+        lo, hi = max(1, position - context), min(len(tokens), position + 4)
+        pieces = [lm.tokenizer.convert_tokens_to_string([t]) for t in tokens[lo:hi]]
+        pieces[position - lo] = f"[[{pieces[position - lo]}]]"
+        rendered.append({
+            "source": windows.sources[int(windows.source[window])],
+            "window": window,
+            "document": int(windows.document[window]),
+            "position": position,
+            "stored_activation": stored,
+            "activation": result.token_activations[position],
+            "fraction_of_max": result.token_activations[position] / dataset_max,
+            "context": "".join(pieces),
+            "token_ids": result.token_ids,
+            "token_activations": result.token_activations,
+        })
+    return rendered
+
+
+def search_features(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, text: str,
+                    top: int = 20) -> list[dict]:
+    """The features most active on `text`, ranked by fraction of their dataset max (dead features skipped)."""
+    if not 1 <= top <= 1000:
+        raise ValueError(f"top must be in 1..1000, got {top}")
+    ids = tokenize_text(lm, text)
+    input_ids = torch.tensor([ids], device=lm.device)
+    by_layer = layer_activations(lm, transcoder, input_ids)
+    activation = torch.stack([by_layer[layer][0].max(0).values for layer in sorted(by_layer)]).cpu()  # [L, F]
+    position = torch.stack([by_layer[layer][0].argmax(0) for layer in sorted(by_layer)]).cpu()  # [L, F]
+    dataset_max = maxima.arrays["max_activation"]
+    fraction = torch.where(dataset_max > 0, activation / dataset_max.clamp(min=1e-12), 0.0)
+    fraction = torch.where(activation > 0, fraction, 0.0)
+    values, flat = fraction.flatten().topk(min(top, fraction.numel()))
+    tokens = lm.tokenizer.convert_ids_to_tokens(ids)
+    found = []
+    for value, index in zip(values.tolist(), flat.tolist()):
+        if value <= 0:
+            break
+        layer, feature_index = divmod(index, fraction.shape[1])
+        at = (layer, feature_index)
+        found.append({
+            "feature": str(Feature(layer, feature_index)),
+            "activation": float(activation[at]),
+            "fraction_of_max": value,
+            "dataset_max": float(dataset_max[at]),
+            "density": float(maxima.arrays["density"][at]),
+            "max_token": lm.tokenizer.convert_tokens_to_string([tokens[int(position[at])]]),
+        })
+    return found
+
+
+def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
+                 dreams: list[dict], top: int = 10) -> dict:
+    """The comparison: the feature's statistics and top dataset examples beside its dreamed prompts.
+
+    `dreams` are dream results as JSON dicts (see dreaming.epo.DreamResult); their frontier prompts are listed
+    with their re-measured activation and % of the dataset max, strongest first.
+    """
+    summary = maxima.summary(feature)
+    dreamed = []
+    for result in dreams:
+        for point in result.get("frontier", []):
+            dreamed.append({"prompt": point["prompt"], "text": point["text"], "activation": point["activation"],
+                            "fraction_of_max": point["activation"] / summary["dataset_max"]
+                            if summary["dataset_max"] > 0 else None,
+                            "cross_entropy": point["cross_entropy"], "seed": result.get("seed")})
+    dreamed.sort(key=lambda d: d["activation"], reverse=True)
+    examples = render_examples(lm, transcoder, maxima, feature, top=top)
+    for example in examples:  # the page shows contexts; full per-token arrays stay with the activation call
+        del example["token_ids"], example["token_activations"]
+    return {**summary, "examples": examples, "dreams": dreamed}

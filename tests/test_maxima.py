@@ -1,0 +1,210 @@
+"""Dataset maxima against a brute-force computation, one window at a time; storage; measuring texts; search."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_transcoder, random_windows
+from dreaming.activation import measure_texts, tokenize_text
+from dreaming.features import Feature, parse_feature, parse_features
+from dreaming.maxima import (
+    HISTOGRAM_EDGES,
+    MaximaConfig,
+    build_maxima,
+    feature_page,
+    load_maxima,
+    render_examples,
+    search_features,
+)
+from dreaming.models import HOOK_MLP_IN
+
+TOP_K = 5
+
+
+@pytest.fixture(scope="module")
+def tiny_transcoder(tiny_lm):
+    return make_tiny_transcoder(tiny_lm)
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_tokenizer):
+    windows = random_windows(30, 20, len(tiny_tokenizer), seed=3)
+    windows.source = (np.arange(30) % 3).astype(np.int16)
+    windows.sources = ["a", "b", "c"]
+    return windows
+
+
+@pytest.fixture(scope="module")
+def maxima(tiny_lm, tiny_transcoder, windows, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maxima") / "maxima"
+    return build_maxima(tiny_lm, tiny_transcoder, windows, out, identity="tiny", progress=False,
+                        config=MaximaConfig(top_k=TOP_K, batch_windows=7))  # batches cut across sources
+
+
+def brute_force(lm, transcoder, windows):
+    """Each window run alone at its own length: per-token activations [n_windows] of [length - 1, L, F]."""
+    per_window = []
+    for tokens, length in zip(windows.tokens, windows.lengths):
+        ids = torch.tensor(tokens[:length], dtype=torch.long)[None]
+        captured = lm.capture(ids, [(HOOK_MLP_IN, layer) for layer in range(lm.n_layers)])
+        acts = torch.stack([transcoder.encode(captured[(HOOK_MLP_IN, layer)][0], layer)
+                            for layer in range(lm.n_layers)], dim=1)  # [pos, L, F]
+        per_window.append(acts[1:].detach().numpy())  # BOS dropped
+    return per_window
+
+
+def test_statistics_equal_brute_force(tiny_lm, tiny_transcoder, windows, maxima):
+    per_window = brute_force(tiny_lm, tiny_transcoder, windows)
+    everything = np.concatenate(per_window)  # [tokens, L, F]
+    arrays = {name: t.numpy() for name, t in maxima.arrays.items()}
+    assert maxima.metadata["tokens"] == len(everything) == int(windows.lengths.sum()) - len(windows)
+    np.testing.assert_allclose(arrays["density"], (everything > 0).mean(0), rtol=1e-6)
+    active_sum = np.where(everything > 0, everything, 0).sum(0)
+    np.testing.assert_allclose(arrays["mean_active"], active_sum / np.maximum((everything > 0).sum(0), 1), rtol=1e-4)
+    np.testing.assert_allclose(arrays["max_activation"], everything.max(0), rtol=1e-5)
+    expected_histogram = np.stack([np.bincount(np.searchsorted(HISTOGRAM_EDGES, everything[:, l, f], side="left"),
+                                               minlength=len(HISTOGRAM_EDGES) + 1)
+                                   for l in range(everything.shape[1]) for f in range(everything.shape[2])])
+    np.testing.assert_array_equal(arrays["histogram"].reshape(expected_histogram.shape), expected_histogram)
+    assert arrays["histogram"][..., 0].sum() == (everything == 0).sum()  # bin 0 = inactive tokens
+
+    window_max = np.stack([acts.max(0) for acts in per_window])  # [windows, L, F]
+    for source in range(3):
+        np.testing.assert_allclose(arrays["source_max"][..., source], window_max[windows.source == source].max(0),
+                                   rtol=1e-5)
+    for layer in range(window_max.shape[1]):
+        for index in range(window_max.shape[2]):
+            strongest = np.sort(window_max[:, layer, index])[::-1][:TOP_K]
+            examples = maxima.top_examples(Feature(layer, index))
+            np.testing.assert_allclose([v for v, _, _ in examples], strongest[strongest > 0], rtol=1e-5)
+            assert len({w for _, w, _ in examples}) == len(examples)  # at most one example per window
+            for value, window, position in examples:
+                assert value == pytest.approx(window_max[window, layer, index], rel=1e-5)
+                assert per_window[window][position - 1, layer, index] == pytest.approx(value, rel=1e-5)
+
+
+def test_dead_feature_has_no_examples_and_counts_as_dead(maxima):
+    assert maxima.top_examples(Feature(0, 0)) == []
+    summary = maxima.summary(Feature(0, 0))
+    assert summary["dead"] and summary["dataset_max"] == 0.0 and summary["density"] == 0.0
+
+
+def test_storage_round_trip(maxima, tmp_path, tiny_lm, tiny_transcoder, windows):
+    out = tmp_path / "m"
+    built = build_maxima(tiny_lm, tiny_transcoder, windows, out, identity="tiny", progress=False,
+                         config=MaximaConfig(top_k=TOP_K, batch_windows=30))
+    loaded = load_maxima(out, identity="tiny")
+    for name, array in built.arrays.items():
+        torch.testing.assert_close(loaded.arrays[name], array)
+        if name not in ("top_window", "top_position"):  # ties (same first tokens) may pick other windows
+            torch.testing.assert_close(maxima.arrays[name], array, rtol=1e-5, atol=1e-6)  # batch size is irrelevant
+    np.testing.assert_array_equal(loaded.windows.tokens, windows.tokens)
+    assert loaded.sources == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="another model/transcoder"):
+        load_maxima(out, identity="other")
+    with pytest.raises(FileNotFoundError, match="dreaming maxima build"):
+        load_maxima(tmp_path / "missing")
+    assert not (tmp_path / "m.partial").exists()
+
+
+def test_examples_reproduce_by_remeasuring(tiny_lm, tiny_transcoder, maxima):
+    feature = Feature(1, 3)
+    examples = render_examples(tiny_lm, tiny_transcoder, maxima, feature)
+    assert examples and examples[0]["fraction_of_max"] == pytest.approx(1.0, rel=1e-5)
+    for example, (stored, _, position) in zip(examples, maxima.top_examples(feature)):
+        assert example["activation"] == pytest.approx(stored, rel=1e-5)
+        assert example["source"] in ("a", "b", "c")
+        assert "[[" in example["context"]
+        text = tiny_lm.tokenizer.decode(example["token_ids"][1:])
+        (measured,) = measure_texts(tiny_lm, tiny_transcoder, feature, [text], maxima.dataset_max(feature))
+        assert measured.token_ids == example["token_ids"]
+        assert measured.activation >= example["activation"] - 1e-5  # the max over the whole window
+
+
+def test_measure_texts(tiny_lm, tiny_transcoder):
+    (result,) = measure_texts(tiny_lm, tiny_transcoder, Feature(2, 4), ["the cat sat on the mat"], dataset_max=2.0)
+    assert result.token_ids[0] == tiny_lm.bos_token_id and len(result.token_activations) == 7
+    assert result.token_activations[0] == 0.0
+    assert result.activation == max(result.token_activations[1:])
+    assert result.fraction_of_max == pytest.approx(result.activation / 2.0)
+    together = measure_texts(tiny_lm, tiny_transcoder, Feature(2, 4), ["the cat", "the cat sat on the mat"])
+    assert together[1].token_activations == pytest.approx(result.token_activations, abs=1e-5)  # padding-proof
+    assert tokenize_text(tiny_lm, "<bos> the cat") == tokenize_text(tiny_lm, "the cat")  # BOS never doubled
+
+
+def test_bad_input_gets_clear_errors(tiny_lm, tiny_transcoder, maxima):
+    with pytest.raises(ValueError, match="empty text"):
+        measure_texts(tiny_lm, tiny_transcoder, Feature(0, 1), ["  "])
+    with pytest.raises(ValueError, match="no texts"):
+        measure_texts(tiny_lm, tiny_transcoder, Feature(0, 1), [])
+    with pytest.raises(ValueError, match=r"layer must be in 0\.\.2"):
+        measure_texts(tiny_lm, tiny_transcoder, Feature(3, 1), ["the cat"])
+    with pytest.raises(ValueError, match=r"index must be in 0\.\.23"):
+        maxima.dataset_max(Feature(0, 24))
+    for bad in ("12", "a/b", "1/2/3", "-1/2", ""):
+        with pytest.raises(ValueError, match="malformed feature id"):
+            parse_feature(bad)
+    assert parse_features("1/2, 0/3,1/2") == [Feature(1, 2), Feature(0, 3)]
+    with pytest.raises(ValueError, match="too long"):
+        tokenize_text(tiny_lm, "the " * 2000)
+
+
+def test_search_ranks_by_fraction_of_max(tiny_lm, tiny_transcoder, maxima):
+    text = "the cat sat on the mat"
+    found = search_features(tiny_lm, tiny_transcoder, maxima, text, top=10)
+    assert found and [f["fraction_of_max"] for f in found] == sorted((f["fraction_of_max"] for f in found), reverse=True)
+    for hit in found[:3]:
+        feature = parse_feature(hit["feature"])
+        (measured,) = measure_texts(tiny_lm, tiny_transcoder, feature, [text], maxima.dataset_max(feature))
+        assert hit["fraction_of_max"] == pytest.approx(measured.fraction_of_max, rel=1e-5)
+    brute = [measure_texts(tiny_lm, tiny_transcoder, Feature(l, i), [text], maxima.dataset_max(Feature(l, i)))[0]
+             for l in range(3) for i in range(1 if l == 0 else 0, 24)]
+    assert found[0]["fraction_of_max"] == pytest.approx(max(r.fraction_of_max or 0 for r in brute), rel=1e-5)
+
+
+def test_feature_page_puts_dreams_beside_examples(tiny_lm, tiny_transcoder, maxima):
+    feature = Feature(1, 3)
+    dream = {"seed": 0, "frontier": [{"prompt": "cat", "text": "the cat", "activation": maxima.dataset_max(feature) * 1.5,
+                                      "cross_entropy": 3.0}]}
+    page = feature_page(tiny_lm, tiny_transcoder, maxima, feature, [dream], top=3)
+    assert len(page["examples"]) == 3 and page["dreams"][0]["fraction_of_max"] == pytest.approx(1.5)
+    assert page["examples"][0]["fraction_of_max"] == pytest.approx(1.0, rel=1e-5)
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, tempfile
+    sys.path.insert(0, {tests!r})
+    import torch
+    from conftest import make_tiny_lm, make_tiny_transcoder, random_windows, WORDS, SPECIALS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from dreaming.maxima import MaximaConfig, build_maxima
+    vocab = {{t: i for i, t in enumerate(SPECIALS + WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>",
+                                        eos_token="<eos>", pad_token="<pad>")
+    lm = make_tiny_lm(tokenizer)
+    transcoder = make_tiny_transcoder(lm, features=256)
+    windows = random_windows(int(sys.argv[1]), 64, len(tokenizer))
+    build_maxima(lm, transcoder, random_windows(64, 64, len(tokenizer)), tempfile.mkdtemp() + "/warm", "x",
+                 MaximaConfig(batch_windows=64), progress=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    build_maxima(lm, transcoder, windows, tempfile.mkdtemp() + "/m", "x", MaximaConfig(batch_windows=64),
+                 progress=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+""")
+
+
+def test_memory_stays_bounded_as_the_corpus_grows():
+    """Peak memory growth of a build over 4,000 windows vs 500. Keeping per-token activations would take
+    4,000 × 63 × 3 × 256 × 4 bytes ≈ 774 MB; the fixed buffers and the windows themselves take a few MB."""
+    script = MEMORY_SCRIPT.format(tests=str(Path(__file__).parent))
+    growth_kb = {n: int(subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for n in (500, 4000)}
+    assert growth_kb[4000] - growth_kb[500] < 32 * 1024, growth_kb
