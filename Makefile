@@ -27,6 +27,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_maxima.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

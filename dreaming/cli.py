@@ -89,7 +89,9 @@ def cmd_info(args) -> None:
         print(f"corpus       {source:<12} {c['documents'][source]:>6} documents {tokens:>10,} tokens")
     if c.get("windows"):
         print(f"             {c['windows']['count']:,} windows of {c['windows']['window_length']} tokens")
-    print(f"maxima       {info['maxima'] or 'not built'}")
+    m = info["maxima"]
+    print(f"maxima       {m['features']:,} features over {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s): "
+          f"{m['dead']:,} dead, {m['dense']:,} dense" if m else "maxima       not built (`dreaming maxima build`)")
     print("build        " + ", ".join(f"{k} {v:.0f}s" for k, v in info["build_seconds"].items()))
 
 
@@ -122,7 +124,98 @@ def cmd_train_clt(args) -> None:
           "with every MLP replaced by the CLT")
 
 
+def cmd_maxima_build(args) -> None:
+    import torch
+
+    from dreaming.bundle import Bundle, maxima_report
+    from dreaming.corpus import read_documents, tokenize_windows
+    from dreaming.maxima import MaximaConfig, build_maxima
+    from dreaming.models import best_device
+
+    config = config_from_args(MaximaConfig, args)
+    bundle = Bundle.open(args.bundle)
+    lm = bundle.load_model(dtype=torch.bfloat16, device=args.device or best_device())
+    if args.corpus:
+        windows = tokenize_windows(read_documents(args.corpus, limit=args.max_documents), lm.tokenizer,
+                                   window_length=args.window_length, bos_token_id=lm.bos_token_id)
+    else:
+        windows = bundle.windows()
+    out = Path(args.out) if args.out else bundle.directory / "maxima"
+    maxima = build_maxima(lm, bundle.load_transcoder(device=lm.device), windows, out, bundle.identity, config)
+    report = {**maxima_report(maxima), "directory": str(out)}
+    if out == bundle.directory / "maxima":
+        bundle.manifest["maxima"] = maxima_report(maxima)
+        bundle.save_manifest()
+    if args.json:
+        return print_json(report)
+    print(f"maxima of {report['features']:,} features over {report['tokens']:,} tokens in {report['seconds']:.0f}s "
+          f"({report['tokens_per_second']:,.0f} tokens/s): {report['dead']:,} dead, {report['dense']:,} dense "
+          f"(active on > {report['dense_above']:.0%} of tokens); saved {out}")
+
+
+def explorer(args):
+    from dreaming.explorer import Explorer
+
+    return Explorer.open(args.bundle, device=getattr(args, "device", None))
+
+
+def percent(fraction) -> str:
+    return "      n/a" if fraction is None else f"{fraction:9.1%}"
+
+
+def cmd_activation(args) -> None:
+    results = explorer(args).activation(args.feature, args.text)
+    if args.json:
+        return print_json(results)
+    for result in results:
+        print(f"{result['text']!r}: activation {result['activation']:.3f} = {percent(result['fraction_of_max']).strip()} "
+              "of dataset max")
+        top = max(result["token_activations"]) or 1.0
+        for token, value in zip(result["tokens"], result["token_activations"]):
+            print(f"    {token!r:<24} {value:8.3f} {'█' * round(20 * value / top)}")
+
+
+def cmd_search(args) -> None:
+    found = explorer(args).search(args.text, args.top)
+    if args.json:
+        return print_json(found)
+    print(f"{'feature':>10} {'% of max':>9} {'activation':>10} {'density':>9}  max token")
+    for hit in found:
+        print(f"{hit['feature']:>10} {percent(hit['fraction_of_max'])} {hit['activation']:10.3f} "
+              f"{hit['density']:9.2e}  {hit['max_token']!r}")
+
+
+def cmd_compare(args) -> None:
+    page = explorer(args).compare(args.feature, args.top)
+    if args.json:
+        return print_json(page)
+    sources = ", ".join(f"{name} {value:.2f}" for name, value in page["source_max"].items())
+    print(f"feature {page['feature']}: dataset max {page['dataset_max']:.3f} over {page['tokens']:,} tokens, "
+          f"density {page['density']:.2e}, mean when active {page['mean_when_active']:.3f}")
+    print(f"max per source: {sources}")
+    print(f"\n{'% of max':>9} {'source':<12} dataset example (max token in [[ ]])")
+    for example in page["examples"]:
+        print(f"{percent(example['fraction_of_max'])} {example['source']:<12} {example['context']!r}")
+    print(f"\n{'% of max':>9} {'CE':>5}  dreamed prompt")
+    for dream in page["dreams"]:
+        print(f"{percent(dream['fraction_of_max'])} {dream['cross_entropy']:5.2f}  {dream['prompt']!r}")
+    if not page["dreams"]:
+        print("          (none cached: `dreaming dream --feature " + page["feature"] + "`)")
+
+
+def cmd_serve(args) -> None:
+    import os
+
+    import uvicorn
+
+    if args.bundle:
+        os.environ["DREAMING_BUNDLE"] = str(Path(args.bundle).resolve())
+    # The service (service/) is started by name: the library never imports it.
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from dreaming.maxima import MaximaConfig
     from dreaming.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="dreaming", description=__doc__)
@@ -147,6 +240,45 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true")
     add_config_arguments(train, TrainConfig)
     train.set_defaults(run=cmd_train_clt)
+
+    maxima = commands.add_parser("maxima", help="dataset maxima of every feature")
+    maxima_commands = maxima.add_subparsers(dest="maxima_command", required=True)
+    build = maxima_commands.add_parser("build", help="one streaming pass over a corpus (default: the bundle's windows)")
+    build.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+    build.add_argument("--corpus", help="corpus spec (.txt/.jsonl/.parquet/dir/hf:NAME); default: the bundle's windows")
+    build.add_argument("--max-documents", type=int, help="read at most this many documents of --corpus")
+    build.add_argument("--window-length", type=int, default=128, help="tokens per window of --corpus (BOS included)")
+    build.add_argument("--out", help="output directory (default: <bundle>/maxima, the maxima the bundle uses)")
+    build.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    build.add_argument("--json", action="store_true")
+    add_config_arguments(build, MaximaConfig)
+    build.set_defaults(run=cmd_maxima_build)
+
+    def explorer_command(name: str, help: str, run, feature: bool):
+        command = commands.add_parser(name, help=help)
+        if feature:
+            command.add_argument("--feature", required=True, help="feature id LAYER/INDEX, e.g. 12/345")
+        command.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+        command.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(run=run)
+        return command
+
+    explorer_command("activation", "a feature's activation on texts: %% of dataset max, per-token values",
+                     cmd_activation, feature=True).add_argument(
+        "--text", action="append", required=True, help="a text to measure (repeat for several)")
+    search = explorer_command("search", "the features most active on a text, by %% of their dataset max",
+                              cmd_search, feature=False)
+    search.add_argument("--text", required=True)
+    search.add_argument("--top", type=int, default=20, help="how many features (default: 20)")
+    explorer_command("compare", "top dataset examples beside the cached dreamed prompts", cmd_compare,
+                     feature=True).add_argument("--top", type=int, default=10, help="dataset examples shown (default: 10)")
+
+    serve = commands.add_parser("serve", help="the HTTP service (OpenAPI at /docs); settings in service/settings.py")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--bundle", help="bundle directory to serve (default: $DREAMING_BUNDLE, else the default bundle)")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

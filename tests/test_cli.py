@@ -73,3 +73,55 @@ def test_info_reports_a_bundle(model_dir, corpus_file, tmp_path, capsys):
     assert len(Bundle.open(bundle_dir).windows()) == 6
     with pytest.raises(SystemExit, match="is not a bundle"):
         main(["info", "--bundle", str(tmp_path)])
+
+
+@pytest.fixture()
+def tiny_bundle_dir(tiny_lm, tmp_path):
+    from conftest import make_tiny_transcoder, random_windows
+    from tiny_bundle import build_tiny_bundle
+
+    windows = random_windows(12, 16, len(tiny_lm.tokenizer))
+    return build_tiny_bundle(tmp_path / "bundle", tiny_lm, make_tiny_transcoder(tiny_lm), windows).directory
+
+
+def run_json(capsys, *argv):
+    capsys.readouterr()
+    main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_maxima_build_from_a_corpus_updates_the_bundle(tiny_bundle_dir, corpus_file, capsys):
+    report = run_json(capsys, "maxima", "build", "--bundle", str(tiny_bundle_dir), "--corpus", str(corpus_file),
+                      "--window-length", "32", "--top-k", "3")
+    assert report["features"] == 3 * 24 and report["tokens"] > 0 and report["dead"] >= 1
+    info = run_json(capsys, "info", "--bundle", str(tiny_bundle_dir))
+    assert info["maxima"]["tokens"] == report["tokens"]
+    assert Bundle.open(tiny_bundle_dir).maxima().sources == ["source-0", "source-1", "source-2"]
+
+
+def test_activation_search_compare(tiny_bundle_dir, capsys):
+    bundle = ["--bundle", str(tiny_bundle_dir)]
+    (measured,) = run_json(capsys, "activation", *bundle, "--feature", "1/3", "--text", "the cat sat on the mat")
+    assert set(measured) >= {"text", "token_ids", "token_activations", "activation", "fraction_of_max"}
+    found = run_json(capsys, "search", *bundle, "--text", "the cat sat on the mat", "--top", "5")
+    assert 0 < len(found) <= 5
+    page = run_json(capsys, "compare", *bundle, "--feature", found[0]["feature"])
+    assert page["examples"] and page["dreams"] == []
+    main(["compare", *bundle, "--feature", found[0]["feature"]])
+    assert "[[" in capsys.readouterr().out
+    main(["activation", *bundle, "--feature", "1/3", "--text", "the cat", "--text", "a dog"])
+    assert "of dataset max" in capsys.readouterr().out
+
+
+def test_bad_feature_ids_and_texts_get_clear_errors(tiny_bundle_dir):
+    bundle = ["--bundle", str(tiny_bundle_dir)]
+    with pytest.raises(SystemExit, match="malformed feature id"):
+        main(["activation", *bundle, "--feature", "12-3", "--text", "the cat"])
+    with pytest.raises(SystemExit, match=r"layer must be in 0\.\.2"):
+        main(["compare", *bundle, "--feature", "7/1"])
+    with pytest.raises(SystemExit, match=r"index must be in 0\.\.23"):
+        main(["activation", *bundle, "--feature", "1/99", "--text", "the cat"])
+    with pytest.raises(SystemExit, match="empty text"):
+        main(["activation", *bundle, "--feature", "1/3", "--text", " "])
+    with pytest.raises(SystemExit, match="empty text"):
+        main(["search", *bundle, "--text", ""])
