@@ -2,7 +2,7 @@
 
 Runs, in one process and interleaved (so machine load hits both alike), over the first windows of the default
 bundle: (a) the plain bf16 forward pass `model(input_ids)` with logits, batch by batch; (b) `build_maxima` on
-the same windows (capture of every layer's transcoder input, fp32 encoding of every feature, the running
+the same windows (capture of every layer's transcoder input, bf16 encoding of every feature, the running
 statistics, and writing the result). Prints tokens/s of each, the ratio (target >= 0.8), and the machine load.
 
     python benchmarks/bench_maxima.py [--windows 128] [--repeats 3]
@@ -29,7 +29,7 @@ def main():
     args = parser.parse_args()
     bundle = Bundle.open()
     lm = bundle.load_model(dtype=torch.bfloat16)
-    transcoder = bundle.load_transcoder()
+    transcoder = bundle.load_transcoder(dtype=torch.bfloat16)  # as `maxima build` runs it
     full = bundle.windows()
     n = min(args.windows, len(full))
     windows = Windows(np.asarray(full.tokens[:n]), np.asarray(full.lengths[:n]), np.asarray(full.document[:n]),

@@ -50,7 +50,8 @@ def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torc
                       ) -> dict[int, torch.Tensor]:
     """Every feature of each layer in `layers` (default all): {layer: [batch, pos, F] fp32}.
 
-    Position 0 and padding (attention_mask == 0) are zero. The encoder runs in fp32 on the captured inputs.
+    Position 0 and padding (attention_mask == 0) are zero. The encoder runs in the transcoder's dtype (fp32 for
+    every reported measurement; `maxima build` runs it in the model's bf16).
     """
     layers = list(range(transcoder.config.n_layers)) if layers is None else layers
     hook = transcoder.config.feature_input_hook
@@ -62,8 +63,8 @@ def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torc
     with torch.no_grad():
         captured = lm.capture(input_ids, [(hook, layer) for layer in layers], attention_mask=attention_mask)
         for layer in layers:
-            x = captured[(hook, layer)].float()  # [batch, pos, d_model]
-            acts = transcoder.encode(x.to(transcoder.W_enc.dtype), layer).float()  # [batch, pos, F]
+            x = captured[(hook, layer)].to(transcoder.W_enc.dtype)  # [batch, pos, d_model]
+            acts = transcoder.encode(x, layer).float()  # [batch, pos, F]
             out[layer] = acts * keep.unsqueeze(-1)
     return out
 

@@ -161,7 +161,8 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
     step("clt", (directory / "clt").exists() and "clt_report" in manifest, clt)
 
     def maxima():
-        built = build_maxima(model(), bundle.load_transcoder(device=model().device), bundle.windows(),
+        transcoder = bundle.load_transcoder(dtype=model().dtype, device=model().device)  # encoder in the pass's dtype
+        built = build_maxima(model(), transcoder, bundle.windows(),
                              directory / "maxima", bundle.identity, MaximaConfig(), progress=progress)
         manifest["maxima"] = maxima_report(built)
 

@@ -12,20 +12,32 @@ from pathlib import Path
 from dreaming.paths import dreaming_home
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
-    """One flag per dataclass field (`--features-per-layer`), defaults taken from the dataclass itself."""
+def _config_fields(config_class) -> list[tuple[str, object, object, str | None]]:
+    """(name, type, default, description) of each field of a dataclass or a pydantic model."""
+    if hasattr(config_class, "model_fields"):
+        return [(name, f.annotation, f.default, f.description) for name, f in config_class.model_fields.items()]
     hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        kind = hints[field.name]
-        optional = type(None) in typing.get_args(kind)
-        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+    return [(f.name, hints[f.name], f.default, None) for f in dataclasses.fields(config_class)]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of a dataclass or pydantic model (`--features-per-layer`), defaults from the class.
+
+    Optional fields take "none" for None; Literal fields become choices."""
+    for name, kind, default, description in _config_fields(config_class):
+        optional = typing.get_origin(kind) is not typing.Literal and type(None) in typing.get_args(kind)
+        base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+        choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+        if choices:
+            base = type(choices[0])
         parse = (lambda text, base=base: None if text.lower() in ("none", "all") else base(text)) if optional else base
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=parse, default=field.default,
-                            help=f"default: {field.default}")
+        help_text = f"{description}; default: {default}" if description else f"default: {default}"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=parse, default=default, choices=choices,
+                            help=help_text.replace("%", "%%"))
 
 
 def config_from_args(config_class, args: argparse.Namespace):
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+    return config_class(**{name: getattr(args, name) for name, *_ in _config_fields(config_class)})
 
 
 def print_json(document) -> None:
@@ -141,7 +153,8 @@ def cmd_maxima_build(args) -> None:
     else:
         windows = bundle.windows()
     out = Path(args.out) if args.out else bundle.directory / "maxima"
-    maxima = build_maxima(lm, bundle.load_transcoder(device=lm.device), windows, out, bundle.identity, config)
+    maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out, bundle.identity,
+                          config)
     report = {**maxima_report(maxima), "directory": str(out)}
     if out == bundle.directory / "maxima":
         bundle.manifest["maxima"] = maxima_report(maxima)
@@ -201,6 +214,87 @@ def cmd_compare(args) -> None:
         print(f"{percent(dream['fraction_of_max'])} {dream['cross_entropy']:5.2f}  {dream['prompt']!r}")
     if not page["dreams"]:
         print("          (none cached: `dreaming dream --feature " + page["feature"] + "`)")
+
+
+def run_dreams(args, features: list) -> list:
+    """Dream results for `features` under the config in `args`: from the bundle's cache, else computed (in
+    batches of --batch-size features sharing every forward pass) and cached."""
+    import torch
+    from tqdm import tqdm
+
+    from dreaming.bundle import Bundle
+    from dreaming.dream_cache import DreamCache
+    from dreaming.epo import DreamConfig, dream_many
+    from dreaming.features import check_feature
+    from dreaming.models import best_device
+    from dreaming.transcoders import read_config
+
+    config = config_from_args(DreamConfig, args)
+    bundle = Bundle.open(args.bundle)
+    shape = read_config(bundle.directory / "clt")
+    for feature in features:
+        check_feature(feature, shape.n_layers, shape.d_transcoder)
+    cache = DreamCache(bundle.directory / "dreams")
+    results = {f: None if args.no_cache else cache.get(bundle.identity, f, config) for f in features}
+    todo = [f for f in features if results[f] is None]
+    if todo:
+        device = args.device or best_device()
+        lm = bundle.load_model(dtype=getattr(torch, config.dtype), device=device)
+        measure_lm = lm if config.dtype == "float32" else bundle.load_model(dtype=torch.float32, device=device)
+        transcoder = bundle.load_transcoder(device=device)
+        maxima = bundle.maxima()
+        if maxima is None:
+            print("no dataset maxima in this bundle (dreaming maxima build): targets use the fallback scale",
+                  file=sys.stderr)
+        with tqdm(total=len(todo) * config.seeds * config.iterations, desc="dreaming", unit="it") as bar:
+            for start in range(0, len(todo), args.batch_size):
+                group, offset = todo[start : start + args.batch_size], bar.n
+
+                def progress(done, total, best, offset=offset):
+                    bar.update(offset + done - bar.n)
+                    bar.set_postfix_str("" if best is None else f"best fluent {best:.0%} of max")
+
+                maxes = [maxima.dataset_max(f) if maxima else None for f in group]
+                for feature, result in zip(group, dream_many(lm, transcoder, group, config, maxes, progress,
+                                                             measure_lm)):
+                    cache.put(bundle.identity, result)
+                    results[feature] = result
+    return [results[f] for f in features]
+
+
+def print_dream(result) -> None:
+    fluent = result.best_fluent
+    print(f"feature {result.feature}: {len(result.frontier)} prompts on the frontier, {result.seconds:.0f}s"
+          + (f" ({result.scale_note})" if result.scale_note else ""))
+    print(f"{'% of max':>9} {'activation':>10} {'CE':>5}  prompt")
+    for p in result.frontier:
+        mark = " *" if fluent is not None and p.token_ids == fluent.token_ids else ""
+        print(f"{percent(p.fraction_of_max)} {p.activation:10.3f} {p.cross_entropy:5.2f}  {p.prompt!r}{mark}")
+    print("best fluent (CE <= 5, marked *): " + ("none" if fluent is None else
+          f"{percent(fluent.fraction_of_max).strip()} of dataset max, {fluent.text!r}"))
+
+
+def cmd_dream(args) -> None:
+    from dreaming.features import parse_feature
+
+    (result,) = run_dreams(args, [parse_feature(args.feature)])
+    if args.json:
+        return print_json(result.model_dump(mode="json"))
+    print_dream(result)
+
+
+def cmd_batch(args) -> None:
+    from dreaming.features import parse_features
+
+    if bool(args.features) == bool(args.features_file):
+        raise ValueError("give exactly one of --features 12/345,3/7 and --features-file FILE")
+    text = args.features or Path(args.features_file).read_text().replace("\n", ",")
+    results = run_dreams(args, parse_features(text))
+    if args.json:
+        return print_json([result.model_dump(mode="json") for result in results])
+    for result in results:
+        print_dream(result)
+        print()
 
 
 def cmd_serve(args) -> None:
@@ -273,6 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top", type=int, default=20, help="how many features (default: 20)")
     explorer_command("compare", "top dataset examples beside the cached dreamed prompts", cmd_compare,
                      feature=True).add_argument("--top", type=int, default=10, help="dataset examples shown (default: 10)")
+
+    from dreaming.epo import DreamConfig
+
+    for name, help, run in (("dream", "EPO for one feature: the Pareto frontier of activation vs. cross-entropy",
+                             cmd_dream),
+                            ("batch", "EPO for many features, several sharing each forward pass", cmd_batch)):
+        command = commands.add_parser(name, help=help)
+        if name == "dream":
+            command.add_argument("--feature", required=True, help="feature id LAYER/INDEX, e.g. 12/345")
+        else:
+            command.add_argument("--features", help="comma-separated feature ids, e.g. 12/345,3/7")
+            command.add_argument("--features-file", help="a file of feature ids, one per line or comma-separated")
+        command.add_argument("--batch-size", type=int, default=8, help="features per shared batch (default: 8)")
+        command.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+        command.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+        command.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
+        command.add_argument("--json", action="store_true")
+        add_config_arguments(command, DreamConfig)
+        command.set_defaults(run=run)
 
     serve = commands.add_parser("serve", help="the HTTP service (OpenAPI at /docs); settings in service/settings.py")
     serve.add_argument("--host", default="127.0.0.1")

@@ -71,8 +71,9 @@ class MaximaAccumulator:
     def add(self, layer: int, acts: torch.Tensor, windows: torch.Tensor, sources: torch.Tensor):
         """acts [batch, pos, F] fp32, zero at ignored positions (BOS, padding); windows/sources [batch]."""
         F = acts.shape[-1]
-        rows, features = acts.flatten(0, 1).nonzero(as_tuple=True)  # the active entries only (a few %)
-        values = acts.flatten(0, 1)[rows, features]
+        flat = acts.flatten(0, 1)  # [tokens, F]
+        rows, features = (flat > 0).nonzero(as_tuple=True)  # the active entries only (a few %); bool is 3x faster
+        values = flat[rows, features]
         self.active_count[layer] += torch.bincount(features, minlength=F)
         self.active_sum[layer] += torch.zeros(F, device=acts.device).index_add_(0, features, values).double()
         n_bins = self.histogram.shape[-1]
