@@ -18,9 +18,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The demo dreams for the first 2 features of the quality study's rule (live, non-dense features: density in
+# [1e-4, 1e-2], drawn with seed 0; experiments/epo_quality.py) in one shared batch, then prints each beside its
+# dataset maxima. Results are cached in <bundle>/dreams, so a second run is instant.
 demo: setup
 	$(VENV)/bin/dreaming default build
 	$(VENV)/bin/dreaming info
+	features=$$($(PY) experiments/epo_quality.py --print-features 2) && \
+	$(VENV)/bin/dreaming batch --features $$features && \
+	for feature in $$(echo $$features | tr , ' '); do $(VENV)/bin/dreaming compare --feature $$feature; done
 
 test: setup
 	$(PY) -m pytest -q
@@ -28,6 +34,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_maxima.py
+	$(PY) benchmarks/bench_epo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,11 +191,18 @@ def ensure_default_model(verbose: bool = True) -> Path:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # A scratch directory of this process's own, renamed into place: a crash mid-save never leaves a half-written
+    # cache, and two processes converting at once (a service and its worker) do not collide.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".partial", dir=target.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: a crash mid-save never leaves a half-written cache
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first: its copy is the same conversion
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "model.safetensors").exists():
+            raise
     if verbose:
         print(f"converted {DEFAULT_GGUF} to {target} in {time.perf_counter() - started:.1f}s")
     return target

@@ -303,7 +303,7 @@ def load_transcoder(directory, dtype=torch.float32, device="cpu") -> Transcoder:
                 path = directory / f"W_dec_{l}.safetensors"
                 with safe_open(str(path), framework="pt") as f:
                     t.W_dec[l].copy_(_tensor(f, path, f"W_dec_{l}", (F, n - l, d)))
-    return t
+    return t.requires_grad_(False)  # loaded for inference; training builds its own parameters
 
 
 def load_gemma_scope(

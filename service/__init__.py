@@ -1,1 +1,1 @@
-"""The HTTP service: FastAPI app, job store and Ray workers over the dreaming library (not built yet)."""
+"""The HTTP service: FastAPI app, job store and Ray workers over the dreaming library (`dreaming serve`)."""

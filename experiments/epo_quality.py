@@ -1,0 +1,142 @@
+"""EPO quality on the default bundle: how far above the dataset max do fluent dreamed prompts get?
+
+Features: `--count` (10) features drawn with a fixed seed among the live, non-dense features of the bundle, i.e.
+density (fraction of the maxima corpus's tokens on which the feature is active) in [1e-4, 1e-2] and a positive
+dataset max. 1e-4 of the 1.34M-token default corpus is ~130 tokens, so the dataset max is not one outlier; above
+1e-2 a feature fires on every few tokens and is closer to a bias than a pattern.
+
+Each feature is dreamed with each configuration named in `--configs`:
+  default  DreamConfig() as shipped (chat template, λ grid scaled for fraction-of-max targets)
+  paper    the paper's settings (λ grid 0.1–10, restart λ in [0.667, 6], k = 512, r = 32, target at the last token,
+           no template), given the same number of children in all (fewer iterations), so the same time
+and the best fluent prompt (CE <= 5 inside the run's own template, re-measured in fp32) is reported as % of the
+dataset max. Results are appended to `--out` (JSON) after every run and a markdown table is written beside it.
+
+    python experiments/epo_quality.py [--count 10] [--configs 'default;paper'] [--threads 2]
+                                      [--out experiments/results/epo_quality.json]
+    python experiments/epo_quality.py --print-features 3     # the first 3 features of the rule, comma-separated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreaming.bundle import Bundle, default_bundle_dir
+from dreaming.epo import DreamConfig, dream, paper_config
+from dreaming.features import Feature
+
+DENSITY = (1e-4, 1e-2)
+
+
+def sample_features(maxima, count: int, seed: int = 0) -> list[Feature]:
+    """`count` live, non-dense features (density in DENSITY, dataset max > 0), drawn with a fixed seed."""
+    density = maxima.arrays["density"].float().numpy()
+    peak = maxima.arrays["max_activation"].float().numpy()
+    layers, indices = np.nonzero((density >= DENSITY[0]) & (density <= DENSITY[1]) & (peak > 0))
+    pick = np.random.default_rng(seed).choice(len(layers), size=min(count, len(layers)), replace=False)
+    return [Feature(int(layers[i]), int(indices[i])) for i in pick]
+
+
+def configs(names: list[str], base: DreamConfig) -> dict[str, DreamConfig]:
+    out = {}
+    for name in names:
+        if name == "default":
+            out[name] = base
+        elif name == "paper":
+            children = base.iterations * base.children  # per member over the run: same compute as the default
+            out[name] = paper_config(base, iterations=max(1, children // 32))
+        elif ":" in name:  # a variant for tuning, e.g. "wide:lambda_max=2,topk=256"
+            label, changes = name.split(":", 1)
+            fields = dict(part.split("=", 1) for part in changes.split(","))
+            out[label] = DreamConfig(**{**base.model_dump(), **fields})
+        else:
+            raise ValueError(f"unknown configuration {name!r}: default | paper | NAME:field=value,field=value")
+    return out
+
+
+def markdown(rows: list[dict], names: list[str]) -> str:
+    header = "| feature | density | dataset max | " + " | ".join(
+        f"{n}: best fluent % of max | {n}: CE | {n}: s" for n in names) + " |"
+    lines = [header, "|" + "---|" * (3 + 3 * len(names))]
+    for feature in dict.fromkeys(r["feature"] for r in rows):
+        mine = {r["config_name"]: r for r in rows if r["feature"] == feature}
+        first = next(iter(mine.values()))
+        cells = [feature, f"{first['density']:.1e}", f"{first['dataset_max']:.3f}"]
+        for n in names:
+            r = mine.get(n)
+            best = r and r["best_fluent"]
+            cells += [f"{best['fraction_of_max']:.0%}" if best else ("—" if r else ""),
+                      f"{best['cross_entropy']:.2f}" if best else "", f"{r['seconds']:.0f}" if r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for n in names:
+        done = [r for r in rows if r["config_name"] == n]
+        hits = sum(1 for r in done if r["best_fluent"] and r["best_fluent"]["fraction_of_max"] >= 1.0)
+        lines.append(f"\n{n}: {hits}/{len(done)} features with a fluent prompt at >= 100% of the dataset max")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default=str(default_bundle_dir()))
+    parser.add_argument("--count", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the feature draw")
+    parser.add_argument("--configs", default="default;paper", help="';'-separated: default, paper, "
+                        "NAME:field=value,field=value (a variant of the default)")
+    parser.add_argument("--iterations", type=int, help="override the default config's iterations")
+    parser.add_argument("--out", default="experiments/results/epo_quality.json")
+    parser.add_argument("--print-features", type=int, metavar="N", help="print the first N features and exit")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bundle = Bundle.open(args.bundle)
+    maxima = bundle.maxima()
+    if maxima is None:
+        raise SystemExit(f"{args.bundle} has no dataset maxima: run `dreaming maxima build` first")
+    if args.print_features:
+        return print(",".join(str(f) for f in sample_features(maxima, args.print_features, args.seed)))
+    features = sample_features(maxima, args.count, args.seed)
+    base = DreamConfig() if args.iterations is None else DreamConfig(iterations=args.iterations)
+    runs = configs(args.configs.split(";"), base)
+    names = list(runs)
+    lm = bundle.load_model(dtype=torch.bfloat16)
+    measure_lm = bundle.load_model(dtype=torch.float32)
+    transcoder = bundle.load_transcoder()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    print(f"features: {', '.join(map(str, features))}", flush=True)
+    for feature in features:
+        for name, config in runs.items():
+            if any(r["feature"] == str(feature) and r["config_name"] == name and r["config"] == config.model_dump(
+                    mode="json") for r in rows):
+                continue  # done in an earlier (interrupted) run
+            load = os.getloadavg()[0]
+            started = time.perf_counter()
+            result = dream(lm, transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm)
+            row = {"feature": str(feature), "config_name": name, "config": config.model_dump(mode="json"),
+                   "density": float(maxima.arrays["density"][feature.layer, feature.index]),
+                   "dataset_max": maxima.dataset_max(feature), "seconds": time.perf_counter() - started,
+                   "load_before": load, "load_after": os.getloadavg()[0],
+                   "best_fluent": result.best_fluent and result.best_fluent.model_dump(mode="json"),
+                   "best_any": max((p.fraction_of_max for p in result.frontier), default=None),
+                   "frontier": [p.model_dump(mode="json") for p in result.frontier],
+                   "history_best_fluent": result.history["best_fluent"]}
+            rows.append(row)
+            best = row["best_fluent"]
+            print(f"{feature} {name:>8}: best fluent {best['fraction_of_max']:.0%} (CE {best['cross_entropy']:.2f}) "
+                  f"{best['prompt']!r}" if best else f"{feature} {name:>8}: no fluent prompt",
+                  f"[{row['seconds']:.0f}s, load {load:.1f}]", flush=True)
+            out.write_text(json.dumps(rows, indent=1))
+            out.with_suffix(".md").write_text(markdown(rows, names))
+    print(markdown(rows, names))
+
+
+if __name__ == "__main__":
+    main()

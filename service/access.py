@@ -1,0 +1,54 @@
+"""Access control and request-size limits: the optional API key and a cap on request bodies."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from fastapi import HTTPException, Request
+
+
+def api_key_dependency(api_key: str | None):
+    """A FastAPI dependency: with a key configured, the request must carry it (Bearer token or X-API-Key)."""
+
+    async def require_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("x-api-key")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if given is None and scheme.lower() == "bearer":
+            given = token.strip()
+        if given is None or not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "this endpoint needs the API key: 'Authorization: Bearer <key>' or "
+                                     "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+
+    return require_api_key
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413, whether or not it declares its length."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = f"request body too large: at most {self.max_bytes} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            body = json.dumps({"detail": too_large}).encode()
+            await send({"type": "http.response.start", "status": 413, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        seen = 0
+
+        async def counted_receive():  # a body without a (truthful) length: stop reading past the limit
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, too_large)  # FastAPI answers it while reading the body
+            return message
+
+        await self.app(scope, counted_receive, send)

@@ -1,0 +1,75 @@
+"""The served bundle as the web process sees it: the library's `Explorer` on the CPU (the web process never
+touches a GPU), feature ids checked against it, and the light, interactive calls (activations of user texts,
+feature search, feature pages).
+
+Dreams run in the Ray workers. These calls are short; they run one at a time (the model's capture hooks are
+not re-entrant) on a thread of their own, so neither the event loop nor the store's threads wait for them.
+Feature pages are cached (on the event loop) until a new dream of the feature arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+from dreaming.explorer import Explorer
+from dreaming.features import Feature, parse_feature
+
+PAGE_CACHE_SIZE = 1024
+
+
+class UnknownFeature(LookupError):
+    """A well-formed feature id that this bundle does not have (the message names the valid range)."""
+
+
+class BundleView:
+    def __init__(self, bundle_dir: str | None):
+        self.explorer = Explorer.open(bundle_dir, device="cpu")
+        self.bundle = self.explorer.bundle
+        self.identity = self.bundle.identity
+        self.maxima = self.explorer.require_maxima()
+        self.n_layers, self.features_per_layer = self.maxima.shape
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._pages: OrderedDict = OrderedDict()
+
+    def check(self, feature: Feature) -> Feature:
+        """The feature itself if this bundle has it, else UnknownFeature naming the valid range."""
+        try:
+            return self.explorer.feature(feature)
+        except ValueError as error:
+            raise UnknownFeature(str(error)) from None
+
+    def dataset_max(self, feature: str) -> float:
+        return self.maxima.dataset_max(parse_feature(feature))
+
+    async def _on_model_thread(self, call, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, partial(call, *args, **kwargs))
+
+    def _load(self) -> None:
+        _ = self.explorer.lm  # a cached property: loads the model once
+        self.explorer.transcoder.requires_grad_(False)
+
+    async def warm_up(self) -> None:
+        """Load the model and transcoder now rather than on the first request."""
+        await self._on_model_thread(self._load)
+
+    async def activations(self, feature: Feature, texts: list[str]) -> list[dict]:
+        return await self._on_model_thread(self.explorer.activation, feature, texts)
+
+    async def search(self, text: str, top: int) -> list[dict]:
+        return await self._on_model_thread(self.explorer.search, text, top)
+
+    async def page(self, feature: Feature, dreams: list[dict]) -> dict:
+        """The comparison page of a feature beside `dreams` (the service's stored results for it)."""
+        key = (feature, len(dreams))  # results are only ever added, so a new dream changes the key
+        if key not in self._pages:
+            self._pages[key] = await self._on_model_thread(self.explorer.compare, feature, dreams=dreams)
+            if len(self._pages) > PAGE_CACHE_SIZE:
+                self._pages.popitem(last=False)
+        self._pages.move_to_end(key)
+        return self._pages[key]
+
+    def close(self) -> None:
+        self._model_thread.shutdown(wait=False, cancel_futures=True)

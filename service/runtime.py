@@ -1,0 +1,62 @@
+"""The running service: the store, the served bundle, Ray, the worker actors and the scheduler, started and
+stopped together (FastAPI's lifespan calls `start` and `stop`).
+
+At start-up every job left running by a previous process goes back to the queue, so a restart resumes
+interrupted work; jobs already done keep their stored results and are never run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+
+from service.bundle_view import BundleView
+from service.scheduler import Scheduler
+from service.settings import Settings
+from service.store import SQLiteStore, Store
+from service.workers import Worker, connect_ray, start_workers, stop_workers
+
+log = logging.getLogger("dreaming.service")
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store: Store | None = None
+        self.view: BundleView | None = None
+        self.workers: list[Worker] = []
+        self.scheduler: Scheduler | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._started_ray = False
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.view = await asyncio.to_thread(BundleView, settings.bundle)
+        self.store = SQLiteStore(settings.database)
+        resumed = self.store.recover()
+        if resumed:
+            log.info("resuming %d interrupted jobs", resumed)
+        self._started_ray = connect_ray(settings.ray_address)
+        # None: each node opens its own default bundle; the identity check makes sure it is the same one
+        self.workers = start_workers(settings, settings.bundle, self.view.identity)
+        self.scheduler = Scheduler(self.store, self.workers, self.view.identity, self.view.dataset_max,
+                                   settings.features_per_call, settings.max_attempts)
+        self._tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self.view.warm_up())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        stop_workers(self.workers)
+        if self._started_ray:
+            ray.shutdown()
+        if self.store is not None:
+            self.store.close()
+        if self.view is not None:
+            self.view.close()
+
+    def workers_info(self) -> list[dict]:
+        described = self.scheduler.describe if self.scheduler else {}
+        return [{"index": w.index, "gpus": w.gpus, **described.get(w.index, {"starting": True})} for w in self.workers]

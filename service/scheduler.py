@@ -1,0 +1,122 @@
+"""The scheduler: an asyncio task per worker actor that takes queued jobs from the store and dreams them.
+
+Each loop claims up to `features_per_call` queued jobs with one identical config, sends them to its actor in
+one `dream` call, polls the actor's progress into the store while the call runs, and stores the results.
+If the actor dies (Ray restarts it) the jobs go back to the queue; a job whose worker died
+`max_attempts` times, or that the engine rejected, fails with the error. Nothing here blocks the event loop:
+store calls run in threads and object refs are awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from service.store import Job, Store
+from service.workers import Worker
+
+log = logging.getLogger("dreaming.service")
+
+POLL_SECONDS = 0.5  # progress polling while a call runs; also the idle wait between queue checks
+
+
+class Scheduler:
+    def __init__(self, store: Store, workers: list[Worker], identity: str, dataset_max: Callable[[str], float],
+                 features_per_call: int, max_attempts: int):
+        self.store, self.workers, self.identity, self.dataset_max = store, workers, identity, dataset_max
+        self.features_per_call, self.max_attempts = features_per_call, max_attempts
+        self._wake = asyncio.Event()
+        self.describe: dict[int, dict] = {}  # worker index -> what its actor last said about itself
+
+    def wake(self) -> None:
+        """New jobs were queued: idle loops look at the queue now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._serve(worker) for worker in self.workers))
+
+    async def _serve(self, worker: Worker) -> None:
+        while await self._until_ready(worker):
+            while True:
+                jobs = await asyncio.to_thread(self.store.claim, self.identity, self.features_per_call)
+                if not jobs:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                try:
+                    if not await self._run(worker, jobs):
+                        break  # the actor died: wait for its restart
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # never let one call stop the loop; its jobs fail with the reason
+                    log.exception("worker %d: call failed", worker.index)
+                    for job in jobs:
+                        await asyncio.to_thread(self.store.fail, job, f"internal error: {error}")
+
+    async def _until_ready(self, worker: Worker) -> bool:
+        """Wait until the actor answers (its constructor ran, after a start or a restart); False if it never will."""
+        while True:
+            try:
+                self.describe[worker.index] = await worker.actor.describe.remote()
+                return True
+            except ActorUnavailableError:  # restarting
+                await asyncio.sleep(POLL_SECONDS)
+            except RayActorError as error:  # dead for good, e.g. its constructor raised
+                log.error("worker %d cannot start: %s", worker.index, error)
+                self.describe[worker.index] = {"error": str(error)}
+                return False
+
+    async def _run(self, worker: Worker, jobs: list[Job]) -> bool:
+        """One engine call for `jobs`; False when the actor died during it."""
+        features = [job.feature for job in jobs]
+        log.info("worker %d: dreaming %s (attempt %s)", worker.index, ",".join(features), jobs[0].attempts)
+        maxes = [self.dataset_max(feature) for feature in features]
+        call = asyncio.wrap_future(worker.actor.dream.remote(features, jobs[0].config, maxes).future())
+        try:
+            while not call.done():
+                await asyncio.wait([call], timeout=POLL_SECONDS)
+                if not call.done():
+                    await self._poll(worker, jobs)
+            results = call.result()
+        except RayActorError as error:
+            await self._worker_died(worker, jobs, error)
+            return False
+        except RayTaskError as error:  # the engine raised: the same input would raise again
+            cause = error.cause if error.cause is not None else error
+            for job in jobs:
+                await asyncio.to_thread(self.store.fail, job, f"{type(cause).__name__}: {cause}")
+            return True
+        for job, result in zip(jobs, results):
+            await asyncio.to_thread(self.store.complete, job, result)
+        return True
+
+    async def _poll(self, worker: Worker, jobs: list[Job]) -> None:
+        try:
+            progress = await worker.actor.progress.remote()
+        except RayActorError:
+            return  # the call itself reports the death
+        if progress:
+            await asyncio.to_thread(self.store.set_progress, [job.id for job in jobs], eta(progress))
+
+    async def _worker_died(self, worker: Worker, jobs: list[Job], error: Exception) -> None:
+        log.warning("worker %d died during a call (%s); Ray restarts it", worker.index, type(error).__name__)
+        self.describe[worker.index] = {"restarting": True}
+        retry = [job for job in jobs if job.attempts < self.max_attempts]
+        await asyncio.to_thread(self.store.requeue, retry)
+        for job in jobs:
+            if job.attempts >= self.max_attempts:
+                await asyncio.to_thread(self.store.fail, job, f"the worker died {job.attempts} times on this job")
+
+
+def eta(progress: dict) -> dict:
+    """The actor's progress plus `eta_seconds`, extrapolated from the time per step so far."""
+    done, total, seconds = progress["done"], progress["total"], progress["seconds"]
+    remaining = seconds / done * (total - done) if done and total else None
+    return {**progress, "eta_seconds": remaining, "updated": time.time()}

@@ -1,0 +1,59 @@
+"""Request and response bodies of the HTTP API. The dream config and result are the library's own types.
+
+Request bodies (and `DreamConfig`) reject unknown fields, so no request can name a path or a model to load.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dreaming.epo import DreamConfig, DreamResult
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DreamRequest(Strict):
+    feature: str = Field(examples=["12/345"], description="LAYER/INDEX")
+    config: DreamConfig = Field(default_factory=DreamConfig)
+
+
+class BatchRequest(Strict):
+    features: list[str] = Field(min_length=1, examples=[["12/345", "3/7"]])
+    config: DreamConfig = Field(default_factory=DreamConfig)
+
+
+class ActivationsRequest(Strict):
+    feature: str = Field(examples=["12/345"])
+    texts: list[str] = Field(min_length=1, examples=[["How do I make pancakes?"]])
+
+
+class SearchRequest(Strict):
+    text: str = Field(min_length=1, examples=["def main():"])
+    top: int = Field(20, ge=1)
+
+
+class Progress(BaseModel):
+    done: int | None = None  # iterations done, summed over the features (and seeds) of the call
+    total: int | None = None
+    best_fraction_of_max: float | None = None  # best fluent prompt so far (search dtype), of any feature
+    seconds: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobOut(BaseModel):
+    job_id: str
+    feature: str
+    status: str  # queued | running | done | failed
+    attempts: int  # times a worker was given this job (> 1 after a worker died)
+    progress: Progress | None = None
+    error: str | None = None
+    result: DreamResult | None = None
+
+
+class BatchOut(BaseModel):
+    batch_id: str
+    status: str  # done when every job is done; failed when none is pending and one failed; else running
+    counts: dict[str, int]
+    jobs: list[JobOut]

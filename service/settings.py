@@ -1,0 +1,70 @@
+"""The service's settings and request limits, read once from the environment.
+
+    DREAMING_HOME              the library's home (models, the default bundle) and the service's database
+    DREAMING_DB                the job database (default `$DREAMING_HOME/service/jobs.sqlite`)
+    DREAMING_BUNDLE            the bundle directory to serve (default: the default bundle, built if missing)
+    DREAMING_API_KEY           when set, POST endpoints need `Authorization: Bearer <key>` or `X-API-Key: <key>`
+    RAY_ADDRESS                attach to this Ray cluster; unset: start a local Ray
+    DREAMING_GPU_WORKERS       GPU worker actors to start (default: the cluster's GPU count; 0 -> one CPU actor)
+    DREAMING_FEATURES_PER_CALL features dreamed together in one engine call (same config), default 16
+    DREAMING_MAX_ATTEMPTS      a job whose worker died this many times fails instead of being re-queued, default 3
+    DREAMING_WORKER_STEP_DELAY fault injection for tests: seconds a worker sleeps at every progress report
+    DREAMING_MAX_*             the limits below, e.g. DREAMING_MAX_BATCH_FEATURES=64
+
+The limits of a dream configuration itself (prompt length, iterations, population, ...) are the bounds of
+`dreaming.epo.DreamConfig`; the limits here bound what one request may ask of the service.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from dreaming.paths import dreaming_home
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_features: int = 256  # features in one POST /batches
+    max_texts: int = 32  # texts in one POST /activations
+    max_text_chars: int = 4000  # characters of one text (activations, search); tokens are bounded by the library
+    max_search_top: int = 100  # `top` of POST /search
+    max_request_bytes: int = 256 * 1024  # body of any request
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(**{f.name: int(os.environ[f"DREAMING_{f.name.upper()}"]) for f in fields(cls)
+                      if f"DREAMING_{f.name.upper()}" in os.environ})
+
+
+def _optional_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: Path
+    bundle: str | None = None
+    api_key: str | None = None
+    ray_address: str | None = None
+    gpu_workers: int | None = None
+    features_per_call: int = 16
+    max_attempts: int = 3
+    worker_step_delay: float = 0.0
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            database=Path(os.environ.get("DREAMING_DB") or dreaming_home() / "service" / "jobs.sqlite"),
+            bundle=os.environ.get("DREAMING_BUNDLE") or None,
+            api_key=os.environ.get("DREAMING_API_KEY") or None,
+            ray_address=os.environ.get("RAY_ADDRESS") or None,
+            gpu_workers=_optional_int("DREAMING_GPU_WORKERS"),
+            features_per_call=int(os.environ.get("DREAMING_FEATURES_PER_CALL", 16)),
+            max_attempts=int(os.environ.get("DREAMING_MAX_ATTEMPTS", 3)),
+            worker_step_delay=float(os.environ.get("DREAMING_WORKER_STEP_DELAY", 0)),
+            limits=Limits.from_env(),
+        )

@@ -1,0 +1,300 @@
+"""The job store: jobs, batches and dream results, behind a small interface (`Store`) with a SQLite implementation.
+
+A job is one dream: (bundle identity, feature, canonical config). Its `key` is a hash of those three, unique in
+the jobs table, so identical requests coalesce into one job by a database constraint, and a result is stored
+once per key. Job states: queued -> running -> done | failed; a running job goes back to queued when its worker
+dies (`requeue`) or the service restarts (`recover`). A result and its job's "done" are written in one
+transaction, and only by the claim that is current (a job's `attempts` counts claims), so a late or repeated
+completion never overwrites or duplicates a result.
+
+Another database (e.g. PostgreSQL with `SELECT ... FOR UPDATE SKIP LOCKED` in `claim`) can replace SQLite by
+implementing `Store`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def job_key(identity: str, feature: str, config: dict) -> str:
+    """The cache key of a dream: the same bundle, feature and (fully defaulted) config give the same key."""
+    return hashlib.sha256(canonical_json([identity, feature, config]).encode()).hexdigest()
+
+
+@dataclass
+class Job:
+    id: str
+    key: str
+    feature: str
+    config: dict
+    status: str
+    attempts: int = 0  # how many times a worker was given this job
+    progress: dict = field(default_factory=dict)
+    error: str | None = None
+    result: dict | None = None
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@dataclass
+class Batch:
+    id: str
+    job_ids: list[str]
+    created: float
+
+
+class Store(ABC):
+    """What the service needs from a database. Every method is one atomic step."""
+
+    @abstractmethod
+    def submit(self, identity: str, feature: str, config: dict) -> Job:
+        """The job for this dream: the existing one (a failed one is queued again), else a new queued job."""
+
+    @abstractmethod
+    def submit_batch(self, identity: str, features: list[str], config: dict) -> Batch:
+        """One job per feature (coalescing as `submit`) and a batch that lists them, in one transaction."""
+
+    @abstractmethod
+    def job(self, job_id: str) -> Job | None: ...
+
+    @abstractmethod
+    def batch(self, batch_id: str) -> Batch | None: ...
+
+    @abstractmethod
+    def jobs(self, job_ids: list[str]) -> list[Job]:
+        """The jobs in the order asked (unknown ids left out)."""
+
+    @abstractmethod
+    def claim(self, identity: str, limit: int) -> list[Job]:
+        """Up to `limit` queued jobs of this bundle with one identical config, oldest first, now running
+        (attempts + 1)."""
+
+    @abstractmethod
+    def set_progress(self, job_ids: list[str], progress: dict) -> None: ...
+
+    @abstractmethod
+    def complete(self, job: Job, result: dict) -> bool:
+        """Store the result and mark the job done, if this claim (job.attempts) is still the job's current one."""
+
+    @abstractmethod
+    def fail(self, job: Job, error: str) -> None: ...
+
+    @abstractmethod
+    def requeue(self, jobs: list[Job]) -> None:
+        """Running jobs whose worker died go back to the queue (still this claim only)."""
+
+    @abstractmethod
+    def recover(self) -> int:
+        """At start-up: every running job (its service stopped) goes back to the queue; returns how many."""
+
+    @abstractmethod
+    def results_for(self, identity: str, feature: str) -> list[dict]:
+        """Every stored dream result of one feature of one bundle, oldest first."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per status."""
+
+    def close(self) -> None:
+        pass
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    identity TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    progress TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, identity, created);
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_feature ON results (identity, feature, created);
+CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS batch_jobs (
+    batch_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (batch_id, position)
+);
+"""
+
+JOB_COLUMNS = ", ".join(f"jobs.{name}" for name in (
+    "id", "key", "feature", "config", "status", "attempts", "progress", "error", "created", "updated"))
+
+
+class SQLiteStore(Store):
+    """SQLite in WAL mode; one connection shared under a lock (the service is one process)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def _transaction(self):
+        return _Transaction(self._db, self._lock)
+
+    def _row_to_job(self, row, result: str | None = None) -> Job:
+        id_, key, feature, config, status, attempts, progress, error, created, updated = row
+        return Job(id=id_, key=key, feature=feature, config=json.loads(config), status=status, attempts=attempts,
+                   progress=json.loads(progress), error=error, result=json.loads(result) if result else None,
+                   created=created, updated=updated)
+
+    def _select_jobs(self, db, where: str, args=()) -> list[Job]:
+        rows = db.execute(f"SELECT {JOB_COLUMNS}, results.result FROM jobs LEFT JOIN results "
+                          f"ON results.key = jobs.key AND jobs.status = '{DONE}' WHERE {where}", args).fetchall()
+        return [self._row_to_job(row[:-1], row[-1]) for row in rows]
+
+    def _submit(self, db, identity: str, feature: str, config: dict, now: float) -> str:
+        key = job_key(identity, feature, config)
+        db.execute("INSERT INTO jobs (id, key, identity, feature, config, status, created, updated) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                   (uuid.uuid4().hex, key, identity, feature, canonical_json(config), QUEUED, now, now))
+        db.execute("UPDATE jobs SET status = ?, error = NULL, progress = '{}', updated = ? "
+                   "WHERE key = ? AND status = ?", (QUEUED, now, key, FAILED))
+        return db.execute("SELECT id FROM jobs WHERE key = ?", (key,)).fetchone()[0]
+
+    def submit(self, identity, feature, config):
+        with self._transaction() as db:
+            job_id = self._submit(db, identity, feature, config, time.time())
+            return self._select_jobs(db, "jobs.id = ?", (job_id,))[0]
+
+    def submit_batch(self, identity, features, config):
+        now = time.time()
+        with self._transaction() as db:
+            job_ids = [self._submit(db, identity, feature, config, now) for feature in features]
+            batch_id = uuid.uuid4().hex
+            db.execute("INSERT INTO batches (id, created) VALUES (?, ?)", (batch_id, now))
+            db.executemany("INSERT INTO batch_jobs (batch_id, position, job_id) VALUES (?, ?, ?)",
+                           [(batch_id, position, job_id) for position, job_id in enumerate(job_ids)])
+        return Batch(batch_id, job_ids, now)
+
+    def job(self, job_id):
+        with self._transaction() as db:
+            found = self._select_jobs(db, "jobs.id = ?", (job_id,))
+        return found[0] if found else None
+
+    def jobs(self, job_ids):
+        with self._transaction() as db:
+            found = {job.id: job for job in self._select_jobs(
+                db, f"jobs.id IN ({','.join('?' * len(job_ids))})", job_ids)} if job_ids else {}
+        return [found[job_id] for job_id in job_ids if job_id in found]
+
+    def batch(self, batch_id):
+        with self._transaction() as db:
+            created = db.execute("SELECT created FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if created is None:
+                return None
+            rows = db.execute("SELECT job_id FROM batch_jobs WHERE batch_id = ? ORDER BY position", (batch_id,))
+            return Batch(batch_id, [row[0] for row in rows], created[0])
+
+    def claim(self, identity, limit):
+        now = time.time()
+        with self._transaction() as db:
+            first = db.execute("SELECT config FROM jobs WHERE status = ? AND identity = ? ORDER BY created, rowid "
+                               "LIMIT 1", (QUEUED, identity)).fetchone()
+            if first is None:
+                return []
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM jobs WHERE status = ? AND identity = ? AND config = ? ORDER BY created, rowid LIMIT ?",
+                (QUEUED, identity, first[0], limit))]
+            marks = ",".join("?" * len(ids))
+            db.execute(f"UPDATE jobs SET status = ?, attempts = attempts + 1, progress = '{{}}', updated = ? "
+                       f"WHERE id IN ({marks})", (RUNNING, now, *ids))
+            return sorted(self._select_jobs(db, f"jobs.id IN ({marks})", ids), key=lambda job: ids.index(job.id))
+
+    def set_progress(self, job_ids, progress):
+        with self._transaction() as db:
+            db.executemany("UPDATE jobs SET progress = ?, updated = ? WHERE id = ? AND status = ?",
+                           [(canonical_json(progress), time.time(), job_id, RUNNING) for job_id in job_ids])
+
+    def complete(self, job, result):
+        now = time.time()
+        with self._transaction() as db:
+            current = db.execute("UPDATE jobs SET status = ?, updated = ? WHERE id = ? AND status = ? AND attempts = ?",
+                                 (DONE, now, job.id, RUNNING, job.attempts)).rowcount
+            if current:
+                identity = db.execute("SELECT identity FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
+                db.execute("INSERT INTO results (key, identity, feature, job_id, result, created) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (job.key, identity, job.feature, job.id, json.dumps(result), now))
+        return bool(current)
+
+    def fail(self, job, error):
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET status = ?, error = ?, updated = ? WHERE id = ? AND status = ? AND attempts = ?",
+                       (FAILED, error, time.time(), job.id, RUNNING, job.attempts))
+
+    def requeue(self, jobs):
+        with self._transaction() as db:
+            db.executemany("UPDATE jobs SET status = ?, progress = '{}', updated = ? "
+                           "WHERE id = ? AND status = ? AND attempts = ?",
+                           [(QUEUED, time.time(), job.id, RUNNING, job.attempts) for job in jobs])
+
+    def recover(self):
+        with self._transaction() as db:
+            return db.execute("UPDATE jobs SET status = ?, progress = '{}', updated = ? WHERE status = ?",
+                              (QUEUED, time.time(), RUNNING)).rowcount
+
+    def results_for(self, identity, feature):
+        with self._transaction() as db:
+            rows = db.execute("SELECT result FROM results WHERE identity = ? AND feature = ? ORDER BY created",
+                              (identity, feature)).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def counts(self):
+        with self._transaction() as db:
+            rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0, **dict(rows)}
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+class _Transaction:
+    """`with`: hold the lock and run the block in one IMMEDIATE transaction (rolled back on error)."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
+        self.db, self.lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            self.db.execute("ROLLBACK" if kind else "COMMIT")
+        finally:
+            self.lock.release()

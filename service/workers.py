@@ -1,0 +1,118 @@
+"""Ray worker actors: each holds the bundle's model and transcoder once and dreams batches of features
+(the service sends the features' dataset maxima along, so workers never load the maxima).
+
+One actor per GPU of the cluster (`num_gpus=1` each); on a cluster without GPUs one CPU actor. An actor that
+dies is restarted by Ray (`max_restarts=-1`, its constructor reloads the model); the scheduler re-queues the
+jobs it held. Actors are threaded (`max_concurrency=2`) so `progress()` answers while `dream()` runs.
+The driver (the web service) never touches CUDA: devices are chosen inside the actors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import ray
+
+from service.settings import Settings
+
+
+class DreamWorker:
+    """The actor's body; `RemoteDreamWorker` is the actor class."""
+
+    def __init__(self, bundle_dir: str | None, identity: str, step_delay: float = 0.0):
+        import torch
+
+        from dreaming.bundle import Bundle
+        from dreaming.models import best_device
+
+        self.device = best_device()
+        if self.device == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1; the CPU actor owns the CPU
+        self.bundle = Bundle.open(bundle_dir)
+        if self.bundle.identity != identity:
+            raise RuntimeError(f"this node's bundle {self.bundle.directory} is {self.bundle.identity}, the service "
+                               f"serves {identity}: copy the same bundle to every node")
+        self.transcoder = self.bundle.load_transcoder(device=self.device).requires_grad_(False)
+        self.models = {"float32": self.bundle.load_model(device=self.device)}  # measures (and searches in fp32)
+        self.step_delay = step_delay
+        self._progress: dict | None = None
+
+    def describe(self) -> dict:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": self.device,
+                "gpu_ids": ray.get_gpu_ids()}
+
+    def progress(self) -> dict | None:
+        """The running call's latest progress: {done, total, best_fraction_of_max, seconds}, or None."""
+        return self._progress
+
+    def model(self, dtype: str):
+        """The model in the search dtype of a config, loaded on first use and kept."""
+        import torch
+
+        if dtype not in self.models:
+            self.models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
+        return self.models[dtype]
+
+    def dream(self, features: list[str], config: dict, dataset_maxes: list[float]) -> list[dict]:
+        """Dream every feature under one config; one JSON result per feature, in order."""
+        from dreaming.epo import DreamConfig, dream_many
+        from dreaming.features import parse_feature
+
+        config = DreamConfig(**config)
+        parsed = [parse_feature(feature) for feature in features]
+        started = time.perf_counter()
+
+        def report(done: int, total: int, best_fraction_of_max) -> None:
+            self._progress = {"done": done, "total": total, "best_fraction_of_max": best_fraction_of_max,
+                              "seconds": time.perf_counter() - started}
+            if self.step_delay:
+                time.sleep(self.step_delay)
+
+        self._progress = {"done": 0, "total": None, "best_fraction_of_max": None, "seconds": 0.0}
+        try:
+            results = dream_many(self.model(config.dtype), self.transcoder, parsed, config, dataset_maxes,
+                                 progress=report, measure_lm=self.models["float32"])
+        finally:
+            self._progress = None
+        return [result.model_dump(mode="json") for result in results]
+
+
+RemoteDreamWorker = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2)(DreamWorker)
+
+
+def connect_ray(address: str | None) -> bool:
+    """Attach to the cluster at `address`, else start a local Ray. True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    sigterm = signal.getsignal(signal.SIGTERM)
+    ray.init(address=address or "local", include_dashboard=False)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it; uvicorn's handler shuts down gracefully
+    return True
+
+
+@dataclass
+class Worker:
+    index: int
+    actor: ray.actor.ActorHandle
+    gpus: int
+
+
+def start_workers(settings: Settings, bundle_dir: str | None, identity: str) -> list[Worker]:
+    """One actor per GPU (`settings.gpu_workers`, default the cluster's GPU count), else one CPU actor."""
+    gpus = settings.gpu_workers
+    if gpus is None:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+    options = [dict(num_gpus=1, num_cpus=1)] * gpus or [dict(num_gpus=0, num_cpus=1)]
+    return [Worker(index, RemoteDreamWorker.options(**option).remote(bundle_dir, identity, settings.worker_step_delay),
+                   option["num_gpus"])
+            for index, option in enumerate(options)]
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    for worker in workers:
+        ray.kill(worker.actor, no_restart=True)

@@ -1,0 +1,78 @@
+"""Ray placement: one CPU worker on a local Ray without GPUs, one worker per GPU on a two-node cluster (one
+node with a fake GPU resource), a worker that refuses a different bundle; and ray_cluster.yaml against the
+cluster launcher's schema."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import Cluster
+from ray.exceptions import RayActorError
+from serving import TINY_CONFIG
+
+from dreaming.features import parse_feature
+from service.settings import Settings
+from service.workers import start_workers, stop_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+def test_cpu_only_cluster_gets_one_cpu_worker_that_dreams(local_ray, tiny_bundle, tmp_path):
+    workers = start_workers(Settings(database=tmp_path / "jobs.sqlite"), str(tiny_bundle.directory), tiny_bundle.identity)
+    try:
+        assert [worker.gpus for worker in workers] == [0]
+        actor = workers[0].actor
+        assert ray.get(actor.describe.remote())["device"] == "cpu"
+        maxima = tiny_bundle.maxima()
+        maxes = [maxima.dataset_max(parse_feature(feature)) for feature in ("1/2", "2/5")]
+        results = ray.get(actor.dream.remote(["1/2", "2/5"], TINY_CONFIG, maxes))
+        assert [result["feature"] for result in results] == ["1/2", "2/5"]
+        assert all(result["frontier"] and result["dataset_max"] == m for result, m in zip(results, maxes))
+    finally:
+        stop_workers(workers)
+
+
+def test_worker_refuses_a_bundle_with_another_identity(local_ray, tiny_bundle, tmp_path):
+    [worker] = start_workers(Settings(database=tmp_path / "jobs.sqlite"), str(tiny_bundle.directory), "some-other-bundle")
+    with pytest.raises(RayActorError, match="copy the same bundle to every node"):
+        ray.get(worker.actor.describe.remote(), timeout=120)
+
+
+def test_one_worker_per_gpu_on_a_two_node_cluster(tiny_bundle, tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                           "object_store_memory": 100 * 1024**2})
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=2, object_store_memory=100 * 1024**2)
+    ray.init(address=cluster.address)
+    try:
+        cluster.wait_for_nodes()
+        assert ray.cluster_resources()["GPU"] == 2
+        workers = start_workers(Settings(database=tmp_path / "jobs.sqlite"), str(tiny_bundle.directory), tiny_bundle.identity)
+        described = ray.get([worker.actor.describe.remote() for worker in workers], timeout=180)
+        assert [worker.gpus for worker in workers] == [1, 1]
+        assert {d["node"] for d in described} == {gpu_node.node_id}
+        assert sorted(d["gpu_ids"][0] for d in described) == [0, 1]  # each its own GPU
+        stop_workers(workers)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_ray_cluster_yaml_validates_against_the_launcher_schema():
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    assert any(node["resources"].get("GPU", 0) >= 1 for node in types.values())

@@ -1,0 +1,185 @@
+"""End to end: a real `dreaming serve` process (uvicorn) on the tiny bundle, its worker in a local Ray, the real
+EPO engine with a tiny config, and a real HTTP client."""
+
+import asyncio
+
+import httpx
+import pytest
+from serving import API_KEY, TINY_CONFIG, Server, local_ray, wait_for
+
+from service.store import SQLiteStore
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    with local_ray() as address:
+        server = Server(tiny_bundle.directory, tmp_path_factory.mktemp("home"), address,
+                        DREAMING_FEATURES_PER_CALL="2", DREAMING_WORKER_STEP_DELAY="0.1",
+                        DREAMING_MAX_BATCH_FEATURES="8", DREAMING_MAX_TEXTS="4", DREAMING_MAX_TEXT_CHARS="200",
+                        DREAMING_MAX_REQUEST_BYTES="4096").start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+def poll_job(client, job_id):
+    return wait_for(lambda: (job := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("done", "failed") and job)
+
+
+def test_dream_submit_poll_result_then_cached(client):
+    first = client.post("/v1/dreams", json={"feature": "1/2", "config": TINY_CONFIG})
+    assert first.status_code == 200 and first.json()["status"] in ("queued", "running")
+    job = poll_job(client, first.json()["job_id"])
+    assert job["status"] == "done" and job["attempts"] == 1, job
+    result = job["result"]
+    assert result["feature"] == "1/2" and result["config"]["iterations"] == 3
+    assert result["frontier"] and set(result["frontier"][0]) >= {"prompt", "text", "token_ids", "activation",
+                                                                 "fraction_of_max", "cross_entropy"}
+    assert "best_fluent" in result
+    ces = [point["cross_entropy"] for point in result["frontier"]]
+    assert ces == sorted(ces)
+
+    again = client.post("/v1/dreams", json={"feature": "1/2", "config": TINY_CONFIG}).json()
+    assert again["job_id"] == job["job_id"] and again["status"] == "done" and again["result"] == result
+
+    best = max(result["frontier"], key=lambda point: point["activation"])
+    measured = client.post("/v1/activations", json={"feature": "1/2", "texts": [best["text"]]}).json()[0]
+    assert measured["token_ids"] == best["token_ids"]
+    assert measured["activation"] == pytest.approx(best["activation"], rel=1e-4, abs=1e-5)
+
+    page = client.get("/v1/features/1/2").json()
+    assert page["feature"] == "1/2" and page["dataset_max"] > 0 and page["examples"]
+    assert {d["text"] for d in page["dreams"]} == {point["text"] for point in result["frontier"]}
+
+
+def test_progress_is_reported_while_running(client):
+    job = client.post("/v1/dreams", json={"feature": "2/3", "config": {**TINY_CONFIG, "iterations": 12}}).json()
+    progress = wait_for(lambda: ((p := client.get(f"/v1/jobs/{job['job_id']}").json()["progress"]) or {}).get("done")
+                        and p)
+    assert progress["total"] == 12 and 1 <= progress["done"] <= 12 and progress["eta_seconds"] is not None
+    assert poll_job(client, job["job_id"])["status"] == "done"
+
+
+def test_batch_of_several_features_completes(client):
+    features = ["0/1", "0/2", "1/5", "2/7", "2/8"]
+    batch = client.post("/v1/batches", json={"features": features, "config": {**TINY_CONFIG, "seed": 7}}).json()
+    assert [job["feature"] for job in batch["jobs"]] == features
+    done = wait_for(lambda: (b := client.get(f"/v1/batches/{batch['batch_id']}").json())["status"] != "running" and b)
+    assert done["status"] == "done" and done["counts"]["done"] == len(features)
+    assert [job["result"]["feature"] for job in done["jobs"]] == features
+
+
+def test_activations_and_search(client):
+    measured = client.post("/v1/activations", json={"feature": "1/2", "texts": ["the cat sat", "dog ran fast"]})
+    assert measured.status_code == 200
+    first = measured.json()[0]
+    assert first["tokens"] == ["<bos>", "the", "cat", "sat"] and first["token_activations"][0] == 0
+    assert first["activation"] == max(first["token_activations"][1:])
+    found = client.post("/v1/search", json={"text": "the cat sat on the mat", "top": 5}).json()
+    assert 1 <= len(found) <= 5
+    fractions = [item["fraction_of_max"] for item in found]
+    assert fractions == sorted(fractions, reverse=True) and all(f > 0 for f in fractions)
+
+
+def test_concurrent_identical_requests_make_one_job(server):
+    body = {"feature": "0/9", "config": {**TINY_CONFIG, "seed": 123}}
+
+    async def hundred():
+        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/dreams", json=body) for _ in range(100)))
+
+    responses = asyncio.run(hundred())
+    assert {response.status_code for response in responses} == {200}
+    assert len({response.json()["job_id"] for response in responses}) == 1
+    store = SQLiteStore(server.home / "service" / "jobs.sqlite")
+    rows = store._db.execute("SELECT COUNT(*) FROM jobs WHERE feature = '0/9'").fetchone()[0]
+    store.close()
+    assert rows == 1
+
+
+def big_text(chars):
+    return "the " * (chars // 4)
+
+
+BAD_REQUESTS = [
+    # (what, method, path, json body, headers, status, words expected in the message)
+    ("no api key", "post", "/v1/dreams", {"feature": "1/2"}, {"X-API-Key": ""}, 401, "API key"),
+    ("wrong api key", "post", "/v1/dreams", {"feature": "1/2"}, {"X-API-Key": "nope"}, 401, "API key"),
+    ("malformed feature", "post", "/v1/dreams", {"feature": "12-3"}, {}, 422, "LAYER/INDEX"),
+    ("layer out of range", "post", "/v1/dreams", {"feature": "9/0"}, {}, 404, "0..2"),
+    ("index out of range", "post", "/v1/dreams", {"feature": "1/999"}, {}, 404, "0..23"),
+    ("too many iterations", "post", "/v1/dreams", {"feature": "1/2", "config": {"iterations": 10**6}}, {}, 422,
+     "iterations"),
+    ("zero population", "post", "/v1/dreams", {"feature": "1/2", "config": {"population": 0}}, {}, 422, "population"),
+    ("prompt too long", "post", "/v1/dreams", {"feature": "1/2", "config": {"prompt_length": 10**4}}, {}, 422,
+     "prompt_length"),
+    ("template without slot", "post", "/v1/dreams", {"feature": "1/2", "config": {"template": "hi"}}, {}, 422,
+     "{prompt}"),
+    ("a model named in the config", "post", "/v1/dreams", {"feature": "1/2", "config": {"model": "gpt2"}}, {}, 422,
+     "model"),
+    ("a path in the body", "post", "/v1/dreams", {"feature": "1/2", "bundle": "/etc"}, {}, 422, "bundle"),
+    ("no feature", "post", "/v1/dreams", {}, {}, 422, "feature"),
+    ("empty batch", "post", "/v1/batches", {"features": []}, {}, 422, "features"),
+    ("batch too large", "post", "/v1/batches", {"features": [f"1/{i}" for i in range(9)]}, {}, 422, "at most 8"),
+    ("unknown feature in a batch", "post", "/v1/batches", {"features": ["1/2", "1/99"]}, {}, 404, "1/99"),
+    ("too many texts", "post", "/v1/activations", {"feature": "1/2", "texts": ["the"] * 5}, {}, 422, "at most 4"),
+    ("text too long", "post", "/v1/activations", {"feature": "1/2", "texts": [big_text(400)]}, {}, 422,
+     "at most 200"),
+    ("blank text", "post", "/v1/activations", {"feature": "1/2", "texts": ["  "]}, {}, 422, "empty"),
+    ("unknown feature for activations", "post", "/v1/activations", {"feature": "3/0", "texts": ["the"]}, {}, 404,
+     "0..2"),
+    ("search text too long", "post", "/v1/search", {"text": big_text(400)}, {}, 422, "at most 200"),
+    ("search top too large", "post", "/v1/search", {"text": "the", "top": 1000}, {}, 422, "at most 100"),
+    ("body too large", "post", "/v1/activations", {"feature": "1/2", "texts": [big_text(5000)]}, {}, 413,
+     "too large"),
+    ("unknown job", "get", "/v1/jobs/nope", None, {}, 404, "nope"),
+    ("unknown batch", "get", "/v1/batches/nope", None, {}, 404, "nope"),
+    ("unknown feature page", "get", "/v1/features/1/24", None, {}, 404, "0..23"),
+    ("negative feature page", "get", "/v1/features/-1/0", None, {}, 404, "0..2"),
+    ("non-numeric feature page", "get", "/v1/features/a/b", None, {}, 422, "layer"),
+]
+
+
+@pytest.mark.parametrize("what,method,path,body,headers,status,words", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
+def test_bad_input_gets_its_4xx(client, what, method, path, body, headers, status, words):
+    response = client.request(method.upper(), path, json=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert words in response.text
+
+
+def test_chunked_body_over_the_limit_and_invalid_json(client):
+    chunks = (b'{"feature": "1/2", "texts": ["' + b"the " * 300 + b'"]}' for _ in range(5))
+    assert client.post("/v1/activations", content=chunks).status_code == 413
+    assert client.post("/v1/dreams", content=b"{not json", headers={"content-type": "application/json"}
+                       ).status_code == 422
+
+
+def test_server_stays_healthy_after_bad_input(client):
+    for _, method, path, body, headers, _, _ in BAD_REQUESTS:
+        client.request(method.upper(), path, json=body, headers=headers)
+    health = client.get("/v1/health").json()
+    assert health["status"] == "ok" and health["workers_ready"] == 1 and health["jobs"]["failed"] == 0
+    job = client.post("/v1/dreams", json={"feature": "2/2", "config": TINY_CONFIG}).json()
+    assert poll_job(client, job["job_id"])["status"] == "done"
+
+
+def test_api_key_as_bearer_token_and_gets_without_key(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        body = {"feature": "1/2", "texts": ["the cat"]}
+        assert client.post("/v1/activations", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+                           ).status_code == 200
+        assert client.post("/v1/activations", json=body).status_code == 401
+        assert client.get("/v1/health").status_code == 200
+
+
+def test_info_and_openapi(client):
+    info = client.get("/v1/info").json()
+    assert info["bundle"]["transcoder"]["layers"] == 3 and info["api_key_required"] is True
+    assert info["limits"]["max_batch_features"] == 8 and info["dream_config"]["iterations"] >= 1
+    assert "/v1/dreams" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200

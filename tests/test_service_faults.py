@@ -1,0 +1,67 @@
+"""Faults, end to end: the worker actor killed mid-job, and the service killed mid-batch and started again.
+
+Workers sleep at every progress report (DREAMING_WORKER_STEP_DELAY) so that "mid-job" is a state the test can
+wait for, not a race."""
+
+import os
+import signal
+
+import pytest
+from serving import TINY_CONFIG, Server, local_ray, wait_for
+
+from service.store import SQLiteStore
+
+SLOW = {**TINY_CONFIG, "iterations": 10}
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    with local_ray() as address:
+        yield address
+
+
+def test_killed_worker_restarts_and_the_job_still_completes(tiny_bundle, tmp_path, ray_address):
+    server = Server(tiny_bundle.directory, tmp_path / "home", ray_address, DREAMING_WORKER_STEP_DELAY="0.3").start()
+    try:
+        with server.client() as client:
+            job = client.post("/v1/dreams", json={"feature": "1/3", "config": SLOW}).json()
+            wait_for(lambda: (client.get(f"/v1/jobs/{job['job_id']}").json()["progress"] or {}).get("done"))
+            [worker] = client.get("/v1/info").json()["workers"]
+            os.kill(worker["pid"], signal.SIGKILL)
+            done = wait_for(lambda: (j := client.get(f"/v1/jobs/{job['job_id']}").json())["status"] != "running"
+                            and j["attempts"] >= 2 and j["status"] != "queued" and j)
+            assert done["status"] == "done" and done["attempts"] == 2 and done["result"]["feature"] == "1/3"
+            health = wait_for(lambda: (h := client.get("/v1/health").json())["workers_ready"] == 1 and h)
+            assert health["status"] == "ok"
+            [restarted] = client.get("/v1/info").json()["workers"]
+            assert restarted["pid"] != worker["pid"]
+    finally:
+        server.stop()
+
+
+def test_service_killed_mid_batch_resumes_without_losing_or_repeating_results(tiny_bundle, tmp_path, ray_address):
+    home = tmp_path / "home"
+    features = ["0/4", "1/4", "1/6", "2/4"]
+    env = dict(DREAMING_FEATURES_PER_CALL="1", DREAMING_WORKER_STEP_DELAY="0.3")
+    server = Server(tiny_bundle.directory, home, ray_address, **env).start()
+    with server.client() as client:
+        batch_id = client.post("/v1/batches", json={"features": features, "config": SLOW}).json()["batch_id"]
+        before = wait_for(lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["counts"]["done"] >= 1 and b)
+    server.kill()
+    finished_before = {job["job_id"]: job["result"] for job in before["jobs"] if job["status"] == "done"}
+    assert 1 <= len(finished_before) < len(features)
+
+    server = Server(tiny_bundle.directory, home, ray_address, **env).start()
+    try:
+        with server.client() as client:
+            after = wait_for(lambda: (b := client.get(f"/v1/batches/{batch_id}").json())["status"] != "running" and b)
+    finally:
+        server.stop()
+    assert after["status"] == "done" and [job["feature"] for job in after["jobs"]] == features
+    for job in after["jobs"]:
+        if job["job_id"] in finished_before:  # done before the crash: kept as it was, never run again
+            assert job["result"] == finished_before[job["job_id"]] and job["attempts"] == 1
+    store = SQLiteStore(home / "service" / "jobs.sqlite")
+    stored = store._db.execute("SELECT feature, COUNT(*) FROM results GROUP BY feature").fetchall()
+    store.close()
+    assert sorted(stored) == sorted((feature, 1) for feature in features)

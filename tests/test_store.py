@@ -1,0 +1,97 @@
+"""The job store: coalescing by key, claiming by config, completion only by the current claim, recovery."""
+
+import threading
+
+from service.store import DONE, FAILED, QUEUED, RUNNING, SQLiteStore, job_key
+
+CONFIG = {"iterations": 3, "seed": 0}
+OTHER = {"iterations": 3, "seed": 1}
+
+
+def test_key_depends_on_identity_feature_and_config_only():
+    assert job_key("a", "1/2", {"x": 1, "y": 2}) == job_key("a", "1/2", {"y": 2, "x": 1})
+    assert len({job_key("a", "1/2", CONFIG), job_key("b", "1/2", CONFIG), job_key("a", "1/3", CONFIG),
+                job_key("a", "1/2", OTHER)}) == 4
+
+
+def test_identical_submissions_coalesce_even_from_many_threads(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    ids = []
+    threads = [threading.Thread(target=lambda: ids.append(store.submit("id", "1/2", CONFIG).id)) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 1 and len(ids) == 20
+    assert store.counts()[QUEUED] == 1
+
+
+def test_claim_takes_one_config_oldest_first_and_skips_other_bundles(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    a = store.submit("id", "1/1", CONFIG)
+    store.submit("id", "1/2", OTHER)
+    c = store.submit("id", "1/3", CONFIG)
+    store.submit("elsewhere", "1/4", CONFIG)
+    claimed = store.claim("id", 16)
+    assert [job.id for job in claimed] == [a.id, c.id]
+    assert all(job.status == RUNNING and job.attempts == 1 for job in claimed)
+    assert [job.feature for job in store.claim("id", 16)] == ["1/2"]
+    assert store.claim("id", 16) == []
+
+
+def test_result_is_stored_once_and_returned_with_the_job(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    job = store.submit("id", "1/1", CONFIG)
+    [claimed] = store.claim("id", 1)
+    assert store.complete(claimed, {"feature": "1/1", "n": 1})
+    assert not store.complete(claimed, {"feature": "1/1", "n": 2})  # a repeated completion changes nothing
+    again = store.submit("id", "1/1", CONFIG)
+    assert again.id == job.id and again.status == DONE and again.result == {"feature": "1/1", "n": 1}
+    assert store.results_for("id", "1/1") == [{"feature": "1/1", "n": 1}]
+    assert store.claim("id", 1) == []
+
+
+def test_a_stale_claim_cannot_complete_after_requeue(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    store.submit("id", "1/1", CONFIG)
+    [first] = store.claim("id", 1)
+    store.requeue([first])
+    [second] = store.claim("id", 1)
+    assert second.attempts == 2
+    assert not store.complete(first, {"late": True})
+    assert store.complete(second, {"late": False})
+    assert store.results_for("id", "1/1") == [{"late": False}]
+
+
+def test_recover_requeues_running_jobs_and_keeps_done_ones(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    store = SQLiteStore(path)
+    store.submit_batch("id", ["1/1", "1/2"], CONFIG)
+    done, interrupted = store.claim("id", 2)
+    store.complete(done, {"r": 1})
+    store.set_progress([interrupted.id], {"done": 1, "total": 3})
+    store.close()
+    reopened = SQLiteStore(path)
+    assert reopened.recover() == 1
+    assert reopened.job(interrupted.id).status == QUEUED and reopened.job(interrupted.id).progress == {}
+    assert reopened.job(done.id).result == {"r": 1}
+    assert [job.id for job in reopened.claim("id", 2)] == [interrupted.id]
+
+
+def test_failed_job_is_queued_again_on_resubmission(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    store.submit("id", "1/1", CONFIG)
+    [job] = store.claim("id", 1)
+    store.fail(job, "ValueError: boom")
+    assert store.job(job.id).status == FAILED and store.job(job.id).error == "ValueError: boom"
+    again = store.submit("id", "1/1", CONFIG)
+    assert again.id == job.id and again.status == QUEUED and again.error is None
+
+
+def test_batch_lists_its_jobs_in_order_and_shares_existing_ones(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    single = store.submit("id", "2/5", CONFIG)
+    batch = store.submit_batch("id", ["1/1", "2/5", "0/3"], CONFIG)
+    assert store.batch(batch.id).job_ids == batch.job_ids and batch.job_ids[1] == single.id
+    assert [job.feature for job in store.jobs(batch.job_ids)] == ["1/1", "2/5", "0/3"]
+    assert store.batch("nope") is None and store.job("nope") is None
