@@ -54,7 +54,8 @@ def test_dream_submit_poll_result_then_cached(client):
 
     page = client.get("/v1/features/1/2").json()
     assert page["feature"] == "1/2" and page["dataset_max"] > 0 and page["examples"]
-    assert {d["text"] for d in page["dreams"]} == {point["text"] for point in result["frontier"]}
+    # the service's result, plus any dream cached on the bundle by `dreaming dream` (other tests make some)
+    assert {point["text"] for point in result["frontier"]} <= {d["text"] for d in page["dreams"]}
 
 
 def test_progress_is_reported_while_running(client):
