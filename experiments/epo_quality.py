@@ -100,7 +100,8 @@ def main():
     if maxima is None:
         raise SystemExit(f"{args.bundle} has no dataset maxima: run `dreaming maxima build` first")
     if args.print_features:
-        return print(",".join(str(f) for f in sample_features(maxima, args.print_features, args.seed)))
+        # the first N of the study's own sample (a smaller draw would pick other features)
+        return print(",".join(str(f) for f in sample_features(maxima, args.count, args.seed)[: args.print_features]))
     features = sample_features(maxima, args.count, args.seed)
     base = DreamConfig() if args.iterations is None else DreamConfig(iterations=args.iterations)
     runs = configs(args.configs.split(";"), base)
