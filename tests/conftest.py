@@ -54,6 +54,14 @@ def tiny_lm(tiny_tokenizer):
     return make_tiny_lm(tiny_tokenizer)
 
 
+@pytest.fixture(scope="module")
+def lm64(tiny_tokenizer):
+    """The tiny llama in float64, for comparisons against finite differences and direct computations."""
+    lm = make_tiny_lm(tiny_tokenizer)
+    lm.model.double()
+    return lm
+
+
 def random_windows(n_windows: int, window_length: int, vocab_size: int, seed: int = 0) -> Windows:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(len(SPECIALS), vocab_size, size=(n_windows, window_length)).astype(np.int32)

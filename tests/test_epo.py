@@ -10,7 +10,6 @@ import torch
 from pydantic import ValidationError
 
 import dreaming.epo as epo
-from conftest import make_tiny_lm
 from dreaming.activation import measure_texts, tokenize_text
 from dreaming.cli import add_config_arguments, config_from_args
 from dreaming.dream_cache import DreamCache, config_key
@@ -32,13 +31,6 @@ CONFIG = DreamConfig(prompt_length=4, template="the {prompt} sat on", iterations
                      restart_every=3, lambda_min=0.05, lambda_max=1.0, restart_lambda_min=0.1,
                      restart_lambda_max=0.5)
 A, B = Feature(1, 2), Feature(2, 5)
-
-
-@pytest.fixture(scope="module")
-def lm64(tiny_tokenizer):
-    lm = make_tiny_lm(tiny_tokenizer)
-    lm.model.double()
-    return lm
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,6 @@ def tiny_transcoder(n_layers=3, d_model=32, features=8, seed=0):
 
 
 @pytest.fixture(scope="module")
-def lm64(tiny_tokenizer):
-    lm = make_tiny_lm(tiny_tokenizer)
-    lm.model.double()
-    return lm
-
-
-@pytest.fixture(scope="module")
 def gpt2_64(tiny_tokenizer):
     """GPT-2 computes its norms in the model's dtype (Llama's RMSNorm casts to fp32), so float64 is float64."""
     lm = make_tiny_lm(tiny_tokenizer, "gpt2")
