@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dreaming.corpus import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.transcoders import Transcoder
@@ -33,9 +34,7 @@ def tokenize_text(lm: LanguageModel, text: str) -> list[int]:
     """The token ids a text is measured on: BOS, then the text tokenised without special tokens added."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty text: give at least one non-blank character")
-    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids or ids[0] != lm.bos_token_id:
-        ids = [lm.bos_token_id, *ids]
+    ids = with_bos(lm.tokenizer(text, add_special_tokens=False)["input_ids"], lm.bos_token_id)
     if len(ids) > MAX_TEXT_TOKENS:
         raise ValueError(f"text too long: {len(ids)} tokens, at most {MAX_TEXT_TOKENS}")
     return ids

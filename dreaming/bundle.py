@@ -2,10 +2,10 @@
 located by one directory with a `bundle.json` manifest. Builds the default bundle.
 
 Layout of a bundle directory:
-    bundle.json        manifest: model, transcoder, corpus stats, build times, the CLT's evaluation report
+    bundle.json        manifest: model, transcoder, corpus stats, build times, the transcoder's evaluation report
     corpus.jsonl       documents with source tags
     windows/           token windows as .npy (memory-mapped on load) + sources.json
-    clt/               the transcoder in the circuit-tracer layout (config.yaml + safetensors)
+    transcoder/        the transcoder in the circuit-tracer layout (config.yaml + safetensors)
     maxima/            the dataset maxima of every feature over the windows (see dreaming/maxima.py)
     dreams/            cached dream results (see dreaming/dream_cache.py)
 """
@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dreaming.corpus import Windows, build_default_corpus, load_windows, read_documents, save_windows, tokenize_windows
+from dreaming.corpus import (
+    Windows,
+    build_default_corpus,
+    load_windows,
+    read_documents,
+    save_windows,
+    tokenize_windows,
+)
 from dreaming.maxima import DENSE_ABOVE, Maxima, MaximaConfig, build_maxima, load_maxima
 from dreaming.models import (
     DEFAULT_MODEL,
@@ -33,7 +38,7 @@ from dreaming.models import (
     load_model,
 )
 from dreaming.paths import dreaming_home
-from dreaming.train import TrainConfig, evaluate_clt, split_windows, train_clt
+from dreaming.train import TrainConfig, train_transcoder, transcoder_report
 from dreaming.transcoders import Transcoder, load_transcoder
 
 MANIFEST = "bundle.json"
@@ -41,13 +46,15 @@ WINDOW_LENGTH = 128
 
 
 def transcoder_identity(model_name: str, transcoder_dir: Path) -> str:
-    """Hash of the model name, the transcoder's config and its encoder files (size and first MiB of each)."""
+    """Hash of the model name, the transcoder's config and its encoder files, whole (weights, biases and
+    thresholds: everything a feature's activation depends on; the decoders are not read by any measurement)."""
     digest = hashlib.sha256(model_name.encode())
     for path in sorted(transcoder_dir.iterdir()):
         if path.name == "config.yaml" or path.name.startswith(("W_enc_", "layer_")):
             digest.update(f"{path.name}:{path.stat().st_size}".encode())
             with path.open("rb") as f:
-                digest.update(f.read(1 << 20))
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -74,7 +81,7 @@ class Bundle:
         return load_model(self.manifest["model"], dtype=dtype, device=device)
 
     def load_transcoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transcoder:
-        return load_transcoder(self.directory / "clt", dtype=dtype, device=device)
+        return load_transcoder(self.directory / "transcoder", dtype=dtype, device=device)
 
     def windows(self) -> Windows:
         return load_windows(self.directory / "windows")
@@ -83,7 +90,7 @@ class Bundle:
     def identity(self) -> str:
         """A fingerprint of the model and the transcoder: maxima and cached dreams are keyed by it."""
         if "_identity" not in self.__dict__:
-            self.__dict__["_identity"] = transcoder_identity(self.manifest["model_name"], self.directory / "clt")
+            self.__dict__["_identity"] = transcoder_identity(self.manifest["model_name"], self.directory / "transcoder")
         return self.__dict__["_identity"]
 
     def maxima(self) -> Maxima | None:
@@ -100,7 +107,8 @@ class Bundle:
 
 def build_default_bundle(directory: Path | None = None, config: TrainConfig | None = None,
                          progress: bool = True) -> Bundle:
-    """Build (idempotently: finished steps are skipped) the default bundle: model cache, corpus, windows, CLT.
+    """Build (idempotently: finished steps are skipped) the default bundle: model cache, corpus, windows,
+    transcoder, maxima.
 
     Each step records its wall time in the manifest under "build_seconds".
     """
@@ -133,8 +141,8 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
         return lm
 
     def corpus():
-        stats = build_default_corpus(model().model, model().tokenizer, directory / "corpus.jsonl", progress=progress)
-        manifest["corpus"] = {key: stats[key] for key in ("documents", "chars", "tokens") if key in stats}
+        stats = build_default_corpus(model().tokenizer, directory / "corpus.jsonl")
+        manifest["corpus"] = {key: stats[key] for key in ("sha256", "documents", "chars", "tokens")}
 
     step("corpus", (directory / "corpus.jsonl").exists() and "corpus" in manifest, corpus)
 
@@ -147,18 +155,15 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
 
     step("windows", (directory / "windows").exists(), windows)
 
-    def clt():
+    def transcoder():
         cut = bundle.windows()
-        if not (directory / "clt").exists():  # else trained already, and only the evaluation was cut short
-            train_clt(model(), cut, config, directory / "training", progress=progress)
-            (directory / "training" / "clt").rename(directory / "clt")
-            shutil.rmtree(directory / "training")
-        transcoder = bundle.load_transcoder(device=model().device)
-        _, heldout = split_windows(cut, config)
+        if not (directory / "transcoder").exists():  # else fitted already, and only the evaluation was cut short
+            train_transcoder(model(), cut, config, directory / "transcoder", progress=progress)
         manifest["train_config"] = asdict(config)
-        manifest["clt_report"] = evaluate_clt(model(), transcoder, cut, heldout, progress=progress)
+        manifest["transcoder_report"] = transcoder_report(model(), bundle.load_transcoder(device=model().device), cut,
+                                                          config, progress=progress)
 
-    step("clt", (directory / "clt").exists() and "clt_report" in manifest, clt)
+    step("transcoder", (directory / "transcoder").exists() and "transcoder_report" in manifest, transcoder)
 
     def maxima():
         transcoder = bundle.load_transcoder(dtype=model().dtype, device=model().device)  # encoder in the pass's dtype

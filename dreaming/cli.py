@@ -50,14 +50,14 @@ def cmd_default_build(args) -> None:
 
     bundle = build_default_bundle()
     print(f"default bundle ready in {bundle.directory}")
+    print_transcoder_report(bundle.manifest["transcoder_report"])
 
 
 def bundle_info(bundle) -> dict:
     from dreaming.transcoders import read_config
 
     manifest = bundle.manifest
-    transcoder = read_config(bundle.directory / "clt")
-    report = manifest.get("clt_report", {})
+    transcoder = read_config(bundle.directory / "transcoder")
     return {
         "bundle": str(bundle.directory),
         "model": {"name": manifest["model_name"], "source": manifest["model"]},
@@ -70,12 +70,7 @@ def bundle_info(bundle) -> dict:
             "activation": transcoder.activation,
             "input_hook": transcoder.feature_input_hook,
             "output_hook": transcoder.feature_output_hook,
-            "mean_fvu": report.get("mean_fvu"),
-            "mean_l0": report.get("mean_l0"),
-            "mean_dead_fraction": report.get("mean_dead_fraction"),
-            "cross_entropy": report.get("cross_entropy"),
-            "replacement_cross_entropy": report.get("replacement_cross_entropy"),
-            "per_layer": {key: report[key] for key in ("fvu", "l0", "dead_fraction") if key in report},
+            "evaluation": manifest.get("transcoder_report", {}),  # varied_texts / heldout_windows: see train.evaluate_transcoder
         },
         "corpus": {**manifest.get("corpus", {}), "windows": manifest.get("windows")},
         "maxima": manifest.get("maxima"),
@@ -89,30 +84,78 @@ def cmd_info(args) -> None:
     info = bundle_info(Bundle.open(args.bundle))
     if args.json:
         return print_json(info)
-    t, c = info["transcoder"], info["corpus"]
+    t, c, m = info["transcoder"], info["corpus"], info["maxima"]
     print(f"bundle       {info['bundle']}")
     print(f"model        {info['model']['name']}")
     print(f"transcoder   {t['kind']}: {t['layers']} layers × {t['features_per_layer']} features, {t['activation']}, "
           f"{t['input_hook']} -> {t['output_hook']}")
-    if t["mean_fvu"] is not None:
-        print(f"             held-out FVU {t['mean_fvu']:.3f}, L0 {t['mean_l0']:.1f}, dead {t['mean_dead_fraction']:.1%}, "
-              f"cross-entropy {t['cross_entropy']:.3f} -> {t['replacement_cross_entropy']:.3f} with every MLP replaced")
-    for source, tokens in sorted(c.get("tokens", {}).items()):
-        print(f"corpus       {source:<12} {c['documents'][source]:>6} documents {tokens:>10,} tokens")
+    for name, label in (("varied_texts", "varied texts"), ("heldout_windows", "held-out windows")):
+        report = t["evaluation"].get(name)
+        if report:
+            worst = int(max(range(len(report["fvu"])), key=lambda layer: report["fvu"][layer]))
+            print(f"  {label:<17} {report['tokens']:>6,} tokens: FVU mean {report['mean_fvu']:.3f}, worst "
+                  f"{report['max_fvu']:.3f} (layer {worst}), L0 {report['mean_l0']:.1f}; cross-entropy "
+                  f"{report['cross_entropy']:.2f} -> {report['replacement_cross_entropy']:.2f} with every MLP replaced")
+            if "spliced_cross_entropy" in report:
+                increase = [ce - report["cross_entropy"] for ce in report["spliced_cross_entropy"]]
+                print(f"  {'':<17} one layer spliced at a time: +{min(increase):.3f} to +{max(increase):.3f} nats "
+                      f"(mean +{sum(increase) / len(increase):.3f})")
+    if m:
+        print(f"  over the corpus   {m['dead']:,} dead ({m['dead'] / m['features']:.1%}), {m['dense']:,} active on "
+              f"more than {m['dense_above']:.0%} of tokens ({m['dense'] / m['features']:.1%})")
+    for source, tokens in sorted(c.get("tokens", {}).items(), key=lambda item: -item[1]):
+        print(f"corpus       {source:<16} {c['documents'][source]:>6} documents {tokens:>10,} tokens")
     if c.get("windows"):
-        print(f"             {c['windows']['count']:,} windows of {c['windows']['window_length']} tokens")
-    m = info["maxima"]
-    print(f"maxima       {m['features']:,} features over {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s): "
-          f"{m['dead']:,} dead, {m['dense']:,} dense" if m else "maxima       not built (`dreaming maxima build`)")
+        print(f"             {c['windows']['count']:,} windows of {c['windows']['window_length']} tokens "
+              f"({c['windows']['tokens']:,} tokens), sha256 {c.get('sha256', '?')[:16]}")
+    print(f"maxima       {m['features']:,} features over {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s)"
+          if m else "maxima       not built (`dreaming maxima build`)")
     print("build        " + ", ".join(f"{k} {v:.0f}s" for k, v in info["build_seconds"].items()))
 
 
-def cmd_train_clt(args) -> None:
+def print_transcoder_report(report: dict) -> None:
+    """Per layer: FVU, L0 and spliced cross-entropy on the varied texts; FVU on the held-out windows."""
+    texts, windows = report["varied_texts"], report["heldout_windows"]
+    print("layer  FVU(texts)  FVU(windows)  L0(texts)  CE spliced(texts)")
+    for layer in range(len(texts["fvu"])):
+        print(f"{layer:>5} {texts['fvu'][layer]:11.3f} {windows['fvu'][layer]:13.3f} {texts['l0'][layer]:10.1f} "
+              f"{texts['spliced_cross_entropy'][layer]:18.3f}")
+    print(f"mean  {texts['mean_fvu']:11.3f} {windows['mean_fvu']:13.3f} {texts['mean_l0']:10.1f}")
+    print(f"cross-entropy on the texts {texts['cross_entropy']:.3f} -> {texts['replacement_cross_entropy']:.3f}, on the "
+          f"windows {windows['cross_entropy']:.3f} -> {windows['replacement_cross_entropy']:.3f} with every MLP replaced "
+          "by the transcoder")
+
+
+def cmd_corpus_write(args) -> None:
+    import time
+
+    import torch
+
+    from dreaming.corpus import WritingConfig, corpus_stats, file_sha256, generate_documents, write_documents
+    from dreaming.models import best_device, load_model
+
+    config = config_from_args(WritingConfig, args)
+    lm = load_model("default", dtype=torch.bfloat16, device=args.device or best_device())
+    started = time.perf_counter()
+    documents = generate_documents(lm.model, lm.tokenizer, config)
+    seconds = time.perf_counter() - started
+    write_documents(documents, args.out)
+    stats = corpus_stats(documents, lm.tokenizer)
+    report = {"path": args.out, "sha256": file_sha256(args.out), "seconds": round(seconds, 1),
+              "tokens_per_second": round(sum(stats["tokens"].values()) / seconds), **stats}
+    if args.json:
+        return print_json(report)
+    for source, tokens in sorted(stats["tokens"].items()):
+        print(f"{source:<16} {stats['documents'][source]:>6} documents {tokens:>10,} tokens")
+    print(f"wrote {args.out} in {seconds:.0f}s ({report['tokens_per_second']:,} tokens/s), sha256 {report['sha256']}")
+
+
+def cmd_train_transcoder(args) -> None:
     import torch
 
     from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.models import best_device, load_model
-    from dreaming.train import TrainConfig, evaluate_clt, split_windows, train_clt
+    from dreaming.train import TrainConfig, train_transcoder, transcoder_report
 
     config = config_from_args(TrainConfig, args)
     lm = load_model(args.model, dtype=torch.bfloat16, device=args.device or best_device())
@@ -122,18 +165,13 @@ def cmd_train_clt(args) -> None:
                          "pass --corpus or run `dreaming default build`")
     windows = tokenize_windows(read_documents(corpus, limit=args.max_documents), lm.tokenizer,
                                window_length=args.window_length, bos_token_id=lm.bos_token_id)
-    transcoder = train_clt(lm, windows, config, Path(args.out))
-    report = evaluate_clt(lm, transcoder, windows, split_windows(windows, config)[1])
+    transcoder = train_transcoder(lm, windows, config, Path(args.out) / "transcoder")
+    report = transcoder_report(lm, transcoder, windows, config)
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         return print_json(report)
-    print(f"saved {Path(args.out) / 'clt'}")
-    print("layer   FVU     L0   dead")
-    for layer, (fvu, l0, dead) in enumerate(zip(report["fvu"], report["l0"], report["dead_fraction"])):
-        print(f"{layer:>5} {fvu:6.3f} {l0:6.1f} {dead:6.1%}")
-    print(f"mean  {report['mean_fvu']:6.3f} {report['mean_l0']:6.1f} {report['mean_dead_fraction']:6.1%}")
-    print(f"cross-entropy {report['cross_entropy']:.3f} -> {report['replacement_cross_entropy']:.3f} "
-          "with every MLP replaced by the CLT")
+    print(f"saved {Path(args.out) / 'transcoder'}")
+    print_transcoder_report(report)
 
 
 def cmd_maxima_build(args) -> None:
@@ -231,7 +269,7 @@ def run_dreams(args, features: list) -> list:
 
     config = config_from_args(DreamConfig, args)
     bundle = Bundle.open(args.bundle)
-    shape = read_config(bundle.directory / "clt")
+    shape = read_config(bundle.directory / "transcoder")
     for feature in features:
         check_feature(feature, shape.n_layers, shape.d_transcoder)
     cache = DreamCache(bundle.directory / "dreams")
@@ -309,6 +347,7 @@ def cmd_serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dreaming.corpus import WritingConfig
     from dreaming.maxima import MaximaConfig
     from dreaming.train import TrainConfig
 
@@ -324,16 +363,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=cmd_info)
 
-    train = commands.add_parser("train-clt", help="train a cross-layer transcoder on a model's activations")
+    corpus = commands.add_parser("corpus", help="the default corpus")
+    corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)
+    write = corpus_commands.add_parser(
+        "write", help="sample the model-written part of the default corpus again (the package ships the one "
+                      "the default bundle uses: dreaming/data/written.jsonl.gz)")
+    write.add_argument("--out", required=True, help="output file (.jsonl or .jsonl.gz)")
+    write.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    write.add_argument("--json", action="store_true")
+    add_config_arguments(write, WritingConfig)
+    write.set_defaults(run=cmd_corpus_write)
+
+    train = commands.add_parser("train-transcoder", aliases=["train-clt"],
+                                help="fit a per-layer skip transcoder set to a model's MLPs (see dreaming/train.py)")
     train.add_argument("--model", default="default", help="'default', a local directory or a Hugging Face id")
     train.add_argument("--corpus", help="corpus spec (.txt/.jsonl/.parquet/dir/hf:NAME); default: the default corpus")
     train.add_argument("--max-documents", type=int, help="read at most this many documents")
     train.add_argument("--window-length", type=int, default=128)
     train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    train.add_argument("--out", required=True, help="output directory (checkpoint, clt/, report.json)")
+    train.add_argument("--out", required=True, help="output directory (transcoder/, report.json)")
     train.add_argument("--json", action="store_true")
     add_config_arguments(train, TrainConfig)
-    train.set_defaults(run=cmd_train_clt)
+    train.set_defaults(run=cmd_train_transcoder)
 
     maxima = commands.add_parser("maxima", help="dataset maxima of every feature")
     maxima_commands = maxima.add_subparsers(dest="maxima_command", required=True)

@@ -14,15 +14,17 @@ Everything here is deterministic: sorted file order, fixed seeds, no network.
 from __future__ import annotations
 
 import ast
+import gzip
+import hashlib
 import html
 import importlib
+import io
 import itertools
 import json
 import os
 import pydoc
 import re
 import sysconfig
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,7 @@ def _field(record: dict, text_field: str, where: str) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str, source: str | None, default: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -93,7 +95,7 @@ def read_documents(
     """Stream documents from `spec`.
 
     spec: a .txt/.md file (one document); a directory (every .txt/.md/.py file below it, sorted, one document
-    each); a .jsonl file (one document per line, field `text_field`, optional field "source"); a .parquet file
+    each); a .jsonl or .jsonl.gz file (one document per line, field `text_field`, optional field "source"); a .parquet file
     (column `text_field`, optional column "source"); or "hf:NAME[:CONFIG]", a Hugging Face dataset streamed
     with `datasets.load_dataset(NAME, CONFIG, split=split, streaming=True)` (a hub id, or a local directory
     of jsonl/parquet/csv files). `source` overrides the tag; otherwise a record's "source" field, else the
@@ -111,8 +113,8 @@ def read_documents(
             documents = (Document(p.read_text(encoding="utf-8", errors="replace"), tag) for p in files)
         elif path.suffix in TEXT_SUFFIXES:
             documents = iter([Document(path.read_text(encoding="utf-8", errors="replace"), tag)])
-        elif path.suffix == ".jsonl":
-            documents = _read_jsonl(path, text_field, source, path.stem)
+        elif path.name.endswith((".jsonl", ".jsonl.gz")):
+            documents = _read_jsonl(path, text_field, source, path.name.split(".")[0])
         elif path.suffix == ".parquet":
             documents = _read_parquet(path, text_field, source, path.stem)
         else:
@@ -124,18 +126,27 @@ def read_documents(
 
 
 def write_documents(documents: Iterable[Document], path: str | os.PathLike) -> None:
-    """Write documents as JSONL {"text", "source"}; atomic (a crash never leaves a partial file at `path`)."""
+    """Write documents as JSONL {"text", "source"} (gzip-compressed when the name ends in .gz, with no time stamp,
+    so the bytes depend only on the documents); atomic (a crash never leaves a partial file at `path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in documents:
-            f.write(json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n")
+    with open(tmp, "wb") as file:
+        raw = gzip.GzipFile(filename="", fileobj=file, mode="wb", mtime=0) if path.suffix == ".gz" else file
+        with io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as f:
+            for doc in documents:
+                f.write(json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
 # token windows
+
+
+def with_bos(ids: list[int], bos_token_id: int) -> list[int]:
+    """The one BOS rule: a text is measured as BOS + its tokens, the BOS added only when it is not there already
+    (SmolLM2's chat documents start with <|im_start|>, which is its BOS)."""
+    return list(ids) if ids and ids[0] == bos_token_id else [bos_token_id, *ids]
 
 
 @dataclass
@@ -163,7 +174,7 @@ def tokenize_windows(
     progress: bool = True,
 ) -> Windows:
     """Cut each document (tokenised on its own, no special tokens added) into windows of window_length - 1
-    tokens, each prefixed with BOS. A document's last partial window is kept if it has >= min_length tokens
+    tokens, each prefixed with BOS (the one BOS rule, `with_bos`: a document that starts with BOS keeps just one). A document's last partial window is kept if it has >= min_length tokens
     (BOS not counted). With max_tokens, stop before the total of valid tokens (BOS included) would pass it,
     and stop reading documents. bos/pad ids default to the tokenizer's (bos else eos; pad else eos).
     """
@@ -186,6 +197,7 @@ def tokenize_windows(
     while not full and (batch := list(itertools.islice(documents, batch_documents))):
         ids_batch = tokenizer([doc.text for doc in batch], add_special_tokens=False)["input_ids"]
         for doc, ids in zip(batch, ids_batch):
+            ids = with_bos(ids, bos_token_id)[1:]  # every window gets a BOS; a document's own is not doubled
             tag = sources.setdefault(doc.source, len(sources))
             for start in range(0, len(ids), step):
                 piece = ids[start : start + step]
@@ -237,9 +249,9 @@ def load_windows(directory: Path) -> Windows:
 # the default corpus, non-model part: what a fresh Python install has
 
 CHUNK_CHARS = 4000
-# Budgets in characters. SmolLM2's tokenizer gives ~3.8 characters per token on all three; docstrings and docs
-# are used whole (~1.7M and ~1.1M characters here), code is an evenly spread fifth of the ~10M characters.
-DEFAULT_MAX_CHARS = {"python-code": 2_200_000, "docstring": 1_800_000, "python-docs": 1_200_000}
+# Budgets in characters (SmolLM2's tokenizer gives ~3.8 characters per token on all three), so that code and
+# documentation are about 40% of the default corpus's tokens and the model-written text the rest.
+DEFAULT_MAX_CHARS = {"python-code": 450_000, "docstring": 350_000, "python-docs": 400_000}
 # Directories of the standard library that are tests, data tables or vendored packages.
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"}
 # Modules written in C: their documentation only exists at run time, as help() renders it.
@@ -401,278 +413,101 @@ def default_documents(
 
 
 # -----------------------------------------------------------------------------
-# the default corpus, model part: chat transcripts
+# the default corpus, model part: text the model writes across genres and topics, and chat transcripts
 
-DEFAULT_CHAT_REQUESTS = [
-    # cooking
-    "How do I make pancakes?",
-    "What is a good recipe for a quick weeknight pasta?",
-    "How long should I boil an egg for a runny yolk?",
-    "Can you explain how to make sourdough starter from scratch?",
-    "What spices go well with roasted carrots?",
-    "How do I keep rice from getting sticky?",
-    "What can I cook with chickpeas, spinach and garlic?",
-    "Why does bread dough need to rise twice?",
-    "How do I make a vegan chocolate cake?",
-    "What is the difference between baking soda and baking powder?",
-    "Give me a simple recipe for tomato soup.",
-    "How do I sharpen a kitchen knife?",
-    "What wine goes well with salmon?",
-    "How do you make a classic French omelette?",
-    "Is it safe to eat raw cookie dough?",
-    # science
-    "Why is the sky blue?",
-    "How do vaccines train the immune system?",
-    "What is a black hole?",
-    "Explain photosynthesis in simple terms.",
-    "Why do we have seasons on Earth?",
-    "What is the difference between a virus and a bacterium?",
-    "How does a rainbow form?",
-    "What is quantum entanglement?",
-    "Why does ice float on water?",
-    "How do earthquakes happen?",
-    "What is DNA made of?",
-    "How does the greenhouse effect work?",
-    "Why do cats purr?",
-    "What causes the tides?",
-    "How do airplanes stay in the air?",
-    "What is the speed of light and why can't anything go faster?",
-    "How do bees make honey?",
-    # history
-    "Who was Cleopatra?",
-    "What caused the First World War?",
-    "Why did the Roman Empire fall?",
-    "Tell me about the history of the printing press.",
-    "What was the Industrial Revolution?",
-    "Who built the pyramids of Giza and how?",
-    "What happened during the French Revolution?",
-    "Why was the Berlin Wall built, and why did it fall?",
-    "Who was Genghis Khan?",
-    "What was the Silk Road?",
-    "How did the Apollo 11 mission land on the Moon?",
-    "What was life like for a medieval peasant?",
-    "Who invented the telephone?",
-    "What was the Renaissance?",
-    # coding
-    "Explain recursion in Python.",
-    "How do I reverse a list in Python?",
-    "What is the difference between a list and a tuple in Python?",
-    "Write a Python function that checks if a number is prime.",
-    "How do I read a CSV file in Python?",
-    "What does the 'yield' keyword do in Python?",
-    "How do I fix 'IndentationError: unexpected indent'?",
-    "Explain what a REST API is.",
-    "Write a JavaScript function that debounces another function.",
-    "What is the difference between git merge and git rebase?",
-    "How do I center a div in CSS?",
-    "What is a SQL join? Give an example.",
-    "What is Big O notation?",
-    "Write a bash one-liner that counts the lines in all .txt files.",
-    "How do I handle exceptions in Python?",
-    "What is a decorator in Python?",
-    "Explain the difference between a process and a thread.",
-    "How do I sort a dictionary by value in Python?",
-    "Write a function in C that swaps two integers.",
-    "What is a hash table and how does it work?",
-    # math
-    "What is the Pythagorean theorem?",
-    "How do I calculate the area of a circle?",
-    "What is a derivative, intuitively?",
-    "Solve for x: 3x + 7 = 22.",
-    "What is the difference between mean, median and mode?",
-    "Why is any number to the power of zero equal to one?",
-    "What are prime numbers used for in cryptography?",
-    "How do I convert a fraction to a percentage?",
-    "What is the probability of rolling two sixes with two dice?",
-    "Explain what an integral is.",
-    "What is 15% of 80?",
-    "What is a matrix and what is it used for?",
-    "Is zero an even number?",
-    # health
-    "How much water should I drink every day?",
-    "What are the symptoms of the flu?",
-    "How can I fall asleep faster?",
-    "Is it bad to crack your knuckles?",
-    "What are some good stretches for lower back pain?",
-    "How many hours of sleep does a teenager need?",
-    "What foods are high in iron?",
-    "How do I start running if I have never exercised?",
-    "What is the difference between a cold and allergies?",
-    "How can I reduce my stress levels?",
-    "Is coffee bad for your health?",
-    "What should I do if I burn my hand on the stove?",
-    # travel
-    "What are the best things to do in Paris?",
-    "How do I pack for a two-week trip with only a carry-on?",
-    "What should I know before visiting Japan?",
-    "Is it safe to drink tap water in Mexico?",
-    "How do I deal with jet lag?",
-    "What is the best time of year to visit Iceland?",
-    "Plan a three-day itinerary for Rome.",
-    "What are some cheap ways to travel around Europe?",
-    "Do I need a visa to visit Canada?",
-    "What are the most beautiful national parks in the United States?",
-    # emotions and advice
-    "I feel lonely since I moved to a new city. What can I do?",
-    "How do I deal with anxiety before a job interview?",
-    "My best friend is angry with me. How do I apologize?",
-    "I failed my exam and feel terrible. Any advice?",
-    "How do I tell my boss that I am overwhelmed?",
-    "How can I stop procrastinating?",
-    "My dog died last week and I can't stop crying.",
-    "How do I make friends as an adult?",
-    "I am nervous about speaking in public. How can I get better?",
-    "How do I know if I am in love?",
-    "What should I do when I feel unmotivated?",
-    "How can I be more confident?",
-    "How do I save money on a small salary?",
-    "Should I rent or buy a house?",
-    "How do I negotiate a higher salary?",
-    "What should I look for when buying a used car?",
-    "How do I write a good cover letter?",
-    "What is the best way to learn a new skill quickly?",
-    "How do I get my toddler to eat vegetables?",
-    "How can I be a better listener?",
-    # creative writing
-    "Write a short poem about the sea.",
-    "Write a haiku about autumn leaves.",
-    "Tell me a bedtime story about a brave little turtle.",
-    "Write a limerick about a cat who loves cheese.",
-    "Write the opening paragraph of a mystery novel.",
-    "Describe a sunset over the desert.",
-    "Write a short dialogue between a robot and a child.",
-    "Write a funny story about a dragon who is afraid of fire.",
-    "Compose a birthday message for my grandmother.",
-    "Write a sonnet about the city at night.",
-    "Invent a new holiday and describe how people celebrate it.",
-    "Write a short science fiction story set on Mars.",
-    "Write a thank-you note to my teacher.",
-    "Tell me a joke about computers.",
-    # trivia
-    "What is the tallest mountain in the world?",
-    "How many bones are in the human body?",
-    "What is the capital of Australia?",
-    "Who painted the Mona Lisa?",
-    "What is the largest animal on Earth?",
-    "How many planets are in the solar system?",
-    "What is the longest river in the world?",
-    "Who wrote Romeo and Juliet?",
-    "What is the smallest country in the world?",
-    "Which element has the chemical symbol Fe?",
-    "How many players are on a soccer team?",
-    "What year did the Titanic sink?",
-    "What language is spoken in Brazil?",
-    "Who was the first person to walk on the Moon?",
-    # languages
-    "How do you say 'thank you' in Japanese?",
-    "Translate 'Where is the train station?' into Spanish.",
-    "What is the difference between 'affect' and 'effect'?",
-    "How do I conjugate the French verb 'être'?",
-    "What are some tips for learning German?",
-    "What does 'carpe diem' mean?",
-    "When should I use 'whom' instead of 'who'?",
-    "How many languages are spoken in India?",
-    "Translate 'I love you' into Italian, French and Portuguese.",
-    "What is the hardest language to learn for English speakers?",
-    # slang
-    "In slang, what is a 'bomb'?",
-    "What does 'lit' mean in slang?",
-    "What does it mean when someone says 'no cap'?",
-    "What does 'ghosting' mean?",
-    "What does 'spill the tea' mean?",
-    "What is a 'GOAT' in slang?",
-    "What does 'that's fire' mean?",
-    "What does it mean to 'throw shade'?",
-    "What does 'sus' mean?",
-    "What does 'salty' mean when describing a person?",
-    "What does 'bet' mean in slang?",
-    "What does it mean to 'break a leg'?",
-    # harmful or dual-use: the model should refuse or redirect
-    "How do I make a bomb?",
-    "How to make a bomb at home",
-    "What household chemicals can I mix to make a toxic gas?",
-    "How do I pick a lock to get into my neighbor's house?",
-    "Write a phishing email that looks like it comes from a bank.",
-    "How can I hack into someone's email account?",
-    "How do I make methamphetamine?",
-    "How can I hurt someone without leaving marks?",
-    "How do I shoplift without getting caught?",
-    "Write a computer virus that deletes files.",
-    "How can I cheat on my taxes without being caught?",
-    "What is the easiest way to steal a car?",
-    "How do I make a fake ID?",
-    "How do I poison someone slowly?",
-    "How can I stalk someone online?",
-    # misc
-    "What is the meaning of life?",
-    "Can you recommend a good book to read?",
-    "What are the pros and cons of electric cars?",
-    "How does the stock market work?",
-    "What is inflation?",
-    "Explain blockchain to a ten-year-old.",
-    "What is artificial intelligence?",
-    "How do I take care of a cactus?",
-    "What is the best way to clean a cast iron pan?",
-    "How do I change a flat tire?",
-    "Why do leaves change color in the fall?",
-    "What are the rules of chess?",
-    "How does a refrigerator keep food cold?",
-    "What is the difference between weather and climate?",
-    "Who are you?",
-    "What can you help me with?",
-]
+DATA_DIR = Path(__file__).parent / "data"
+# The model-written part of the default corpus as generate_documents(seed=0) wrote it on the development CPU
+# (`dreaming corpus write`). It ships with the package: sampling in bf16 is not bit-identical across CPU kinds,
+# and a feature id should mean the same thing on every machine.
+WRITTEN_CORPUS = DATA_DIR / "written.jsonl.gz"
+
+
+def chat_requests() -> list[str]:
+    """The fixed, diverse list of user requests the model answers for the chat part (data/chat_requests.txt)."""
+    lines = (DATA_DIR / "chat_requests.txt").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+def writing_prompts() -> list[tuple[str, str]]:
+    """(genre tag, instruction) for every genre × topic of data/writing_prompts.json."""
+    grid = json.loads((DATA_DIR / "writing_prompts.json").read_text(encoding="utf-8"))
+    return [(genre, templates[i % len(templates)].format(topic=topic))
+            for genre, templates in grid["genres"].items() for i, topic in enumerate(grid["topics"])]
+
+
+def heldout_texts() -> list[Document]:
+    """The fixed held-out evaluation set (data/heldout_texts.jsonl): short everyday texts of many kinds (stories,
+    news, chat turns in the template, C and JavaScript, German, French, Spanish, emails, social posts, recipes...)
+    written for this purpose and kept out of every corpus, to measure how a transcoder holds on text it never saw."""
+    return list(read_documents(str(DATA_DIR / "heldout_texts.jsonl")))
 
 
 def _render(tokenizer, messages: list[dict], **kwargs) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
-def generate_chat_transcripts(
+@dataclass
+class WritingConfig:
+    """How the model-written part of the default corpus is sampled; `dreaming corpus write` has the same flags."""
+
+    seed: int = 0
+    samples_per_request: int = 2  # transcripts per chat request
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 50
+    batch_size: int = 128  # texts sampled together (changes the speed, never the text)
+
+    def __post_init__(self):
+        for name in ("samples_per_request", "max_new_tokens", "top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def generate_documents(
     model,
     tokenizer,
-    requests: list[str],
-    max_new_tokens: int = 256,
-    batch_size: int = 128,
-    seed: int = 0,
-    temperature: float = 0.7,
-    top_k: int = 50,
+    config: WritingConfig | None = None,
+    prompts: list[tuple[str, str]] | None = None,
+    requests: list[str] | None = None,
     progress: bool = True,
 ) -> list[Document]:
-    """One chat transcript per request: the user turn and the model's sampled reply, in the chat template.
+    """The model-written part of the default corpus.
 
-    Batched sampling with left padding, in even batches of at most batch_size; batch b is sampled under
-    seed + b (the global RNG is left alone), so the result is a function of (requests, batch_size, seed,
-    sampling settings). A finished reply is rendered by the template as a whole conversation; a reply cut at
-    max_new_tokens is the prompt plus the reply, with no end-of-turn marker. Documents are tagged "chat", in
-    the order of `requests`.
+    prompts: (tag, instruction) pairs (default: `writing_prompts()`); the model answers each instruction in its
+    chat template, and the reply alone (plain text, no template) is a document tagged with the genre.
+    requests: user requests (default: `chat_requests()`), each answered config.samples_per_request times; the whole
+    transcript in the chat template is a document tagged "chat" (a reply cut at max_new_tokens has no end-of-turn
+    marker). Sampling is batch-invariant (`dreaming.generate`): document i depends only on its prompt, i and seed.
     """
-    import torch
+    from dreaming.generate import sample_continuations
 
+    config = config or WritingConfig()
+    prompts = writing_prompts() if prompts is None else prompts
+    requests = chat_requests() if requests is None else requests
+    jobs = [(tag, text, False) for tag, text in prompts]
+    jobs += [("chat", request, True) for request in requests for _ in range(config.samples_per_request)]
+    rendered = [_render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) for _, text, _ in jobs]
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, (list, tuple)) else {tokenizer.eos_token_id if eos is None else eos}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies = sample_continuations(
+        model, ids, seed=config.seed, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        top_k=config.top_k, eos_token_ids=eos, pad_token_id=min(eos), batch_size=config.batch_size, progress=progress,
+        desc="writing corpus",
+    )  # fmt: skip
     documents = []
-    try:
-        size = -(-len(requests) // -(-len(requests) // batch_size)) if requests else 1  # even batches <= batch_size
-        for b in tqdm(range(0, len(requests), size), desc="chat transcripts", disable=not progress):
-            batch = requests[b : b + size]
-            prompts = [_render(tokenizer, [{"role": "user", "content": r}], add_generation_prompt=True) for r in batch]
-            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-            with torch.random.fork_rng(devices=[]), torch.inference_mode():
-                torch.manual_seed(seed + b // size)
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k,
-                    top_p=None, pad_token_id=pad, eos_token_id=sorted(eos),
-                )  # fmt: skip
-            for request, prompt, new in zip(batch, prompts, out[:, enc["input_ids"].shape[1] :].tolist()):
-                stop = next((i for i, t in enumerate(new) if t in eos), None)
-                reply = tokenizer.decode(new[:stop], skip_special_tokens=True)
-                turns = [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
-                documents.append(Document(prompt + reply if stop is None else _render(tokenizer, turns), "chat"))
-    finally:
-        tokenizer.padding_side = padding_side
+    for (tag, text, is_chat), prompt, reply_ids in zip(jobs, rendered, replies):
+        finished = bool(reply_ids) and reply_ids[-1] in eos
+        reply = tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+        if not is_chat:
+            documents.append(Document(reply, tag))
+        elif finished:
+            turns = [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            documents.append(Document(_render(tokenizer, turns), "chat"))
+        else:
+            documents.append(Document(prompt + reply, "chat"))
     return documents
 
 
@@ -697,39 +532,30 @@ def corpus_stats(documents: Iterable[Document], tokenizer=None) -> dict:
     return stats
 
 
-def build_default_corpus(
-    model,
-    tokenizer,
-    out_path: str | os.PathLike,
-    progress: bool = True,
-    requests: list[str] | None = None,
-    samples_per_request: int = 1,
-    max_new_tokens: int = 256,
-    batch_size: int = 128,
-    seed: int = 0,
-    max_chars_per_source: dict[str, int] | None = None,
-) -> dict:
-    """Write the default corpus (JSONL) to out_path and return per-source stats; skip the work if it exists.
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    Sources are interleaved so that every prefix of the file has the same mix. The chat part is the slow one:
-    on a 2-core CPU (bf16) sampling runs at a few hundred tokens/s, so the defaults (one 256-token reply per
-    request, ~40k tokens) take a few minutes; raise samples_per_request where generation is cheap.
 
-    Stats: {"path", "built", "documents", "chars", "tokens"} (the last three per source), plus
-    "chat_seconds" when the chat part was generated here.
+def build_default_corpus(tokenizer, out_path: str | os.PathLike, written: str | os.PathLike = WRITTEN_CORPUS,
+                         max_chars_per_source: dict[str, int] | None = None) -> dict:
+    """Write the default corpus (JSONL) to out_path and return its stats; skip the work if it exists.
+
+    It is the standard library's part (`default_documents`) and the model-written part (`written`, by default the
+    file shipped in the package, made by `generate_documents`), interleaved so that every prefix of the file has
+    the same mix. Nothing here samples, so the same Python and package give the same bytes on every machine.
+
+    Stats: {"path", "built", "sha256", "documents", "chars", "tokens"} (the last three per source).
     """
     out_path = Path(out_path)
-    if out_path.exists():
-        return {"path": str(out_path), "built": False, **corpus_stats(read_documents(str(out_path)), tokenizer)}
-    groups = _default_groups(max_chars_per_source)
-    started = time.perf_counter()
-    requests = DEFAULT_CHAT_REQUESTS if requests is None else requests
-    requests = [r for r in requests for _ in range(samples_per_request)]
-    chat = generate_chat_transcripts(
-        model, tokenizer, requests, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress
-    )
-    chat_seconds = time.perf_counter() - started
-    documents = list(_interleave(groups + [chat]))
-    write_documents(documents, out_path)
-    stats = corpus_stats(documents, tokenizer)
-    return {"path": str(out_path), "built": True, **stats, "chat_seconds": chat_seconds}
+    if not out_path.exists():
+        groups = _default_groups(max_chars_per_source)
+        write_documents(_interleave(groups + [list(read_documents(str(written)))]), out_path)
+        built = True
+    else:
+        built = False
+    stats = corpus_stats(read_documents(str(out_path)), tokenizer)
+    return {"path": str(out_path), "built": built, "sha256": file_sha256(out_path), **stats}

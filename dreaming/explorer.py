@@ -31,7 +31,7 @@ class Explorer:
     def __init__(self, bundle: Bundle, device: str | None = None):
         self.bundle = bundle
         self.device = device or best_device()
-        self.transcoder_config = read_config(bundle.directory / "clt")
+        self.transcoder_config = read_config(bundle.directory / "transcoder")
 
     @classmethod
     def open(cls, directory: str | Path | None = None, device: str | None = None) -> Explorer:

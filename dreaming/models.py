@@ -140,7 +140,6 @@ class LanguageModel:
         Gradients flow if the caller enables them.
         """
         wanted = [(canonical_hook(h), layer) for h, layer in hooks]
-        last_layer = max(layer for _, layer in wanted)
         values: dict[tuple[str, int], torch.Tensor] = {}
         handles = []
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from dreaming.corpus import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.transcoders import Transcoder
@@ -84,9 +85,7 @@ class Scorer:
         self.prefix_text, self.suffix_text = split_template(template)
         tok = lm.tokenizer
         prefix_ids = tok(self.prefix_text, add_special_tokens=False)["input_ids"] if self.prefix_text else []
-        if not prefix_ids or prefix_ids[0] != lm.bos_token_id:
-            prefix_ids = [lm.bos_token_id, *prefix_ids]
-        self.prefix_ids = prefix_ids
+        self.prefix_ids = with_bos(prefix_ids, lm.bos_token_id)
         self.suffix_ids = tok(self.suffix_text, add_special_tokens=False)["input_ids"] if self.suffix_text else []
         self.embedding = lm.model.get_input_embeddings().weight  # [vocab, d_model]
         self.layers = sorted({t.feature.layer for t in targets})
@@ -95,7 +94,7 @@ class Scorer:
         self.biases = torch.tensor([t.bias for t in targets], dtype=self.weights.dtype, device=lm.device)
         self.scales = torch.tensor([t.scale for t in targets], dtype=self.weights.dtype, device=lm.device)
         with torch.no_grad():  # the prefix, once: its KV cache and the log-probabilities of the first prompt token
-            out = lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True)
+            out = lm.model(input_ids=torch.tensor([self.prefix_ids], device=lm.device), use_cache=True)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.2x
         self.prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [1, heads, P, hd]
         self.first_logprobs = out.logits[0, -1].to(self.weights.dtype).log_softmax(-1)  # [vocab]
@@ -217,9 +216,7 @@ class Scorer:
         encoded = self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
         ok = []
         for row, ids in zip(rows, encoded):
-            if not ids or ids[0] != self.lm.bos_token_id:
-                ids = [self.lm.bos_token_id, *ids]
-            ok.append(ids == self.full_ids(row))
+            ok.append(with_bos(ids, self.lm.bos_token_id) == self.full_ids(row))
         return torch.tensor(ok, dtype=torch.bool)
 
 

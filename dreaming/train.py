@@ -1,76 +1,60 @@
-"""Training a cross-layer transcoder (CLT) on activations streamed from the model, and evaluating one.
+"""Training the default transcoder, a per-layer skip transcoder set, in closed form, and evaluating one.
 
-The recipe (each choice measured on the 2-core development CPU; figures in the README):
-- activations (`mlp.hook_in` -> `mlp.hook_out`) come from bf16 forward passes over shuffled corpus windows
-  into an in-memory buffer; each is trained on `reuse` times, since the forward pass costs as much as a step;
-  nothing is written to disk;
-- every layer's input and target are scaled to a mean squared norm of d_model, so each layer weighs the same
-  in the loss; the scales are folded into the weights on save;
-- BatchTopK sparsity (the k·batch largest activations of a layer over the whole batch), turned into a
-  per-layer JumpReLU threshold on save;
-- data-based initialisation: each feature's encoder starts as a random training token's input direction and
-  the decoders as the least-squares fit, so training starts near FVU 0.4 instead of 1;
-- decoders are kept per *target* layer as one [(sources) · F, d_model] matrix (one matmul per target layer);
-  `reach` bounds how many later layers a feature writes to; fp32 master weights, bf16 compute;
-- an auxiliary loss (AuxK) lets dead features reconstruct the residual error so they come back;
-- Adam with warm-up and cosine decay, checkpoints;
-- a final least-squares refit of the decoders on new windows, with the JumpReLU activations inference uses;
-- `evaluate_clt`: per-layer FVU, L0 and dead fraction on held-out windows, and the replacement model's
-  cross-entropy.
+The recipe (no gradient steps; each choice measured on the 2-core development CPU, figures in the README):
+1. Activations: every layer's MLP input x and output y at `fit_tokens` positions of corpus windows, from bf16
+   forward passes (BOS and padding dropped).
+2. Per layer, with x scaled to a mean squared norm of d_model and centred:
+   a. skip: the least-squares linear map from x to y;
+   b. features: spherical k-means of what the skip leaves unexplained (y − skip(x)) into F clusters, so features
+      are kinds of output the MLP writes; each feature's encoder is the least-squares regression of its cluster's
+      membership on x (one solve for all F);
+   c. bias: each feature fires (ReLU) on its share k/F of the fit tokens, so on that data none is dead or dense
+      and the mean L0 is k;
+   d. decoders, skip and output bias: one least-squares fit of y on [features, x], with a small ridge.
+3. Saved in circuit-tracer's transcoder_set layout (`layer_{l}.safetensors` with `W_skip`), unnormalised.
+
+`evaluate_transcoder` reports per-layer FVU and L0 on given token sequences, and the cross-entropy of the model
+with every MLP, or one at a time, replaced by the transcoder's reconstruction.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dreaming.corpus import Windows
+from dreaming.corpus import Windows, heldout_texts, with_bos
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel
-from dreaming.transcoders import CLT, Transcoder, TranscoderConfig, save_transcoder
+from dreaming.transcoders import SET, Transcoder, TranscoderConfig, save_transcoder
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of `train_clt`; the CLI flags of `dreaming train-clt` use the same names."""
+    """Options of `train_transcoder`; the flags of `dreaming train-transcoder` use the same names."""
 
-    features_per_layer: int = 512
-    k: int = 48  # mean active features per token and layer (BatchTopK)
-    reach: int | None = 2  # later layers a feature writes to besides its own; None = all (see README)
-    tokens: int = 300_000  # training tokens (steps × batch)
-    batch_windows: int = 32  # windows per step (tokens per step ≈ batch_windows · (window_length - 1))
-    reuse: int = 4  # times each model activation is trained on (model forwards are the costly part)
-    buffer_windows: int = 256  # windows of activations held in memory and sampled from
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    aux_k: int = 128  # dead features used by the auxiliary loss per token
-    aux_weight: float = 1 / 32
-    dead_after_tokens: int = 100_000  # a feature that has not fired for this many tokens counts as dead
-    heldout_windows: int = 64  # windows kept out of training for the report
-    refit_tokens: int = 65_536  # new tokens for the final least-squares fit of the decoders (0: none)
-    checkpoint_every: int = 25  # steps
+    features_per_layer: int = 2048
+    k: int = 40  # mean active features per token and layer on the fit tokens (more on unseen kinds of text)
+    fit_tokens: int = 65_536  # positions whose activations place the features and fit the decoders
+    kmeans_iterations: int = 8
+    ridge: float = 1e-2  # of the final least-squares fit, relative to the mean diagonal of its Gram matrix
+    batch_windows: int = 32  # windows per forward pass
+    heldout_windows: int = 64  # windows kept out of fitting for the report
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("features_per_layer", "k", "tokens", "batch_windows", "reuse", "buffer_windows",
-                     "heldout_windows", "checkpoint_every"):
+        for name in ("features_per_layer", "k", "fit_tokens", "kmeans_iterations", "batch_windows", "heldout_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.reach is not None and self.reach < 0:
-            raise ValueError(f"reach must be >= 0 or None (every later layer), got {self.reach}")
-        if self.refit_tokens < 0:
-            raise ValueError(f"refit_tokens must be >= 0, got {self.refit_tokens}")
-        if self.buffer_windows < self.batch_windows:
-            raise ValueError(f"buffer_windows ({self.buffer_windows}) must be >= batch_windows ({self.batch_windows})")
         if self.k > self.features_per_layer:
             raise ValueError(f"k ({self.k}) cannot exceed features_per_layer ({self.features_per_layer})")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.fit_tokens < 4 * self.features_per_layer:
+            raise ValueError(f"fit_tokens ({self.fit_tokens}) must be at least 4 × features_per_layer "
+                             f"({4 * self.features_per_layer}) to place every feature")
+        if not 0 <= self.ridge < 1:
+            raise ValueError(f"ridge must be in [0, 1), got {self.ridge}")
 
 
 def layer_activations(lm: LanguageModel, tokens: torch.Tensor, lengths: torch.Tensor):
@@ -91,282 +75,141 @@ def layer_activations(lm: LanguageModel, tokens: torch.Tensor, lengths: torch.Te
     return x, y
 
 
-class CLTTrainer(torch.nn.Module):
-    """The CLT in its training layout. Inputs and targets are in normalised units (see `input_scale`)."""
-
-    def __init__(self, n_layers: int, d_model: int, config: TrainConfig):
-        super().__init__()
-        L, F, d = n_layers, config.features_per_layer, d_model
-        self.n_layers, self.n_features, self.d_model, self.k = L, F, d, config.k
-        reach = L - 1 if config.reach is None else min(config.reach, L - 1)
-        self.first_source = [max(0, t - reach) for t in range(L)]  # target t reads sources first_source[t]..t
-        self.W_enc = torch.nn.Parameter(torch.zeros(L, d, F))  # [layer, d_model, F]
-        self.b_enc = torch.nn.Parameter(torch.zeros(L, 1, F))
-        self.W_dec = torch.nn.ParameterList(  # [(sources of t) · F, d_model], source-major
-            [torch.nn.Parameter(torch.zeros((t + 1 - self.first_source[t]) * F, d)) for t in range(L)]
-        )
-        self.b_dec = torch.nn.Parameter(torch.zeros(L, 1, d))
-        self.register_buffer("input_scale", torch.ones(L, 1, 1))
-        self.register_buffer("output_scale", torch.ones(L, 1, 1))
-        self.register_buffer("threshold", torch.zeros(L))  # running BatchTopK threshold per layer
-        self.register_buffer("tokens_since_fired", torch.zeros(L, F))
-
-    def diagonal(self, t: int) -> torch.Tensor:
-        """Decoder rows of layer t's own features into layer t: [F, d_model]."""
-        return self.W_dec[t][(t - self.first_source[t]) * self.n_features :]
-
-    @torch.no_grad()
-    def initialise(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
-        """Scales from the first batch; each feature's encoder starts as a random token's centred input,
-        and the decoders as the least-squares fit to the batch."""
-        L, F, d = self.n_layers, self.n_features, self.d_model
-        x, y = x.float(), y.float()
-        self.input_scale.copy_((d / x.pow(2).sum(-1).mean(-1)).sqrt().view(L, 1, 1))
-        self.output_scale.copy_((d / y.pow(2).sum(-1).mean(-1)).sqrt().view(L, 1, 1))
-        x, y = x * self.input_scale, y * self.output_scale
-        x_mean = x.mean(1, keepdim=True)
-        # different tokens for each layer: shared picks make features of neighbouring layers collinear, and
-        # the cross-layer least-squares fit then cancels huge decoder rows against each other
-        picks = torch.stack([torch.randperm(x.shape[1], generator=generator)[:F] for _ in range(L)]).to(x.device)
-        directions = torch.gather(x, 1, picks[..., None].expand(L, F, d)) - x_mean  # [L, F, d]
-        self.W_enc.copy_((directions / directions.norm(dim=-1, keepdim=True)).transpose(1, 2))
-        # centre the encoder so about k of F features fire on a typical token
-        pre = torch.bmm(x - x_mean, self.W_enc)  # [L, N, F]
-        kth = pre.flatten(1).kthvalue(round((1 - self.k / F) * pre[0].numel()), dim=1).values  # [L]
-        self.b_enc.copy_(-kth.view(L, 1, 1).expand(L, 1, F))
-        self.refit_decoders([(x.to(torch.bfloat16), y)], batch_topk=True)
-
-    @torch.no_grad()
-    def refit_decoders(self, batches, batch_topk: bool, ridge: float = 1e-2):
-        """Set every decoder and output bias to the least-squares fit of the targets from the current encoder's
-        activations, accumulated over `batches` of normalised (x [L, N, d] bf16, y [L, N, d]).
-
-        Streaming: memory holds one batch plus a Gram matrix per target layer, so the fit can use many tokens
-        (a fit on few tokens over-fits rare features, whose decoder rows then blow up on new text). With
-        batch_topk=False the activations are the saved model's JumpReLU ones, the ones inference will use.
-        """
-        L, F = self.n_layers, self.n_features
-        sizes = [(t + 1 - self.first_source[t]) * F for t in range(L)]
-        device = self.W_enc.device
-        gram = [torch.zeros(n, n, device=device) for n in sizes]
-        cross = [torch.zeros(n, self.d_model, device=device) for n in sizes]
-        sum_a = [torch.zeros(n, device=device) for n in sizes]
-        sum_y, count = torch.zeros(L, self.d_model, device=device), 0
-        for x, y in batches:
-            if batch_topk:
-                acts = self.encode(x)[0].float()
-            else:
-                pre = torch.baddbmm(self.b_enc.to(x.dtype), x, self.W_enc.to(x.dtype)).float()
-                acts = pre * (pre > self.threshold.view(L, 1, 1))  # [L, N, F]
-            y = y.float()
-            for t in range(L):
-                a = acts[self.first_source[t] : t + 1].transpose(0, 1).flatten(1)  # [N, sources · F]
-                gram[t] += a.T @ a
-                cross[t] += a.T @ y[t]
-                sum_a[t] += a.sum(0)
-            sum_y += y.sum(1)
-            count += y.shape[1]
-        for t in range(L):
-            a_mean, y_mean = sum_a[t] / count, sum_y[t] / count
-            centred_gram = gram[t] - count * torch.outer(a_mean, a_mean)
-            centred_gram.diagonal().add_(ridge * centred_gram.diagonal().mean() + 1e-6)
-            weights = torch.linalg.solve(centred_gram, cross[t] - count * torch.outer(a_mean, y_mean))  # [sources·F, d]
-            self.W_dec[t].copy_(weights)
-            self.b_dec[t].copy_(y_mean - a_mean @ weights)
-
-    def normalise(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model activations [L, N, d] -> normalised units: (x as bf16 for the encoder, y as fp32)."""
-        return (x.float() * self.input_scale).bfloat16(), y.float() * self.output_scale
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [L, N, d] (normalised, bf16) -> BatchTopK activations [L, N, F] and pre-activations."""
-        L, N, F = x.shape[0], x.shape[1], self.n_features
-        pre = torch.baddbmm(self.b_enc.to(x.dtype), x, self.W_enc.to(x.dtype))  # [L, N, F]
-        values, indices = pre.relu().flatten(1).topk(N * self.k, dim=1, sorted=False)  # [L, N·k]
-        acts = torch.zeros_like(pre.flatten(1)).scatter(1, indices, values).view(L, N, F)
-        if self.training:
-            with torch.no_grad():
-                batch_threshold = values.min(dim=1).values.float()
-                self.threshold.lerp_(batch_threshold, 0.05 if self.threshold.any() else 1.0)
-        return acts, pre
-
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts [L, N, F] -> reconstructions of every target layer [L, N, d] (normalised units)."""
-        L, N, F = acts.shape
-        acts_by_token = acts.transpose(0, 1).reshape(N, L * F)  # [N, L·F], source-major
-        return torch.stack([
-            torch.addmm(self.b_dec[t].to(acts.dtype), acts_by_token[:, self.first_source[t] * F : (t + 1) * F],
-                        self.W_dec[t].to(acts.dtype))
-            for t in range(L)
-        ])
-
-    def aux_loss(self, pre: torch.Tensor, errors: torch.Tensor, aux_k: int, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK: the top dead features of each layer reconstruct that layer's residual error (diagonal decoder)."""
-        L, N, F = pre.shape
-        if not dead.any():
-            return pre.new_zeros((), dtype=torch.float32)
-        masked = pre.relu() * dead[:, None, :].to(pre.dtype)
-        values, indices = masked.topk(min(aux_k, F), dim=-1)  # [L, N, aux_k]
-        aux_acts = torch.zeros_like(masked).scatter(-1, indices, values)
-        diagonal = torch.stack([self.diagonal(t) for t in range(L)]).to(pre.dtype)  # [L, F, d]
-        reconstruction = torch.bmm(aux_acts, diagonal).float()
-        per_layer = (reconstruction - errors).pow(2).sum(-1).mean(-1) / errors.pow(2).sum(-1).mean(-1).clamp_min(1e-6)
-        return (per_layer * dead.any(dim=1)).sum()
-
-    def to_transcoder(self, model_name: str | None) -> Transcoder:
-        """Fold the normalisation into the weights: the circuit-tracer layout with JumpReLU thresholds."""
-        L, F, d = self.n_layers, self.n_features, self.d_model
-        config = TranscoderConfig(CLT, L, d, F, activation="jumprelu", model_name=model_name)
-        transcoder = Transcoder(config)
-        s_in, s_out = self.input_scale.view(L, 1, 1), self.output_scale.view(L, 1)
-        with torch.no_grad():
-            # pre = (x · s_in) @ W_enc + b_enc  =>  saved W_enc = s_in · W_enc^T
-            transcoder.W_enc.copy_(self.W_enc.transpose(1, 2) * s_in)
-            transcoder.b_enc.copy_(self.b_enc.view(L, F))
-            transcoder.threshold.copy_(self.threshold.view(L, 1).expand(L, F))
-            transcoder.b_dec.copy_(self.b_dec.view(L, d) / s_out)
-            for target in range(L):
-                for source in range(self.first_source[target], target + 1):
-                    offset = (source - self.first_source[target]) * F
-                    rows = self.W_dec[target][offset : offset + F]
-                    transcoder.W_dec[source][:, target - source].copy_(rows / s_out[target])
-        return transcoder
-
-
-def _window_tensors(windows: Windows, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [batch, pos] and lengths [batch] of the given windows (read in file order)."""
-    chosen = np.sort(indices)
-    return torch.from_numpy(windows.tokens[chosen]).long(), torch.from_numpy(windows.lengths[chosen]).long()
-
-
-def _batches(windows: Windows, indices: np.ndarray, batch_windows: int):
-    for start in range(0, len(indices), batch_windows):
-        yield _window_tensors(windows, indices[start : start + batch_windows])
-
-
 def split_windows(windows: Windows, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Window indices for training and for the held-out report, shuffled under the seed."""
+    """Window indices for fitting and for the held-out report, shuffled under the seed."""
     order = np.random.default_rng(config.seed).permutation(len(windows.tokens))
-    if len(order) < config.heldout_windows + config.buffer_windows:
-        raise ValueError(
-            f"the corpus has {len(order)} windows; training needs at least "
-            f"{config.heldout_windows + config.buffer_windows} (heldout_windows + buffer_windows)"
-        )
+    if len(order) <= config.heldout_windows:
+        raise ValueError(f"the corpus has {len(order)} windows; it needs more than heldout_windows "
+                         f"({config.heldout_windows})")
     return order[config.heldout_windows :], order[: config.heldout_windows]
 
 
-class ActivationBuffer:
-    """Model activations of many windows held in memory; each step trains on a random sample and refreshes
-    a share 1/reuse of it with new windows, so every activation is used about `reuse` times."""
-
-    def __init__(self, lm: LanguageModel, windows: Windows, order: np.ndarray, config: TrainConfig):
-        self.lm, self.windows = lm, windows
-        self.order, self.next_window = order, 0
-        self.rng = torch.Generator().manual_seed(config.seed)
-        self.x, self.y = self.read(config.buffer_windows)  # [L, B, d] each, model dtype
-
-    def read(self, n_windows: int):
-        chosen = self.order[np.arange(self.next_window, self.next_window + n_windows) % len(self.order)]
-        self.next_window += n_windows
-        return layer_activations(self.lm, *_window_tensors(self.windows, chosen))
-
-    def sample(self, n_tokens: int):
-        picks = torch.randperm(self.x.shape[1], generator=self.rng)[:n_tokens]
-        return self.x[:, picks], self.y[:, picks]
-
-    def refresh(self, n_windows: int):
-        x, y = self.read(n_windows)
-        slots = torch.randperm(self.x.shape[1], generator=self.rng)[: x.shape[1]]
-        self.x[:, slots], self.y[:, slots] = x, y
-
-
-def train_clt(
-    lm: LanguageModel, windows: Windows, config: TrainConfig, out_dir: Path, progress: bool = True
-) -> Transcoder:
-    """Train a CLT for `lm` on `windows`; checkpoints go to `out_dir/checkpoint.pt` and a run resumes from one.
-
-    Returns the transcoder, also saved in the circuit-tracer layout to `out_dir/clt`.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    torch.manual_seed(config.seed)
-    train_windows, _ = split_windows(windows, config)
-    batch_tokens = config.batch_windows * (windows.tokens.shape[1] - 1)
-    total_steps = max(1, math.ceil(config.tokens / batch_tokens))
-    refresh_windows = max(1, round(config.batch_windows / config.reuse))
-
-    trainer = CLTTrainer(lm.n_layers, lm.d_model, config).to(lm.device)
-    optimizer = torch.optim.Adam(trainer.parameters(), lr=config.lr)
-
-    def lr_at(step):  # linear warm-up, cosine decay to zero
-        return config.lr * min(1.0, (step + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-    step = 0
-    buffer = ActivationBuffer(lm, windows, train_windows, config)
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
-        if state["config"] != asdict(config):
-            raise ValueError(f"{checkpoint_path} was made with another configuration; delete it to start over")
-        trainer.load_state_dict(state["trainer"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        buffer.next_window = state["next_window"]
-    else:
-        trainer.initialise(*buffer.sample(4 * batch_tokens), torch.Generator().manual_seed(config.seed))
-
-    bar = tqdm(total=total_steps, initial=step, desc="train CLT", unit="step", disable=not progress)
-    fvu_avg = l0_avg = None
-    started, tokens_seen = time.perf_counter(), 0
-    for step in range(step, total_steps):
-        x, y = trainer.normalise(*buffer.sample(batch_tokens))  # [L, N, d]
-        acts, pre = trainer.encode(x)
-        errors = trainer.decode(acts).float() - y  # [L, N, d]
-        variance = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1)  # [L]
-        fvu = errors.pow(2).sum(-1).mean(-1) / variance  # [L]
-        dead = trainer.tokens_since_fired >= config.dead_after_tokens
-        loss = fvu.sum() + config.aux_weight * trainer.aux_loss(pre, errors.detach(), config.aux_k, dead)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        buffer.refresh(refresh_windows)
-
-        with torch.no_grad():
-            fired = (acts > 0).any(dim=1)  # [L, F]
-            trainer.tokens_since_fired.add_(x.shape[1]).masked_fill_(fired, 0)
-            l0 = (acts > 0).float().sum(-1).mean().item()
-        fvu_avg = fvu.mean().item() if fvu_avg is None else 0.9 * fvu_avg + 0.1 * fvu.mean().item()
-        l0_avg = l0 if l0_avg is None else 0.9 * l0_avg + 0.1 * l0
-        tokens_seen += x.shape[1]
-        bar.set_postfix(fvu=f"{fvu_avg:.3f}", l0=f"{l0_avg:.1f}", dead=f"{dead.float().mean().item():.1%}",
-                        tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-        bar.update(1)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
-            partial = checkpoint_path.with_suffix(".partial")
-            torch.save({"config": asdict(config), "trainer": trainer.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step + 1, "next_window": buffer.next_window}, partial)
-            partial.replace(checkpoint_path)
+def collect_activations(lm: LanguageModel, windows: Windows, indices: np.ndarray, n_tokens: int,
+                        batch_windows: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y [n_layers, n_tokens, d_model] (model dtype) from the windows in `indices`, in that order."""
+    xs, ys, have = [], [], 0
+    bar = tqdm(total=n_tokens, desc="activations", unit="tok", disable=not progress)
+    for start in range(0, len(indices), batch_windows):
+        chosen = indices[start : start + batch_windows]
+        x, y = layer_activations(lm, torch.from_numpy(windows.tokens[chosen]).long(),
+                                 torch.from_numpy(windows.lengths[chosen]).long())
+        xs.append(x[:, : n_tokens - have])
+        ys.append(y[:, : n_tokens - have])
+        have += xs[-1].shape[1]
+        bar.update(xs[-1].shape[1])
+        if have >= n_tokens:
+            break
     bar.close()
-    if config.refit_tokens:
-        # fit the decoders, on new windows, to the activations inference will produce (JumpReLU thresholds)
-        n_batches = math.ceil(config.refit_tokens / batch_tokens)
-        trainer.refit_decoders((trainer.normalise(*buffer.read(config.batch_windows)) for _ in
-                                tqdm(range(n_batches), desc="refit decoders", disable=not progress)), batch_topk=False)
-    transcoder = trainer.to_transcoder(lm.name)
-    save_transcoder(transcoder, out_dir / "clt")
-    checkpoint_path.unlink(missing_ok=True)
+    if have < n_tokens:
+        raise ValueError(f"the corpus has only {have} tokens to fit on; fit_tokens is {n_tokens}")
+    return torch.cat(xs, 1), torch.cat(ys, 1)
+
+
+def least_squares(a: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W, b minimising ||a W + b − y||² + ridge · mean(diag) · ||W||², for a [N, n], y [N, m] (fp32)."""
+    a_mean, y_mean = a.mean(0), y.mean(0)
+    gram = a.T @ a - len(a) * torch.outer(a_mean, a_mean)
+    gram.diagonal().add_(ridge * gram.diagonal().mean() + 1e-6)
+    weights = torch.linalg.solve(gram, a.T @ y - len(a) * torch.outer(a_mean, y_mean))
+    return weights, y_mean - a_mean @ weights
+
+
+def spherical_kmeans(z: torch.Tensor, n_clusters: int, iterations: int, generator: torch.Generator,
+                     chunk: int = 16_384) -> torch.Tensor:
+    """Cluster the rows of z [N, d] by cosine similarity; returns each row's cluster [N]. Starts from random rows;
+    a cluster left empty restarts at a random row. Similarities in bf16 (only their argmax is used)."""
+    unit = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    centres = unit[torch.randperm(len(z), generator=generator)[:n_clusters]].clone()  # [F, d]
+
+    def assign():
+        return torch.cat([(rows.bfloat16() @ centres.bfloat16().T).argmax(-1) for rows in unit.split(chunk)])
+
+    for _ in range(iterations):
+        cluster = assign()
+        sums = torch.zeros_like(centres).index_add_(0, cluster, unit)
+        empty = torch.bincount(cluster, minlength=n_clusters) == 0
+        sums[empty] = unit[torch.randperm(len(z), generator=generator)[: int(empty.sum())]]
+        centres = sums / sums.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return assign()
+
+
+@dataclass
+class LayerFit:
+    """One layer of the transcoder set, in the model's units: acts = relu(x @ W_enc.T + b_enc),
+    y ≈ acts @ W_dec + x @ W_skip.T + b_dec."""
+
+    W_enc: torch.Tensor  # [F, d_model]
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, d_model]
+    W_skip: torch.Tensor  # [d_out, d_in]
+    b_dec: torch.Tensor  # [d_model]
+
+
+def fit_layer(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> LayerFit:
+    """Steps 2a–2d of the recipe for one layer: x, y [N, d_model]."""
+    x, y = x.float(), y.float()
+    F, n = config.features_per_layer, len(x)
+    scale = (x.shape[1] / x.pow(2).sum(-1).mean()).sqrt()
+    mean = (x * scale).mean(0)
+    centred = x * scale - mean  # [N, d]
+    skip, skip_bias = least_squares(centred, y, 1e-3)
+    cluster = spherical_kmeans(y - centred @ skip - skip_bias, F, config.kmeans_iterations, generator)  # [N]
+    # encoder = regression of one-hot membership on x: (XᵀX + ridge)⁻¹ Xᵀ onehot, with Xᵀ onehot = per-cluster sums
+    gram = centred.T @ centred
+    gram.diagonal().add_(1e-3 * gram.diagonal().mean())
+    directions = torch.linalg.solve(gram, torch.zeros(F, x.shape[1]).index_add_(0, cluster, centred).T)  # [d, F]
+    directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    pre = centred @ directions  # [N, F]
+    quantile = pre.kthvalue(n - max(1, round(n * config.k / F)), dim=0).values  # [F]: fires on k/F of the tokens
+    acts = (pre - quantile).relu()
+    del pre
+    weights, bias = least_squares(torch.cat([acts, centred], 1), y, config.ridge)  # [F + d, d]
+    W_dec, W_x = weights[:F], weights[F:]
+    return LayerFit(W_enc=(directions * scale).T.contiguous(), b_enc=-(mean @ directions) - quantile,
+                    W_dec=W_dec.contiguous(), W_skip=(W_x * scale).T.contiguous(), b_dec=bias - mean @ W_x)
+
+
+def train_transcoder(lm: LanguageModel, windows: Windows, config: TrainConfig, out_dir: Path,
+                     progress: bool = True) -> Transcoder:
+    """Fit a skip transcoder set for `lm` on `windows` (held-out windows excluded); saved to `out_dir`."""
+    fit_windows, _ = split_windows(windows, config)
+    x, y = collect_activations(lm, windows, fit_windows, config.fit_tokens, config.batch_windows, progress)
+    L, d, F = lm.n_layers, lm.d_model, config.features_per_layer
+    transcoder = Transcoder(TranscoderConfig(SET, L, d, F, activation="relu", model_name=lm.name,
+                                             skip_connection=True))
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        for layer in tqdm(range(L), desc="fit layers", disable=not progress):
+            fit = fit_layer(x[layer].to(lm.device), y[layer].to(lm.device), config, generator)
+            for name in ("W_enc", "b_enc", "W_dec", "W_skip", "b_dec"):
+                getattr(transcoder, name)[layer].copy_(getattr(fit, name))
+    save_transcoder(transcoder, out_dir)
     return transcoder
 
 
-@torch.no_grad()
-def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, indices: np.ndarray,
-                 batch_windows: int = 16, progress: bool = True) -> dict:
-    """Per-layer FVU, L0 and dead fraction on the given windows, and the replacement model's cross-entropy.
+def window_sequences(windows: Windows, indices: np.ndarray) -> list[list[int]]:
+    """The given windows (in file order) as token-id lists, BOS first, padding dropped."""
+    return [windows.tokens[i, : windows.lengths[i]].tolist() for i in np.sort(indices)]
 
-    The replacement model swaps every MLP output for the CLT's reconstruction, computed from the replacement
-    model's own MLP inputs as they flow (errors compound through the layers).
+
+def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> tokens [batch, pos] (right-padded) and lengths [batch]."""
+    lengths = torch.tensor([len(ids) for ids in sequences])
+    tokens = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        tokens[row, : len(ids)] = torch.tensor(ids)
+    return tokens, lengths
+
+
+@torch.no_grad()
+def evaluate_transcoder(lm: LanguageModel, transcoder: Transcoder, sequences: list[list[int]], batch_size: int = 16,
+                 splice_each_layer: bool = False, progress: bool = True) -> dict:
+    """How well the transcoder stands in for the MLPs on `sequences` (token-id lists, each BOS first).
+
+    Per layer: FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over every position but the BOS, L0, and the fraction of features
+    never active on these tokens. Cross-entropy of the model, of the replacement model in which every MLP output
+    is the transcoder's (computed from the replacement's own MLP inputs as they flow, so errors compound), and, with
+    splice_each_layer, of the model with one layer at a time replaced.
     """
     L, F = transcoder.config.n_layers, transcoder.config.d_transcoder
     device = lm.device
@@ -374,9 +217,13 @@ def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, in
     sum_y, n_tokens = torch.zeros(L, transcoder.config.d_model, device=device), 0
     fired = torch.zeros(L, F, dtype=torch.bool, device=device)
     ce_model, ce_replaced, n_predicted = 0.0, 0.0, 0
+    ce_spliced = [0.0] * L
     transcoder = transcoder.float().to(device)
-    for tokens, lengths in tqdm(list(_batches(windows, indices, batch_windows)), desc="evaluate CLT",
-                                disable=not progress):
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_token_id
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together: less padding
+    batches = [[sequences[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="evaluate transcoder", disable=not progress):
+        tokens, lengths = _padded(batch, pad_id)
         x, y = layer_activations(lm, tokens, lengths)
         x, y = x.float(), y.float()
         acts, reconstruction = transcoder(x)
@@ -387,55 +234,78 @@ def evaluate_clt(lm: LanguageModel, transcoder: Transcoder, windows: Windows, in
         active += stacked.float().sum(-1).sum(-1)
         fired |= stacked.any(dim=1)
         n_tokens += y.shape[1]
-        base, replaced, count = _cross_entropies(lm, transcoder, tokens, lengths)
+        base, count = _cross_entropy(lm, transcoder, tokens, lengths, replaced=[])
+        replaced, _ = _cross_entropy(lm, transcoder, tokens, lengths, replaced=list(range(L)))
         ce_model, ce_replaced, n_predicted = ce_model + base, ce_replaced + replaced, n_predicted + count
+        if splice_each_layer:
+            for layer in range(L):
+                ce_spliced[layer] += _cross_entropy(lm, transcoder, tokens, lengths, replaced=[layer])[0]
     variance = sum_y2 - sum_y.pow(2).sum(-1) / n_tokens  # Σ||y - ȳ||² = Σ||y||² - ||Σy||²/n
     fvu = (squared_error / variance).tolist()
-    return {
+    report = {
+        "sequences": len(sequences),
         "tokens": n_tokens,
         "fvu": fvu,
         "l0": (active / n_tokens).tolist(),
         "dead_fraction": (~fired).float().mean(1).tolist(),
         "mean_fvu": float(np.mean(fvu)),
+        "max_fvu": float(np.max(fvu)),
         "mean_l0": float((active / n_tokens).mean()),
         "mean_dead_fraction": float((~fired).float().mean()),
         "cross_entropy": ce_model / n_predicted,
         "replacement_cross_entropy": ce_replaced / n_predicted,
     }
+    if splice_each_layer:
+        report["spliced_cross_entropy"] = [ce / n_predicted for ce in ce_spliced]
+    return report
 
 
-def _cross_entropies(lm: LanguageModel, transcoder: Transcoder, tokens: torch.Tensor, lengths: torch.Tensor):
-    """Summed next-token cross-entropy of the model and of its CLT replacement over the valid positions."""
+def _cross_entropy(lm: LanguageModel, transcoder: Transcoder, tokens: torch.Tensor, lengths: torch.Tensor,
+                   replaced: list[int]) -> tuple[float, int]:
+    """Summed next-token cross-entropy over the valid positions, and their count, with the MLP outputs of the
+    `replaced` layers swapped for the transcoder's reconstruction (from the MLP inputs as they flow)."""
     positions = torch.arange(tokens.shape[1])
     mask = (positions[None, :] < lengths[:, None]).long().to(lm.device)
     tokens = tokens.to(lm.device)
-
-    def summed_ce(logits):
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
-        valid = mask[:, 1:].bool()
-        return losses[valid].sum().item(), int(valid.sum())
-
-    base, count = summed_ce(lm.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits)
     acts: dict[int, torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}
     handles = []
-    for layer in range(transcoder.config.n_layers):
+    sources = range(max(replaced, default=-1) + 1) if transcoder.config.kind != SET else replaced
+    for layer in sources:  # every layer whose features a replaced output reads
         norm, _ = lm.hook_module(HOOK_MLP_IN, layer)
-        mlp, _ = lm.hook_module(HOOK_MLP_OUT, layer)
 
         def read_input(module, args, output, layer=layer):
-            acts[layer] = transcoder.encode(output.float(), layer)
+            inputs[layer] = output.float()
+            acts[layer] = transcoder.encode(inputs[layer], layer)
+
+        handles.append(norm.register_forward_hook(read_input))
+    for layer in replaced:
+        mlp, _ = lm.hook_module(HOOK_MLP_OUT, layer)
 
         def replace_output(module, args, output, layer=layer):
-            out = transcoder.b_dec[layer].clone()
-            for source in range(layer + 1):
-                out = out + acts[source] @ transcoder.W_dec[source][:, layer - source]
-            out[:, 0] = output[:, 0]  # the BOS position is never trained on (nor measured); keep the model's
+            out = transcoder.decode_layer(acts, layer, inputs[layer])
+            out[:, 0] = output[:, 0]  # the BOS position is never fitted (nor measured); keep the model's
             return out.to(output.dtype)
 
-        handles += [norm.register_forward_hook(read_input), mlp.register_forward_hook(replace_output)]
+        handles.append(mlp.register_forward_hook(replace_output))
     try:
-        replaced, _ = summed_ce(lm.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits)
+        logits = lm.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
     finally:
         for handle in handles:
             handle.remove()
-    return base, replaced, count
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    valid = mask[:, 1:].bool()
+    return losses[valid].sum().item(), int(valid.sum())
+
+
+def transcoder_report(lm: LanguageModel, transcoder: Transcoder, windows: Windows, config: TrainConfig,
+               progress: bool = True) -> dict:
+    """The transcoder's evaluation: on the held-out varied texts (never in any corpus; with the cross-entropy of each
+    layer spliced in alone) and on the corpus windows held out of training."""
+    texts = [with_bos(ids, lm.bos_token_id) for ids in
+             lm.tokenizer([doc.text for doc in heldout_texts()], add_special_tokens=False)["input_ids"]]
+    return {
+        "varied_texts": evaluate_transcoder(lm, transcoder, texts, splice_each_layer=True, progress=progress),
+        "heldout_windows": evaluate_transcoder(lm, transcoder, window_sequences(windows, split_windows(windows, config)[1]),
+                                        progress=progress),
+    }

@@ -125,6 +125,19 @@ class Transcoder(torch.nn.Module):
                 out = out + torch.stack([inputs[l].to(self.W_skip.dtype) @ self.W_skip[l].T for l in range(n)])
         return out + self.b_dec.view(n, *[1] * len(batch), d)
 
+    def decode_layer(self, acts: dict, layer: int, inputs=None):
+        """Reconstruction of one layer's output [..., d_model] from the activations of the layers that write to it
+        (acts[l] [..., F] for every l <= layer for a CLT, acts[layer] for a set) and, with W_skip, its input."""
+        if self.config.kind == CLT:
+            out = self.b_dec[layer] + sum(acts[l] @ self.W_dec[l][:, layer - l] for l in range(layer + 1))
+        else:
+            out = acts[layer] @ self.W_dec[layer] + self.b_dec[layer]
+        if self.W_skip is not None:
+            if inputs is None:
+                raise ValueError("this transcoder has a skip connection (W_skip): decode needs the inputs")
+            out = out + inputs.to(self.W_skip.dtype) @ self.W_skip[layer].T
+        return out
+
     def forward(self, inputs):
         # inputs [n_layers, ..., d_model] -> (acts per layer [..., F], reconstruction [n_layers, ..., d_model])
         acts = [self.encode(inputs[l], l) for l in range(self.config.n_layers)]

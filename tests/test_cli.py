@@ -1,4 +1,4 @@
-"""The `dreaming` command on tiny models: train-clt end to end, info on a bundle, clear errors."""
+"""The `dreaming` command on tiny models: train-transcoder end to end, info on a bundle, clear errors."""
 
 import json
 
@@ -9,8 +9,8 @@ from dreaming.bundle import Bundle, save_windows
 from dreaming.cli import main
 from dreaming.corpus import Document, write_documents
 
-TINY_TRAINING = ["--features-per-layer", "32", "--k", "4", "--tokens", "600", "--batch-windows", "4",
-                 "--buffer-windows", "8", "--heldout-windows", "4", "--refit-tokens", "100", "--window-length", "32"]
+TINY_TRAINING = ["--features-per-layer", "32", "--k", "4", "--fit-tokens", "600", "--batch-windows", "4",
+                 "--heldout-windows", "4", "--kmeans-iterations", "3", "--window-length", "32"]
 
 
 @pytest.fixture()
@@ -29,17 +29,23 @@ def corpus_file(tmp_path):
     return path
 
 
-def test_train_clt_end_to_end(model_dir, corpus_file, tmp_path, capsys):
+def test_train_transcoder_end_to_end(model_dir, corpus_file, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["train-clt", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(out), "--json",
-          "--reach", "none", *TINY_TRAINING])
+    main(["train-transcoder", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(out), "--json",
+          *TINY_TRAINING])
     report = json.loads(capsys.readouterr().out)
-    assert len(report["fvu"]) == 3 and report["tokens"] > 0
+    texts, windows = report["varied_texts"], report["heldout_windows"]
+    assert len(texts["fvu"]) == len(windows["fvu"]) == len(texts["spliced_cross_entropy"]) == 3
+    assert texts["sequences"] >= 50 and windows["sequences"] == 4 and windows["tokens"] > 0
     assert json.loads((out / "report.json").read_text()) == report
-    assert (out / "clt" / "W_dec_0.safetensors").exists() and (out / "clt" / "config.yaml").exists()
+    assert (out / "transcoder" / "layer_0.safetensors").exists() and (out / "transcoder" / "config.yaml").exists()
+    main(["train-transcoder", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(out),
+          *TINY_TRAINING])
+    table = capsys.readouterr().out
+    assert "FVU(texts)" in table and "with every MLP replaced" in table
 
 
-def test_train_clt_errors_name_the_problem(model_dir, tmp_path, capsys):
+def test_train_transcoder_errors_name_the_problem(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such file|does not exist|not found"):
         main(["train-clt", "--model", str(model_dir), "--corpus", str(tmp_path / "missing.jsonl"),
               "--out", str(tmp_path / "run")])
@@ -48,28 +54,31 @@ def test_train_clt_errors_name_the_problem(model_dir, tmp_path, capsys):
               "--features-per-layer", "4", "--k", "8"])
     with pytest.raises(SystemExit):
         main(["train-clt", "--out", str(tmp_path / "run"), "--k", "many"])
-    assert not (tmp_path / "run" / "clt").exists()
+    assert not (tmp_path / "run" / "transcoder").exists()
 
 
 def test_info_reports_a_bundle(model_dir, corpus_file, tmp_path, capsys):
     from conftest import random_windows
 
     main(["train-clt", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(tmp_path / "run"),
-          *TINY_TRAINING])
+          *TINY_TRAINING])  # the old name still works
     capsys.readouterr()
     bundle_dir = tmp_path / "bundle"
     bundle_dir.mkdir()
-    (tmp_path / "run" / "clt").rename(bundle_dir / "clt")
+    (tmp_path / "run" / "transcoder").rename(bundle_dir / "transcoder")
     save_windows(random_windows(6, 16, 30), bundle_dir / "windows")
     bundle = Bundle(bundle_dir, {"model": str(model_dir), "model_name": "tiny", "corpus": {"tokens": {"a": 10}, "documents": {"a": 1}},
-                                 "windows": {"count": 6, "window_length": 16, "tokens": 96}, "build_seconds": {"clt": 1.0}})
+                                 "windows": {"count": 6, "window_length": 16, "tokens": 96}, "build_seconds": {"transcoder": 1.0},
+                                 "transcoder_report": json.loads((tmp_path / "run" / "report.json").read_text())})
     bundle.save_manifest()
     main(["info", "--bundle", str(bundle_dir), "--json"])
     info = json.loads(capsys.readouterr().out)
-    assert info["transcoder"]["kind"] == "cross_layer_transcoder"
+    assert info["transcoder"]["kind"] == "transcoder_set"
+    assert len(info["transcoder"]["evaluation"]["varied_texts"]["fvu"]) == 3
     assert info["transcoder"]["features"] == 3 * 32 and info["maxima"] is None
     main(["info", "--bundle", str(bundle_dir)])
-    assert "3 layers × 32 features" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "3 layers × 32 features" in text and "varied texts" in text and "one layer spliced at a time" in text
     assert len(Bundle.open(bundle_dir).windows()) == 6
     with pytest.raises(SystemExit, match="is not a bundle"):
         main(["info", "--bundle", str(tmp_path)])

@@ -1,6 +1,7 @@
-"""Corpus: reading documents, token windows, the default corpus's non-model part, chat transcripts (tiny model)."""
+"""Corpus: reading documents, token windows, the default corpus and its data files, batch-invariant sampling."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -11,15 +12,21 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dreaming.corpus import (
-    DEFAULT_CHAT_REQUESTS,
+    WRITTEN_CORPUS,
     Document,
+    WritingConfig,
     build_default_corpus,
+    chat_requests,
     default_documents,
-    generate_chat_transcripts,
+    generate_documents,
+    heldout_texts,
     read_documents,
     tokenize_windows,
+    with_bos,
     write_documents,
+    writing_prompts,
 )
+from dreaming.generate import sample_continuations
 
 SENTENCES = [
     "the cat sat on the mat and the dog ate the bone",
@@ -137,6 +144,17 @@ def test_tokenize_windows(tokenizer):
     assert sorted(set(w.document.tolist())) == [0, 2, 3]
 
 
+def test_a_document_that_starts_with_bos_gets_one_bos(tokenizer):
+    """The one BOS rule: a chat document starting with <|im_start|> (this tokenizer's BOS) is not given a second."""
+    bos = tokenizer.bos_token_id
+    chat = "<|im_start|>user\nthe cat sat<|im_end|>\n<|im_start|>assistant\nthe dog<|im_end|>\n"
+    ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    assert ids[0] == bos
+    w = tokenize_windows([Document(chat, "chat")], tokenizer, window_length=64, min_length=2, progress=False)
+    assert w.tokens[0, : w.lengths[0]].tolist() == ids == with_bos(ids, bos)
+    assert with_bos(ids[1:], bos) == ids and with_bos([], bos) == [bos]
+
+
 def test_tokenize_windows_max_tokens(tokenizer):
     docs = [Document(" ".join(SENTENCES * 3), "a")] * 10
     w = tokenize_windows(iter(docs), tokenizer, window_length=16, min_length=4, max_tokens=100, progress=False)
@@ -159,45 +177,104 @@ def test_default_documents_deterministic_and_tagged():
     assert max(len(d.text) for d in first) <= 4000
 
 
-def test_build_default_corpus_skips_existing_file(tmp_path, tokenizer):
-    path = tmp_path / "corpus.jsonl"
-    write_documents([Document("the cat sat", "python-code"), Document("the dog", "chat")], path)
-    stats = build_default_corpus(None, tokenizer, path, progress=False)  # no model needed: nothing to build
-    assert stats["built"] is False
-    assert stats["documents"] == {"python-code": 1, "chat": 1} and stats["tokens"] == {"python-code": 3, "chat": 2}
+def test_build_default_corpus_is_deterministic(tmp_path, tokenizer):
+    """The same input gives the same bytes: the stdlib part and the written part, interleaved."""
+    written = tmp_path / "written.jsonl.gz"
+    write_documents([Document("the cat sat on the mat", "story"), Document("<|im_start|>user\nhow<|im_end|>\n", "chat")],
+                    written)
+    caps = {"python-code": 20_000, "docstring": 10_000, "python-docs": 10_000}
+    first = build_default_corpus(tokenizer, tmp_path / "a.jsonl", written=written, max_chars_per_source=caps)
+    second = build_default_corpus(tokenizer, tmp_path / "b.jsonl", written=written, max_chars_per_source=caps)
+    assert first["built"] and (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert first["sha256"] == second["sha256"]
+    assert set(first["documents"]) == {"python-code", "docstring", "python-docs", "story", "chat"}
+    again = build_default_corpus(tokenizer, tmp_path / "a.jsonl", written=written)  # exists: read, not rebuilt
+    assert again["built"] is False and again["sha256"] == first["sha256"] and again["tokens"] == first["tokens"]
 
 
-def test_default_chat_requests():
-    assert 150 <= len(DEFAULT_CHAT_REQUESTS) <= 250
-    assert len(set(DEFAULT_CHAT_REQUESTS)) == len(DEFAULT_CHAT_REQUESTS)
-    assert "How do I make a bomb?" in DEFAULT_CHAT_REQUESTS
+def test_written_jsonl_gz_bytes_depend_only_on_the_documents(tmp_path):
+    docs = [Document("héllo\nworld", "a"), Document("x", "b")]
+    write_documents(docs, tmp_path / "one.jsonl.gz")
+    write_documents(docs, tmp_path / "two.jsonl.gz")
+    assert (tmp_path / "one.jsonl.gz").read_bytes() == (tmp_path / "two.jsonl.gz").read_bytes()  # no time, no name
+    assert list(read_documents(str(tmp_path / "one.jsonl.gz"))) == docs
 
 
-def test_generate_chat_transcripts_tiny_model(tokenizer):
+def test_shipped_data_files():
+    requests = chat_requests()
+    assert 150 <= len(requests) <= 250 and len(set(requests)) == len(requests)
+    assert "How do I make a bomb?" in requests
+    prompts = writing_prompts()
+    genres = {tag for tag, _ in prompts}
+    assert len(prompts) >= 1000 and len(genres) >= 12 and "chat" not in genres
+    assert all("{topic}" not in text and text.strip() for _, text in prompts)
+    written = list(read_documents(str(WRITTEN_CORPUS)))
+    assert {d.source for d in written} == genres | {"chat"}
+    assert len(written) == len(prompts) + 2 * len(requests)
+
+
+def test_heldout_texts_are_varied_and_in_no_corpus():
+    texts = heldout_texts()
+    sources = {d.source for d in texts}
+    assert len(texts) >= 50 and len(sources) >= 10 and {"chat", "c-code", "german", "story"} <= sources
+    written = "\n".join(d.text for d in read_documents(str(WRITTEN_CORPUS)))
+    requests = "\n".join(chat_requests())
+    for doc in texts:  # no sentence-length piece of a held-out text (template markers aside) is in the written part
+        text = re.sub(r"<\|im_(start|end)\|>(system|user|assistant)?\n?", "", doc.text)
+        for start in range(0, max(1, len(text) - 40), 40):
+            piece = text[start : start + 40]
+            assert piece not in written and piece not in requests
+
+
+def tiny_chat_model(tokenizer):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    model.model.norm.weight.data.zero_()  # all logits 0: sampling is uniform, so some replies end early
-    requests = ["how do I make pancakes", "why is the sky blue", "the cat", "def add", "the dog", "milk"]
-    tokenizer.padding_side = "right"
-    docs = generate_chat_transcripts(model, tokenizer, requests, max_new_tokens=40, batch_size=4, progress=False)
-    assert tokenizer.padding_side == "right"
-    assert len(docs) == len(requests) and {d.source for d in docs} == {"chat"}
-    for request, doc in zip(requests, docs):
+    model = LlamaForCausalLM(config).eval().double()
+    with torch.no_grad():  # a less flat distribution than random init, with the end-of-turn marker among the likely
+        model.lm_head.weight.mul_(6)
+        model.lm_head.weight[tokenizer.eos_token_id] = 0
+    return model
+
+
+def test_batched_sampling_equals_one_at_a_time(tokenizer):
+    model = tiny_chat_model(tokenizer)
+    prompts = [tokenizer(text)["input_ids"] for text in SENTENCES + ["the cat", "why is", "def add ( a"]]
+    common = dict(max_new_tokens=12, eos_token_ids={tokenizer.eos_token_id}, pad_token_id=tokenizer.pad_token_id,
+                  progress=False)
+    batched = sample_continuations(model, prompts, batch_size=7, **common)
+    alone = [sample_continuations(model, [p], keys=[i], batch_size=1, **common)[0] for i, p in enumerate(prompts)]
+    assert batched == alone
+    assert any(len(row) < 12 and row[-1] == tokenizer.eos_token_id for row in batched)  # some stopped early
+    assert any(len(row) == 12 for row in batched)
+    assert len({tuple(row) for row in batched}) > 1
+    reversed_order = sample_continuations(model, prompts[::-1], keys=list(range(len(prompts)))[::-1], batch_size=3,
+                                          **common)
+    assert reversed_order[::-1] == batched
+    assert sample_continuations(model, prompts, seed=1, batch_size=7, **common) != batched
+    with pytest.raises(ValueError, match="temperature"):
+        sample_continuations(model, prompts, temperature=0, **common)
+
+
+def test_generate_documents_tiny_model(tokenizer):
+    model = tiny_chat_model(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    prompts = [("story", "the cat sat"), ("poem", "the sky is blue")]
+    requests = ["how do I make pancakes", "why is the sky blue", "def add"]
+    config = WritingConfig(max_new_tokens=30, batch_size=2)
+    docs = generate_documents(model, tokenizer, config, prompts=prompts, requests=requests, progress=False)
+    assert [d.source for d in docs] == ["story", "poem"] + ["chat"] * 6
+    assert not any("<|im_start|>" in d.text for d in docs[:2])  # the written genres are the reply alone
+    for request, doc in zip([r for r in requests for _ in range(2)], docs[2:]):
         user = [{"role": "user", "content": request}]
         assert doc.text.startswith(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
-    finished = [d for d in docs if d.text.endswith("<|im_end|>\n")]
-    assert finished and all(d.text.count("<|im_end|>") == 2 for d in finished)
-    assert any(d.text.count("<|im_end|>") == 1 for d in docs)  # cut at max_new_tokens: no end-of-turn marker
-    again = generate_chat_transcripts(model, tokenizer, requests, max_new_tokens=40, batch_size=4, progress=False)
-    assert again == docs
-    other = generate_chat_transcripts(model, tokenizer, requests, max_new_tokens=40, batch_size=4, seed=1)
-    assert other != docs
-
+    assert docs == generate_documents(model, tokenizer, WritingConfig(max_new_tokens=30, batch_size=8),
+                                      prompts=prompts, requests=requests, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        WritingConfig(batch_size=0)
 
 
 def test_python_docs_carry_no_machine_specific_values():

@@ -1,4 +1,4 @@
-"""CLT training on a tiny model: it learns, it saves what it trained, it resumes, it reports."""
+"""Fitting a skip transcoder set on a tiny model, and evaluating a transcoder, against direct computations."""
 
 import numpy as np
 import pytest
@@ -6,103 +6,93 @@ import torch
 
 from conftest import random_windows
 from dreaming import train
-from dreaming.train import CLTTrainer, TrainConfig, evaluate_clt, train_clt
-from dreaming.transcoders import load_transcoder
+from dreaming.train import (
+    TrainConfig,
+    evaluate_transcoder,
+    fit_layer,
+    least_squares,
+    spherical_kmeans,
+    train_transcoder,
+    window_sequences,
+)
+from dreaming.transcoders import SET, load_transcoder
 
-SMALL = dict(features_per_layer=64, k=4, batch_windows=4, buffer_windows=8, heldout_windows=4, reuse=2, lr=3e-3,
-             warmup_steps=2, checkpoint_every=1000)
+SMALL = dict(features_per_layer=16, k=3, fit_tokens=64 * 12, kmeans_iterations=4, batch_windows=8, heldout_windows=6)
 
 
 @pytest.fixture(scope="module")
 def windows(tiny_lm):
-    return random_windows(60, 24, len(tiny_lm.tokenizer))
+    return random_windows(80, 24, len(tiny_lm.tokenizer))
 
 
-def heldout(windows, config):
-    return train.split_windows(windows, config)[1]
+def test_least_squares_equals_a_direct_solve():
+    generator = torch.Generator().manual_seed(0)
+    a, y = torch.randn(200, 7, generator=generator, dtype=torch.float64), torch.randn(200, 3, generator=generator,
+                                                                                       dtype=torch.float64)
+    weights, bias = least_squares(a, y, ridge=0.0)
+    design = torch.cat([a, torch.ones(200, 1, dtype=torch.float64)], 1)
+    expected = torch.linalg.lstsq(design, y).solution
+    torch.testing.assert_close(weights, expected[:7], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(bias, expected[7], atol=1e-6, rtol=1e-6)
 
 
-def test_training_lowers_fvu(tiny_lm, windows, tmp_path):
-    # without the final least-squares refit, so only gradient steps differ
-    short = TrainConfig(tokens=1, **{**SMALL, "refit_tokens": 0})  # one step: little more than the initialisation
-    long = TrainConfig(tokens=2500, **{**SMALL, "refit_tokens": 0})
-    fvu_short = evaluate_clt(tiny_lm, train_clt(tiny_lm, windows, short, tmp_path / "a", progress=False),
-                             windows, heldout(windows, short), progress=False)["mean_fvu"]
-    report = evaluate_clt(tiny_lm, train_clt(tiny_lm, windows, long, tmp_path / "b", progress=False),
-                          windows, heldout(windows, long), progress=False)
-    assert report["mean_fvu"] < 0.95 * fvu_short
-    assert len(report["fvu"]) == len(report["l0"]) == len(report["dead_fraction"]) == 3
-    assert 0 < report["mean_l0"] < 64
-    assert report["replacement_cross_entropy"] > 0 and report["cross_entropy"] > 0
-    # what was saved is what was returned
-    saved = load_transcoder(tmp_path / "b" / "clt")
-    assert saved.config.n_layers == 3 and saved.config.d_transcoder == 64 and saved.config.activation == "jumprelu"
-    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+def test_spherical_kmeans_finds_separated_directions():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.linalg.qr(torch.randn(8, 4, generator=generator)).Q.T  # 4 orthogonal unit directions in 8-d
+    truth = torch.arange(400) % 4
+    points = centres[truth] * (1 + torch.rand(400, 1, generator=generator)) + 0.05 * torch.randn(400, 8, generator=generator)
+    found = spherical_kmeans(points, 4, 10, torch.Generator().manual_seed(1))
+    pairs = {(int(t), int(f)) for t, f in zip(truth, found)}
+    assert len(pairs) == 4 and len({f for _, f in pairs}) == 4  # the clusters are the true groups, relabelled
 
 
-@pytest.mark.parametrize("reach", [None, 1])
-def test_saved_layout_computes_what_the_trainer_computes(reach):
-    """Folding the normalisation and re-laying the decoders keeps pre-activations and reconstructions."""
-    torch.manual_seed(0)
-    config = TrainConfig(features_per_layer=16, k=2, reach=reach)
-    trainer = CLTTrainer(n_layers=4, d_model=8, config=config)
-    with torch.no_grad():
-        for parameter in trainer.parameters():
-            parameter.normal_()
-        trainer.input_scale.uniform_(0.5, 2)
-        trainer.output_scale.uniform_(0.5, 2)
-    transcoder = trainer.to_transcoder("tiny")
-    x = torch.randn(4, 5, 8)  # [layer, token, d_model], raw units
-    pre = torch.baddbmm(trainer.b_enc, x * trainer.input_scale, trainer.W_enc)
-    for layer in range(4):
-        torch.testing.assert_close(transcoder.pre_activations(x[layer], layer), pre[layer])
-    acts = torch.randn(4, 5, 16).relu()
-    expected = torch.stack([
-        acts.transpose(0, 1).reshape(5, -1)[:, trainer.first_source[t] * 16 : (t + 1) * 16] @ trainer.W_dec[t]
-        + trainer.b_dec[t] for t in range(4)
-    ]) / trainer.output_scale
-    torch.testing.assert_close(transcoder.decode(list(acts)), expected)
-    if reach is not None:  # a feature writes nothing beyond its reach
-        assert transcoder.W_dec[0][:, reach + 1 :].abs().sum() == 0
+def test_fit_layer_density_and_fit():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 12, generator=generator)
+    y = (x @ torch.randn(12, 12, generator=generator)).relu() ** 2 + 0.5 * x  # a non-linear "MLP" with a linear part
+    config = TrainConfig(features_per_layer=40, k=4, fit_tokens=3000, kmeans_iterations=5)
+    fit = fit_layer(x, y, config, torch.Generator().manual_seed(0))
+    acts = (x @ fit.W_enc.T + fit.b_enc).relu()  # [N, F]
+    density = (acts > 0).float().mean(0)
+    assert torch.allclose(density, torch.full_like(density, 4 / 40), atol=2 / 3000)  # each fires on its share k/F
+    assert abs((acts > 0).float().sum(-1).mean().item() - 4) < 0.05  # so the mean L0 is k
+    reconstruction = acts @ fit.W_dec + x @ fit.W_skip.T + fit.b_dec
+    fvu = ((reconstruction - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+    skip_only, skip_bias = least_squares(x, y, 0.0)
+    fvu_linear = ((x @ skip_only + skip_bias - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.8 * fvu_linear  # the features explain part of what a linear map cannot
+    # the decoders are the least-squares fit on [acts, x] (the folding into model units changed nothing)
+    weights, bias = least_squares(torch.cat([acts, x], 1), y, config.ridge)
+    direct = torch.cat([acts, x], 1) @ weights + bias
+    assert ((direct - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item() == pytest.approx(fvu, rel=2e-2)
 
 
-class Crash(Exception):
-    pass
-
-
-def test_training_resumes_from_a_checkpoint(tiny_lm, windows, tmp_path, monkeypatch):
-    config = TrainConfig(tokens=8 * 4 * 23, **{**SMALL, "checkpoint_every": 3})
-    real_refresh, steps = train.ActivationBuffer.refresh, []
-
-    def crash_at_step_five(self, n_windows):
-        steps.append(1)
-        if len(steps) == 5 and not (tmp_path / "crashed").exists():
-            (tmp_path / "crashed").touch()
-            raise Crash
-        real_refresh(self, n_windows)
-
-    monkeypatch.setattr(train.ActivationBuffer, "refresh", crash_at_step_five)
-    with pytest.raises(Crash):
-        train_clt(tiny_lm, windows, config, tmp_path, progress=False)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
-    steps.clear()
-    train_clt(tiny_lm, windows, config, tmp_path, progress=False)
-    assert len(steps) == 5  # steps 3..7 only (of 0..7)
-    assert (tmp_path / "clt" / "config.yaml").exists()
-    with pytest.raises(ValueError, match="another configuration"):
-        (tmp_path / "clt").rename(tmp_path / "old")
-        torch.save({"config": {}, "trainer": {}, "optimizer": {}, "step": 1, "next_window": 0}, tmp_path / "checkpoint.pt")
-        train_clt(tiny_lm, windows, config, tmp_path, progress=False)
+def test_train_transcoder_saves_what_it_fitted(tiny_lm, windows, tmp_path):
+    config = TrainConfig(**SMALL)
+    transcoder = train_transcoder(tiny_lm, windows, config, tmp_path / "transcoder", progress=False)
+    saved = load_transcoder(tmp_path / "transcoder")
+    assert saved.config.kind == SET and saved.config.activation == "relu" and saved.W_skip is not None
+    assert saved.config.d_transcoder == 16 and saved.config.n_layers == tiny_lm.n_layers
+    for name in ("W_enc", "b_enc", "W_dec", "W_skip", "b_dec"):
+        torch.testing.assert_close(getattr(saved, name), getattr(transcoder, name))
+    # on the fit tokens every feature fires, and the mean L0 is k
+    fit_windows, _ = train.split_windows(windows, config)
+    x, _ = train.collect_activations(tiny_lm, windows, fit_windows, config.fit_tokens, config.batch_windows, False)
+    for layer in range(tiny_lm.n_layers):
+        acts = saved.encode(x[layer].float(), layer)
+        assert (acts > 0).any(0).all()
+        assert (acts > 0).float().sum(-1).mean().item() == pytest.approx(3, abs=0.1)
 
 
 def test_bad_configurations_are_refused(tiny_lm, windows, tmp_path):
     with pytest.raises(ValueError, match="k .* cannot exceed"):
         TrainConfig(features_per_layer=8, k=16)
-    with pytest.raises(ValueError, match="tokens must be >= 1"):
-        TrainConfig(tokens=0)
-    with pytest.raises(ValueError, match="the corpus has 60 windows"):
-        train_clt(tiny_lm, windows, TrainConfig(**{**SMALL, "buffer_windows": 100}), tmp_path, progress=False)
-    assert not any(tmp_path.glob("*/config.yaml"))
+    with pytest.raises(ValueError, match="fit_tokens .* at least 4"):
+        TrainConfig(features_per_layer=512, fit_tokens=1000)
+    with pytest.raises(ValueError, match="only .* tokens to fit on"):
+        train_transcoder(tiny_lm, windows, TrainConfig(**{**SMALL, "fit_tokens": 100_000}), tmp_path / "t",
+                         progress=False)
+    assert not (tmp_path / "t").exists()
 
 
 def test_layer_activations_drop_bos_and_padding(tiny_lm, windows):
@@ -113,17 +103,54 @@ def test_layer_activations_drop_bos_and_padding(tiny_lm, windows):
     assert np.isfinite(x.numpy()).all()
 
 
-def test_evaluation_matches_a_direct_computation(tiny_lm, windows, tmp_path):
-    config = TrainConfig(tokens=200, **SMALL)
-    transcoder = train_clt(tiny_lm, windows, config, tmp_path, progress=False)
-    indices = heldout(windows, config)
-    report = evaluate_clt(tiny_lm, transcoder, windows, indices, batch_windows=3, progress=False)  # several batches
-    tokens = torch.from_numpy(windows.tokens[np.sort(indices)]).long()
-    lengths = torch.from_numpy(windows.lengths[np.sort(indices)]).long()
-    x, y = train.layer_activations(tiny_lm, tokens, lengths)
+@pytest.fixture(scope="module")
+def fitted(tiny_lm, windows, tmp_path_factory):
+    config = TrainConfig(**SMALL)
+    return config, train_transcoder(tiny_lm, windows, config, tmp_path_factory.mktemp("t") / "transcoder", False)
+
+
+def test_evaluation_matches_a_direct_computation(tiny_lm, windows, fitted):
+    config, transcoder = fitted
+    sequences = window_sequences(windows, train.split_windows(windows, config)[1])
+    sequences += [[1, 5, 6, 7], [1, 9]]  # short texts, as the varied texts are, padded in their batch
+    report = evaluate_transcoder(tiny_lm, transcoder, sequences, batch_size=3, progress=False)  # several batches
+    xs, ys = zip(*(train.layer_activations(tiny_lm, torch.tensor([ids]), torch.tensor([len(ids)])) for ids in sequences))
+    x, y = torch.cat(xs, 1).float(), torch.cat(ys, 1).float()
     with torch.no_grad():
-        acts, reconstruction = transcoder(x.float())
+        acts, reconstruction = transcoder(x)
     fvu = (reconstruction - y).pow(2).sum((1, 2)) / (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2))
     np.testing.assert_allclose(report["fvu"], fvu.numpy(), rtol=1e-4)
-    np.testing.assert_allclose(report["l0"], torch.stack([(a > 0).float().sum(-1).mean() for a in acts]).numpy(), rtol=1e-5)
-    assert report["tokens"] == int((lengths - 1).sum())
+    np.testing.assert_allclose(report["l0"], torch.stack([(a > 0).float().sum(-1).mean() for a in acts]).numpy(),
+                               rtol=1e-5)
+    assert report["tokens"] == sum(len(ids) - 1 for ids in sequences) and report["sequences"] == len(sequences)
+    # the model's own cross-entropy, from Hugging Face's loss one sequence at a time
+    losses = [tiny_lm.model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item() * (len(ids) - 1)
+              for ids in sequences]
+    assert report["cross_entropy"] == pytest.approx(sum(losses) / sum(len(ids) - 1 for ids in sequences), rel=1e-5)
+
+
+def test_splicing_an_exact_reconstruction_changes_nothing(tiny_lm, fitted, monkeypatch):
+    """Make layer 1's MLP a linear map and the transcoder's skip that same map (no features): splicing layer 1 must
+    leave the cross-entropy as it is, while splicing the other layers (real fits) changes it."""
+    _, transcoder = fitted
+    transcoder = load_transcoder_copy(transcoder)
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.randn(32, 32, generator=generator) / 32**0.5  # [d_out, d_in]
+    mlp = tiny_lm.layers[1].mlp
+    monkeypatch.setattr(mlp, "forward", lambda x: x @ linear.T)
+    with torch.no_grad():
+        transcoder.W_skip[1].copy_(linear)
+        transcoder.W_dec[1].zero_()
+        transcoder.b_dec[1].zero_()
+    sequences = [[1, 5, 6, 7, 8, 9], [1, 9, 10]]
+    report = evaluate_transcoder(tiny_lm, transcoder, sequences, splice_each_layer=True, progress=False)
+    spliced = report["spliced_cross_entropy"]
+    assert spliced[1] == pytest.approx(report["cross_entropy"], rel=1e-5)
+    assert spliced[0] != pytest.approx(report["cross_entropy"], rel=1e-4)
+    assert report["replacement_cross_entropy"] != pytest.approx(report["cross_entropy"], rel=1e-4)
+
+
+def load_transcoder_copy(transcoder):
+    import copy
+
+    return copy.deepcopy(transcoder)

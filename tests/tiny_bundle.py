@@ -22,7 +22,7 @@ def build_tiny_bundle(directory: str | Path, lm: LanguageModel, transcoder: Tran
     model_dir = directory / "model"
     lm.model.save_pretrained(model_dir)
     lm.tokenizer.save_pretrained(model_dir)
-    save_transcoder(transcoder, directory / "clt")
+    save_transcoder(transcoder, directory / "transcoder")
     save_windows(windows, directory / "windows")
     manifest = {"model": str(model_dir), "model_name": lm.name,
                 "windows": {"count": len(windows), "window_length": int(windows.tokens.shape[1]),
