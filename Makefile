@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The demo dreams for the first 2 features of the quality study's rule (live, non-dense features: density in
-# [1e-4, 1e-2], drawn with seed 0; experiments/epo_quality.py) in one shared batch, then prints each beside its
+# [1e-4, 0.1], drawn with seed 0; experiments/epo_quality.py) in one shared batch, then prints each beside its
 # dataset maxima. Results are cached in <bundle>/dreams, so a second run is instant.
 demo: setup
 	$(VENV)/bin/dreaming default build

@@ -42,6 +42,9 @@ from dreaming.train import TrainConfig, train_transcoder, transcoder_report
 from dreaming.transcoders import Transcoder, load_transcoder
 
 MANIFEST = "bundle.json"
+# The default bundle's recipe; a default bundle of another version is moved aside and built again.
+# 1: Python-heavy corpus, CLT of 512 features per layer. 2: diverse corpus, skip transcoder set of 2,048.
+DEFAULT_BUNDLE_VERSION = 2
 WINDOW_LENGTH = 128
 
 
@@ -105,6 +108,24 @@ class Bundle:
         partial.replace(self.directory / MANIFEST)
 
 
+def current_default_manifest(directory: Path) -> dict:
+    """The manifest of the default bundle in `directory` ({} when there is none). A bundle of an earlier default
+    recipe (another corpus and transcoder) is moved aside, untouched, to `<directory>.v<version>`, so that no step
+    of the current recipe is skipped because an old one finished, and nothing built before is lost."""
+    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
+    if not manifest or manifest.get("version") == DEFAULT_BUNDLE_VERSION:
+        return manifest
+    old = manifest.get("version", 1)
+    kept, copies = directory.with_name(f"{directory.name}.v{old}"), 1
+    while kept.exists():
+        kept, copies = directory.with_name(f"{directory.name}.v{old}-{copies}"), copies + 1
+    directory.rename(kept)
+    directory.mkdir()
+    print(f"[default build] {directory} held the default bundle of an earlier recipe (version {old}); moved it to "
+          f"{kept}, building version {DEFAULT_BUNDLE_VERSION}", flush=True)
+    return {}
+
+
 def build_default_bundle(directory: Path | None = None, config: TrainConfig | None = None,
                          progress: bool = True) -> Bundle:
     """Build (idempotently: finished steps are skipped) the default bundle: model cache, corpus, windows,
@@ -114,8 +135,9 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
     """
     directory = Path(directory or default_bundle_dir())
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
+    manifest = current_default_manifest(directory)
     bundle = Bundle(directory, manifest)
+    manifest.setdefault("version", DEFAULT_BUNDLE_VERSION)
     manifest.setdefault("model", "default")
     manifest.setdefault("model_name", DEFAULT_MODEL)
     times = manifest.setdefault("build_seconds", {})

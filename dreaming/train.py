@@ -36,7 +36,7 @@ class TrainConfig:
     """Options of `train_transcoder`; the flags of `dreaming train-transcoder` use the same names."""
 
     features_per_layer: int = 2048
-    k: int = 40  # mean active features per token and layer on the fit tokens (more on unseen kinds of text)
+    k: int = 24  # mean active features per token and layer on the fit tokens (more on unseen kinds of text)
     fit_tokens: int = 65_536  # positions whose activations place the features and fit the decoders
     kmeans_iterations: int = 8
     ridge: float = 1e-2  # of the final least-squares fit, relative to the mean diagonal of its Gram matrix
@@ -157,7 +157,7 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: 
     # encoder = regression of one-hot membership on x: (XᵀX + ridge)⁻¹ Xᵀ onehot, with Xᵀ onehot = per-cluster sums
     gram = centred.T @ centred
     gram.diagonal().add_(1e-3 * gram.diagonal().mean())
-    directions = torch.linalg.solve(gram, torch.zeros(F, x.shape[1]).index_add_(0, cluster, centred).T)  # [d, F]
+    directions = torch.linalg.solve(gram, centred.new_zeros(F, x.shape[1]).index_add_(0, cluster, centred).T)  # [d, F]
     directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
     pre = centred @ directions  # [N, F]
     quantile = pre.kthvalue(n - max(1, round(n * config.k / F)), dim=0).values  # [F]: fires on k/F of the tokens
@@ -299,13 +299,13 @@ def _cross_entropy(lm: LanguageModel, transcoder: Transcoder, tokens: torch.Tens
 
 
 def transcoder_report(lm: LanguageModel, transcoder: Transcoder, windows: Windows, config: TrainConfig,
-               progress: bool = True) -> dict:
+                      progress: bool = True) -> dict:
     """The transcoder's evaluation: on the held-out varied texts (never in any corpus; with the cross-entropy of each
     layer spliced in alone) and on the corpus windows held out of training."""
     texts = [with_bos(ids, lm.bos_token_id) for ids in
              lm.tokenizer([doc.text for doc in heldout_texts()], add_special_tokens=False)["input_ids"]]
+    heldout = window_sequences(windows, split_windows(windows, config)[1])
     return {
         "varied_texts": evaluate_transcoder(lm, transcoder, texts, splice_each_layer=True, progress=progress),
-        "heldout_windows": evaluate_transcoder(lm, transcoder, window_sequences(windows, split_windows(windows, config)[1]),
-                                        progress=progress),
+        "heldout_windows": evaluate_transcoder(lm, transcoder, heldout, progress=progress),
     }

@@ -305,3 +305,33 @@ def test_config_validation():
         TranscoderConfig(T.SET, N, D, F, activation="topk")
     with pytest.raises(ValueError, match="W_skip"):
         TranscoderConfig(T.CLT, N, D, F, skip_connection=True)
+
+
+def test_identity_covers_every_encoder_tensor(tmp_path):
+    """A change to a threshold or a bias (stored after the first MiB of a large file) changes the identity."""
+    from dreaming.bundle import transcoder_identity
+
+    config = T.TranscoderConfig(T.CLT, 2, 256, 1024, activation="jumprelu")  # W_enc_0 alone is 1 MiB
+    transcoder = T.Transcoder(config)
+    T.save_transcoder(transcoder, tmp_path / "t")
+    first = transcoder_identity("m", tmp_path / "t")
+    assert transcoder_identity("m", tmp_path / "t") == first and transcoder_identity("other", tmp_path / "t") != first
+    for name in ("threshold", "b_enc"):
+        changed = T.load_transcoder(tmp_path / "t")
+        with torch.no_grad():
+            getattr(changed, name)[1, -1] += 0.5
+        T.save_transcoder(changed, tmp_path / name)
+        assert transcoder_identity("m", tmp_path / name) != first
+
+
+@pytest.mark.parametrize("case", [dict(kind=T.CLT), dict(kind=T.SET, activation="relu", skip=True)])
+def test_decode_layer_equals_the_whole_decode(case):
+    transcoder, x = random_transcoder(**case), random_inputs()
+    with torch.no_grad():
+        acts, reconstruction = transcoder(x)
+        for layer in range(N):
+            torch.testing.assert_close(transcoder.decode_layer(dict(enumerate(acts)), layer, x[layer]),
+                                       reconstruction[layer])
+    if case.get("skip"):
+        with pytest.raises(ValueError, match="needs the inputs"):
+            transcoder.decode_layer(dict(enumerate(acts)), 0)
