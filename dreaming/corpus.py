@@ -1,11 +1,14 @@
 """Text corpora: sources -> documents -> fixed-length token windows, and the offline default corpus.
 
 Owns
-  Document, read_documents, write_documents   text files, directories, JSONL, Parquet, Hugging Face datasets
+  Document, read_documents, write_documents   text files, directories, JSONL (.gz), Parquet, Hugging Face datasets
+  with_bos                                    the one BOS rule: BOS + tokens, BOS not doubled
   Windows, tokenize_windows                   documents -> [n_windows, window_length] token windows, BOS first
   default_documents                           Python source, docstrings and docs from the standard library
-  DEFAULT_CHAT_REQUESTS, generate_chat_transcripts   chat transcripts the model writes in its own template
-  build_default_corpus                        all of the above into one JSONL file, with per-source stats
+  chat_requests, writing_prompts, WritingConfig, generate_documents
+                                              the text the model writes across genres and in chat (data/)
+  heldout_texts                               the varied texts every transcoder is evaluated on (in no corpus)
+  build_default_corpus                        the stdlib part and the shipped written part in one JSONL file
 
 Every document carries a source tag, so a user can see when one narrow source explains a feature.
 Everything here is deterministic: sorted file order, fixed seeds, no network.

@@ -192,6 +192,12 @@ def window_sequences(windows: Windows, indices: np.ndarray) -> list[list[int]]:
     return [windows.tokens[i, : windows.lengths[i]].tolist() for i in np.sort(indices)]
 
 
+def heldout_sequences(lm: LanguageModel) -> list[list[int]]:
+    """The held-out varied texts (`corpus.heldout_texts`) as token-id lists, measured as every text is."""
+    ids = lm.tokenizer([doc.text for doc in heldout_texts()], add_special_tokens=False)["input_ids"]
+    return [with_bos(row, lm.bos_token_id) for row in ids]
+
+
 def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists -> tokens [batch, pos] (right-padded) and lengths [batch]."""
     lengths = torch.tensor([len(ids) for ids in sequences])
@@ -302,10 +308,9 @@ def transcoder_report(lm: LanguageModel, transcoder: Transcoder, windows: Window
                       progress: bool = True) -> dict:
     """The transcoder's evaluation: on the held-out varied texts (never in any corpus; with the cross-entropy of each
     layer spliced in alone) and on the corpus windows held out of training."""
-    texts = [with_bos(ids, lm.bos_token_id) for ids in
-             lm.tokenizer([doc.text for doc in heldout_texts()], add_special_tokens=False)["input_ids"]]
     heldout = window_sequences(windows, split_windows(windows, config)[1])
     return {
-        "varied_texts": evaluate_transcoder(lm, transcoder, texts, splice_each_layer=True, progress=progress),
+        "varied_texts": evaluate_transcoder(lm, transcoder, heldout_sequences(lm), splice_each_layer=True,
+                                            progress=progress),
         "heldout_windows": evaluate_transcoder(lm, transcoder, heldout, progress=progress),
     }

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle
-from dreaming.corpus import heldout_texts, with_bos
-from dreaming.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
+from dreaming.train import TrainConfig, collect_activations, fit_layer, heldout_sequences, layer_activations, split_windows
 
 
 def main():
@@ -44,9 +43,7 @@ def main():
     runs = {"bf16, 2 threads": fits(torch.bfloat16, 2), "bf16, 2 threads again": fits(torch.bfloat16, 2),
             "bf16, 1 thread": fits(torch.bfloat16, 1), "fp32, 2 threads": fits(torch.float32, 2)}
     lm = bundle.load_model(dtype=torch.float32)
-    parts = [layer_activations(lm, torch.tensor([ids]), torch.tensor([len(ids)])) for ids in
-             (with_bos(lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"], lm.bos_token_id)
-              for doc in heldout_texts())]
+    parts = [layer_activations(lm, torch.tensor([ids]), torch.tensor([len(ids)])) for ids in heldout_sequences(lm)]
     texts = torch.cat([p[0] for p in parts], 1).float()  # [L, N, d]
     reference = runs["bf16, 2 threads"]
     lines = [f"# Reproducibility of the default fit (`experiments/reproducibility.py`, layers {args.layers}, "

@@ -25,8 +25,15 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle
-from dreaming.corpus import heldout_texts, with_bos
-from dreaming.train import TrainConfig, collect_activations, layer_activations, least_squares, spherical_kmeans, split_windows
+from dreaming.train import (
+    TrainConfig,
+    collect_activations,
+    heldout_sequences,
+    layer_activations,
+    least_squares,
+    spherical_kmeans,
+    split_windows,
+)
 
 RECIPES = [  # (encoder, features, reach, skip)
     ("data", 1024, 0, False), ("xkm", 1024, 0, False), ("xkm", 1024, 2, False), ("xkm", 1024, 0, True),
@@ -76,9 +83,7 @@ def main():
     data = {"fit": collect_activations(lm, windows, fit_windows, args.fit_tokens, config.batch_windows)}
     data["windows"] = collect_activations(lm, windows, np.sort(heldout), int((windows.lengths[heldout] - 1).sum()),
                                           config.batch_windows)
-    parts = [layer_activations(lm, torch.tensor([ids]), torch.tensor([len(ids)])) for ids in
-             (with_bos(lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"], lm.bos_token_id)
-              for doc in heldout_texts())]
+    parts = [layer_activations(lm, torch.tensor([ids]), torch.tensor([len(ids)])) for ids in heldout_sequences(lm)]
     data["texts"] = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
     layers = [int(layer) for layer in args.layers.split(",")]
     rows = []
