@@ -10,6 +10,8 @@ its samples change when the batch does.)
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from tqdm.auto import tqdm
 
@@ -39,8 +41,10 @@ def _sample_batch(model, prompts: list[list[int]], uniforms: torch.Tensor, max_n
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # [batch, width]
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    # transformers >= 5.2x names the KV cache `cache` (was `past_key_values`), in the arguments and the output
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = out.cache if hasattr(out, "cache") else out.past_key_values, out.logits[:, -1]
+    cache, logits = getattr(out, cache_argument), out.logits[:, -1]
     new = torch.zeros(len(prompts), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     eos_ids = torch.tensor(sorted(eos), device=device)
@@ -53,9 +57,9 @@ def _sample_batch(model, prompts: list[list[int]], uniforms: torch.Tensor, max_n
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True)
-        cache, logits = out.cache if hasattr(out, "cache") else out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_argument: cache})
+        cache, logits = getattr(out, cache_argument), out.logits[:, -1]
     rows = []
     for row in new.tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), None)
