@@ -145,27 +145,40 @@ class LayerFit:
     b_dec: torch.Tensor  # [d_model]
 
 
+def output_cluster_directions(centred: torch.Tensor, y: torch.Tensor, n_features: int, iterations: int,
+                              generator: torch.Generator) -> torch.Tensor:
+    """Steps 2a–2b: unit encoder directions [d, F] for centred inputs [N, d] and outputs y [N, d]. The outputs a
+    linear skip leaves unexplained are clustered; each direction is the regression of one cluster's membership on
+    the input, (XᵀX + ridge)⁻¹ Xᵀ onehot, where Xᵀ onehot is the per-cluster sum of inputs."""
+    skip, skip_bias = least_squares(centred, y, 1e-3)
+    cluster = spherical_kmeans(y - centred @ skip - skip_bias, n_features, iterations, generator)  # [N]
+    gram = centred.T @ centred
+    gram.diagonal().add_(1e-3 * gram.diagonal().mean())
+    sums = centred.new_zeros(n_features, centred.shape[1]).index_add_(0, cluster, centred)  # [F, d]
+    directions = torch.linalg.solve(gram, sums.T)  # [d, F]
+    return directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def firing_thresholds(pre: torch.Tensor, share: float) -> torch.Tensor:
+    """Step 2c: per feature, the pre-activation [N, F] value it exceeds on `share` of the tokens: [F]."""
+    return pre.kthvalue(len(pre) - max(1, round(len(pre) * share)), dim=0).values
+
+
 def fit_layer(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> LayerFit:
     """Steps 2a–2d of the recipe for one layer: x, y [N, d_model]."""
     x, y = x.float(), y.float()
-    F, n = config.features_per_layer, len(x)
+    F = config.features_per_layer
     scale = (x.shape[1] / x.pow(2).sum(-1).mean()).sqrt()
     mean = (x * scale).mean(0)
     centred = x * scale - mean  # [N, d]
-    skip, skip_bias = least_squares(centred, y, 1e-3)
-    cluster = spherical_kmeans(y - centred @ skip - skip_bias, F, config.kmeans_iterations, generator)  # [N]
-    # encoder = regression of one-hot membership on x: (XᵀX + ridge)⁻¹ Xᵀ onehot, with Xᵀ onehot = per-cluster sums
-    gram = centred.T @ centred
-    gram.diagonal().add_(1e-3 * gram.diagonal().mean())
-    directions = torch.linalg.solve(gram, centred.new_zeros(F, x.shape[1]).index_add_(0, cluster, centred).T)  # [d, F]
-    directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    directions = output_cluster_directions(centred, y, F, config.kmeans_iterations, generator)  # [d, F]
     pre = centred @ directions  # [N, F]
-    quantile = pre.kthvalue(n - max(1, round(n * config.k / F)), dim=0).values  # [F]: fires on k/F of the tokens
-    acts = (pre - quantile).relu()
+    threshold = firing_thresholds(pre, config.k / F)  # [F]
+    acts = (pre - threshold).relu()
     del pre
     weights, bias = least_squares(torch.cat([acts, centred], 1), y, config.ridge)  # [F + d, d]
     W_dec, W_x = weights[:F], weights[F:]
-    return LayerFit(W_enc=(directions * scale).T.contiguous(), b_enc=-(mean @ directions) - quantile,
+    return LayerFit(W_enc=(directions * scale).T.contiguous(), b_enc=-(mean @ directions) - threshold,
                     W_dec=W_dec.contiguous(), W_skip=(W_x * scale).T.contiguous(), b_dec=bias - mean @ W_x)
 
 

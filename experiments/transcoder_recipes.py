@@ -30,7 +30,9 @@ from dreaming.train import (
     collect_activations,
     heldout_sequences,
     layer_activations,
+    firing_thresholds,
     least_squares,
+    output_cluster_directions,
     spherical_kmeans,
     split_windows,
 )
@@ -53,13 +55,9 @@ def encoder(x, y, method, features, k, generator):
         cluster = spherical_kmeans(centred, features, 8, generator)
         directions = torch.zeros(features, x.shape[1]).index_add_(0, cluster, centred).T
     else:
-        skip, bias = least_squares(centred, y, 1e-3)
-        cluster = spherical_kmeans(y - centred @ skip - bias, features, 8, generator)
-        gram = centred.T @ centred
-        gram.diagonal().add_(1e-3 * gram.diagonal().mean())
-        directions = torch.linalg.solve(gram, torch.zeros(features, x.shape[1]).index_add_(0, cluster, centred).T)
-    directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    quantile = (centred @ directions).kthvalue(len(x) - round(len(x) * k / features), dim=0).values
+        directions = output_cluster_directions(centred, y, features, 8, generator)
+    directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)  # unit columns, as ykm's are
+    quantile = firing_thresholds(centred @ directions, k / features)
     return lambda inputs: ((inputs.float() * scale - mean) @ directions - quantile).relu()
 
 
