@@ -1,9 +1,12 @@
 """The one measurement function: a feature's activation on a text, and everything built on it.
 
-The activation of a feature on a text is the maximum over the text's tokens (position 0, the BOS, excluded)
-of the feature's transcoder activation. A text is measured as `[BOS] + tokens(text)` (BOS added only when the
-text does not already start with it), so a window of the corpus, a user's text and a dreamed prompt inside a
-chat template are all measured the same way. `fraction_of_max` = activation / the feature's dataset max.
+The activation of a feature on a text is the maximum over the text's counted tokens of the feature's
+transcoder activation. A text is measured as `[BOS] + tokens(text)` (BOS added only when the text does not
+already start with it), so a window of the corpus, a user's text and a dreamed prompt inside a chat template
+are all measured the same way. Position 0 (the BOS) never counts. For a prompt inside a template only the
+prompt and what follows it count (`counted_from` = the prompt's first position): the template's prefix cannot
+be changed by the prompt, so its own activation is reported apart, as `template_activation`.
+`fraction_of_max` = activation / the feature's dataset max.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from dreaming.corpus import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
+from dreaming.objective import split_template
 from dreaming.transcoders import Transcoder
 
 MAX_TEXT_TOKENS = 1024
@@ -26,8 +30,10 @@ class TextActivation:
     token_ids: list[int]  # as measured, BOS first
     tokens: list[str]  # one string per token id
     token_activations: list[float]  # per token; 0 at position 0
-    activation: float  # max over positions >= 1
+    activation: float  # max over positions >= counted_from
     fraction_of_max: float | None  # activation / dataset max (None without maxima)
+    counted_from: int = 1  # first position that counts (a template's prefix comes before it)
+    template_activation: float = 0.0  # max over the positions before counted_from (the template's own)
 
 
 def tokenize_text(lm: LanguageModel, text: str) -> list[int]:
@@ -89,9 +95,13 @@ def _pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 def measure_token_ids(lm: LanguageModel, transcoder: Transcoder, feature: Feature, sequences: list[list[int]],
                       dataset_max: float | None = None, texts: list[str] | None = None,
-                      batch_size: int = 16) -> list[TextActivation]:
-    """Measure token sequences (each BOS first); `texts` only labels them (default: the decoded ids)."""
+                      counted_from: list[int] | None = None, batch_size: int = 16) -> list[TextActivation]:
+    """Measure token sequences (each BOS first); `texts` only labels them (default: the decoded ids);
+    `counted_from` is each sequence's first counted position (default 1: all but the BOS)."""
     check_feature(feature, transcoder.config.n_layers, transcoder.config.d_transcoder)
+    counted_from = counted_from or [1] * len(sequences)
+    if len(counted_from) != len(sequences) or any(not 1 <= c < len(s) for c, s in zip(counted_from, sequences)):
+        raise ValueError("counted_from must give, per sequence, a position in 1..len - 1")
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_token_id
     results = []
     for start in range(0, len(sequences), batch_size):
@@ -100,12 +110,14 @@ def measure_token_ids(lm: LanguageModel, transcoder: Transcoder, feature: Featur
         acts = feature_activations(lm, transcoder, input_ids, [feature], mask)[..., 0].cpu()  # [batch, pos]
         for row, ids in enumerate(chunk):
             values = acts[row, : len(ids)].tolist()
-            activation = max(values[1:], default=0.0)
+            first = counted_from[start + row]
+            activation = max(values[first:])
             text = texts[start + row] if texts else lm.tokenizer.decode(ids[1:])
             results.append(TextActivation(
                 text=text, token_ids=list(ids), tokens=lm.tokenizer.convert_ids_to_tokens(list(ids)),
                 token_activations=values, activation=activation,
-                fraction_of_max=activation / dataset_max if dataset_max else None))
+                fraction_of_max=activation / dataset_max if dataset_max else None,
+                counted_from=first, template_activation=max(values[1:first], default=0.0)))
     return results
 
 
@@ -116,3 +128,38 @@ def measure_texts(lm: LanguageModel, transcoder: Transcoder, feature: Feature, t
         raise ValueError("no texts given")
     sequences = [tokenize_text(lm, text) for text in texts]
     return measure_token_ids(lm, transcoder, feature, sequences, dataset_max, texts=list(texts))
+
+
+def template_ids(lm: LanguageModel, template: str) -> tuple[str, str, list[int]]:
+    """(prefix, suffix, the prefix's own ids with BOS) of a template with one `{prompt}` slot."""
+    prefix, suffix = split_template(template)
+    prefix_ids = lm.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    return prefix, suffix, with_bos(prefix_ids, lm.bos_token_id)
+
+
+def measure_in_template(lm: LanguageModel, transcoder: Transcoder, feature: Feature, prompts: list[str],
+                        template: str, dataset_max: float | None = None) -> list[TextActivation]:
+    """Each prompt measured inside `template` (one `{prompt}` slot) as a dream is: the text `prefix + prompt +
+    suffix`, tokenised like any text; only the prompt and what follows it count (`counted_from` = the length of
+    the prefix's own ids with BOS), and the prefix's own activation is `template_activation`. Reproduces a
+    DreamedPrompt's figures from its `prompt` and its result's template."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    prefix, suffix, prefix_ids = template_ids(lm, template)
+    sequences, texts = [], []
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("empty prompt: give the text that goes in the template's {prompt} slot")
+        text = prefix + prompt + suffix
+        ids = tokenize_text(lm, text)
+        if ids[: len(prefix_ids)] != prefix_ids:
+            raise ValueError(f"the prompt {prompt!r} merges with the template's text before {{prompt}} "
+                             f"({prefix[-20:]!r}): its tokens would change the template's own, so it cannot be "
+                             "measured in this template (with a BPE tokenizer the text before {prompt} should not "
+                             "end with a space)")
+        if len(ids) <= len(prefix_ids):
+            raise ValueError(f"the prompt {prompt!r} adds no token after the template's prefix")
+        sequences.append(ids)
+        texts.append(text)
+    return measure_token_ids(lm, transcoder, feature, sequences, dataset_max, texts=texts,
+                             counted_from=[len(prefix_ids)] * len(sequences))

@@ -215,15 +215,20 @@ def percent(fraction) -> str:
 
 
 def cmd_activation(args) -> None:
-    results = explorer(args).activation(args.feature, args.text)
+    results = explorer(args).activation(args.feature, args.text, template=args.template)
     if args.json:
         return print_json(results)
     for result in results:
+        first = result["counted_from"]
         print(f"{result['text']!r}: activation {result['activation']:.3f} = {percent(result['fraction_of_max']).strip()} "
-              "of dataset max")
+              "of dataset max" + (" (the prompt and what follows it)" if args.template else ""))
+        if args.template:
+            print(f"    the template's own prefix (positions 1..{first - 1}, not counted): activation "
+                  f"{result['template_activation']:.3f}")
         top = max(result["token_activations"]) or 1.0
-        for token, value in zip(result["tokens"], result["token_activations"]):
-            print(f"    {token!r:<24} {value:8.3f} {'█' * round(20 * value / top)}")
+        for position, (token, value) in enumerate(zip(result["tokens"], result["token_activations"])):
+            where = "  (template)" if 0 < position < first else ""
+            print(f"    {token!r:<24} {value:8.3f} {'█' * round(20 * value / top):<20}{where}")
 
 
 def cmd_search(args) -> None:
@@ -236,22 +241,56 @@ def cmd_search(args) -> None:
               f"{hit['density']:9.2e}  {hit['max_token']!r}")
 
 
+def shared(run) -> str:
+    """The longest run of tokens a dream shares with the feature's top dataset contexts (novelty), or "-"."""
+    return "-" if run is None else str(run)
+
+
+DREAM_HEADER = f"{'% of max':>9} {'CE':>5}  {'origin':<11} {'shared':>6}  prompt"
+
+
+def dream_row(fraction, cross_entropy, origin, longest_shared_run, prompt, mark="") -> str:
+    return (f"{percent(fraction)} {cross_entropy:5.2f}  {origin or '-':<11} {shared(longest_shared_run):>6}  "
+            f"{prompt!r}{mark}")
+
+
 def cmd_compare(args) -> None:
-    page = explorer(args).compare(args.feature, args.top)
+    page = explorer(args).compare(args.feature, args.top, length=args.length)
     if args.json:
         return print_json(page)
     sources = ", ".join(f"{name} {value:.2f}" for name, value in page["source_max"].items())
     print(f"feature {page['feature']}: dataset max {page['dataset_max']:.3f} over {page['tokens']:,} tokens, "
           f"density {page['density']:.2e}, mean when active {page['mean_when_active']:.3f}")
     print(f"max per source: {sources}")
-    print(f"\n{'% of max':>9} {'source':<12} dataset example (max token in [[ ]])")
+    cut = f"cut to {page['length']} tok: % of max"
+    print(f"\n{'% of max':>9} {'source':<12} {cut:>25} {'CE':>5}  dataset example (max token in [[ ]])")
     for example in page["examples"]:
-        print(f"{percent(example['fraction_of_max'])} {example['source']:<12} {example['context']!r}")
-    print(f"\n{'% of max':>9} {'CE':>5}  dreamed prompt")
+        matched = example["length_matched"]
+        print(f"{percent(example['fraction_of_max'])} {example['source']:<12} "
+              f"{percent(matched['fraction_of_max']):>25} {matched['cross_entropy']:5.2f}  {example['context']!r}")
+    print(f"(cut to {page['length']} tok: the example's last {page['length']} tokens up to its max token, measured "
+          "alone after BOS, and their cross-entropy: the data at a dream's length)")
+    print("\ndreamed prompts (frontier; shared: longest token run shared with the top dataset contexts)")
+    print(DREAM_HEADER)
     for dream in page["dreams"]:
-        print(f"{percent(dream['fraction_of_max'])} {dream['cross_entropy']:5.2f}  {dream['prompt']!r}")
+        print(dream_row(dream["fraction_of_max"], dream["cross_entropy"], dream["origin"],
+                        dream["longest_shared_run"], dream["prompt"]))
     if not page["dreams"]:
         print("          (none cached: `dreaming dream --feature " + page["feature"] + "`)")
+    if page["diverse"]:
+        print("\ndiverse (fluent, pairwise different, most active first)")
+        print(DREAM_HEADER)
+        for dream in page["diverse"]:
+            print(dream_row(dream["fraction_of_max"], dream["cross_entropy"], dream["origin"],
+                            dream["longest_shared_run"], dream["prompt"]))
+    if page["stale_dreams"]:
+        print("\nstale (scored against another dataset max)")
+        print(f"{'% of its max':>12} {'its max':>8} {'CE':>5}  prompt")
+        for dream in page["stale_dreams"]:
+            against = "none" if dream["scored_against"] is None else f"{dream['scored_against']:.3f}"
+            print(f"{percent(dream['fraction_of_max']):>12} {against:>8} {dream['cross_entropy']:5.2f}  "
+                  f"{dream['prompt']!r}")
+        print("(dream them again to score them against the current dataset max)")
 
 
 def run_dreams(args, features: list) -> list:
@@ -262,7 +301,7 @@ def run_dreams(args, features: list) -> list:
 
     from dreaming.bundle import Bundle
     from dreaming.dream_cache import DreamCache
-    from dreaming.epo import DreamConfig, dream_many
+    from dreaming.epo import DreamConfig, dream_many, longest_run
     from dreaming.features import check_feature
     from dreaming.models import best_device
     from dreaming.transcoders import read_config
@@ -273,14 +312,24 @@ def run_dreams(args, features: list) -> list:
     for feature in features:
         check_feature(feature, shape.n_layers, shape.d_transcoder)
     cache = DreamCache(bundle.directory / "dreams")
-    results = {f: None if args.no_cache else cache.get(bundle.identity, f, config) for f in features}
+    maxima = bundle.maxima()
+    maxes = {f: maxima.dataset_max(f) if maxima else None for f in features}  # the yardstick is part of the key
+    bases = {}  # with --more: the cached run each feature's search continues from
+    if args.more:
+        for feature in features:
+            current = [c.result for c in cache.for_feature(bundle.identity, feature, maxes[feature]) if c.current]
+            bases[feature] = longest_run(current, config)
+            if bases[feature] is None:
+                raise ValueError(f"nothing to continue for {feature}: no cached dream of this config (but its "
+                                 "iterations, seconds and plateau); dream it without --more first")
+    results = {f: None if args.no_cache or args.more else cache.get(bundle.identity, f, config, maxes[f])
+               for f in features}
     todo = [f for f in features if results[f] is None]
     if todo:
         device = args.device or best_device()
         lm = bundle.load_model(dtype=getattr(torch, config.dtype), device=device)
         measure_lm = lm if config.dtype == "float32" else bundle.load_model(dtype=torch.float32, device=device)
         transcoder = bundle.load_transcoder(device=device)
-        maxima = bundle.maxima()
         if maxima is None:
             print("no dataset maxima in this bundle (dreaming maxima build): targets use the fallback scale",
                   file=sys.stderr)
@@ -292,9 +341,10 @@ def run_dreams(args, features: list) -> list:
                     bar.update(offset + done - bar.n)
                     bar.set_postfix_str("" if best is None else f"best fluent {best:.0%} of max")
 
-                maxes = [maxima.dataset_max(f) if maxima else None for f in group]
-                for feature, result in zip(group, dream_many(lm, transcoder, group, config, maxes, progress,
-                                                             measure_lm)):
+                contexts = [maxima.top_contexts(f) if maxima else None for f in group]
+                continued = [bases[f] for f in group] if args.more else None
+                for feature, result in zip(group, dream_many(lm, transcoder, group, config, [maxes[f] for f in group],
+                                                             progress, measure_lm, contexts, continued)):
                     cache.put(bundle.identity, result)
                     results[feature] = result
     return [results[f] for f in features]
@@ -302,14 +352,22 @@ def run_dreams(args, features: list) -> list:
 
 def print_dream(result) -> None:
     fluent = result.best_fluent
-    print(f"feature {result.feature}: {len(result.frontier)} prompts on the frontier, {result.seconds:.0f}s"
+    print(f"feature {result.feature}: {len(result.frontier)} prompts on the frontier, {result.iterations} iterations "
+          f"(stopped: {result.stopped}), {result.seconds:.0f}s"
           + (f" ({result.scale_note})" if result.scale_note else ""))
-    print(f"{'% of max':>9} {'activation':>10} {'CE':>5}  prompt")
+    print(f"{'% of max':>9} {'activation':>10} {'CE':>5}  {'origin':<11} {'shared':>6}  prompt")
     for p in result.frontier:
         mark = " *" if fluent is not None and p.token_ids == fluent.token_ids else ""
-        print(f"{percent(p.fraction_of_max)} {p.activation:10.3f} {p.cross_entropy:5.2f}  {p.prompt!r}{mark}")
+        print(f"{percent(p.fraction_of_max)} {p.activation:10.3f} {p.cross_entropy:5.2f}  {p.origin:<11} "
+              f"{shared(p.longest_shared_run):>6}  {p.prompt!r}{mark}")
     print("best fluent (CE <= 5, marked *): " + ("none" if fluent is None else
           f"{percent(fluent.fraction_of_max).strip()} of dataset max, {fluent.text!r}"))
+    print("shared: the longest run of tokens shared with the feature's top dataset contexts (- without maxima)")
+    if result.diverse:
+        print(f"diverse ({len(result.diverse)} fluent, pairwise different, most active first)")
+        print(DREAM_HEADER)
+        for p in result.diverse:
+            print(dream_row(p.fraction_of_max, p.cross_entropy, p.origin, p.longest_shared_run, p.prompt))
 
 
 def cmd_dream(args) -> None:
@@ -409,15 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
         return command
 
-    explorer_command("activation", "a feature's activation on texts: %% of dataset max, per-token values",
-                     cmd_activation, feature=True).add_argument(
-        "--text", action="append", required=True, help="a text to measure (repeat for several)")
+    activation = explorer_command("activation", "a feature's activation on texts: %% of dataset max, per-token values",
+                                  cmd_activation, feature=True)
+    activation.add_argument("--text", action="append", required=True, help="a text to measure (repeat for several)")
+    activation.add_argument("--template", help="measure each text as a prompt inside this template (one {prompt} "
+                            "slot, e.g. '\\n\\nHuman:{prompt}'; 'chat': the model's chat template), as a dream is: "
+                            "the template's own activation is reported apart")
     search = explorer_command("search", "the features most active on a text, by %% of their dataset max",
                               cmd_search, feature=False)
     search.add_argument("--text", required=True)
     search.add_argument("--top", type=int, default=20, help="how many features (default: 20)")
-    explorer_command("compare", "top dataset examples beside the cached dreamed prompts", cmd_compare,
-                     feature=True).add_argument("--top", type=int, default=10, help="dataset examples shown (default: 10)")
+    compare = explorer_command("compare", "top dataset examples beside the cached dreamed prompts", cmd_compare,
+                               feature=True)
+    compare.add_argument("--top", type=int, default=10, help="dataset examples shown (default: 10)")
+    compare.add_argument("--length", type=int, help="each example is also measured cut to its last LENGTH tokens up "
+                         "to its max token (default: the default dream prompt length)")
 
     from dreaming.epo import DreamConfig
 
@@ -434,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
         command.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
         command.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
+        command.add_argument("--more", action="store_true", help="continue the cached dream of this config (the one "
+                             "that ran longest) for --iterations more (or --seconds): the same as one longer run")
         command.add_argument("--json", action="store_true")
         add_config_arguments(command, DreamConfig)
         command.set_defaults(run=run)

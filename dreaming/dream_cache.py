@@ -1,8 +1,12 @@
-"""Dream results on disk, keyed by (model + transcoder identity, feature, config).
+"""Dream results on disk, keyed by (model + transcoder identity, feature, config, dataset max).
 
-Layout: `<directory>/<identity>/<layer>_<index>/<key>.json`, one DreamResult per file, where key is a hash of
-the canonical (sorted-keys) JSON of the config. A bundle keeps its cache in `<bundle>/dreams/`. Writes go to a
-temporary file renamed into place, so a reader never sees half a file; an unreadable file counts as missing.
+Layout: `<directory>/<identity>/<layer>_<index>/<config key>-<max key>.json`, one DreamResult per file, where the
+config key is a hash of the canonical (sorted-keys) JSON of the config and the max key one of the dataset max the
+result was scored against (its yardstick: EPO's target is divided by it and every fraction_of_max is computed
+against it). Maxima rebuilt on another corpus change a feature's max, so a dream requested again is computed
+again, and the old one is kept but reported as stale (`for_feature`). A bundle keeps its cache in
+`<bundle>/dreams/`. Writes go to a temporary file renamed into place, so a reader never sees half a file; an
+unreadable file counts as missing.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -23,6 +28,25 @@ from dreaming.features import Feature, parse_feature
 def config_key(config: DreamConfig) -> str:
     canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def max_key(dataset_max: float | None) -> str:
+    """The cache key of a yardstick: "none" without one (no maxima, or a max of 0: a dead feature), else a hash
+    of the float's repr (exact: a float survives a JSON round trip unchanged)."""
+    if dataset_max is None or not dataset_max > 0:
+        return "none"
+    return hashlib.sha256(repr(float(dataset_max)).encode()).hexdigest()[:12]
+
+
+def same_yardstick(scored_against: float | None, dataset_max: float | None) -> bool:
+    """Was a result scored against `scored_against` measured with the current `dataset_max`?"""
+    return max_key(scored_against) == max_key(dataset_max)
+
+
+@dataclass
+class CachedDream:
+    result: DreamResult
+    current: bool  # scored against the current dataset max; False: stale (another maxima build's yardstick)
 
 
 def _safe(identity: str) -> str:
@@ -37,14 +61,17 @@ class DreamCache:
     def _feature_dir(self, identity: str, feature: Feature) -> Path:
         return self.directory / _safe(identity) / f"{feature.layer}_{feature.index}"
 
-    def path(self, identity: str, feature: Feature, config: DreamConfig) -> Path:
-        return self._feature_dir(identity, feature) / f"{config_key(config)}.json"
+    def path(self, identity: str, feature: Feature, config: DreamConfig, dataset_max: float | None) -> Path:
+        return self._feature_dir(identity, feature) / f"{config_key(config)}-{max_key(dataset_max)}.json"
 
-    def get(self, identity: str, feature: Feature, config: DreamConfig) -> DreamResult | None:
-        return _read(self.path(identity, feature, config))
+    def get(self, identity: str, feature: Feature, config: DreamConfig, dataset_max: float | None
+            ) -> DreamResult | None:
+        """The result of this config scored against `dataset_max` (the current max), else None."""
+        return _read(self.path(identity, feature, config, dataset_max))
 
     def put(self, identity: str, result: DreamResult) -> Path:
-        path = self.path(identity, parse_feature(result.feature), result.config)
+        """Store a result under its own config and the dataset max it was scored against."""
+        path = self.path(identity, parse_feature(result.feature), result.config, result.dataset_max)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
         try:
@@ -56,12 +83,15 @@ class DreamCache:
             raise
         return path
 
-    def for_feature(self, identity: str, feature: Feature) -> list[DreamResult]:
-        """Every cached result of a feature, best fluent activation first."""
+    def for_feature(self, identity: str, feature: Feature, dataset_max: float | None) -> list[CachedDream]:
+        """Every cached result of a feature, each marked current (scored against `dataset_max`, the feature's
+        max now) or stale; current ones first, then best fluent activation first."""
         directory = self._feature_dir(identity, feature)
         paths = sorted(directory.glob("*.json")) if directory.exists() else []
-        results = [result for path in paths if (result := _read(path)) is not None]
-        return sorted(results, key=lambda r: -(r.best_fluent.activation if r.best_fluent else float("-inf")))
+        cached = [CachedDream(result, same_yardstick(result.dataset_max, dataset_max))
+                  for path in paths if (result := _read(path)) is not None]
+        return sorted(cached, key=lambda c: (not c.current, -(c.result.best_fluent.activation if c.result.best_fluent
+                                                               else float("-inf"))))
 
 
 def _read(path: Path) -> DreamResult | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dreaming.activation import measure_texts
+from dreaming.activation import measure_in_template, measure_texts
 from dreaming.bundle import Bundle
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.maxima import Maxima, feature_page, search_features
@@ -63,28 +63,58 @@ class Explorer:
         feature = self.feature(feature)
         return self.maxima.dataset_max(feature) if self.maxima is not None else None
 
-    def activation(self, feature: Feature | str, texts: list[str]) -> list[dict]:
-        """Per text: token ids, per-token activations, the max, and the fraction of the dataset max."""
+    def template(self, template: str | None) -> str | None:
+        """A template as given (one `{prompt}` slot, checked), or "chat" for the model's chat template."""
+        from dreaming.objective import chat_template, split_template
+
+        if template is None:
+            return None
+        template = chat_template(self.lm) if template == "chat" else template
+        split_template(template)
+        return template
+
+    def activation(self, feature: Feature | str, texts: list[str], template: str | None = None) -> list[dict]:
+        """Per text: token ids, per-token activations, the max, and the fraction of the dataset max.
+
+        With `template` (one `{prompt}` slot, or "chat" for the model's chat template) each text is a prompt
+        measured inside it as a dream is: only the prompt and what follows count (`counted_from`), and the
+        template's own activation is `template_activation` (dreaming.activation.measure_in_template)."""
         feature = self.feature(feature)
         if len(texts) > MAX_TEXTS:
             raise ValueError(f"too many texts: {len(texts)}, at most {MAX_TEXTS} per call")
-        results = measure_texts(self.lm, self.transcoder, feature, texts, self.dataset_max(feature))
+        template = self.template(template)
+        if template is None:
+            results = measure_texts(self.lm, self.transcoder, feature, texts, self.dataset_max(feature))
+        else:
+            results = measure_in_template(self.lm, self.transcoder, feature, texts, template,
+                                          self.dataset_max(feature))
         return [asdict(result) for result in results]
 
     def search(self, text: str, top: int = 20) -> list[dict]:
         """The features most active on `text`, ranked by fraction of their dataset max, with density."""
         return search_features(self.lm, self.transcoder, self.require_maxima(), text, top)
 
-    def dreams(self, feature: Feature | str) -> list[dict]:
-        """Dream results cached on disk for this feature (any configuration), as JSON dicts."""
+    def dreams(self, feature: Feature | str, current_only: bool = False) -> list[dict]:
+        """Dream results cached on disk for this feature (any configuration), as JSON dicts: those scored against
+        the feature's dataset max now first, then stale ones (scored against another maxima build's max; each
+        result's `dataset_max` says which), unless `current_only`. `compare` shows the stale ones apart."""
         from dreaming.dream_cache import DreamCache
 
         feature = self.feature(feature)
         cache = DreamCache(self.bundle.directory / "dreams")
-        return [result.model_dump(mode="json") for result in cache.for_feature(self.bundle.identity, feature)]
+        cached = cache.for_feature(self.bundle.identity, feature, self.dataset_max(feature))
+        return [c.result.model_dump(mode="json") for c in cached if c.current or not current_only]
 
-    def compare(self, feature: Feature | str, top: int = 10, dreams: list[dict] | None = None) -> dict:
-        """The feature's statistics and top dataset examples beside its dreamed prompts (default: cached ones)."""
+    def compare(self, feature: Feature | str, top: int = 10, dreams: list[dict] | None = None,
+                length: int | None = None) -> dict:
+        """The feature's statistics and top dataset examples beside its dreamed prompts (default: cached ones).
+
+        Dreams scored against another dataset max than the feature's now are listed apart (`stale_dreams`).
+        Each example also has `length_matched`: its last `length` tokens up to its max token measured alone
+        (default: the default dream prompt length), to compare dreams with the data at equal context."""
+        from dreaming.epo import DreamConfig
+
         feature = self.feature(feature)
         dreams = self.dreams(feature) if dreams is None else dreams
-        return feature_page(self.lm, self.transcoder, self.require_maxima(), feature, dreams, top)
+        length = DreamConfig().prompt_length if length is None else length
+        return feature_page(self.lm, self.transcoder, self.require_maxima(), feature, dreams, top, length=length)

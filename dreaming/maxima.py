@@ -30,6 +30,7 @@ from dreaming.activation import layer_activations, measure_token_ids, tokenize_t
 from dreaming.corpus import Windows, load_windows, save_windows
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
+from dreaming.objective import cross_entropy
 from dreaming.transcoders import Transcoder
 
 FORMAT_VERSION = 1
@@ -162,6 +163,12 @@ class Maxima:
                    self.arrays["top_position"][at].tolist())
         return [(value, window, position) for value, window, position in rows if window >= 0]
 
+    def top_contexts(self, feature: Feature, top: int | None = None) -> list[tuple[list[int], int]]:
+        """[(window token ids, BOS first; the max token's position)] of the top examples, strongest first."""
+        windows = self.windows
+        return [(np.asarray(windows.tokens[w, : windows.lengths[w]]).tolist(), position)
+                for _, w, position in self.top_examples(feature)[:top]]
+
 
 def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
                  identity: str, config: MaximaConfig | None = None, progress: bool = True) -> Maxima:
@@ -226,18 +233,22 @@ def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
 
 
 def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
-                    top: int | None = None, context: int = 12) -> list[dict]:
+                    top: int | None = None, context: int = 12, length: int | None = None) -> list[dict]:
     """The feature's top dataset examples, re-measured from their windows (in `lm`'s dtype, fp32 encoder):
-    source tag, activation, % of max, per-token values, and the context around the max token marked."""
+    source tag, activation, % of max, per-token values, and the context around the max token marked.
+
+    With `length`, each example also has `length_matched` (see `length_matched`): the data at a dream's context
+    length, to tell whether a dream beats the data at equal context and fluency."""
     dataset_max = maxima.dataset_max(feature)
     examples = maxima.top_examples(feature)[:top]
     if not examples:
         return []
     windows = maxima.windows
-    sequences = [np.asarray(windows.tokens[w, : windows.lengths[w]]).tolist() for _, w, _ in examples]
-    measured = measure_token_ids(lm, transcoder, feature, sequences, dataset_max)
+    contexts = maxima.top_contexts(feature, top)
+    measured = measure_token_ids(lm, transcoder, feature, [ids for ids, _ in contexts], dataset_max)
+    matched = length_matched(lm, transcoder, feature, contexts, length, dataset_max) if length is not None else None
     rendered = []
-    for (stored, window, position), result in zip(examples, measured):
+    for i, ((stored, window, position), result) in enumerate(zip(examples, measured)):
         tokens = result.tokens
         lo, hi = max(1, position - context), min(len(tokens), position + 4)
         pieces = [lm.tokenizer.convert_tokens_to_string([t]) for t in tokens[lo:hi]]
@@ -253,8 +264,32 @@ def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, f
             "context": "".join(pieces),
             "token_ids": result.token_ids,
             "token_activations": result.token_activations,
+            **({"length_matched": matched[i]} if matched is not None else {}),
         })
     return rendered
+
+
+def length_matched(lm: LanguageModel, transcoder: Transcoder, feature: Feature,
+                   contexts: list[tuple[list[int], int]], length: int, dataset_max: float | None) -> list[dict]:
+    """Each context (window ids BOS first, max position) cut to its last `length` tokens up to and including the
+    max token, measured alone as `[BOS] + tokens`: {"tokens": n, "text", "activation" (max over the n tokens),
+    "fraction_of_max", "cross_entropy" (mean next-token CE of the n tokens after the BOS, fp32)}."""
+    if length < 1:
+        raise ValueError(f"length must be at least 1 token, got {length}")
+    cuts = [ids[max(1, position + 1 - length) : position + 1] for ids, position in contexts]
+    sequences = [[lm.bos_token_id, *cut] for cut in cuts]
+    measured = measure_token_ids(lm, transcoder, feature, sequences, dataset_max)
+    ces: list[float | None] = [None] * len(sequences)
+    by_length: dict[int, list[int]] = {}
+    for i, cut in enumerate(cuts):
+        by_length.setdefault(len(cut), []).append(i)
+    for n, rows in by_length.items():  # cross_entropy takes equal-length sequences
+        for start in range(0, len(rows), 32):
+            part = rows[start : start + 32]
+            for i, ce in zip(part, cross_entropy(lm, [sequences[i] for i in part], start=1, length=n)):
+                ces[i] = ce
+    return [{"tokens": len(cut), "text": m.text, "activation": m.activation, "fraction_of_max": m.fraction_of_max,
+             "cross_entropy": ce} for cut, m, ce in zip(cuts, measured, ces)]
 
 
 def search_features(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, text: str,
@@ -289,23 +324,47 @@ def search_features(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, t
     return found
 
 
+def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
+    return {"prompt": point["prompt"], "text": point["text"], "activation": point["activation"],
+            "fraction_of_max": fraction_of_max, "cross_entropy": point["cross_entropy"],
+            "origin": point.get("origin"), "longest_shared_run": point.get("longest_shared_run"),
+            "seed": result.get("seed")}
+
+
 def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
-                 dreams: list[dict], top: int = 10) -> dict:
+                 dreams: list[dict], top: int = 10, length: int | None = None) -> dict:
     """The comparison: the feature's statistics and top dataset examples beside its dreamed prompts.
 
-    `dreams` are dream results as JSON dicts (see dreaming.epo.DreamResult); their frontier prompts are listed
-    with their re-measured activation and % of the dataset max, strongest first.
+    `dreams` are dream results as JSON dicts (see dreaming.epo.DreamResult). Those scored against the feature's
+    dataset max now are current: their frontier prompts are listed in `dreams` (activation, % of the dataset
+    max, cross-entropy, origin, longest run shared with the top dataset contexts), strongest first, and the union
+    of their `diverse` sets (one entry per token sequence) in `diverse`. Results scored against another dataset
+    max (an earlier maxima build) are never shown as current: their prompts are in `stale_dreams`, with the max
+    they were scored against (`scored_against`) and their own recorded fraction of it. With `length`, each
+    example has `length_matched` (see `render_examples`).
     """
+    from dreaming.dream_cache import same_yardstick
+
     summary = maxima.summary(feature)
-    dreamed = []
-    for result in dreams:
-        for point in result.get("frontier", []):
-            dreamed.append({"prompt": point["prompt"], "text": point["text"], "activation": point["activation"],
-                            "fraction_of_max": point["activation"] / summary["dataset_max"]
-                            if summary["dataset_max"] > 0 else None,
-                            "cross_entropy": point["cross_entropy"], "seed": result.get("seed")})
+    dataset_max = summary["dataset_max"]
+    current = [result for result in dreams if same_yardstick(result.get("dataset_max"), dataset_max)]
+    stale = [result for result in dreams if not same_yardstick(result.get("dataset_max"), dataset_max)]
+    dreamed = [_dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
+               for result in current for point in result.get("frontier", [])]
     dreamed.sort(key=lambda d: d["activation"], reverse=True)
-    examples = render_examples(lm, transcoder, maxima, feature, top=top)
+    diverse = {}
+    for result in current:
+        for point in result.get("diverse") or []:
+            key = tuple(point["token_ids"])
+            if key not in diverse or point["activation"] > diverse[key]["activation"]:
+                diverse[key] = _dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
+    stale_dreamed = [{**_dreamed(point, result, point.get("fraction_of_max")),
+                      "scored_against": result.get("dataset_max")}
+                     for result in stale for point in result.get("frontier", [])]
+    stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
+    examples = render_examples(lm, transcoder, maxima, feature, top=top, length=length)
     for example in examples:  # the page shows contexts; full per-token arrays stay with the activation call
         del example["token_ids"], example["token_activations"]
-    return {**summary, "examples": examples, "dreams": dreamed}
+    return {**summary, "examples": examples, "length": length, "dreams": dreamed,
+            "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True),
+            "stale_dreams": stale_dreamed}

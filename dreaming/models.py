@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,18 @@ class LanguageModel:
         Gradients flow if the caller enables them.
         """
         wanted = [(canonical_hook(h), layer) for h, layer in hooks]
+        with self.hooked(wanted, stop_early=stop_early) as values:
+            try:
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+        return {key: values[key] for key in wanted}
+
+    @contextmanager
+    def hooked(self, hooks: list[tuple[str, int]], stop_early: bool = False):
+        """Within the block, every forward pass fills the yielded dict {(hook, layer): value [batch, pos, d_model]};
+        with `stop_early` the pass stops (raising _StopForward) once every hook has fired."""
+        wanted = [(canonical_hook(h), layer) for h, layer in hooks]
         values: dict[tuple[str, int], torch.Tensor] = {}
         handles = []
 
@@ -155,13 +168,10 @@ class LanguageModel:
             module, where = self.hook_module(*key)
             handles.append(module.register_forward_hook(make_hook(key, where)))
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
+            yield values
         finally:
             for handle in handles:
                 handle.remove()
-        return {key: values[key] for key in wanted}
 
 
 def best_device() -> str:

@@ -1,20 +1,25 @@
 """Batched scoring of prompts for EPO: a feature's pre-activation and the prompt's cross-entropy, and their
 token gradients.
 
-A prompt is `prompt_length` token ids placed inside a template: the text is `prefix + prompt + suffix`, measured
-as `[BOS] + tokens` like every other text (dreaming.activation). The prefix never changes, so its KV cache is
-computed once and expanded over each batch; a forward pass runs only the prompt and suffix tokens.
+A prompt is a row of token ids placed inside a template: the text is `prefix + prompt + suffix`, measured as
+`[BOS] + tokens` like every other text (dreaming.activation). Prompts in a batch may differ in length: `ids`
+[B, W] is right-padded and `lengths` [B] says how many tokens each row holds; each row's suffix follows its own
+last token and padding comes after the suffix, where under causal attention it changes nothing before it.
+
+The prefix never changes, so its KV cache is computed once and expanded over each batch. A child that differs
+from its parent from prompt position p on reuses the parent's KV cache up to p - 1 and runs only the rest
+(`score_children`); the parent's target values and token log-probabilities before that are its own.
 
 For a row (one population member or child) with target feature (layer, w, b) and scale s:
     f   = max over target positions of (h_layer · w + b) / s     (the pre-activation in fractions of max)
     CE  = mean over the prompt tokens of -log p(token | everything before it)   (every optimised token)
     L_λ = f − λ · CE
 Target positions: "last" = the last prompt token; "max" = every prompt and suffix token (the prefix cannot
-change). For the gradient and for selection f is taken as a smooth max over positions, τ·logsumexp(pre/τ) with
-τ = 0.1 of the dataset max, so that every position gets a signal (the exact max is reported). The gradient of L_λ
-with respect to the one-hot input (through `inputs_embeds`, the CE's labels
-included) is what EPO takes its top-k tokens from; each row uses its own λ, and one backward pass over the sum
-of the rows' objectives gives every row its own gradient.
+change, and the measurement leaves it out too). Scores and selection use the exact max; the gradient uses a smooth
+max, τ·logsumexp(pre/τ) with τ = 0.1 of the dataset max, since the exact max gives one position all of it. The
+gradient of L_λ with respect to the one-hot input (through `inputs_embeds`, the CE's labels included) is what EPO
+takes its top-k tokens from; each row uses its own λ, and one backward pass over the sum of the rows' objectives
+gives every row its own gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dreaming.models import LanguageModel
 from dreaming.transcoders import Transcoder
 
 POSITIONS = ("last", "max")
+MIN_CHUNK = 32  # children per forward pass at least (see Scorer.score_children)
 SMOOTH_MAX = 0.1  # temperature of the smooth max over positions in the gradient, in units of the target (of max)
 
 
@@ -70,136 +76,291 @@ def chat_template(lm: LanguageModel) -> str:
     return text.replace(marker, "{prompt}")
 
 
+@dataclass
+class Scores:
+    """Per row: exact f [B] (what selection uses and the search reports), CE [B], smooth f [B]."""
+
+    f: torch.Tensor
+    ce: torch.Tensor
+    smooth: torch.Tensor
+
+
+@dataclass
+class Parents:
+    """What the gradient pass leaves for scoring children from their parents' KV cache, per row:
+    keys/values per layer [B, kv_heads, P + W + s, head_dim] (prefix, prompt, suffix), the target at every
+    prompt and suffix position [B, W + s] and each prompt token's log-probability [B, W]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    pre: torch.Tensor
+    token_logprobs: torch.Tensor
+
+    def take(self, index: torch.Tensor, width: int | None = None) -> "Parents":
+        """The rows `index`; keys/values cut to `width` cached positions."""
+        return Parents([k[index, :, :width] for k in self.keys], [v[index, :, :width] for v in self.values],
+                       self.pre[index], self.token_logprobs[index])
+
+
+@dataclass
+class Expansion:
+    """The gradient pass over members: the top-k tokens of the gradient of L_λ at every prompt position
+    [B, W, k], the model's own top tokens for every position a token could be at (0..length, so an insertion at
+    the end too) [B, W + 1, k_model], and the Parents state their children reuse."""
+
+    gradient_top: torch.Tensor
+    model_top: torch.Tensor
+    parents: Parents
+
+    def put(self, index: torch.Tensor, other: "Expansion") -> "Expansion":
+        """Rows `index` replaced, in place, by `other`'s rows (in order); returns self."""
+        self.gradient_top[index], self.model_top[index] = other.gradient_top, other.model_top
+        for mine, theirs in zip(self.parents.keys + self.parents.values, other.parents.keys + other.parents.values):
+            mine[index] = theirs
+        self.parents.pre[index], self.parents.token_logprobs[index] = other.parents.pre, other.parents.token_logprobs
+        return self
+
+
 class Scorer:
     """Scores token prompts inside one template for a list of targets, in batches, on `lm`'s device and dtype.
 
     Rows of a batch say which target they serve (`rows`: index into `targets`) and their λ.
     """
 
-    def __init__(self, lm: LanguageModel, hook: str, template: str, prompt_length: int, targets: list[Target],
-                 position: str = "max", batch_size: int = 128):
+    def __init__(self, lm: LanguageModel, hook: str, template: str, targets: list[Target], position: str = "max",
+                 batch_size: int = 128):
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
-        self.lm, self.hook, self.targets, self.position = lm, hook, targets, position
-        self.prompt_length, self.batch_size = prompt_length, batch_size
+        self.lm, self.hook, self.targets, self.position, self.batch_size = lm, hook, targets, position, batch_size
         self.prefix_text, self.suffix_text = split_template(template)
         tok = lm.tokenizer
         prefix_ids = tok(self.prefix_text, add_special_tokens=False)["input_ids"] if self.prefix_text else []
         self.prefix_ids = with_bos(prefix_ids, lm.bos_token_id)
         self.suffix_ids = tok(self.suffix_text, add_special_tokens=False)["input_ids"] if self.suffix_text else []
+        self.suffix = torch.tensor(self.suffix_ids, dtype=torch.long, device=lm.device)  # [s]
+        self.pad_id = lm.bos_token_id  # any id: padding sits after the suffix, where nothing reads it
         self.embedding = lm.model.get_input_embeddings().weight  # [vocab, d_model]
         self.layers = sorted({t.feature.layer for t in targets})
         weights = torch.stack([t.weight for t in targets])  # [targets, d_model]
-        self.weights = weights.to(lm.device, torch.float32 if lm.dtype != torch.float64 else torch.float64)
-        self.biases = torch.tensor([t.bias for t in targets], dtype=self.weights.dtype, device=lm.device)
-        self.scales = torch.tensor([t.scale for t in targets], dtype=self.weights.dtype, device=lm.device)
-        with torch.no_grad():  # the prefix, once: its KV cache and the log-probabilities of the first prompt token
-            out = lm.model(input_ids=torch.tensor([self.prefix_ids], device=lm.device), use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.2x
-        self.prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [1, heads, P, hd]
-        self.first_logprobs = out.logits[0, -1].to(self.weights.dtype).log_softmax(-1)  # [vocab]
+        self.dtype = torch.float64 if lm.dtype == torch.float64 else torch.float32  # of targets and log-probs
+        self.weights = weights.to(lm.device, self.dtype)
+        self.biases = torch.tensor([t.bias for t in targets], dtype=self.dtype, device=lm.device)
+        self.scales = torch.tensor([t.scale for t in targets], dtype=self.dtype, device=lm.device)
+        self.target_layers = torch.tensor([t.feature.layer for t in targets], device=lm.device)
         # transformers >= 5.2x names the KV cache argument `cache` (was `past_key_values`)
         parameters = inspect.signature(lm.model.base_model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         softcap = getattr(lm.model.config, "final_logit_softcapping", None)
         self.softcap = float(softcap) if softcap else None
+        with torch.no_grad():  # the prefix, once: its KV cache and the log-probabilities of the first prompt token
+            out = lm.model(input_ids=torch.tensor([self.prefix_ids], device=lm.device), use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.2x
+        self.prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [1, kv_heads, P, head_dim]
+        self.first_logprobs = self._logits(out.logits[0, -1]).log_softmax(-1)  # [vocab]
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _cache(self, batch: int) -> DynamicCache:
-        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.prefix_kv],
-                            config=self.lm.model.config)
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.to(self.dtype)
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
-    def _forward(self, prompt_embeds: torch.Tensor, rows: torch.Tensor):
-        """(target at every prompt and suffix position [B, n + s], log-probabilities of every prompt token
-        [B, n, vocab]) for prompt embeddings [B, n, d_model]."""
-        lm, (batch, n, _) = self.lm, prompt_embeds.shape
-        suffix = torch.tensor(self.suffix_ids, dtype=torch.long, device=lm.device)
-        embeds = torch.cat([prompt_embeds, self.embedding[suffix].unsqueeze(0).expand(batch, -1, -1)], dim=1)
-        captured, handles = {}, []
-        for layer in self.layers:
-            module, where = lm.hook_module(self.hook, layer)
+    def _layout(self, ids: torch.Tensor, lengths: torch.Tensor, start: int):
+        """(token ids [B, T], is-prompt [B, T], valid [B, T]) of positions start.. of every row: its prompt tokens,
+        then its suffix, then padding; T = the longest row's prompt and suffix, less `start`."""
+        s = len(self.suffix_ids)
+        width = int(lengths.max()) + s - start
+        position = start + torch.arange(width, device=ids.device)  # [T] prompt-relative positions
+        is_prompt = position[None] < lengths[:, None]
+        valid = position[None] < (lengths + s)[:, None]
+        prompt_tokens = ids.gather(1, position.clamp(max=ids.shape[1] - 1).expand(len(ids), -1))
+        if s:
+            suffix_tokens = self.suffix[(position[None] - lengths[:, None]).clamp(0, s - 1)]
+        else:
+            suffix_tokens = torch.full_like(prompt_tokens, self.pad_id)
+        tokens = torch.where(is_prompt, prompt_tokens, torch.where(valid, suffix_tokens, self.pad_id))
+        return tokens, is_prompt, valid
 
-            def hook(module, args, output, layer=layer, where=where):
-                captured[layer] = args[0] if where == "input" else output
-
-            handles.append(module.register_forward_hook(hook))
-        try:
-            cache = {self.cache_argument: self._cache(batch)}
-            hidden = lm.model.base_model(inputs_embeds=embeds, use_cache=True, **cache).last_hidden_state  # [B, n+s, d]
-        finally:
-            for handle in handles:
-                handle.remove()
-        dtype = self.weights.dtype
-        # f: each row's own feature at its own layer
-        layer_of_row = torch.tensor([self.targets[r].feature.layer for r in rows.tolist()], device=lm.device)
+    def _forward(self, embeds: torch.Tensor, rows: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                 logit_positions: int):
+        """Run embeddings [B, T, d_model] after the cached keys/values (per layer [B, kv_heads, c, head_dim]):
+        (target per position [B, T], logits of the first `logit_positions` positions [B, ·, vocab], the cache)."""
+        lm = self.lm
+        cache = DynamicCache(kv, config=lm.model.config)
+        with lm.hooked([(self.hook, layer) for layer in self.layers]) as captured:
+            hidden = lm.model.base_model(inputs_embeds=embeds, use_cache=True,
+                                         **{self.cache_argument: cache}).last_hidden_state  # [B, T, d_model]
         w, b, s = self.weights[rows], self.biases[rows], self.scales[rows]  # [B, d_model], [B], [B]
-        pre = None  # [B, n + s]
-        for layer in self.layers:
-            value = (captured[layer].to(dtype) * w[:, None]).sum(-1)
+        layer_of_row = self.target_layers[rows]
+        pre = None  # [B, T]: each row's own feature at its own layer
+        for (_, layer), value in captured.items():
+            value = (value.to(self.dtype) * w[:, None]).sum(-1)
             pre = value if pre is None else torch.where((layer_of_row == layer)[:, None], value, pre)
         pre = (pre + b[:, None]) / s[:, None]
-        # token 0 is predicted from the prefix's last logits, token i from position i - 1
-        last = hidden[:, : n - 1].reshape(batch * (n - 1), -1)  # contiguous: a 3-d strided input makes a slow bmm
-        logits = lm.model.get_output_embeddings()(last).to(dtype).view(batch, n - 1, -1)  # [B, n - 1, vocab]
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return pre, torch.cat([self.first_logprobs.expand(batch, 1, -1), logits.log_softmax(-1)], dim=1)
+        batch, vocab = len(embeds), self.embedding.shape[0]
+        if logit_positions == 0:  # every row's changed token is its last: nothing left to predict
+            return pre, pre.new_zeros(batch, 0, vocab), cache
+        last = hidden[:, :logit_positions].reshape(batch * logit_positions, -1)  # contiguous: a strided 3-d input
+        logits = self._logits(lm.model.get_output_embeddings()(last)).view(batch, logit_positions, -1)  # is slow
+        return pre, logits, cache
 
-    def reduce(self, pre: torch.Tensor, smooth: bool) -> torch.Tensor:
-        """f [B] from the target at every position [B, n + s]: the last prompt token's, or the (smooth) max."""
+    def _prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.prefix_kv]
+
+    def reduce(self, pre: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, smooth: bool) -> torch.Tensor:
+        """f [B] from the target at every prompt and suffix position [B, T] (`valid` marks real ones): the last
+        prompt token's, or the (smooth) max."""
         if self.position == "last":
-            return pre[:, self.prompt_length - 1]
-        if smooth:
-            return SMOOTH_MAX * torch.logsumexp(pre / SMOOTH_MAX, dim=1)
-        return pre.max(dim=1).values
+            return pre.gather(1, (lengths - 1)[:, None])[:, 0]
+        pre = pre.masked_fill(~valid, -torch.inf)
+        return SMOOTH_MAX * torch.logsumexp(pre / SMOOTH_MAX, dim=1) if smooth else pre.max(dim=1).values
 
-    def objective(self, one_hot: torch.Tensor, rows: torch.Tensor, lambdas: torch.Tensor):
-        """(f [B], CE [B], L_λ [B]) of one-hot prompts [B, n, vocab], differentiable in `one_hot`; for position
-        "max" f is the smooth max, so that every position gets a gradient (the exact max gives one position all)."""
-        pre, logprobs = self._forward(one_hot.to(self.embedding.dtype) @ self.embedding, rows)
-        f = self.reduce(pre, smooth=True)
-        ce = -(one_hot.to(logprobs.dtype) * logprobs).sum(-1).mean(-1)  # [B]
-        return f, ce, f - lambdas.to(f.dtype) * ce
+    def _scores(self, pre, valid, lengths, token_logprobs) -> Scores:
+        ce = -token_logprobs.sum(1) / lengths.to(token_logprobs.dtype)
+        return Scores(self.reduce(pre, valid, lengths, False), ce, self.reduce(pre, valid, lengths, True))
 
-    def score(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(f [B], CE [B], smooth f [B]) of prompts ids [B, n], in batches, without gradients. EPO selects on the
-        smooth f: with the exact max, a child that raises the target at any other position looks no better."""
-        fs, ces, smooth = [], [], []
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def score(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> Scores:
+        """Scores of prompts ids [B, W] with `lengths` [B], in batches, without gradients."""
+        parts = []
         with torch.no_grad():
             for start in range(0, len(ids), self.batch_size):
-                chunk = ids[start : start + self.batch_size]
-                pre, logprobs = self._forward(self.embedding[chunk], rows[start : start + self.batch_size])
-                fs.append(self.reduce(pre, smooth=False))
-                smooth.append(self.reduce(pre, smooth=True))
-                ces.append(-logprobs.gather(-1, chunk.unsqueeze(-1))[..., 0].mean(-1))
-        return torch.cat(fs), torch.cat(ces), torch.cat(smooth)
+                part = slice(start, start + self.batch_size)
+                parts.append(self._run(ids[part], lengths[part], rows[part], 0, self._prefix(len(ids[part]))))
+        return Scores(*(torch.cat([getattr(p, name) for p in parts]) for name in ("f", "ce", "smooth")))
 
-    def gradient(self, ids: torch.Tensor, rows: torch.Tensor, lambdas: torch.Tensor):
-        """(f [B], CE [B], ∂L_λ/∂one-hot [B, n, vocab]) with each row's own λ, in one backward pass."""
-        vocab = self.embedding.shape[0]
-        one_hot = torch.nn.functional.one_hot(ids, vocab).to(self.embedding.dtype).requires_grad_(True)
-        with torch.enable_grad():
-            f, ce, objective = self.objective(one_hot, rows, lambdas)
-            (grad,) = torch.autograd.grad(objective.sum(), one_hot)
-        return f.detach(), ce.detach(), grad
+    def _run(self, ids, lengths, rows, start, kv, parent: Parents | None = None) -> Scores:
+        """Scores of rows whose positions before `start` are cached in `kv` (and, past the prefix, are `parent`'s
+        positions: their targets and token log-probabilities are the parent's)."""
+        tokens, _, valid = self._layout(ids, lengths, start)  # [B, T]
+        predicted = int(lengths.max()) - 1 - start  # positions start.. predict prompt tokens start + 1..
+        pre, logits, _ = self._forward(self.embedding[tokens], rows, kv, max(predicted, 0))
+        width = ids.shape[1]
+        token_logprobs = torch.zeros(len(ids), width, dtype=self.dtype, device=ids.device)  # [B, W]
+        token_logprobs[:, 0] = self.first_logprobs[ids[:, 0]]
+        if predicted > 0:
+            after = ids[:, start + 1 : start + 1 + predicted]  # [B, predicted]
+            token_logprobs[:, start + 1 : start + 1 + predicted] = (
+                logits.gather(-1, after[..., None])[..., 0] - logits.logsumexp(-1))
+        position = torch.arange(width, device=ids.device)
+        token_logprobs = token_logprobs.masked_fill(position[None] >= lengths[:, None], 0.0)
+        full_valid = valid
+        if start:
+            token_logprobs[:, 1 : start + 1] = parent.token_logprobs[:, 1 : start + 1]
+            pre = torch.cat([parent.pre[:, :start], pre], dim=1)
+            full_valid = torch.cat([valid.new_ones(len(ids), start), valid], dim=1)
+        return self._scores(pre, full_valid, lengths, token_logprobs)
 
-    def sample(self, count: int, allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """[count, n] prompts sampled from the model itself after the prefix (temperature 1, allowed tokens only)."""
+    def score_children(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, parent: torch.Tensor,
+                       changed: torch.Tensor, parents: Parents) -> Scores:
+        """Scores of children ids [B, W] (`lengths` [B]) that equal their parent (`parent` [B], a row of
+        `parents`) before prompt position `changed` [B]. A child can run from position changed - 1 on after its
+        parent's cached keys and values (the token before the change runs again: its logits predict the first
+        changed token). Children sorted by that start are run in chunks of at least MIN_CHUNK rows, each from its
+        smallest start: a few large forward passes cost less on a CPU than one small pass per start."""
+        f = torch.empty(len(ids), dtype=self.dtype, device=ids.device)
+        ce, smooth = torch.empty_like(f), torch.empty_like(f)
+        starts = (changed - 1).clamp(min=0)
+        order = torch.argsort(starts, stable=True)
+        size = min(self.batch_size, max(MIN_CHUNK, -(-len(ids) // 4)))
+        P = len(self.prefix_ids)
+        with torch.no_grad():
+            for chunk in order.split(size) if len(ids) else ():
+                start = int(starts[chunk].min())
+                mine = parents.take(parent[chunk], P + start)
+                scores = self._run(ids[chunk], lengths[chunk], rows[chunk], start, list(zip(mine.keys, mine.values)),
+                                   mine)
+                f[chunk], ce[chunk], smooth[chunk] = scores.f, scores.ce, scores.smooth
+        return Scores(f, ce, smooth)
+
+    # ------------------------------------------------------------------------------------------ gradient
+
+    def objective(self, one_hot: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, lambdas: torch.Tensor,
+                  logit_positions: int | None = None):
+        """(Scores, L_λ [B] of the smooth f, logits [B, ·, vocab], cache) of one-hot rows [B, T, vocab] laid out
+        as `_layout(ids, lengths, 0)` (prompt, suffix, padding), differentiable in `one_hot`."""
+        T = one_hot.shape[1]
+        position = torch.arange(T, device=one_hot.device)
+        s = len(self.suffix_ids)
+        valid = position[None] < (lengths + s)[:, None]  # [B, T]
+        is_prompt = position[None] < lengths[:, None]
+        predicted = int(lengths.max()) - 1 if logit_positions is None else logit_positions
+        embeds = one_hot.to(self.embedding.dtype) @ self.embedding  # [B, T, d_model]
+        pre, logits, cache = self._forward(embeds, rows, self._prefix(len(one_hot)), predicted)
+        logprobs = logits.log_softmax(-1)  # [B, predicted, vocab]
+        steps = min(predicted, T - 1, int(lengths.max()) - 1)
+        labels = one_hot[:, 1 : 1 + steps].to(self.dtype)  # token i + 1 is predicted at position i
+        token_logprobs = torch.cat([(one_hot[:, :1].to(self.dtype) * self.first_logprobs).sum(-1),
+                                    (labels * logprobs[:, :steps]).sum(-1)], dim=1)  # [B, 1 + steps]
+        token_logprobs = token_logprobs * is_prompt[:, : 1 + steps]
+        scores = self._scores(pre, valid, lengths, token_logprobs)
+        return scores, scores.smooth - lambdas.to(self.dtype) * scores.ce, logits, cache, pre, token_logprobs
+
+    def gradient(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, lambdas: torch.Tensor):
+        """(Scores [B], ∂L_λ/∂one-hot [B, W, vocab]) with each row's own λ, in one backward pass."""
+        scores, grad, *_ = self._pass(ids, lengths, rows, lambdas, True)
+        return scores, grad
+
+    def _pass(self, ids, lengths, rows, lambdas, with_gradient: bool):
+        """The forward pass over one-hot rows (and the backward pass, `with_gradient`): (scores, gradient
+        [B, W, vocab] or None, logits of every prompt position [B, max length, vocab], the KV cache, target per
+        position [B, T], token log-probabilities [B, max length])."""
+        tokens, _, _ = self._layout(ids, lengths, 0)  # [B, T]
+        one_hot = torch.nn.functional.one_hot(tokens, self.embedding.shape[0]).to(self.embedding.dtype)
+        with torch.set_grad_enabled(with_gradient):
+            one_hot.requires_grad_(with_gradient)
+            scores, objective, logits, cache, pre, token_logprobs = self.objective(
+                one_hot, lengths, rows, lambdas, logit_positions=int(lengths.max()))
+            grad = torch.autograd.grad(objective.sum(), one_hot)[0][:, : ids.shape[1]] if with_gradient else None
+        scores = Scores(scores.f.detach(), scores.ce.detach(), scores.smooth.detach())
+        return scores, grad, logits.detach(), cache, pre.detach(), token_logprobs.detach()
+
+    def expand(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, lambdas: torch.Tensor,
+               allowed: torch.Tensor, topk: int, model_topk: int) -> Expansion:
+        """The gradient pass over members ids [B, W] (in batches): what their children are drawn from and
+        scored against (see Expansion). `allowed` [vocab] bool marks the tokens that may be proposed; with
+        topk = 0 no gradient is taken (random search)."""
+        B, W = ids.shape
+        s, P = len(self.suffix_ids), len(self.prefix_ids)
+        parts = []
+        for start in range(0, B, self.batch_size):
+            part = slice(start, start + self.batch_size)
+            _, grad, logits, cache, pre, token_logprobs = self._pass(
+                ids[part], lengths[part], rows[part], lambdas[part], topk > 0)
+            if grad is None:
+                gradient_top = torch.zeros(len(logits), W, 0, dtype=torch.long, device=ids.device)
+            else:  # [b, W, k]; positions past a row's length are not its prompt
+                gradient_top = _pad(grad.masked_fill(~allowed, -torch.inf).topk(topk, dim=-1).indices, W, 1)
+            # the model's distribution for a token at position a: the prefix's last logits (a = 0), else a - 1's
+            next_logits = torch.cat([self.first_logprobs.expand(len(logits), 1, -1), logits], dim=1)
+            next_logits = next_logits.masked_fill(~allowed, -torch.inf)
+            model_top = torch.full((len(logits), W + 1, model_topk), self.pad_id, dtype=torch.long, device=ids.device)
+            model_top[:, : next_logits.shape[1]] = next_logits.topk(model_topk, dim=-1).indices
+            parts.append((gradient_top, model_top, cache, pre, token_logprobs))
+        width = P + W + s  # every part's cache padded to the widest row the members can have
+        layers = range(len(parts[0][2].layers))
+        keys = [torch.cat([_pad(p[2].layers[i].keys.detach(), width, 2) for p in parts]) for i in layers]
+        values = [torch.cat([_pad(p[2].layers[i].values.detach(), width, 2) for p in parts]) for i in layers]
+        parents = Parents(keys, values, torch.cat([_pad(p[3], W + s, 1) for p in parts]),
+                          torch.cat([_pad(p[4], W, 1) for p in parts]))
+        return Expansion(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parents)
+
+    # ------------------------------------------------------------------------------------------ sampling, texts
+
+    def sample(self, count: int, length: int, allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """[count, length] prompts sampled from the model itself after the prefix (temperature 1, allowed only)."""
         lm, vocab = self.lm, self.embedding.shape[0]
-        cache = self._cache(count)
+        cache = DynamicCache(self._prefix(count), config=lm.model.config)
         logprobs = self.first_logprobs.expand(count, -1)  # [count, vocab]
         ids = []
         with torch.no_grad():
-            for _ in range(self.prompt_length):
+            for _ in range(length):
                 probs = logprobs.float().exp() * allowed[:vocab].to(logprobs.device)
                 token = torch.multinomial(probs.cpu(), 1, generator=generator).to(lm.device)  # [count, 1]
                 ids.append(token)
                 out = lm.model(input_ids=token, use_cache=True, **{self.cache_argument: cache})
                 logprobs = out.logits[:, -1].float().log_softmax(-1)
         return torch.cat(ids, dim=1)
-
-    # ------------------------------------------------------------------------------------------ texts
 
     def text(self, prompt_ids: list[int]) -> tuple[str, str]:
         """(prompt text, full text) of prompt ids."""
@@ -209,15 +370,22 @@ class Scorer:
     def full_ids(self, prompt_ids: list[int]) -> list[int]:
         return [*self.prefix_ids, *prompt_ids, *self.suffix_ids]
 
-    def round_trips(self, prompts: torch.Tensor) -> torch.Tensor:
+    def round_trips(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[B] bool: does each prompt's full text re-tokenise (as measured) to exactly its ids?"""
-        rows = prompts.tolist()
-        texts = [self.text(row)[1] for row in rows]
-        encoded = self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ok = []
-        for row, ids in zip(rows, encoded):
-            ok.append(with_bos(ids, self.lm.bos_token_id) == self.full_ids(row))
+        rows = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())]
+        encoded = self.lm.tokenizer([self.text(row)[1] for row in rows], add_special_tokens=False)["input_ids"]
+        ok = [with_bos(enc, self.lm.bos_token_id) == self.full_ids(row) for row, enc in zip(rows, encoded)]
         return torch.tensor(ok, dtype=torch.bool)
+
+
+def _pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """x zero-padded along `dim` to `width`."""
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def allowed_tokens(lm: LanguageModel) -> torch.Tensor:

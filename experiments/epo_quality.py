@@ -8,13 +8,18 @@ tokens, so the dataset max is not one outlier. (Until the default transcoder was
 so that window would hold almost none.)
 
 Each feature is dreamed with each configuration named in `--configs`:
-  default  DreamConfig() as shipped (chat template, λ grid scaled for fraction-of-max targets)
-  paper    the paper's settings (λ grid 0.1–10, restart λ in [0.667, 6], k = 512, r = 32, target at the last token,
-           no template), given the same number of children in all (fewer iterations), so the same time
-and the best fluent prompt (CE <= 5 inside the run's own template, re-measured in fp32) is reported as % of the
-dataset max. Results are appended to `--out` (JSON) after every run and a markdown table is written beside it.
+  default   DreamConfig() as shipped
+  previous  the engine's defaults before the fixes and moves of this version (epo.previous_config)
+  paper     the paper's settings (λ grid 0.1–10, restart λ in [0.667, 6], k = 512, r = 32, target at the last token,
+            no template), given the same number of children in all (fewer iterations), so the same time
+  NAME:field=value,...  a variant of `--base` (default or previous): one factor at a time for the ablation
+Per feature and configuration it records the best fluent prompt (CE <= 5 inside the run's own template,
+re-measured in fp32) as % of the dataset max; how many prompts of the `diverse` set reach >= 80%; and the best
+novel fluent prompt (no run of NOVEL_BELOW tokens shared with the feature's top dataset contexts). Results are
+appended to `--out` (JSON) after every run and a markdown table is written beside it. `--seed 0,1` draws features
+with each seed (the same rule) and studies them all.
 
-    python experiments/epo_quality.py [--count 10] [--configs 'default;paper'] [--threads 2]
+    python experiments/epo_quality.py [--count 10] [--seed 0,1] [--configs 'default;previous'] [--threads 2]
                                       [--out experiments/results/epo_quality.json]
     python experiments/epo_quality.py --print-features 3     # the first 3 features of the rule, comma-separated
 """
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.epo import DreamConfig, dream, paper_config
+from dreaming.epo import FLUENT_CE, NOVEL_BELOW, DreamConfig, dream, paper_config, previous_config
 from dreaming.features import Feature
 from dreaming.maxima import DENSE_ABOVE
 
@@ -51,7 +56,9 @@ def configs(names: list[str], base: DreamConfig) -> dict[str, DreamConfig]:
     out = {}
     for name in names:
         if name == "default":
-            out[name] = base
+            out[name] = DreamConfig(**{**DreamConfig().model_dump(), "iterations": base.iterations})
+        elif name == "previous":
+            out[name] = previous_config(iterations=base.iterations)
         elif name == "paper":
             children = base.iterations * base.children  # per member over the run: same compute as the default
             out[name] = paper_config(base, iterations=max(1, children // 32))
@@ -60,28 +67,49 @@ def configs(names: list[str], base: DreamConfig) -> dict[str, DreamConfig]:
             fields = dict(part.split("=", 1) for part in changes.split(","))
             out[label] = DreamConfig(**{**base.model_dump(), **fields})
         else:
-            raise ValueError(f"unknown configuration {name!r}: default | paper | NAME:field=value,field=value")
+            raise ValueError(f"unknown configuration {name!r}: default | previous | paper | NAME:field=value,...")
     return out
+
+
+def figures(result) -> dict:
+    """The study's figures of one result: best fluent, strong diverse prompts, best novel fluent prompt."""
+    fluent = [p for p in result.frontier + result.diverse + ([result.best_fluent] if result.best_fluent else [])
+              if p.cross_entropy <= FLUENT_CE]
+    novel = [p for p in fluent if p.longest_shared_run is not None and p.longest_shared_run < NOVEL_BELOW]
+    best_novel = max(novel, key=lambda p: p.activation, default=None)
+    return {"best_fluent": result.best_fluent and result.best_fluent.model_dump(mode="json"),
+            "diverse_at_80": sum(1 for p in result.diverse if (p.fraction_of_max or 0) >= 0.8),
+            "best_novel": best_novel and best_novel.model_dump(mode="json"),
+            "best_any": max((p.fraction_of_max for p in result.frontier), default=None)}
 
 
 def markdown(rows: list[dict], names: list[str]) -> str:
     header = "| feature | density | dataset max | " + " | ".join(
-        f"{n}: best fluent % of max | {n}: CE | {n}: s" for n in names) + " |"
-    lines = [header, "|" + "---|" * (3 + 3 * len(names))]
+        f"{n}: best fluent % (CE) | {n}: diverse >= 80% | {n}: best novel % | {n}: s" for n in names) + " |"
+    lines = [header, "|" + "---|" * (3 + 4 * len(names))]
     for feature in dict.fromkeys(r["feature"] for r in rows):
         mine = {r["config_name"]: r for r in rows if r["feature"] == feature}
         first = next(iter(mine.values()))
         cells = [feature, f"{first['density']:.1e}", f"{first['dataset_max']:.3f}"]
         for n in names:
             r = mine.get(n)
-            best = r and r["best_fluent"]
-            cells += [f"{best['fraction_of_max']:.0%}" if best else ("—" if r else ""),
-                      f"{best['cross_entropy']:.2f}" if best else "", f"{r['seconds']:.0f}" if r else ""]
+            best, novel = r and r["best_fluent"], r and r.get("best_novel")
+            cells += [f"{best['fraction_of_max']:.0%} ({best['cross_entropy']:.2f})" if best else ("—" if r else ""),
+                      str(r.get("diverse_at_80", "")) if r else "",
+                      f"{novel['fraction_of_max']:.0%}" if novel else ("—" if r else ""),
+                      f"{r['seconds']:.0f}" if r else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
     for n in names:
         done = [r for r in rows if r["config_name"] == n]
         hits = sum(1 for r in done if r["best_fluent"] and r["best_fluent"]["fraction_of_max"] >= 1.0)
-        lines.append(f"\n{n}: {hits}/{len(done)} features with a fluent prompt at >= 100% of the dataset max")
+        diverse = sum(1 for r in done if r.get("diverse_at_80", 0) >= 3)
+        novel = sum(1 for r in done if r.get("best_novel") and r["best_novel"]["fraction_of_max"] >= 1.0)
+        fractions = sorted(r["best_fluent"]["fraction_of_max"] if r["best_fluent"] else 0.0 for r in done)
+        median = fractions[len(fractions) // 2] if fractions else float("nan")
+        lines.append(f"- {n}: {hits}/{len(done)} with a fluent prompt at >= 100% of the dataset max; {diverse}/"
+                     f"{len(done)} with >= 3 diverse fluent prompts at >= 80%; {novel}/{len(done)} with a novel "
+                     f"fluent prompt at >= 100%; median best fluent {median:.0%}")
     return "\n".join(lines) + "\n"
 
 
@@ -89,10 +117,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=str(default_bundle_dir()))
     parser.add_argument("--count", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the feature draw")
-    parser.add_argument("--configs", default="default;paper", help="';'-separated: default, paper, "
-                        "NAME:field=value,field=value (a variant of the default)")
-    parser.add_argument("--iterations", type=int, help="override the default config's iterations")
+    parser.add_argument("--seed", default="0", help="seeds of the feature draw, comma-separated")
+    parser.add_argument("--configs", default="default;previous", help="';'-separated: default, previous, paper, "
+                        "NAME:field=value,field=value (a variant of --base)")
+    parser.add_argument("--base", choices=("default", "previous"), default="default",
+                        help="the configuration NAME:field=value variants change")
+    parser.add_argument("--iterations", type=int, help="override every config's iterations")
+    parser.add_argument("--features", help="only these features (comma-separated), of the drawn ones")
     parser.add_argument("--out", default="experiments/results/epo_quality.json")
     parser.add_argument("--print-features", type=int, metavar="N", help="print the first N features and exit")
     parser.add_argument("--threads", type=int, default=2)
@@ -102,11 +133,16 @@ def main():
     maxima = bundle.maxima()
     if maxima is None:
         raise SystemExit(f"{args.bundle} has no dataset maxima: run `dreaming maxima build` first")
+    seeds = [int(seed) for seed in args.seed.split(",")]
+    features = list(dict.fromkeys(f for seed in seeds for f in sample_features(maxima, args.count, seed)))
     if args.print_features:
         # the first N of the study's own sample (a smaller draw would pick other features)
-        return print(",".join(str(f) for f in sample_features(maxima, args.count, args.seed)[: args.print_features]))
-    features = sample_features(maxima, args.count, args.seed)
-    base = DreamConfig() if args.iterations is None else DreamConfig(iterations=args.iterations)
+        return print(",".join(str(f) for f in features[: args.print_features]))
+    if args.features:
+        features = [f for f in features if str(f) in args.features.split(",")]
+    base = DreamConfig() if args.base == "default" else previous_config()
+    if args.iterations is not None:
+        base = base.model_copy(update={"iterations": args.iterations})
     runs = configs(args.configs.split(";"), base)
     names = list(runs)
     lm = bundle.load_model(dtype=torch.bfloat16)
@@ -123,19 +159,23 @@ def main():
                 continue  # done in an earlier (interrupted) run
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            result = dream(lm, transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm)
+            result = dream(lm, transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm,
+                           contexts=maxima.top_contexts(feature))
             row = {"feature": str(feature), "config_name": name, "config": config.model_dump(mode="json"),
                    "density": float(maxima.arrays["density"][feature.layer, feature.index]),
                    "dataset_max": maxima.dataset_max(feature), "seconds": time.perf_counter() - started,
-                   "load_before": load, "load_after": os.getloadavg()[0],
-                   "best_fluent": result.best_fluent and result.best_fluent.model_dump(mode="json"),
-                   "best_any": max((p.fraction_of_max for p in result.frontier), default=None),
+                   "iterations": result.iterations, "stopped": result.stopped,
+                   "load_before": load, "load_after": os.getloadavg()[0], **figures(result),
                    "frontier": [p.model_dump(mode="json") for p in result.frontier],
+                   "diverse": [p.model_dump(mode="json") for p in result.diverse],
                    "history_best_fluent": result.history["best_fluent"]}
             rows.append(row)
             best = row["best_fluent"]
+            novel = row["best_novel"]
             print(f"{feature} {name:>8}: best fluent {best['fraction_of_max']:.0%} (CE {best['cross_entropy']:.2f}) "
                   f"{best['prompt']!r}" if best else f"{feature} {name:>8}: no fluent prompt",
+                  f"| diverse >= 80%: {row['diverse_at_80']} | best novel: "
+                  + (f"{novel['fraction_of_max']:.0%} {novel['prompt']!r}" if novel else "none"),
                   f"[{row['seconds']:.0f}s, load {load:.1f}]", flush=True)
             out.write_text(json.dumps(rows, indent=1))
             out.with_suffix(".md").write_text(markdown(rows, names))

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException
 
 from dreaming.activation import TextActivation
 from dreaming.cli import bundle_info
+from dreaming.dream_cache import max_key
 from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature
 from service.access import BodyLimit, api_key_dependency
@@ -30,6 +31,16 @@ def job_out(job: Job) -> JobOut:
     return JobOut(job_id=job.id, feature=job.feature, status=job.status, attempts=job.attempts,
                   progress=(job.progress or None) if job.status == RUNNING else None, error=job.error,
                   result=job.result)
+
+
+def merge_dreams(served: list[dict], local: list[dict]) -> list[dict]:
+    """The service's stored results, then the bundle's cached ones (`dreaming dream`) that are not the same dream:
+    one result per (config, dataset max), the yardstick it was scored against."""
+    def key(dream: dict) -> tuple[str, str]:
+        return json.dumps(dream["config"], sort_keys=True), max_key(dream.get("dataset_max"))
+
+    seen = {key(dream) for dream in served}
+    return served + [dream for dream in local if key(dream) not in seen]
 
 
 def batch_status(jobs: list[Job]) -> str:
@@ -87,8 +98,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              summary="Dream one feature: the cached result at once, else a job to poll")
     async def submit_dream(request: DreamRequest) -> JobOut:
         feature = feature_or_error(request.feature)
+        dataset_max, config = service.view.dataset_max(str(feature)), request.config
+        if request.more:  # the job of the longer run; the scheduler continues the stored one
+            base = await in_thread(service.scheduler.longest_stored_run, str(feature), config, dataset_max)
+            if base is None:
+                raise HTTPException(409, f"nothing to continue for {feature}: no stored dream of this config (but "
+                                         "its iterations, seconds and plateau); submit it without `more` first")
+            config = config.model_copy(update={"iterations": base.config.iterations + config.iterations})
         job = await in_thread(service.store.submit, service.view.identity, str(feature),
-                          request.config.model_dump(mode="json"))
+                              config.model_dump(mode="json"), dataset_max)
         service.scheduler.wake()
         return job_out(job)
 
@@ -107,7 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      f"{limits.max_batch_features} per batch")
         features = list(dict.fromkeys(str(feature_or_error(text)) for text in request.features))
         batch = await in_thread(service.store.submit_batch, service.view.identity, features,
-                            request.config.model_dump(mode="json"))
+                                request.config.model_dump(mode="json"),
+                                [service.view.dataset_max(feature) for feature in features])
         service.scheduler.wake()
         return await get_batch(batch.id)
 
@@ -126,9 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         feature = known(Feature(layer, index))
         served = await in_thread(service.store.results_for, service.view.identity, str(feature))
         local = await in_thread(service.view.explorer.dreams, feature)  # made with `dreaming dream` on this bundle
-        seen = {json.dumps(dream["config"], sort_keys=True) for dream in served}
-        dreams = served + [d for d in local if json.dumps(d["config"], sort_keys=True) not in seen]
-        return await service.view.page(feature, dreams)
+        # the page lists results scored against another dataset max (an earlier maxima build) as stale
+        return await service.view.page(feature, merge_dreams(served, local))
 
     @v1.post("/activations", dependencies=keyed, response_model=list[TextActivation],
              summary="A feature's activation on each text, per token and at its max, as % of the dataset max")
@@ -138,9 +156,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, f"too many texts: {len(request.texts)}, at most {limits.max_texts}")
         for text in request.texts:
             check_text(text)
+        if request.template is not None:
+            check_text(request.template)
         try:
-            return await service.view.activations(feature, request.texts)
-        except ValueError as error:  # empty text, too many tokens
+            return await service.view.activations(feature, request.texts, request.template)
+        except ValueError as error:  # empty text, too many tokens, a prompt that merges with the template
             raise HTTPException(422, str(error)) from None
 
     @v1.post("/search", dependencies=keyed, summary="The features most active on a text, by % of their dataset max")

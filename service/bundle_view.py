@@ -55,8 +55,8 @@ class BundleView:
         """Load the model and transcoder now rather than on the first request."""
         await self._on_model_thread(self._load)
 
-    async def activations(self, feature: Feature, texts: list[str]) -> list[dict]:
-        return await self._on_model_thread(self.explorer.activation, feature, texts)
+    async def activations(self, feature: Feature, texts: list[str], template: str | None = None) -> list[dict]:
+        return await self._on_model_thread(self.explorer.activation, feature, texts, template)
 
     async def search(self, text: str, top: int) -> list[dict]:
         return await self._on_model_thread(self.explorer.search, text, top)

@@ -1,7 +1,9 @@
 """The scheduler: an asyncio task per worker actor that takes queued jobs from the store and dreams them.
 
 Each loop claims up to `features_per_call` queued jobs with one identical config, sends them to its actor in
-one `dream` call, polls the actor's progress into the store while the call runs, and stores the results.
+one `dream` call, polls the actor's progress into the store while the call runs, and stores the results. A job
+whose search was stored before for fewer iterations (`more`) continues the longest such run for the difference,
+which gives the result of one run of the job's length.
 If the actor dies (Ray restarts it) the jobs go back to the queue; a job whose worker died
 `max_attempts` times, or that the engine rejected, fails with the error. Nothing here blocks the event loop:
 store calls run in threads and object refs are awaited.
@@ -16,6 +18,8 @@ from typing import Callable
 
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from dreaming.dream_cache import same_yardstick
+from dreaming.epo import DreamConfig, DreamResult, longest_run
 from service.store import Job, Store
 from service.workers import Worker
 
@@ -73,12 +77,27 @@ class Scheduler:
                 self.describe[worker.index] = {"error": str(error)}
                 return False
 
+    def longest_stored_run(self, feature: str, config: DreamConfig, dataset_max: float | None,
+                           below: int | None = None) -> DreamResult | None:
+        """The stored result of `config`'s search (scored against `dataset_max`) that ran longest."""
+        results = [DreamResult.model_validate(r) for r in self.store.results_for(self.identity, feature)
+                   if same_yardstick(r.get("dataset_max"), dataset_max)]
+        return longest_run(results, config, below)
+
     async def _run(self, worker: Worker, jobs: list[Job]) -> bool:
         """One engine call for `jobs`; False when the actor died during it."""
         features = [job.feature for job in jobs]
         log.info("worker %d: dreaming %s (attempt %s)", worker.index, ",".join(features), jobs[0].attempts)
         maxes = [self.dataset_max(feature) for feature in features]
-        call = asyncio.wrap_future(worker.actor.dream.remote(features, jobs[0].config, maxes).future())
+        config = DreamConfig(**jobs[0].config)
+        bases = [await asyncio.to_thread(self.longest_stored_run, feature, config, dataset_max, config.iterations)
+                 for feature, dataset_max in zip(features, maxes)]
+        previous = None
+        if all(bases) and len({base.config.iterations for base in bases}) == 1:  # continue them all
+            previous = [base.model_dump(mode="json") for base in bases]
+            config = config.model_copy(update={"iterations": config.iterations - bases[0].config.iterations})
+        call = asyncio.wrap_future(worker.actor.dream.remote(features, config.model_dump(mode="json"), maxes,
+                                                             previous).future())
         try:
             while not call.done():
                 await asyncio.wait([call], timeout=POLL_SECONDS)

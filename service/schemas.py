@@ -5,9 +5,10 @@ Request bodies (and `DreamConfig`) reject unknown fields, so no request can name
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dreaming.epo import DreamConfig, DreamResult
+from dreaming.objective import split_template
 
 
 class Strict(BaseModel):
@@ -17,6 +18,8 @@ class Strict(BaseModel):
 class DreamRequest(Strict):
     feature: str = Field(examples=["12/345"], description="LAYER/INDEX")
     config: DreamConfig = Field(default_factory=DreamConfig)
+    more: bool = Field(False, description="continue the stored dream of this config (the one that ran longest; "
+                       "only iterations, seconds and plateau may differ) for config.iterations more iterations")
 
 
 class BatchRequest(Strict):
@@ -27,6 +30,18 @@ class BatchRequest(Strict):
 class ActivationsRequest(Strict):
     feature: str = Field(examples=["12/345"])
     texts: list[str] = Field(min_length=1, examples=[["How do I make pancakes?"]])
+    template: str | None = Field(None, examples=["\n\nHuman:{prompt}"], description=(
+        "measure each text as a prompt inside this template (exactly one {prompt} slot; 'chat': the model's chat "
+        "template), as a dream is: only the prompt and what follows it count, and the template's own activation "
+        "is reported apart as template_activation; a dream's `prompt` and its config's template reproduce its "
+        "figures"))
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template):
+        if template is not None and template != "chat":
+            split_template(template)
+        return template
 
 
 class SearchRequest(Strict):

@@ -1,11 +1,13 @@
 """The job store: jobs, batches and dream results, behind a small interface (`Store`) with a SQLite implementation.
 
-A job is one dream: (bundle identity, feature, canonical config). Its `key` is a hash of those three, unique in
-the jobs table, so identical requests coalesce into one job by a database constraint, and a result is stored
-once per key. Job states: queued -> running -> done | failed; a running job goes back to queued when its worker
-dies (`requeue`) or the service restarts (`recover`). A result and its job's "done" are written in one
-transaction, and only by the claim that is current (a job's `attempts` counts claims), so a late or repeated
-completion never overwrites or duplicates a result.
+A job is one dream: (bundle identity, feature, canonical config, the feature's dataset max). Its `key` is a hash
+of those four, unique in the jobs table, so identical requests coalesce into one job by a database constraint, and a
+result is stored once per key. The dataset max is in the key because it is the dream's yardstick (EPO's target is
+divided by it): after the maxima are rebuilt the same request is a new job, and the old result is shown as stale.
+Job states: queued -> running -> done | failed; a running job goes back to queued when its worker dies (`requeue`)
+or the service restarts (`recover`). A result and its job's "done" are written in one transaction, and only by the
+claim that is current (a job's `attempts` counts claims), so a late or repeated completion never overwrites or
+duplicates a result.
 
 Another database (e.g. PostgreSQL with `SELECT ... FOR UPDATE SKIP LOCKED` in `claim`) can replace SQLite by
 implementing `Store`.
@@ -30,9 +32,12 @@ def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def job_key(identity: str, feature: str, config: dict) -> str:
-    """The cache key of a dream: the same bundle, feature and (fully defaulted) config give the same key."""
-    return hashlib.sha256(canonical_json([identity, feature, config]).encode()).hexdigest()
+def job_key(identity: str, feature: str, config: dict, dataset_max: float | None) -> str:
+    """The cache key of a dream: the same bundle, feature, (fully defaulted) config and dataset max (the yardstick
+    the dream is scored against; `dreaming.dream_cache.max_key`) give the same key."""
+    from dreaming.dream_cache import max_key
+
+    return hashlib.sha256(canonical_json([identity, feature, config, max_key(dataset_max)]).encode()).hexdigest()
 
 
 @dataclass
@@ -61,12 +66,15 @@ class Store(ABC):
     """What the service needs from a database. Every method is one atomic step."""
 
     @abstractmethod
-    def submit(self, identity: str, feature: str, config: dict) -> Job:
-        """The job for this dream: the existing one (a failed one is queued again), else a new queued job."""
+    def submit(self, identity: str, feature: str, config: dict, dataset_max: float | None) -> Job:
+        """The job for this dream (scored against `dataset_max`, the feature's dataset max now): the existing one
+        (a failed one is queued again), else a new queued job."""
 
     @abstractmethod
-    def submit_batch(self, identity: str, features: list[str], config: dict) -> Batch:
-        """One job per feature (coalescing as `submit`) and a batch that lists them, in one transaction."""
+    def submit_batch(self, identity: str, features: list[str], config: dict,
+                     dataset_maxes: list[float | None]) -> Batch:
+        """One job per feature (coalescing as `submit`; `dataset_maxes` in the order of `features`) and a batch
+        that lists them, in one transaction."""
 
     @abstractmethod
     def job(self, job_id: str) -> Job | None: ...
@@ -176,8 +184,8 @@ class SQLiteStore(Store):
                           f"ON results.key = jobs.key AND jobs.status = '{DONE}' WHERE {where}", args).fetchall()
         return [self._row_to_job(row[:-1], row[-1]) for row in rows]
 
-    def _submit(self, db, identity: str, feature: str, config: dict, now: float) -> str:
-        key = job_key(identity, feature, config)
+    def _submit(self, db, identity: str, feature: str, config: dict, dataset_max: float | None, now: float) -> str:
+        key = job_key(identity, feature, config, dataset_max)
         db.execute("INSERT INTO jobs (id, key, identity, feature, config, status, created, updated) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                    (uuid.uuid4().hex, key, identity, feature, canonical_json(config), QUEUED, now, now))
@@ -185,15 +193,18 @@ class SQLiteStore(Store):
                    "WHERE key = ? AND status = ?", (QUEUED, now, key, FAILED))
         return db.execute("SELECT id FROM jobs WHERE key = ?", (key,)).fetchone()[0]
 
-    def submit(self, identity, feature, config):
+    def submit(self, identity, feature, config, dataset_max):
         with self._transaction() as db:
-            job_id = self._submit(db, identity, feature, config, time.time())
+            job_id = self._submit(db, identity, feature, config, dataset_max, time.time())
             return self._select_jobs(db, "jobs.id = ?", (job_id,))[0]
 
-    def submit_batch(self, identity, features, config):
+    def submit_batch(self, identity, features, config, dataset_maxes):
+        if len(dataset_maxes) != len(features):
+            raise ValueError(f"{len(features)} features but {len(dataset_maxes)} dataset maxima")
         now = time.time()
         with self._transaction() as db:
-            job_ids = [self._submit(db, identity, feature, config, now) for feature in features]
+            job_ids = [self._submit(db, identity, feature, config, dataset_max, now)
+                       for feature, dataset_max in zip(features, dataset_maxes)]
             batch_id = uuid.uuid4().hex
             db.execute("INSERT INTO batches (id, created) VALUES (?, ?)", (batch_id, now))
             db.executemany("INSERT INTO batch_jobs (batch_id, position, job_id) VALUES (?, ?, ?)",

@@ -39,6 +39,7 @@ class DreamWorker:
         self.transcoder = self.bundle.load_transcoder(device=self.device).requires_grad_(False)
         self.models = {"float32": self.bundle.load_model(device=self.device)}  # measures (and searches in fp32)
         self.step_delay = step_delay
+        self.maxima = None  # loaded at the first dream
         self._progress: dict | None = None
 
     def describe(self) -> dict:
@@ -57,13 +58,19 @@ class DreamWorker:
             self.models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
         return self.models[dtype]
 
-    def dream(self, features: list[str], config: dict, dataset_maxes: list[float]) -> list[dict]:
-        """Dream every feature under one config; one JSON result per feature, in order."""
-        from dreaming.epo import DreamConfig, dream_many
+    def dream(self, features: list[str], config: dict, dataset_maxes: list[float],
+              previous: list[dict] | None = None) -> list[dict]:
+        """Dream every feature under one config (continuing `previous` results, one per feature, when given);
+        one JSON result per feature, in order."""
+        from dreaming.epo import DreamConfig, DreamResult, dream_many
         from dreaming.features import parse_feature
 
         config = DreamConfig(**config)
         parsed = [parse_feature(feature) for feature in features]
+        if self.maxima is None:
+            self.maxima = self.bundle.maxima()  # the top dataset contexts: dataset seeds and novelty
+        contexts = [self.maxima.top_contexts(feature) if self.maxima else None for feature in parsed]
+        continued = [DreamResult.model_validate(result) for result in previous] if previous else None
         started = time.perf_counter()
 
         def report(done: int, total: int, best_fraction_of_max) -> None:
@@ -75,7 +82,8 @@ class DreamWorker:
         self._progress = {"done": 0, "total": None, "best_fraction_of_max": None, "seconds": 0.0}
         try:
             results = dream_many(self.model(config.dtype), self.transcoder, parsed, config, dataset_maxes,
-                                 progress=report, measure_lm=self.models["float32"])
+                                 progress=report, measure_lm=self.models["float32"], contexts=contexts,
+                                 continue_from=continued)
         finally:
             self._progress = None
         return [result.model_dump(mode="json") for result in results]

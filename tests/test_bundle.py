@@ -23,3 +23,41 @@ def test_a_current_default_bundle_is_kept(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     assert current_default_manifest(tmp_path) == manifest
     assert current_default_manifest(tmp_path / "missing") == {}
+
+
+def test_changing_an_encoder_tensor_changes_the_bundle_identity_and_refuses_its_maxima(tmp_path):
+    """A threshold, encoder weight or bias edited in place gives the bundle another identity, so its maxima (and
+    the dreams cached under the old identity) are not used; the decoders, which no measurement reads, do not."""
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from dreaming.bundle import Bundle
+    from dreaming.maxima import FORMAT_VERSION
+    from dreaming.transcoders import (
+        CLT,
+        Transcoder,
+        TranscoderConfig,
+        load_transcoder,
+        save_transcoder,
+    )
+
+    directory = tmp_path / "bundle"
+    save_transcoder(Transcoder(TranscoderConfig(CLT, 2, 8, 16, activation="jumprelu")), directory / "transcoder")
+    (directory / MANIFEST).write_text(json.dumps({"model": "m", "model_name": "m"}))
+    first = Bundle.open(directory).identity
+    assert Bundle.open(directory).identity == first
+    (directory / "maxima").mkdir()
+    save_file({"max_activation": torch.zeros(2, 16)}, str(directory / "maxima" / "maxima.safetensors"),
+              metadata={"dreaming": json.dumps({"format_version": FORMAT_VERSION, "identity": first})})
+    for name, changes_identity in (("threshold", True), ("W_enc", True), ("b_enc", True), ("W_dec", False)):
+        transcoder = load_transcoder(directory / "transcoder")
+        with torch.no_grad():
+            getattr(transcoder, name)[1].add_(0.25)
+        save_transcoder(transcoder, directory / "transcoder")
+        identity = Bundle.open(directory).identity
+        assert (identity != first) == changes_identity, name
+        if changes_identity:
+            with pytest.raises(ValueError, match="built for another model/transcoder"):
+                Bundle.open(directory).maxima()
+        first = identity

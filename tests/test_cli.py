@@ -134,3 +134,64 @@ def test_bad_feature_ids_and_texts_get_clear_errors(tiny_bundle_dir):
         main(["activation", *bundle, "--feature", "1/3", "--text", " "])
     with pytest.raises(SystemExit, match="empty text"):
         main(["search", *bundle, "--text", ""])
+
+
+def test_activation_inside_a_template(tiny_bundle_dir, capsys):
+    from dreaming.activation import measure_texts
+    from dreaming.explorer import Explorer
+
+    bundle = ["--bundle", str(tiny_bundle_dir), "--feature", "1/13"]
+    template = "the cat {prompt} on the mat"
+    (measured,) = run_json(capsys, "activation", *bundle, "--text", "dog ran", "--template", template)
+    assert measured["text"] == "the cat dog ran on the mat" and measured["counted_from"] == 3
+    assert measured["activation"] == max(measured["token_activations"][3:])
+    assert measured["template_activation"] == max(measured["token_activations"][1:3])
+    explorer = Explorer.open(tiny_bundle_dir, device="cpu")
+    (whole,) = measure_texts(explorer.lm, explorer.transcoder, explorer.feature("1/13"), [measured["text"]])
+    assert whole.token_activations == measured["token_activations"]  # the same text, counted from the prompt on
+    main(["activation", *bundle, "--text", "dog ran", "--template", template])
+    text = capsys.readouterr().out
+    assert "the prompt and what follows it" in text and "template's own prefix" in text and "(template)" in text
+    with pytest.raises(SystemExit, match=r"exactly one '\{prompt\}'"):
+        main(["activation", *bundle, "--text", "dog", "--template", "the cat"])
+    with pytest.raises(SystemExit, match="merges with the template"):
+        main(["activation", *bundle, "--text", "t sat", "--template", "the ca{prompt}"])
+    with pytest.raises(SystemExit, match="no chat template"):
+        main(["activation", *bundle, "--text", "dog", "--template", "chat"])
+
+
+def test_compare_shows_length_matched_examples(tiny_bundle_dir, capsys):
+    bundle = ["--bundle", str(tiny_bundle_dir), "--feature", "1/13", "--top", "3"]
+    page = run_json(capsys, "compare", *bundle, "--length", "5")
+    assert page["length"] == 5 and all(e["length_matched"]["tokens"] <= 5 for e in page["examples"])
+    assert page["dreams"] == page["diverse"] == page["stale_dreams"] == []
+    assert run_json(capsys, "compare", *bundle)["length"] == 12  # the default dream prompt length
+    main(["compare", *bundle, "--length", "5"])
+    text = capsys.readouterr().out
+    assert "cut to 5 tok: % of max" in text and "CE" in text
+    first = page["examples"][0]["length_matched"]
+    assert f"{first['cross_entropy']:5.2f}" in text
+
+
+def test_print_dream_shows_origin_novelty_and_the_diverse_set(tiny_bundle_dir, capsys):
+    from dream_results import dream_result, dreamed_prompt
+
+    from dreaming.cli import print_dream
+    from dreaming.epo import DreamConfig
+    from dreaming.explorer import Explorer
+    from dreaming.features import Feature
+
+    explorer, feature, template = Explorer.open(tiny_bundle_dir, device="cpu"), Feature(1, 13), "the {prompt} on"
+    dataset_max = explorer.dataset_max(feature)
+    a = dreamed_prompt(explorer.lm, explorer.transcoder, feature, "cat sat", template, dataset_max, 3.0, "dataset #2", 7)
+    b = dreamed_prompt(explorer.lm, explorer.transcoder, feature, "dog ran", template, dataset_max, 6.0, "random", None)
+    result = dream_result(feature, DreamConfig(template=template, prompt_length=2), dataset_max, [a, b], diverse=[a])
+    capsys.readouterr()
+    print_dream(result)
+    text = capsys.readouterr().out
+    assert "origin" in text and "shared" in text and "diverse (1 fluent" in text
+    row_a = next(line for line in text.splitlines() if "'cat sat' *" in line)
+    assert "dataset #2" in row_a and " 7 " in row_a
+    row_b = next(line for line in text.splitlines() if "'dog ran'" in line)
+    assert "random" in row_b and " - " in row_b
+    assert text.split("diverse (")[1].count("'cat sat'") == 1 and "'dog ran'" not in text.split("diverse (")[1]

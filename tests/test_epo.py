@@ -1,5 +1,7 @@
-"""EPO on a tiny float64 model: honest outputs (round trip, re-measured figures), determinism, GCG as the special
-case, restarts under the drawn λ, batched features = one at a time, the frontier, the config model, the cache."""
+"""EPO on a tiny float64 model: honest outputs (round trip, re-measured figures over the counted positions),
+determinism, batched features = one at a time, GCG as the special case, restarts, no collapse at the start, the
+moves within their length range, origins and novelty, the diverse set, budgets and plateau stops, continuing equals
+one run, the chat-template and bf16 paths, the config model and the cache."""
 
 import argparse
 import json
@@ -10,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 import dreaming.epo as epo
-from dreaming.activation import measure_texts, tokenize_text
+from dreaming.activation import measure_texts, measure_token_ids, tokenize_text
 from dreaming.cli import add_config_arguments, config_from_args
 from dreaming.dream_cache import DreamCache, config_key
 from dreaming.epo import (
@@ -19,18 +21,21 @@ from dreaming.epo import (
     dream,
     dream_many,
     gcg_config,
-    merge_results,
+    longest_shared_run,
     pareto_front,
+    previous_config,
     random_search_config,
 )
 from dreaming.features import Feature
 from dreaming.objective import Scorer, allowed_tokens, make_target
 from test_objective import tiny_transcoder
 
-CONFIG = DreamConfig(prompt_length=4, template="the {prompt} sat on", iterations=6, population=3, children=4, topk=5,
-                     restart_every=3, lambda_min=0.05, lambda_max=1.0, restart_lambda_min=0.1,
-                     restart_lambda_max=0.5)
+CONFIG = DreamConfig(prompt_length=4, length_slack=2, template="the {prompt} sat on", iterations=6, population=3,
+                     children=4, topk=5, restart_every=3, lambda_min=0.05, lambda_max=1.0, restart_lambda_min=0.1,
+                     restart_lambda_max=0.5, insert_delete=0.4, model_proposals=0.3, dtype="float32")
 A, B = Feature(1, 2), Feature(2, 5)
+# top dataset contexts of A: (window ids, BOS first; max position)
+CONTEXTS = [([1, 4, 7, 8, 9, 10, 11], 4), ([1, 12, 13, 14, 15], 3)]
 
 
 @pytest.fixture(scope="module")
@@ -40,41 +45,73 @@ def transcoder():
 
 @pytest.fixture(scope="module")
 def result(lm64, transcoder):
-    return dream(lm64, transcoder, A, CONFIG, dataset_max=0.5)
+    return dream(lm64, transcoder, A, CONFIG, dataset_max=0.5, contexts=CONTEXTS)
 
 
 def figures(result):
-    return [(p.token_ids, round(p.activation, 9), round(p.cross_entropy, 9)) for p in result.frontier]
+    return [(p.token_ids, round(p.activation, 9), round(p.cross_entropy, 9)) for p in result.frontier + result.diverse]
+
+
+def members(result) -> list[list[int]]:
+    return [ids for task in result.state["tasks"] for ids in task["members"]["ids"]]
 
 
 def test_outputs_round_trip_and_are_remeasured_from_the_text(lm64, transcoder, result):
     assert result.frontier and result.feature == "1/2" and result.dataset_max == 0.5 and result.scale_note is None
-    for p in result.frontier:
+    for p in result.frontier + result.diverse:
         assert tokenize_text(lm64, p.text) == p.token_ids
         assert p.text == "the " + p.prompt + " sat on"
+        assert p.counted_from == len(tokenize_text(lm64, "the x")) - 1  # BOS and "the": the template's prefix
         measured = measure_texts(lm64, transcoder, A, [p.text], dataset_max=0.5)[0]
-        assert p.activation == pytest.approx(measured.activation, abs=1e-12)
-        assert p.fraction_of_max == pytest.approx(measured.activation / 0.5)
+        counted = measured.token_activations[p.counted_from :]
+        assert p.activation == pytest.approx(max(counted), abs=1e-12)
+        assert p.template_activation == pytest.approx(max(measured.token_activations[1 : p.counted_from]), abs=1e-12)
+        assert p.fraction_of_max == pytest.approx(p.activation / 0.5)
+        assert p.origin in ("sampled", "random") or p.origin.startswith("dataset #")
+        assert p.longest_shared_run == longest_shared_run(tokenize_text(lm64, p.prompt)[1:], [c[1:] for c, _ in CONTEXTS])
     ces = [p.cross_entropy for p in result.frontier]
     assert ces == sorted(ces)
     assert result.model_dump(mode="json")["config"]["prompt_length"] == 4
+    assert result.iterations == CONFIG.iterations and result.stopped == "iterations"
+
+
+def test_a_feature_firing_only_on_the_template_reports_the_template_apart(lm64, transcoder):
+    """A copy of the transcoder whose feature fires at the template's "<eos>" (a token no prompt may hold) and
+    nowhere else: the dream reports 0 from the prompt and the template's activation separately."""
+    template, feature = "<eos> the {prompt} sat on", Feature(0, 0)
+    ids = tokenize_text(lm64, "<eos> the cat sat on")
+    h = lm64.capture(torch.tensor([ids]), [("mlp.hook_in", 0)])[("mlp.hook_in", 0)][0]  # [T, d_model]
+    fires = transcoder.__class__(transcoder.config, dtype=torch.float64)
+    fires.load_state_dict(transcoder.state_dict())
+    with torch.no_grad():
+        direction = h[1] / h[1].norm()
+        fires.W_enc[0, 0] = direction
+        fires.b_enc[0, 0] = 0.0
+        fires.threshold[0, 0] = 0.999 * float(h[1] @ direction)  # only a hidden state almost exactly h[1] passes
+    config = CONFIG.model_copy(update={"template": template, "iterations": 2})
+    out = dream(lm64, fires, feature, config, dataset_max=1.0)
+    for p in out.frontier:
+        whole = measure_token_ids(lm64, fires, feature, [p.token_ids])[0]
+        assert whole.activation > 0  # measured over the whole text, the template's "<eos>" fires...
+        assert p.activation == 0 and p.template_activation == pytest.approx(whole.activation)  # ...but not the prompt
 
 
 def test_deterministic_under_a_seed(lm64, transcoder, result):
-    again = dream(lm64, transcoder, A, CONFIG, dataset_max=0.5)
+    again = dream(lm64, transcoder, A, CONFIG, dataset_max=0.5, contexts=CONTEXTS)
     assert figures(again) == figures(result)
-    other = dream(lm64, transcoder, A, CONFIG.model_copy(update={"seed": 1}), dataset_max=0.5)
+    other = dream(lm64, transcoder, A, CONFIG.model_copy(update={"seed": 1}), dataset_max=0.5, contexts=CONTEXTS)
     assert figures(other) != figures(result)
 
 
 def test_batched_features_equal_one_at_a_time(lm64, transcoder):
-    config = CONFIG.model_copy(update={"seeds": 2})
-    together = dream_many(lm64, transcoder, [A, B], config, [0.5, None])
-    alone = [dream(lm64, transcoder, A, config, 0.5), dream(lm64, transcoder, B, config, None)]
+    config = CONFIG.model_copy(update={"seeds": 2, "init": "dataset"})
+    together = dream_many(lm64, transcoder, [A, B], config, [0.5, None], contexts=[CONTEXTS, None])
+    alone = [dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS), dream(lm64, transcoder, B, config, None)]
     assert [figures(r) for r in together] == [figures(r) for r in alone]
     fallback = together[1]
     assert fallback.scale_note and fallback.dataset_max is None and fallback.frontier[0].fraction_of_max is None
-    assert together[0].seeds == [0, 1]
+    assert fallback.frontier[0].longest_shared_run is None  # no contexts: novelty unknown
+    assert together[0].seeds == [0, 1] and len(together[0].state["tasks"]) == 2
 
 
 def test_progress_reports_every_iteration_over_all_tasks(lm64, transcoder):
@@ -87,61 +124,184 @@ def test_progress_reports_every_iteration_over_all_tasks(lm64, transcoder):
 def test_gcg_is_the_special_case_m1_lambda0(lm64, transcoder):
     """GCG written out by hand (one member, f only, best of parent + children) gives the engine's trajectory."""
     config = gcg_config(CONFIG, iterations=5)
-    assert config.lambdas().tolist() == [0.0]
-    s = Scorer(lm64, "mlp.hook_in", config.template, 4, [make_target(transcoder, A, 0.5)])
+    assert config.lambdas().tolist() == [0.0] and config.length_range == (4, 4)
+    s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
     allowed = allowed_tokens(lm64)
+    k = min(config.topk, int(allowed.sum()))
     g = torch.Generator().manual_seed(config.seed)
-    ids = epo.initial_prompts(s, config, allowed, g)[0]  # the engine's draws, in its order
-    torch.rand((), generator=g, dtype=torch.float64)  # the restart at iteration 0 (a no-op for one member)
-    row = torch.tensor([0])
+    prompts, _ = epo.initial_prompts(s, config, allowed, g, [])  # the engine's draws, in its order
+    ids, n, r, row = torch.tensor(prompts[0]), 4, config.children, torch.tensor([0])
     trajectory, best = [], -math.inf
     for _ in range(config.iterations):
-        grad = s.gradient(ids[None], row, torch.zeros(1))[2][0]  # [n, vocab]
+        grad = s.gradient(ids[None], torch.tensor([n]), row, torch.zeros(1))[1][0]  # [n, vocab]
         grad[:, ~allowed] = -math.inf
-        top = grad.topk(config.topk, dim=-1).indices
-        position = torch.randint(4, (config.children,), generator=g)
-        token = top[position, torch.randint(config.topk, (config.children,), generator=g)]
-        pool = ids.expand(config.children, 4).clone()
-        pool[torch.arange(config.children), position] = token
-        pool = torch.cat([ids[None], pool[s.round_trips(pool)]])
-        f, _, smooth = s.score(pool, torch.zeros(len(pool), dtype=torch.long))
-        ids = pool[torch.argmax(smooth)]  # λ = 0: the target alone (its smooth max over positions)
-        best = max(best, f.max().item())
+        top = grad.topk(k, dim=-1).indices
+        _, where, pick = torch.rand(r, generator=g), torch.rand(r, generator=g), torch.randint(k, (r,), generator=g)
+        for draw in (lambda: torch.rand(r, generator=g), lambda: torch.randint(int(allowed.sum()), (r,), generator=g),
+                     lambda: torch.randint(min(epo.MODEL_TOPK, int(allowed.sum())), (r,), generator=g)):
+            draw()  # the engine's draws for the moves GCG does not make
+        position = (where * n).long().clamp(max=n - 1)
+        pool = ids.expand(r, n).clone()
+        pool[torch.arange(r), position] = top[position, pick]
+        pool = torch.cat([ids[None], pool[s.round_trips(pool, torch.full((r,), n))]])
+        scores = s.score(pool, torch.full((len(pool),), n), torch.zeros(len(pool), dtype=torch.long))
+        ids = pool[torch.argmax(scores.f)]  # λ = 0: the target alone, its exact max over positions
+        best = max(best, scores.f.max().item())
         trajectory.append(best)
-    _, histories = epo.search(s, config, [0], [config.seed])
-    assert histories[0]["best"] == pytest.approx(trajectory, abs=1e-12)
+    out = dream(lm64, transcoder, A, config, 0.5)
+    assert members(out) == [ids.tolist()]
+    assert out.history["best"] == pytest.approx(trajectory, abs=1e-12)
 
 
 def test_random_search_proposes_without_gradients(lm64, transcoder, monkeypatch):
     monkeypatch.setattr(Scorer, "gradient", lambda *a: pytest.fail("random search must not take gradients"))
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: pytest.fail("random search must not take gradients"))
     out = dream(lm64, transcoder, A, random_search_config(CONFIG), 0.5)
     assert out.frontier and out.config.proposal == "random"
 
 
-def test_restarts_use_the_drawn_lambda(lm64, transcoder, monkeypatch):
+@pytest.mark.parametrize("at_start", [False, True])
+def test_restarts_use_the_drawn_lambda_and_not_the_start(lm64, transcoder, monkeypatch, at_start):
     seen = []
-    original = epo.restart
+    original = epo.restart_index
 
-    def spy(f, ce, lam):
-        best = original(f, ce, lam)
-        seen.append((lam, f.clone(), ce.clone(), best))
+    def spy(members, lam, config):
+        best = original(members, lam, config)
+        seen.append((lam, members.f.clone(), members.ce.clone(), best))
         return best
 
-    monkeypatch.setattr(epo, "restart", spy)
+    monkeypatch.setattr(epo, "restart_index", spy)
     config = CONFIG.model_copy(update={"iterations": 7, "restart_every": 2, "restart_lambda_min": 0.2,
-                                       "restart_lambda_max": 5.0})
+                                       "restart_lambda_max": 5.0, "restart_at_start": at_start})
     dream(lm64, transcoder, A, config, 0.5)
-    assert len(seen) == 4  # iterations 0, 2, 4, 6
-    assert len({lam for lam, *_ in seen}) == 4  # drawn each time, not a constant
+    assert len(seen) == (4 if at_start else 3)  # iterations 2, 4, 6 (and 0 only when asked)
+    assert len({lam for lam, *_ in seen}) == len(seen)  # drawn each time, not a constant
     for lam, f, ce, best in seen:
         assert 0.2 <= lam <= 5.0
         assert best == torch.argmax(f - lam * ce)
 
 
+def test_no_collapse_at_the_start(lm64, transcoder):
+    """After the first iteration the population still descends from M different starting prompts; the earlier
+    engine's restart at iteration 0 made every member a copy or a one-token child of a single one."""
+    config = CONFIG.model_copy(update={"iterations": 1, "population": 4, "restart_every": 0, "init": "sample",
+                                       "length_slack": 0, "insert_delete": 0.0})
+
+    def distances(result):
+        return [sum(x != y for x, y in zip(a, b)) for a in members(result) for b in members(result)]
+
+    now = dream(lm64, transcoder, A, config, 0.5)
+    before = dream(lm64, transcoder, A, config.model_copy(update={"restart_at_start": True}), 0.5)
+    assert max(distances(before)) <= 2  # each member at most one token from the one they all restarted from
+    assert max(distances(now)) > 2 and len({tuple(ids) for ids in members(now)}) == 4
+
+
+def test_moves_keep_the_length_range_and_the_round_trip(lm64, transcoder, monkeypatch):
+    config = CONFIG.model_copy(update={"iterations": 8, "insert_delete": 1.0, "length_slack": 1})
+    lengths = set()
+    original = Scorer.score_children
+
+    def spy(self, ids, lengths_, *rest):
+        lengths.update(lengths_.tolist())
+        for row, n in zip(ids.tolist(), lengths_.tolist()):  # every child scored round-trips
+            assert tokenize_text(lm64, self.text(row[:n])[1]) == self.full_ids(row[:n])
+        return original(self, ids, lengths_, *rest)
+
+    monkeypatch.setattr(Scorer, "score_children", spy)
+    out = dream(lm64, transcoder, A, config, 0.5)
+    assert lengths == {3, 4, 5}  # inserting and deleting (a swap where neither may) within 4 ± 1
+    for p in out.frontier:
+        assert 3 <= len(p.token_ids) - p.counted_from - 2 <= 5 and tokenize_text(lm64, p.text) == p.token_ids
+
+
+def test_children_all_rejected_by_the_round_trip_do_not_crash(lm64, transcoder, monkeypatch):
+    original = Scorer.round_trips
+    population = CONFIG.population
+    monkeypatch.setattr(Scorer, "round_trips", lambda self, ids, lengths: original(self, ids, lengths)
+                        if len(ids) <= population else torch.zeros(len(ids), dtype=torch.bool))
+    out = dream(lm64, transcoder, A, CONFIG, 0.5)
+    assert out.frontier and out.iterations == CONFIG.iterations
+
+
+def test_dataset_seeds_and_origins(lm64, transcoder):
+    config = CONFIG.model_copy(update={"init": "dataset", "population": 4, "iterations": 2})
+    s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
+    seeds = epo.seed_prompts(s, CONTEXTS, config.prompt_length)
+    assert seeds == [([4, 7, 8, 9], 0), ([12, 13, 14], 1)]  # the tokens up to each max token, BOS left out
+    prompts, origins = epo.initial_prompts(s, config, allowed_tokens(lm64), torch.Generator().manual_seed(0), seeds)
+    assert prompts[0] == [4, 7, 8, 9] and origins == [0, epo.SAMPLED, epo.SAMPLED, epo.SAMPLED]
+    out = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
+    assert "dataset #0" in {p.origin for p in out.frontier + out.diverse} | {
+        epo.origin_name(code) for code in out.state["tasks"][0]["kept"]["origin"]}
+
+
+def test_longest_shared_run_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        prompt = torch.randint(5, (8,), generator=g).tolist()
+        contexts = [torch.randint(5, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (3,), generator=g)]
+        brute = max((j - i for i in range(len(prompt)) for j in range(i + 1, len(prompt) + 1)
+                     if any(prompt[i:j] == c[a : a + j - i] for c in contexts for a in range(len(c)))), default=0)
+        assert longest_shared_run(prompt, contexts) == brute
+
+
+def test_the_diverse_set_is_fluent_different_and_most_active_first(result):
+    assert result.diverse
+    activations = [p.activation for p in result.diverse]
+    assert activations == sorted(activations, reverse=True) and len(result.diverse) <= epo.DIVERSE
+    prompts = [p.token_ids[p.counted_from : -2] for p in result.diverse]  # the suffix " sat on" left out
+    for i, a in enumerate(prompts):
+        assert result.diverse[i].cross_entropy <= epo.FLUENT_CE
+        for b in prompts[:i]:
+            assert epo.jaccard(a, b) <= epo.MAX_JACCARD
+
+
+def test_a_seconds_budget_and_a_plateau_stop_the_search(lm64, transcoder):
+    spent = dream(lm64, transcoder, A, CONFIG.model_copy(update={"iterations": 50, "seconds": 1e-3}), 0.5)
+    assert spent.stopped == "seconds" and spent.iterations == 1 and len(spent.history["best"]) == 1
+    flat = dream(lm64, transcoder, A, CONFIG.model_copy(update={"iterations": 200, "plateau": 3}), 0.5)
+    assert flat.stopped == "plateau" and flat.iterations < 200
+    last = flat.history["best_fluent"]
+    assert max(last[-3:]) < max(last[:-3]) + epo.PLATEAU_GAIN
+
+
+def test_continuing_equals_one_run(lm64, transcoder):
+    config = CONFIG.model_copy(update={"iterations": 7, "seeds": 2})  # restarts at 3 and 6 on both sides of the cut
+    whole = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
+    first = dream(lm64, transcoder, A, config.model_copy(update={"iterations": 4}), 0.5, contexts=CONTEXTS)
+    more = dream(lm64, transcoder, A, config.model_copy(update={"iterations": 3}), 0.5, contexts=CONTEXTS,
+                 continue_from=json.loads(first.model_dump_json()) and epo.DreamResult.model_validate_json(
+                     first.model_dump_json()))  # through JSON, as the cache keeps it
+    assert more.config == whole.config and more.iterations == 7
+    assert figures(more) == figures(whole) and more.history == whole.history and members(more) == members(whole)
+    with pytest.raises(ValueError, match="own config"):
+        dream(lm64, transcoder, A, config.model_copy(update={"topk": 3}), 0.5, continue_from=first)
+
+
+def test_the_chat_template_and_the_bf16_search(tiny_tokenizer, transcoder):
+    """template None = the model's chat template; a bf16 search re-measured in fp32."""
+    from conftest import make_tiny_lm
+
+    tokenizer = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, unk_token="<unk>",
+                                         bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tokenizer.chat_template = "{% for m in messages %}the {{ m['content'] }} sat on{% endfor %}"
+    lm32 = make_tiny_lm(tokenizer)
+    lm16 = make_tiny_lm(tokenizer)
+    lm16.model.to(torch.bfloat16)
+    config = CONFIG.model_copy(update={"template": None, "dtype": "bfloat16"})
+    out = dream(lm16, transcoder.float(), A, config, 0.5, measure_lm=lm32)
+    assert out.frontier
+    for p in out.frontier:
+        assert p.text == "the " + p.prompt + " sat on"
+        measured = measure_texts(lm32, transcoder.float(), A, [p.text], 0.5)[0]
+        assert p.activation == pytest.approx(max(measured.token_activations[p.counted_from :]), abs=1e-6)
+
+
 def test_pareto_front_of_a_known_set():
     def p(activation, ce):
-        return DreamedPrompt(prompt="x", text="x", token_ids=[round(activation * 10), round(ce * 10)],
-                             activation=activation, fraction_of_max=None, cross_entropy=ce)
+        return DreamedPrompt(prompt="x", text="x", token_ids=[round(activation * 10), round(ce * 10)], counted_from=1,
+                             activation=activation, fraction_of_max=None, template_activation=0.0, cross_entropy=ce,
+                             origin="sampled", longest_shared_run=None)
 
     points = [p(1.0, 2.0), p(0.5, 3.0), p(2.0, 4.0), p(1.5, 4.5), p(3.0, 6.0), p(2.5, 6.0), p(0.2, 1.0)]
     front = pareto_front(points)
@@ -149,18 +309,9 @@ def test_pareto_front_of_a_known_set():
     assert epo.best_fluent(points).activation == 2.0  # CE <= 5
 
 
-def test_merge_results_of_seeds(lm64, transcoder, result):
-    other = dream(lm64, transcoder, A, CONFIG.model_copy(update={"seed": 5}), 0.5)
-    merged = merge_results([result, other])
-    assert merged.seeds == [0, 5] and merged.config.seeds == 2
-    assert merged.frontier == pareto_front(result.frontier + other.frontier)
-    with pytest.raises(ValueError):
-        merge_results([result, result.model_copy(update={"feature": "0/0"})])
-
-
 @pytest.mark.parametrize("bad", [dict(prompt_length=0), dict(template="no slot"), dict(template="{prompt}{prompt}"),
                                  dict(lambda_min=2.0, lambda_max=1.0), dict(position="first"), dict(iterations=10**6),
-                                 dict(unknown=1)])
+                                 dict(seconds=0), dict(insert_delete=1.5), dict(distinct="some"), dict(unknown=1)])
 def test_invalid_configs_are_rejected(bad):
     with pytest.raises(ValidationError):
         DreamConfig(**bad)
@@ -171,25 +322,32 @@ def test_lambda_grid_is_log_spaced():
     assert grid.tolist() == pytest.approx([0.1, 1.0, 10.0])
 
 
+def test_previous_config_is_the_earlier_engine():
+    previous = previous_config()
+    assert previous.restart_at_start and previous.selection == "smooth" and previous.distinct == "none"
+    assert previous.length_range == (12, 12) and previous.model_proposals == 0 and previous.iterations == 60
+
+
 def test_config_flags_from_the_pydantic_model():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, DreamConfig)
     args = parser.parse_args(["--prompt-length", "7", "--position", "last", "--template", "A:{prompt}",
-                              "--lambda-max", "2.5"])
+                              "--lambda-max", "2.5", "--seconds", "30"])
     config = config_from_args(DreamConfig, args)
-    assert config == DreamConfig(prompt_length=7, position="last", template="A:{prompt}", lambda_max=2.5)
+    assert config == DreamConfig(prompt_length=7, position="last", template="A:{prompt}", lambda_max=2.5, seconds=30)
     with pytest.raises(SystemExit):
         parser.parse_args(["--position", "first"])
 
 
 def test_cache_round_trip(tmp_path, result):
     cache = DreamCache(tmp_path / "dreams")
-    assert cache.get("model+clt", A, CONFIG) is None
+    assert cache.get("model+clt", A, CONFIG, 0.5) is None
     cache.put("model+clt", result)
-    assert cache.get("model+clt", A, CONFIG) == result
-    assert cache.for_feature("model+clt", A) == [result]
-    assert cache.for_feature("other", A) == []
-    assert cache.get("model+clt", A, CONFIG.model_copy(update={"seed": 3})) is None
+    assert cache.get("model+clt", A, CONFIG, 0.5) == result
+    assert cache.get("model+clt", A, CONFIG, 0.7) is None  # scored against another dataset max
+    assert [c.result for c in cache.for_feature("model+clt", A, 0.5)] == [result]
+    assert cache.for_feature("other", A, 0.5) == []
+    assert cache.get("model+clt", A, CONFIG.model_copy(update={"seed": 3}), 0.5) is None
     # the key is canonical: the same config built in another field order has the same key
     assert config_key(DreamConfig(**dict(reversed(list(CONFIG.model_dump().items()))))) == config_key(CONFIG)
     assert not list((tmp_path / "dreams").rglob("*.partial"))
@@ -205,8 +363,9 @@ def test_cli_dream_and_batch_are_cached_where_compare_reads(tiny_bundle, capsys,
     main(["dream", "--feature", "1/2", *flags])
     first = json.loads(capsys.readouterr().out)
     assert first["feature"] == "1/2" and first["frontier"] and first["dataset_max"] is not None
-    cached = DreamCache(tiny_bundle.directory / "dreams").for_feature(tiny_bundle.identity, Feature(1, 2))
-    assert [r.model_dump(mode="json") for r in cached] == [first]
+    cached = DreamCache(tiny_bundle.directory / "dreams").for_feature(tiny_bundle.identity, Feature(1, 2),
+                                                                      first["dataset_max"])
+    assert [c.result.model_dump(mode="json") for c in cached] == [first]
     monkeypatch.setattr(epo, "dream_many", lambda *a, **k: pytest.fail("a cached result must not be recomputed"))
     main(["dream", "--feature", "1/2", *flags])
     assert json.loads(capsys.readouterr().out) == first
@@ -216,3 +375,12 @@ def test_cli_dream_and_batch_are_cached_where_compare_reads(tiny_bundle, capsys,
     assert [r["feature"] for r in both] == ["1/2", "0/3"] and both[0] == first
     with pytest.raises(SystemExit, match="unknown feature"):
         main(["dream", "--feature", "9/0", *flags])
+    main(["dream", "--feature", "1/2", "--more", *flags])  # 2 more iterations of the cached run
+    more = json.loads(capsys.readouterr().out)
+    assert more["iterations"] == 4 and more["config"]["iterations"] == 4 and len(more["history"]["best"]) == 4
+    assert more["history"]["best"][:2] == first["history"]["best"]
+    longer = [("4" if flag == "2" and before == "--iterations" else flag) for before, flag in zip([""] + flags, flags)]
+    main(["dream", "--feature", "1/2", *longer])  # cached as the 4-iteration run it is
+    assert json.loads(capsys.readouterr().out) == more
+    with pytest.raises(SystemExit, match="nothing to continue"):
+        main(["dream", "--feature", "0/1", "--more", *flags])

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from conftest import make_tiny_transcoder, random_windows
+from dream_results import dream_result, dreamed_prompt
 from dreaming.activation import measure_texts, tokenize_text
+from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature, parse_features
 from dreaming.maxima import (
     HISTOGRAM_EDGES,
     MaximaConfig,
     build_maxima,
     feature_page,
+    length_matched,
     load_maxima,
     render_examples,
     search_features,
@@ -168,12 +171,71 @@ def test_search_ranks_by_fraction_of_max(tiny_lm, tiny_transcoder, maxima):
 
 
 def test_feature_page_puts_dreams_beside_examples(tiny_lm, tiny_transcoder, maxima):
-    feature = Feature(1, 3)
-    dream = {"seed": 0, "frontier": [{"prompt": "cat", "text": "the cat", "activation": maxima.dataset_max(feature) * 1.5,
-                                      "cross_entropy": 3.0}]}
-    page = feature_page(tiny_lm, tiny_transcoder, maxima, feature, [dream], top=3)
-    assert len(page["examples"]) == 3 and page["dreams"][0]["fraction_of_max"] == pytest.approx(1.5)
-    assert page["examples"][0]["fraction_of_max"] == pytest.approx(1.0, rel=1e-5)
+    feature, config = Feature(1, 13), DreamConfig(template="the {prompt} on", prompt_length=2)
+    dataset_max = maxima.dataset_max(feature)
+
+    def prompt(text, ce=3.0, origin="sampled", run=2, against=dataset_max):
+        return dreamed_prompt(tiny_lm, tiny_transcoder, feature, text, config.template, against, ce, origin, run)
+
+    a, b, c = prompt("cat sat"), prompt("dog ran", 4.0, "dataset #0", 5), prompt("red sun", 2.0, "random", None)
+    assert len({a.activation, b.activation, c.activation}) == 3 and min(a.activation, b.activation, c.activation) > 0
+    first = dream_result(feature, config, dataset_max, [a, b], diverse=[b, a])
+    second = dream_result(feature, config.model_copy(update={"seed": 1}), dataset_max, [c], diverse=[c, a])
+    stale = dream_result(feature, config, dataset_max * 2, [prompt("big tree", against=dataset_max * 2)])
+    dreams = [r.model_dump(mode="json") for r in (first, second, stale)]
+    page = feature_page(tiny_lm, tiny_transcoder, maxima, feature, dreams, top=3)
+    assert len(page["examples"]) == 3 and page["examples"][0]["fraction_of_max"] == pytest.approx(1.0, rel=1e-5)
+    assert "length_matched" not in page["examples"][0] and page["length"] is None
+    by_activation = [p.prompt for p in sorted([a, b, c], key=lambda p: -p.activation)]
+    assert [d["prompt"] for d in page["dreams"]] == by_activation
+    for d in page["dreams"]:
+        point = {p.prompt: p for p in (a, b, c)}[d["prompt"]]
+        assert d["fraction_of_max"] == pytest.approx(point.activation / dataset_max)
+        assert (d["origin"], d["longest_shared_run"], d["cross_entropy"]) == (
+            point.origin, point.longest_shared_run, point.cross_entropy)
+    # the union of the current results' diverse sets, one entry per token sequence, most active first
+    assert [d["prompt"] for d in page["diverse"]] == by_activation
+    assert {d["origin"] for d in page["diverse"]} == {"sampled", "dataset #0", "random"}
+    # a result scored against another max is never current: listed apart, with its own yardstick and fraction
+    (old,) = page["stale_dreams"]
+    assert old["prompt"] == "big tree" and old["scored_against"] == dataset_max * 2
+    assert old["fraction_of_max"] == pytest.approx(stale.frontier[0].activation / (dataset_max * 2))
+    # a result without a yardstick (dreamed before the maxima were built) is stale too
+    unscaled = dream_result(feature, config, None, [prompt("big tree", against=None)]).model_dump(mode="json")
+    page = feature_page(tiny_lm, tiny_transcoder, maxima, feature, [unscaled], top=1)
+    assert page["dreams"] == [] and page["stale_dreams"][0]["scored_against"] is None
+
+
+def test_length_matched_examples_against_a_direct_computation(tiny_lm, tiny_transcoder, maxima):
+    feature, length = Feature(1, 3), 6
+    dataset_max = maxima.dataset_max(feature)
+    contexts = maxima.top_contexts(feature)
+    ids = contexts[0][0]
+    # the examples' own contexts, and cuts of one window ending at chosen positions (shorter than length at 2)
+    cases = [(render_examples(tiny_lm, tiny_transcoder, maxima, feature, length=length), contexts),
+             ([{"length_matched": m} for m in length_matched(tiny_lm, tiny_transcoder, feature,
+                                                             [(ids, 2), (ids, 9), (ids, 15)], length, dataset_max)],
+              [(ids, 2), (ids, 9), (ids, 15)])]
+    for examples, expected_contexts in cases:
+        assert len(examples) == len(expected_contexts)
+        for example, (window, position) in zip(examples, expected_contexts):
+            cut = window[max(1, position + 1 - length) : position + 1]
+            sequence = torch.tensor([[tiny_lm.bos_token_id, *cut]])
+            with torch.no_grad():
+                x = tiny_lm.capture(sequence, [(HOOK_MLP_IN, 1)])[(HOOK_MLP_IN, 1)][0]
+                activation = float(tiny_transcoder.encode(x, 1)[1:, 3].max())
+                logprobs = tiny_lm.model(sequence).logits[0, :-1].log_softmax(-1)
+            ce = float(-logprobs.gather(-1, sequence[0, 1:, None]).mean())
+            matched = example["length_matched"]
+            assert matched["tokens"] == len(cut) == min(length, position)
+            assert matched["activation"] == pytest.approx(activation, rel=1e-5, abs=1e-6)
+            assert matched["fraction_of_max"] == pytest.approx(activation / dataset_max, rel=1e-5, abs=1e-6)
+            assert matched["cross_entropy"] == pytest.approx(ce, rel=1e-5)
+            assert matched["text"] == tiny_lm.tokenizer.decode(cut)
+    page = feature_page(tiny_lm, tiny_transcoder, maxima, feature, [], top=2, length=length)
+    assert page["length"] == length and all(e["length_matched"]["tokens"] <= length for e in page["examples"])
+    with pytest.raises(ValueError, match="length must be at least 1"):
+        length_matched(tiny_lm, tiny_transcoder, feature, contexts, 0, dataset_max)
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

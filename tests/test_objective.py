@@ -1,11 +1,13 @@
-"""EPO's scorer on a tiny float64 model: scores equal a direct full-text computation, token gradients equal finite
-differences of the objective, forbidden tokens and the round-trip check."""
+"""EPO's scorer on a tiny float64 model: scores of prompts of several lengths equal a direct full-text computation,
+children scored from their parent's KV cache equal full scoring, token gradients equal finite differences of the
+objective, forbidden tokens and the round-trip check."""
 
 import math
 
 import pytest
 import torch
 
+import dreaming.objective as objective
 from conftest import make_tiny_lm
 from dreaming.features import Feature
 from dreaming.objective import SMOOTH_MAX, Scorer, allowed_tokens, cross_entropy, make_target
@@ -38,75 +40,118 @@ def transcoder():
     return tiny_transcoder()
 
 
-def scorer(lm, transcoder, position, features=(Feature(0, 1), Feature(2, 5)), scales=(0.5, 2.0)):
+def scorer(lm, transcoder, position, features=(Feature(0, 1), Feature(2, 5)), scales=(0.5, 2.0), template=TEMPLATE):
     targets = [make_target(transcoder, f, s) for f, s in zip(features, scales)]
-    return Scorer(lm, "mlp.hook_in", TEMPLATE, N_PROMPT, targets, position)
+    return Scorer(lm, "mlp.hook_in", template, targets, position)
 
 
-def random_ids(lm, count, seed=0):
+def random_ids(lm, count, seed=0, width=N_PROMPT):
+    """[count, width] allowed ids and lengths [count] from 2 to width (the tail past a row's length is padding)."""
     allowed = allowed_tokens(lm).nonzero()[:, 0]
     g = torch.Generator().manual_seed(seed)
-    return allowed[torch.randint(len(allowed), (count, N_PROMPT), generator=g)]
+    lengths = torch.randint(2, width + 1, (count,), generator=g)
+    return allowed[torch.randint(len(allowed), (count, width), generator=g)], lengths
 
 
 @pytest.mark.parametrize("position", ["last", "max"])
-def test_score_equals_a_direct_computation_on_the_full_text(lm64, transcoder, position):
-    s = scorer(lm64, transcoder, position)
-    ids, rows = random_ids(lm64, 5), torch.tensor([0, 1, 1, 0, 1])
-    f, ce, _ = s.score(ids, rows)
-    full = torch.tensor([s.full_ids(row) for row in ids.tolist()])  # [B, T], no KV cache
+@pytest.mark.parametrize("template", [TEMPLATE, "the {prompt}"])  # with and without a suffix
+def test_score_equals_a_direct_computation_on_the_full_text(lm64, transcoder, position, template):
+    s = scorer(lm64, transcoder, position, template=template)
+    ids, lengths = random_ids(lm64, 6, width=6)
+    rows = torch.tensor([0, 1, 1, 0, 1, 0])
+    scores = s.score(ids, lengths, rows)
     start = len(s.prefix_ids)
-    with torch.no_grad():
-        logits = lm64.model(input_ids=full).logits
-        for b, row in enumerate(rows.tolist()):
-            target = s.targets[row]
-            layer, index = target.feature.layer, target.feature.index
-            h = lm64.capture(full[b : b + 1], [("mlp.hook_in", layer)])[("mlp.hook_in", layer)][0]  # [T, d_model]
-            pre = transcoder.pre_activations(h, layer)[:, index] / target.scale  # [T]
-            expected_f = pre[start + N_PROMPT - 1] if position == "last" else pre[start:].max()
-            logprobs = logits[b, start - 1 : start + N_PROMPT - 1].log_softmax(-1)  # predicts every prompt token
-            expected_ce = -logprobs.gather(-1, full[b, start : start + N_PROMPT, None]).mean()
-            assert f[b].item() == pytest.approx(expected_f.item(), abs=1e-9)
-            assert ce[b].item() == pytest.approx(expected_ce.item(), abs=1e-9)
-    assert cross_entropy(lm64, full.tolist(), start, N_PROMPT) == pytest.approx(ce.tolist(), abs=1e-9)
+    for b, row in enumerate(rows.tolist()):
+        n = int(lengths[b])
+        full = torch.tensor([s.full_ids(ids[b, :n].tolist())])  # [1, T], no KV cache, no padding
+        with torch.no_grad():
+            logits = lm64.model(input_ids=full).logits[0]
+        target = s.targets[row]
+        layer, index = target.feature.layer, target.feature.index
+        h = lm64.capture(full, [("mlp.hook_in", layer)])[("mlp.hook_in", layer)][0]  # [T, d_model]
+        pre = transcoder.pre_activations(h, layer)[:, index] / target.scale  # [T]
+        expected_f = pre[start + n - 1] if position == "last" else pre[start:].max()
+        logprobs = logits[start - 1 : start + n - 1].log_softmax(-1)  # predicts every prompt token
+        expected_ce = -logprobs.gather(-1, full[0, start : start + n, None]).mean()
+        assert scores.f[b].item() == pytest.approx(expected_f.item(), abs=1e-9)
+        assert scores.ce[b].item() == pytest.approx(expected_ce.item(), abs=1e-9)
+        assert cross_entropy(lm64, full.tolist(), start, n) == pytest.approx([expected_ce.item()], abs=1e-9)
+
+
+@pytest.mark.parametrize("position", ["last", "max"])
+def test_children_scored_from_the_parents_kv_cache_equal_full_scoring(lm64, transcoder, position, monkeypatch):
+    """Swaps, insertions and deletions at every position, scored after the parent's cached keys and values (in
+    chunks of 4, so that most chunks start past the prompt's first token)."""
+    monkeypatch.setattr(objective, "MIN_CHUNK", 1)
+    s = scorer(lm64, transcoder, position)
+    s.batch_size = 4
+    width = 7
+    parents_ids, parents_lengths = random_ids(lm64, 3, seed=4, width=width - 1)
+    parents_ids = torch.cat([parents_ids, torch.zeros(3, 1, dtype=torch.long)], dim=1)  # room for an insertion
+    rows = torch.tensor([0, 1, 0])
+    allowed = allowed_tokens(lm64)
+    expansion = s.expand(parents_ids, parents_lengths, rows, torch.tensor([0.1, 0.5, 2.0]), allowed, 3, 3)
+    children, lengths, parent, changed = [], [], [], []
+    for b in range(3):
+        row = parents_ids[b, : parents_lengths[b]].tolist()
+        for p in range(len(row) + 1):
+            moves = [row[:p] + [7] + row[p:]]  # insert
+            if p < len(row):
+                moves += [row[:p] + [(row[p] + 1) % 20 + 4] + row[p + 1 :], row[:p] + row[p + 1 :]]  # swap, delete
+            for child in moves:
+                if child:
+                    children.append(child + [0] * (width - len(child)))
+                    lengths.append(len(child))
+                    parent.append(b)
+                    changed.append(p)
+    children, lengths, parent, changed = map(torch.tensor, (children, lengths, parent, changed))
+    reused = s.score_children(children, lengths, rows[parent], parent, changed, expansion.parents)
+    full = s.score(children, lengths, rows[parent])
+    assert torch.allclose(reused.f, full.f, atol=1e-10) and torch.allclose(reused.ce, full.ce, atol=1e-10)
+    assert torch.allclose(reused.smooth, full.smooth, atol=1e-10)
 
 
 @pytest.mark.parametrize("position", ["last", "max"])
 def test_token_gradient_equals_finite_differences(gpt2_64, transcoder, position):
     lm64 = gpt2_64
     s = scorer(lm64, transcoder, position)
-    ids, rows = random_ids(lm64, 3, seed=1), torch.tensor([0, 1, 0])
+    ids, lengths = random_ids(lm64, 3, seed=1)
+    rows = torch.tensor([0, 1, 0])
     lambdas = torch.tensor([0.0, 0.7, 3.0], dtype=torch.float64)  # each row its own λ
-    f, ce, grad = s.gradient(ids, rows, lambdas)  # [3, n, vocab]
-    one_hot = torch.nn.functional.one_hot(ids, s.embedding.shape[0]).double()
-    _, _, objective = s.objective(one_hot, rows, lambdas)
-    assert torch.allclose(objective, f - lambdas * ce)
-    exact_f, exact_ce, smooth_f = s.score(ids, rows)
-    assert torch.allclose(smooth_f, f)
-    assert torch.allclose(ce, exact_ce)
-    if position == "last":
-        assert torch.allclose(f, exact_f)
-    else:  # the gradient is of the smooth max: max <= smooth max <= max + τ log(positions)
-        assert (exact_f <= f + 1e-12).all() and (f <= exact_f + SMOOTH_MAX * math.log(N_PROMPT + 2) + 1e-12).all()
+    scores, grad = s.gradient(ids, lengths, rows, lambdas)  # [3, n, vocab]
+    tokens = s._layout(ids, lengths, 0)[0]
+    one_hot = torch.nn.functional.one_hot(tokens, s.embedding.shape[0]).double()
+    with torch.no_grad():
+        _, objective, *_ = s.objective(one_hot, lengths, rows, lambdas)
+    assert torch.allclose(objective, scores.smooth - lambdas * scores.ce)
+    exact = s.score(ids, lengths, rows)
+    assert torch.allclose(exact.smooth, scores.smooth) and torch.allclose(exact.ce, scores.ce)
+    assert torch.allclose(exact.f, scores.f)
+    if position == "max":  # the gradient is of the smooth max: max <= smooth max <= max + τ log(positions)
+        bound = SMOOTH_MAX * math.log(N_PROMPT + 2) + 1e-12
+        assert (exact.f <= scores.smooth + 1e-12).all() and (scores.smooth <= exact.f + bound).all()
     g = torch.Generator().manual_seed(2)
     eps = 1e-6
     for b in range(3):
         for _ in range(6):
-            pos, token = torch.randint(N_PROMPT, (), generator=g), torch.randint(one_hot.shape[-1], (), generator=g)
+            pos = torch.randint(int(lengths[b]), (), generator=g)
+            token = torch.randint(one_hot.shape[-1], (), generator=g)
             bump = torch.zeros_like(one_hot)
             bump[b, pos, token] = eps
             with torch.no_grad():
-                up = s.objective(one_hot + bump, rows, lambdas)[2][b]
-                down = s.objective(one_hot - bump, rows, lambdas)[2][b]
+                up = s.objective(one_hot + bump, lengths, rows, lambdas)[1][b]
+                down = s.objective(one_hot - bump, lengths, rows, lambdas)[1][b]
             assert grad[b, pos, token].item() == pytest.approx(((up - down) / (2 * eps)).item(), rel=1e-6, abs=1e-8)
 
 
 def test_gradient_of_one_row_does_not_depend_on_the_others(lm64, transcoder):
     s = scorer(lm64, transcoder, "max")
-    ids, rows, lambdas = random_ids(lm64, 3, seed=3), torch.tensor([0, 1, 0]), torch.tensor([0.1, 1.0, 5.0])
-    together = s.gradient(ids, rows, lambdas)[2]
-    alone = s.gradient(ids[1:2], rows[1:2], lambdas[1:2])[2]
-    assert torch.allclose(together[1], alone[0], atol=1e-10)
+    ids, lengths = random_ids(lm64, 3, seed=3)
+    rows, lambdas = torch.tensor([0, 1, 0]), torch.tensor([0.1, 1.0, 5.0])
+    together = s.gradient(ids, lengths, rows, lambdas)[1]
+    alone = s.gradient(ids[1:2], lengths[1:2], rows[1:2], lambdas[1:2])[1]
+    n = int(lengths[1])
+    assert torch.allclose(together[1, :n], alone[0, :n], atol=1e-10)
 
 
 def test_special_tokens_are_never_allowed(lm64):
@@ -117,8 +162,8 @@ def test_special_tokens_are_never_allowed(lm64):
 
 def test_round_trip_check(lm64, transcoder):
     targets = [make_target(transcoder, Feature(0, 1), 1.0)]
-    good = Scorer(lm64, "mlp.hook_in", TEMPLATE, N_PROMPT, targets)
-    glued = Scorer(lm64, "mlp.hook_in", "the{prompt} sat", N_PROMPT, targets)  # "thecat ..." is one unknown word
-    ids = random_ids(lm64, 4)
-    assert good.round_trips(ids).all()
-    assert not glued.round_trips(ids).any()
+    good = Scorer(lm64, "mlp.hook_in", TEMPLATE, targets)
+    glued = Scorer(lm64, "mlp.hook_in", "the{prompt} sat", targets)  # "thecat ..." is one unknown word
+    ids, lengths = random_ids(lm64, 4)
+    assert good.round_trips(ids, lengths).all()
+    assert not glued.round_trips(ids, lengths).any()

@@ -52,6 +52,14 @@ def test_dream_submit_poll_result_then_cached(client):
     assert measured["token_ids"] == best["token_ids"]
     assert measured["activation"] == pytest.approx(best["activation"], rel=1e-4, abs=1e-5)
 
+    more = client.post("/v1/dreams", json={"feature": "1/2", "config": TINY_CONFIG, "more": True})
+    assert more.status_code == 200 and more.json()["job_id"] != job["job_id"]
+    longer = poll_job(client, more.json()["job_id"])["result"]  # the stored run, continued for 3 iterations
+    assert longer["config"]["iterations"] == 6 and longer["iterations"] == 6
+    assert longer["history"]["best"][:3] == result["history"]["best"]
+    nothing = client.post("/v1/dreams", json={"feature": "0/1", "config": TINY_CONFIG, "more": True})
+    assert nothing.status_code == 409 and "nothing to continue" in nothing.json()["detail"]
+
     page = client.get("/v1/features/1/2").json()
     assert page["feature"] == "1/2" and page["dataset_max"] > 0 and page["examples"]
     # the service's result, plus any dream cached on the bundle by `dreaming dream` (other tests make some)
@@ -85,6 +93,18 @@ def test_activations_and_search(client):
     assert 1 <= len(found) <= 5
     fractions = [item["fraction_of_max"] for item in found]
     assert fractions == sorted(fractions, reverse=True) and all(f > 0 for f in fractions)
+
+
+def test_activations_inside_a_template(client):
+    body = {"feature": "1/2", "texts": ["dog ran"], "template": "the cat {prompt} on the mat"}
+    measured = client.post("/v1/activations", json=body)
+    assert measured.status_code == 200, measured.text
+    (inside,) = measured.json()
+    (whole,) = client.post("/v1/activations", json={"feature": "1/2", "texts": [inside["text"]]}).json()
+    assert inside["text"] == "the cat dog ran on the mat" and inside["counted_from"] == 3 and whole["counted_from"] == 1
+    assert inside["token_activations"] == pytest.approx(whole["token_activations"], abs=1e-6)
+    assert inside["activation"] == max(inside["token_activations"][3:])
+    assert inside["template_activation"] == max(inside["token_activations"][1:3])
 
 
 def test_concurrent_identical_requests_make_one_job(server):
@@ -134,6 +154,12 @@ BAD_REQUESTS = [
     ("blank text", "post", "/v1/activations", {"feature": "1/2", "texts": ["  "]}, {}, 422, "empty"),
     ("unknown feature for activations", "post", "/v1/activations", {"feature": "3/0", "texts": ["the"]}, {}, 404,
      "0..2"),
+    ("template without slot", "post", "/v1/activations", {"feature": "1/2", "texts": ["the"], "template": "hi"}, {},
+     422, "{prompt}"),
+    ("prompt merging with its template", "post", "/v1/activations",
+     {"feature": "1/2", "texts": ["t sat"], "template": "the ca{prompt}"}, {}, 422, "merges with the template"),
+    ("chat template of a model without one", "post", "/v1/activations",
+     {"feature": "1/2", "texts": ["the"], "template": "chat"}, {}, 422, "no chat template"),
     ("search text too long", "post", "/v1/search", {"text": big_text(400)}, {}, 422, "at most 200"),
     ("search top too large", "post", "/v1/search", {"text": "the", "top": 1000}, {}, 422, "at most 100"),
     ("body too large", "post", "/v1/activations", {"feature": "1/2", "texts": [big_text(5000)]}, {}, 413,

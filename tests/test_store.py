@@ -6,18 +6,34 @@ from service.store import DONE, FAILED, QUEUED, RUNNING, SQLiteStore, job_key
 
 CONFIG = {"iterations": 3, "seed": 0}
 OTHER = {"iterations": 3, "seed": 1}
+MAX = 1.5  # the feature's dataset max
 
 
-def test_key_depends_on_identity_feature_and_config_only():
-    assert job_key("a", "1/2", {"x": 1, "y": 2}) == job_key("a", "1/2", {"y": 2, "x": 1})
-    assert len({job_key("a", "1/2", CONFIG), job_key("b", "1/2", CONFIG), job_key("a", "1/3", CONFIG),
-                job_key("a", "1/2", OTHER)}) == 4
+def test_key_depends_on_identity_feature_config_and_dataset_max_only():
+    assert job_key("a", "1/2", {"x": 1, "y": 2}, MAX) == job_key("a", "1/2", {"y": 2, "x": 1}, MAX)
+    assert len({job_key("a", "1/2", CONFIG, MAX), job_key("b", "1/2", CONFIG, MAX), job_key("a", "1/3", CONFIG, MAX),
+                job_key("a", "1/2", OTHER, MAX), job_key("a", "1/2", CONFIG, 2 * MAX),
+                job_key("a", "1/2", CONFIG, None)}) == 6
+    assert job_key("a", "1/2", CONFIG, None) == job_key("a", "1/2", CONFIG, 0.0)  # no yardstick either way
+
+
+def test_a_new_dataset_max_makes_a_new_job_and_keeps_the_old_result(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    old = store.submit("id", "1/1", CONFIG, MAX)
+    [claimed] = store.claim("id", 1)
+    store.complete(claimed, {"dataset_max": MAX})
+    new = store.submit("id", "1/1", CONFIG, 2 * MAX)  # the maxima were rebuilt: the same request is new work
+    assert new.id != old.id and new.status == QUEUED and store.submit("id", "1/1", CONFIG, MAX).status == DONE
+    assert store.results_for("id", "1/1") == [{"dataset_max": MAX}]
+    batch = store.submit_batch("id", ["1/1", "1/2"], CONFIG, [2 * MAX, MAX])
+    assert batch.job_ids[0] == new.id
 
 
 def test_identical_submissions_coalesce_even_from_many_threads(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
     ids = []
-    threads = [threading.Thread(target=lambda: ids.append(store.submit("id", "1/2", CONFIG).id)) for _ in range(20)]
+    threads = [threading.Thread(target=lambda: ids.append(store.submit("id", "1/2", CONFIG, MAX).id))
+               for _ in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -28,10 +44,10 @@ def test_identical_submissions_coalesce_even_from_many_threads(tmp_path):
 
 def test_claim_takes_one_config_oldest_first_and_skips_other_bundles(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
-    a = store.submit("id", "1/1", CONFIG)
-    store.submit("id", "1/2", OTHER)
-    c = store.submit("id", "1/3", CONFIG)
-    store.submit("elsewhere", "1/4", CONFIG)
+    a = store.submit("id", "1/1", CONFIG, MAX)
+    store.submit("id", "1/2", OTHER, MAX)
+    c = store.submit("id", "1/3", CONFIG, MAX)
+    store.submit("elsewhere", "1/4", CONFIG, MAX)
     claimed = store.claim("id", 16)
     assert [job.id for job in claimed] == [a.id, c.id]
     assert all(job.status == RUNNING and job.attempts == 1 for job in claimed)
@@ -41,11 +57,11 @@ def test_claim_takes_one_config_oldest_first_and_skips_other_bundles(tmp_path):
 
 def test_result_is_stored_once_and_returned_with_the_job(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
-    job = store.submit("id", "1/1", CONFIG)
+    job = store.submit("id", "1/1", CONFIG, MAX)
     [claimed] = store.claim("id", 1)
     assert store.complete(claimed, {"feature": "1/1", "n": 1})
     assert not store.complete(claimed, {"feature": "1/1", "n": 2})  # a repeated completion changes nothing
-    again = store.submit("id", "1/1", CONFIG)
+    again = store.submit("id", "1/1", CONFIG, MAX)
     assert again.id == job.id and again.status == DONE and again.result == {"feature": "1/1", "n": 1}
     assert store.results_for("id", "1/1") == [{"feature": "1/1", "n": 1}]
     assert store.claim("id", 1) == []
@@ -53,7 +69,7 @@ def test_result_is_stored_once_and_returned_with_the_job(tmp_path):
 
 def test_a_stale_claim_cannot_complete_after_requeue(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
-    store.submit("id", "1/1", CONFIG)
+    store.submit("id", "1/1", CONFIG, MAX)
     [first] = store.claim("id", 1)
     store.requeue([first])
     [second] = store.claim("id", 1)
@@ -66,7 +82,7 @@ def test_a_stale_claim_cannot_complete_after_requeue(tmp_path):
 def test_recover_requeues_running_jobs_and_keeps_done_ones(tmp_path):
     path = tmp_path / "jobs.sqlite"
     store = SQLiteStore(path)
-    store.submit_batch("id", ["1/1", "1/2"], CONFIG)
+    store.submit_batch("id", ["1/1", "1/2"], CONFIG, [MAX] * 2)
     done, interrupted = store.claim("id", 2)
     store.complete(done, {"r": 1})
     store.set_progress([interrupted.id], {"done": 1, "total": 3})
@@ -80,18 +96,18 @@ def test_recover_requeues_running_jobs_and_keeps_done_ones(tmp_path):
 
 def test_failed_job_is_queued_again_on_resubmission(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
-    store.submit("id", "1/1", CONFIG)
+    store.submit("id", "1/1", CONFIG, MAX)
     [job] = store.claim("id", 1)
     store.fail(job, "ValueError: boom")
     assert store.job(job.id).status == FAILED and store.job(job.id).error == "ValueError: boom"
-    again = store.submit("id", "1/1", CONFIG)
+    again = store.submit("id", "1/1", CONFIG, MAX)
     assert again.id == job.id and again.status == QUEUED and again.error is None
 
 
 def test_batch_lists_its_jobs_in_order_and_shares_existing_ones(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
-    single = store.submit("id", "2/5", CONFIG)
-    batch = store.submit_batch("id", ["1/1", "2/5", "0/3"], CONFIG)
+    single = store.submit("id", "2/5", CONFIG, MAX)
+    batch = store.submit_batch("id", ["1/1", "2/5", "0/3"], CONFIG, [MAX] * 3)
     assert store.batch(batch.id).job_ids == batch.job_ids and batch.job_ids[1] == single.id
     assert [job.feature for job in store.jobs(batch.job_ids)] == ["1/1", "2/5", "0/3"]
     assert store.batch("nope") is None and store.job("nope") is None
