@@ -92,12 +92,12 @@ class DreamConfig(BaseModel):
     population: int = Field(8, ge=1, le=64, description="population slots M, one fluency weight λ each")
     children: int = Field(16, ge=1, le=512, description="children per member per iteration (r)")
     topk: int = Field(128, ge=1, le=1_000_000, description="candidate tokens per position from the gradient")
-    insert_delete: float = Field(0.2, ge=0, le=1, description="share of children made by inserting or deleting "
+    insert_delete: float = Field(0.0, ge=0, le=1, description="share of children made by inserting or deleting "
                                  "a token (half each) instead of swapping one")
-    model_proposals: float = Field(0.25, ge=0, le=1, description="share of new tokens drawn from the model's own "
+    model_proposals: float = Field(0.0, ge=0, le=1, description="share of new tokens drawn from the model's own "
                                    f"top {MODEL_TOPK} at the position instead of the gradient's top-k")
     distinct: Literal["none", "exact", "jaccard"] = Field(
-        "jaccard", description="slots select in turn, each the best prompt that differs from those the earlier "
+        "exact", description="slots select in turn, each the best prompt that differs from those the earlier "
         "slots took: 'exact' (not the same ids) or 'jaccard' (token Jaccard <= 0.5: a buffer of the best different "
         "prompts); 'none': selection with replacement (the paper)")
     selection: Literal["exact", "smooth"] = Field("exact", description="select on the exact max over positions "
@@ -111,7 +111,7 @@ class DreamConfig(BaseModel):
                                       "uniformly from [restart_lambda_min, restart_lambda_max]")
     restart_lambda_max: float = Field(0.3, ge=0, le=1000, description="see restart_lambda_min")
     init: Literal["sample", "random", "mixed", "dataset"] = Field(
-        "mixed", description="starting prompts: sampled from the model after the template's prefix, uniform random "
+        "dataset", description="starting prompts: sampled from the model after the template's prefix, uniform random "
         "tokens (the paper), a mix (3 sampled : 1 random), or the mix with a quarter of the slots seeded by the "
         "tokens leading to the feature's top dataset examples")
     proposal: Literal["gradient", "random"] = Field("gradient", description="children's tokens: top-k of the "
@@ -450,7 +450,8 @@ def initial_prompts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, 
 
 def select(pool: Pool, lambdas: torch.Tensor, config: DreamConfig) -> torch.Tensor:
     """[M] index into `pool` of each slot's new member: the argmax of f − λ_m·CE, or (config.distinct) the best
-    prompt that differs from the ones earlier slots took; a slot finding none takes its argmax."""
+    prompt that differs from the ones earlier slots took; a slot finding none that differs enough ("jaccard")
+    takes the best one not taken, and finding none at all, its argmax."""
     f = pool.f if config.selection == "exact" else pool.smooth
     objective = f[None] - lambdas[:, None].to(f.dtype) * pool.ce[None]  # [M, P]
     if config.distinct == "none":
@@ -458,17 +459,15 @@ def select(pool: Pool, lambdas: torch.Tensor, config: DreamConfig) -> torch.Tens
     rows = pool.rows()
     sets = [set(row) for row in rows]
     chosen: list[int] = []
+
+    def differs(candidate: int) -> bool:
+        return all(len(sets[candidate] & sets[j]) <= MAX_JACCARD * len(sets[candidate] | sets[j]) for j in chosen)
+
     for m in range(len(lambdas)):
-        index = int(objective[m].argmax())
-        for candidate in torch.argsort(objective[m], descending=True, stable=True).tolist():
-            if config.distinct == "exact":
-                if all(rows[candidate] != rows[j] for j in chosen):
-                    index = candidate
-                    break
-            elif all(len(sets[candidate] & sets[j]) <= MAX_JACCARD * len(sets[candidate] | sets[j]) for j in chosen):
-                index = candidate
-                break
-        chosen.append(index)
+        order = torch.argsort(objective[m], descending=True, stable=True).tolist()
+        new = [i for i in order if all(rows[i] != rows[j] for j in chosen)]
+        different = (next((i for i in new if differs(i)), None) if config.distinct == "jaccard" else None)
+        chosen.append(different if different is not None else new[0] if new else order[0])
     return torch.tensor(chosen, device=pool.ids.device)
 
 
