@@ -1,26 +1,63 @@
 """EPO speed and search quality on the default bundle, measured side by side in one run.
 
 Prints:
-  1. seconds per EPO iteration (default config) and its parts;
-  2. candidate tokens/s of the engine's children scoring (prefix KV cache, hooks, cross-entropy) against a plain
-     bf16 forward over the same [children, prompt + suffix] token batch: the engine overhead ratio (target >= 0.7);
+  1. seconds per EPO iteration: the engine before this version (a checkout given by --previous, run in its own
+     process on the same feature) at its defaults, this engine at the same configuration (epo.previous_config),
+     and this engine's defaults;
+  2. candidate tokens/s of the engine's children scoring (children from a real population, each run after its
+     parent's KV cache) against a plain bf16 forward over the same children's prompt and suffix tokens: the
+     engine/plain throughput ratio;
   3. activation reached (best, and best with CE <= 5, as % of the dataset max) vs. iterations for EPO, GCG and
-     random single-token search from the same seed;
+     random single-token search from the same seed, on the study feature (experiments/epo_quality.py's draw)
+     whose starting prompts are farthest from its max, so the comparison is not decided at iteration 1;
   4. features per minute at the default iteration count for K = 1, 4, 16 features sharing each batch.
 
-    python benchmarks/bench_epo.py [--feature 8/3] [--iterations 40] [--k 1,4,16] [--threads 2]
+    python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--threads 2]
+
+--previous DIR: a checkout of the commit before this engine (e.g. `git worktree add /tmp/previous <commit>`).
 """
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.epo import DreamConfig, dream, dream_many, gcg_config, random_search_config
-from dreaming.features import parse_feature
+from dreaming.epo import (
+    DreamConfig,
+    _allowed,
+    dream,
+    dream_many,
+    gcg_config,
+    initial_prompts,
+    make_children,
+    previous_config,
+    random_search_config,
+    Pool,
+    TaskState,
+)
 from dreaming.objective import Scorer, chat_template, make_target
+
+PREVIOUS_ENGINE = """
+import json, sys, torch
+torch.set_num_threads({threads})
+from dreaming.bundle import Bundle
+from dreaming.epo import DreamConfig, dream
+from dreaming.features import parse_feature
+bundle = Bundle.open({bundle!r})
+feature = parse_feature({feature!r})
+maxima = bundle.maxima()
+lm, measure_lm = bundle.load_model(dtype=torch.bfloat16), bundle.load_model()
+transcoder = bundle.load_transcoder()
+config = DreamConfig(iterations={iterations})
+result = dream(lm, transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm)
+print(json.dumps(result.timings))
+"""
 
 
 def seconds(fn, repeats: int = 3) -> float:
@@ -31,11 +68,19 @@ def seconds(fn, repeats: int = 3) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+def study_features(maxima, count: int = 10) -> list:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from epo_quality import sample_features
+
+    return sample_features(maxima, count, 0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=str(default_bundle_dir()))
-    parser.add_argument("--feature", default="8/3")
+    parser.add_argument("--previous", help="a checkout of the engine before this version, timed on the same feature")
     parser.add_argument("--iterations", type=int, default=40, help="iterations of the EPO/GCG/random comparison")
+    parser.add_argument("--timing-iterations", type=int, default=10, help="iterations timed per engine in part 1")
     parser.add_argument("--k", default="1,4,16", help="batch sizes (features) for features/minute")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -45,68 +90,114 @@ def main():
     measure_lm = bundle.load_model(dtype=torch.float32)
     transcoder = bundle.load_transcoder()
     maxima = bundle.maxima()
-    feature = parse_feature(args.feature)
-    dataset_max = maxima.dataset_max(feature) if maxima else None
+    if maxima is None:
+        raise SystemExit(f"{args.bundle} has no dataset maxima: run `dreaming maxima build` first")
+    features = study_features(maxima)
+    feature = features[0]
+    dataset_max = maxima.dataset_max(feature)
     config = DreamConfig()
-    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; feature {feature}, "
-          f"dataset max {dataset_max}; config {config.model_dump()}", flush=True)
+    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; timing feature "
+          f"{feature}, dataset max {dataset_max:.3f}", flush=True)
 
-    # 2. engine overhead: children scoring vs. a plain forward of the same token batch
-    template = chat_template(lm)
-    scorer = Scorer(lm, transcoder.config.feature_input_hook, template, config.prompt_length,
-                    [make_target(transcoder, feature, dataset_max or 1.0)], config.position)
-    children = config.population * config.children
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 40000, (children, config.prompt_length), generator=g)
-    rows = torch.zeros(children, dtype=torch.long)
-    width = config.prompt_length + len(scorer.suffix_ids)
-    plain_ids = torch.cat([ids, torch.tensor(scorer.suffix_ids).expand(children, -1)], dim=1)  # [children, width]
+    # 1. seconds per iteration: previous engine, this engine at the same configuration, this engine's defaults
+    print(f"\nseconds per iteration ({args.timing_iterations} iterations, one feature, search only)")
+    if args.previous:
+        code = PREVIOUS_ENGINE.format(threads=args.threads, bundle=args.bundle, feature=str(feature),
+                                      iterations=args.timing_iterations)
+        out = subprocess.run([sys.executable, "-c", code], cwd=args.previous, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": args.previous})
+        if out.returncode:
+            print(f"  previous engine failed: {out.stderr[-2000:]}")
+        else:
+            timings = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  previous engine ({args.previous}), its defaults  {timings['seconds_per_iteration']:6.2f} s")
+    for name, cfg in (("this engine, previous configuration", previous_config()), ("this engine, defaults", config)):
+        result = dream(lm, transcoder, feature, cfg.model_copy(update={"iterations": args.timing_iterations}),
+                       dataset_max, measure_lm=measure_lm)
+        print(f"  {name:<44} {result.timings['seconds_per_iteration']:6.2f} s", flush=True)
+
+    # 2. children scoring vs. a plain forward of the same tokens
+    scorer = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
+                    [make_target(transcoder, feature, dataset_max)], config.position)
+    allowed = _allowed(lm)
+    M, W = config.population, config.length_range[1]
+    task = TaskState(torch.Generator().manual_seed(0))
+    prompts, origins = initial_prompts(scorer, config, allowed, task.generator, [])
+    ids = torch.zeros(M, W, dtype=torch.long)
+    for m, prompt in enumerate(prompts):
+        ids[m, : len(prompt)] = torch.tensor(prompt)
+    lengths, rows = torch.tensor([len(p) for p in prompts]), torch.zeros(M, dtype=torch.long)
+    scores = scorer.score(ids, lengths, rows)
+    members = Pool(ids, lengths, scores.f, scores.ce, scores.smooth, torch.tensor(origins))
+    expansion = scorer.expand(ids, lengths, rows, config.lambdas(), allowed, config.topk, 32)
+    children, parent, changed = make_children(members, expansion, config, [task], allowed.nonzero()[:, 0])
+    child_rows = rows[parent]
+    s = len(scorer.suffix_ids)
+    tokens = [row[:n] + scorer.suffix_ids for row, n in zip(children.ids.tolist(), children.lengths.tolist())]
+    width = max(map(len, tokens))
+    plain_ids = torch.tensor([t + [scorer.pad_id] * (width - len(t)) for t in tokens])  # [children, width]
 
     def plain():
         with torch.no_grad():
-            for start in range(0, children, scorer.batch_size):
+            for start in range(0, len(plain_ids), scorer.batch_size):
                 lm.model(input_ids=plain_ids[start : start + scorer.batch_size], use_cache=False)
 
-    engine_s = seconds(lambda: scorer.score(ids, rows))
+    engine_s = seconds(lambda: scorer.score_children(children.ids, children.lengths, child_rows, parent, changed,
+                                                     expansion.parents))
+    full_s = seconds(lambda: scorer.score(children.ids, children.lengths, child_rows))
     plain_s = seconds(plain)
-    members = torch.zeros(config.population, dtype=torch.long)
-    grad_s = seconds(lambda: scorer.gradient(ids[: config.population], members, config.lambdas()))
-    tokens = children * width
-    print(f"\nchildren batch: {children} x {width} tokens (+ {len(scorer.prefix_ids)} cached prefix tokens)")
-    print(f"  engine scoring  {tokens / engine_s:8.0f} candidate tokens/s ({engine_s:.2f}s)")
-    print(f"  plain forward   {tokens / plain_s:8.0f} tokens/s ({plain_s:.2f}s)")
-    print(f"  overhead ratio  {plain_s / engine_s:8.2f} (engine / plain throughput; target >= 0.7)")
-    print(f"  gradient pass   {grad_s:8.2f}s for {config.population} members", flush=True)
+    expand_s = seconds(lambda: scorer.expand(ids, lengths, rows, config.lambdas(), allowed, config.topk, 32))
+    count = int((children.lengths + s).sum())
+    print(f"\nchildren batch: {len(children)} children, {count} prompt + suffix tokens (+ {len(scorer.prefix_ids)} "
+          "cached prefix tokens each)")
+    print(f"  engine, parents' KV cache  {count / engine_s:8.0f} candidate tokens/s ({engine_s:.2f}s)")
+    print(f"  engine, prefix cache only  {count / full_s:8.0f} candidate tokens/s ({full_s:.2f}s)")
+    print(f"  plain forward              {count / plain_s:8.0f} tokens/s ({plain_s:.2f}s)")
+    print(f"  ratio engine / plain       {plain_s / engine_s:8.2f} (target >= 0.9)")
+    print(f"  expansion (gradient pass)  {expand_s:8.2f}s for {M} members", flush=True)
 
-    # 1 + 3. seconds per iteration, and activation vs. iterations for EPO, GCG and random search
+    # 3. EPO vs GCG vs random search, from the same seed, on the study feature whose starts are farthest from max
+    starts = []
+    for candidate in features:
+        s_ = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
+                    [make_target(transcoder, candidate, maxima.dataset_max(candidate))], config.position)
+        prompts, _ = initial_prompts(s_, config, allowed, torch.Generator().manual_seed(config.seed), [])
+        padded = torch.zeros(len(prompts), W, dtype=torch.long)
+        for m, prompt in enumerate(prompts):
+            padded[m, : len(prompt)] = torch.tensor(prompt)
+        start = s_.score(padded, torch.tensor([len(p) for p in prompts]), torch.zeros(len(prompts), dtype=torch.long))
+        starts.append((float(start.f.max()), candidate))
+    far, far_feature = min(starts)
+    far_max = maxima.dataset_max(far_feature)
     short = config.model_copy(update={"iterations": args.iterations})
     checkpoints = sorted({i for i in (1, 5, 10, 20, 40, 80, 160, args.iterations) if i <= args.iterations})
-    print(f"\nactivation reached vs. iterations (% of dataset max; search dtype; fluent = CE <= 5), "
-          f"same seed, same children per iteration")
+    print(f"\nactivation reached vs. iterations on {far_feature} (its starting prompts reach {far:.0%} of max; the "
+          f"study's first 10 start at {', '.join(f'{v:.0%}' for v, _ in starts)})")
+    print("(% of dataset max, search dtype; cells: best any CE / best with CE <= 5; same seed; GCG and random get "
+          "the population's children per iteration)")
     print(f"{'method':<8} {'s/iter':>6}  " + " ".join(f"{'it ' + str(i):>13}" for i in checkpoints)
           + "   final fp32 best fluent")
-    for name, cfg in (("EPO", short), ("GCG", gcg_config(short, children=short.population * short.children)),
-                      ("random", random_search_config(short, children=short.population * short.children))):
-        result = dream(lm, transcoder, feature, cfg, dataset_max, measure_lm=measure_lm)
+    children_per_iteration = short.population * short.children
+    for name, cfg in (("EPO", short), ("GCG", gcg_config(short, children=children_per_iteration)),
+                      ("random", random_search_config(short, children=children_per_iteration))):
+        result = dream(lm, transcoder, far_feature, cfg, far_max, measure_lm=measure_lm,
+                       contexts=maxima.top_contexts(far_feature))
         best, fluent = result.history["best"], result.history["best_fluent"]
         cells = [f"{best[i - 1]:6.0%}/" + ("    -" if fluent[i - 1] is None else f"{fluent[i - 1]:5.0%}")
                  for i in checkpoints]
         final = result.best_fluent
         print(f"{name:<8} {result.timings['seconds_per_iteration']:6.2f}  " + " ".join(f"{c:>13}" for c in cells)
               + (f"   {final.fraction_of_max:.0%} (CE {final.cross_entropy:.2f})" if final else "   none"), flush=True)
-    print("  (cells: best any CE / best with CE <= 5)")
 
     # 4. features per minute with K features sharing each forward/backward pass
-    print(f"\nfeatures/minute at {config.iterations} iterations (measured over 3 iterations per K)")
-    pool = [f for f in (parse_feature(t) for t in ("8/3", "12/40", "3/100", "20/7", "15/200", "5/60", "25/300",
-                                                     "10/11", "1/5", "17/77", "22/123", "6/6", "28/28", "13/13",
-                                                     "9/90", "19/19"))]
+    print(f"\nfeatures/minute at {config.iterations} iterations (measured over 3 iterations per K, plus re-measurement)")
+    pool = list(dict.fromkeys(features + study_features(maxima, 26)))
     for k in (int(x) for x in args.k.split(",")):
-        features = pool[:k]
-        maxes = [maxima.dataset_max(f) if maxima else None for f in features]
+        group = pool[:k]
+        maxes = [maxima.dataset_max(f) for f in group]
         started = time.perf_counter()
-        results = dream_many(lm, transcoder, features, config.model_copy(update={"iterations": 3}), maxes,
-                             measure_lm=measure_lm)
+        results = dream_many(lm, transcoder, group, config.model_copy(update={"iterations": 3}), maxes,
+                             measure_lm=measure_lm, contexts=[maxima.top_contexts(f) for f in group])
         per_it = results[0].timings["seconds_per_iteration"]
         measure = (time.perf_counter() - started) - 3 * per_it
         minutes = (per_it * config.iterations + measure) / 60

@@ -19,7 +19,7 @@ from dreaming.corpus import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.objective import split_template
-from dreaming.transcoders import Transcoder
+from dreaming.transcoders import LazyEncoder, Transcoder
 
 MAX_TEXT_TOKENS = 1024
 
@@ -74,13 +74,27 @@ def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torc
     return out
 
 
-def feature_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torch.Tensor,
+def feature_activations(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, input_ids: torch.Tensor,
                         features: list[Feature], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[batch, pos, n_features] fp32 activations of the chosen features (position 0 and padding zero)."""
+    """[batch, pos, n_features] fp32 activations of the chosen features (position 0 and padding zero). Only
+    their encoder rows are used, so a LazyEncoder (which reads just those rows from disk) serves as well."""
     for feature in features:
         check_feature(feature, transcoder.config.n_layers, transcoder.config.d_transcoder)
-    by_layer = layer_activations(lm, transcoder, input_ids, attention_mask, input_layers(features))
-    return torch.stack([by_layer[f.layer][..., f.index] for f in features], dim=-1)
+    keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)  # [batch, pos]
+    keep[:, 0] = False
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    hook = transcoder.config.feature_input_hook
+    layers = input_layers(features)
+    with torch.no_grad():
+        captured = lm.capture(input_ids, [(hook, layer) for layer in layers], attention_mask=attention_mask)
+        columns = {}
+        for layer in layers:
+            indices = [f.index for f in features if f.layer == layer]
+            acts = transcoder.encode(captured[(hook, layer)], layer, indices).float()  # [batch, pos, n]
+            for i, index in enumerate(indices):
+                columns[Feature(layer, index)] = acts[..., i]
+    return torch.stack([columns[f] for f in features], dim=-1) * keep.unsqueeze(-1)
 
 
 def _pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

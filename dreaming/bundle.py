@@ -39,7 +39,7 @@ from dreaming.models import (
 )
 from dreaming.paths import dreaming_home
 from dreaming.train import TrainConfig, train_transcoder, transcoder_report
-from dreaming.transcoders import Transcoder, load_transcoder
+from dreaming.transcoders import LazyEncoder, Transcoder, load_transcoder
 
 MANIFEST = "bundle.json"
 # The default bundle's recipe; a default bundle of another version is moved aside and built again.
@@ -85,6 +85,12 @@ class Bundle:
 
     def load_transcoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transcoder:
         return load_transcoder(self.directory / "transcoder", dtype=dtype, device=device)
+
+    def load_encoder(self, device: str = "cpu") -> LazyEncoder | Transcoder:
+        """The encoder rows of the features asked for, read from disk on use (fp32): what dreaming and measuring
+        a few features need; a topk transcoder (whose features depend on each other) is loaded whole."""
+        encoder = LazyEncoder(self.directory / "transcoder", device=device)
+        return self.load_transcoder(device=device) if encoder.config.activation == "topk" else encoder
 
     def windows(self) -> Windows:
         return load_windows(self.directory / "windows")

@@ -329,7 +329,7 @@ def run_dreams(args, features: list) -> list:
         device = args.device or best_device()
         lm = bundle.load_model(dtype=getattr(torch, config.dtype), device=device)
         measure_lm = lm if config.dtype == "float32" else bundle.load_model(dtype=torch.float32, device=device)
-        transcoder = bundle.load_transcoder(device=device)
+        transcoder = bundle.load_encoder(device=device)  # only the rows of the features dreamed
         if maxima is None:
             print("no dataset maxima in this bundle (dreaming maxima build): targets use the fallback scale",
                   file=sys.stderr)

@@ -52,7 +52,7 @@ from dreaming.features import Feature
 from dreaming.models import LanguageModel, load_model
 from dreaming.objective import Expansion, Scorer, allowed_tokens, chat_template, cross_entropy, make_target, \
     split_template
-from dreaming.transcoders import Transcoder
+from dreaming.transcoders import LazyEncoder, Transcoder
 
 FLUENT_CE = 5.0  # a prompt is "fluent" at cross-entropy <= 5 nats inside its template (reference.md)
 FLUENT_MARGIN = 0.3  # bf16 vs fp32 cross-entropy differences are well below this
@@ -615,10 +615,11 @@ def search(scorer: Scorer, config: DreamConfig, task_targets: list[int], tasks: 
 # ------------------------------------------------------------------------------------------------ dream
 
 
-def _scale(transcoder: Transcoder, feature: Feature, dataset_max: float | None) -> tuple[float, str | None]:
+def _scale(transcoder: Transcoder | LazyEncoder, feature: Feature, dataset_max: float | None) -> tuple[float, str | None]:
     if dataset_max is not None and dataset_max > 0:
         return float(dataset_max), None
-    threshold = transcoder.threshold[feature.layer, feature.index].item() if transcoder.threshold is not None else 0
+    _, _, thresholds = transcoder.rows(feature.layer, [feature.index])
+    threshold = float(thresholds[0]) if thresholds is not None else 0.0
     if threshold > 0:
         return threshold, (f"no dataset max for {feature}: the target is the pre-activation divided by the feature's "
                            f"JumpReLU threshold ({threshold:.4g}), so 1.0 = just firing; λ is on that scale. "
@@ -638,11 +639,12 @@ def _measure_lm(lm: LanguageModel, measure_lm: LanguageModel | None) -> Language
 Contexts = list[tuple[list[int], int]]  # a feature's top dataset examples: (window ids, BOS first; max position)
 
 
-def dream_many(lm: LanguageModel, transcoder: Transcoder, features: list[Feature], config: DreamConfig,
+def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features: list[Feature], config: DreamConfig,
                dataset_maxes: list[float | None], progress: Progress | None = None,
                measure_lm: LanguageModel | None = None, contexts: list[Contexts | None] | None = None,
                continue_from: list[DreamResult | None] | None = None) -> list[DreamResult]:
-    """EPO for K features (× config.seeds) at once, every task sharing each forward/backward pass.
+    """EPO for K features (× config.seeds) at once, every task sharing each forward/backward pass. `transcoder`
+    may be a LazyEncoder: dreaming reads only the encoder rows of its features.
 
     `contexts` (per feature, from Maxima.top_contexts) seed init "dataset" and measure novelty. `continue_from`
     (per feature, a result of the same config but its iterations, seconds and plateau) continues those searches
@@ -729,7 +731,7 @@ def _best(values) -> float | None:
     return max(values) if values else None
 
 
-def dream(lm: LanguageModel, transcoder: Transcoder, feature: Feature, config: DreamConfig,
+def dream(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, feature: Feature, config: DreamConfig,
           dataset_max: float | None, progress: Progress | None = None, measure_lm: LanguageModel | None = None,
           contexts: Contexts | None = None, continue_from: DreamResult | None = None) -> DreamResult:
     """EPO for one feature (config.seeds runs merged into one result)."""

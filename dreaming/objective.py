@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from dreaming.corpus import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
-from dreaming.transcoders import Transcoder
+from dreaming.transcoders import LazyEncoder, Transcoder
 
 POSITIONS = ("last", "max")
 MIN_CHUNK = 32  # children per forward pass at least (see Scorer.score_children)
@@ -50,13 +50,13 @@ class Target:
     scale: float
 
 
-def make_target(transcoder: Transcoder, feature: Feature, scale: float) -> Target:
+def make_target(transcoder: Transcoder | LazyEncoder, feature: Feature, scale: float) -> Target:
     c = transcoder.config
     check_feature(feature, c.n_layers, c.d_transcoder)
     if not scale > 0:
         raise ValueError(f"the target scale must be positive, got {scale}")
-    weight = transcoder.W_enc[feature.layer, feature.index].detach().clone()
-    return Target(feature, weight, float(transcoder.b_enc[feature.layer, feature.index].detach()), float(scale))
+    weight, bias, _ = transcoder.rows(feature.layer, [feature.index])
+    return Target(feature, weight[0].detach().clone(), float(bias[0].detach()), float(scale))
 
 
 def split_template(template: str) -> tuple[str, str]:

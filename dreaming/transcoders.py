@@ -102,8 +102,21 @@ class Transcoder(torch.nn.Module):
         vals, idx = pre.topk(c.k, dim=-1)  # [..., k]
         return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
-    def encode(self, x, layer):
-        return self.activate(self.pre_activations(x, layer), layer)  # [..., F]
+    def encode(self, x, layer, indices=None):
+        """x [..., d_model] -> activations [..., F], or [..., n] of just the features `indices` (the same interface
+        as LazyEncoder.encode; a topk transcoder encodes every feature to know the top k)."""
+        if indices is None or self.config.activation == "topk":
+            acts = self.activate(self.pre_activations(x, layer), layer)
+            return acts if indices is None else acts[..., torch.as_tensor(indices, device=acts.device)]
+        W, b, threshold = self.rows(layer, indices)
+        pre = x.to(W.dtype) @ W.T + b  # [..., n]
+        return pre * (pre > threshold) if threshold is not None else pre.relu()
+
+    def rows(self, layer, indices):
+        """(W [n, d_model], b [n], threshold [n] or None) of features `indices` (as LazyEncoder.rows)."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.W_enc.device).reshape(-1)
+        threshold = self.threshold[layer, index] if self.threshold is not None else None
+        return self.W_enc[layer, index], self.b_enc[layer, index], threshold
 
     def decode(self, acts, inputs=None):
         # acts[l] [..., F] -> reconstruction of every layer's output [n_layers, ..., d_model]

@@ -36,7 +36,7 @@ class DreamWorker:
         if self.bundle.identity != identity:
             raise RuntimeError(f"this node's bundle {self.bundle.directory} is {self.bundle.identity}, the service "
                                f"serves {identity}: copy the same bundle to every node")
-        self.transcoder = self.bundle.load_transcoder(device=self.device).requires_grad_(False)
+        self.transcoder = self.bundle.load_encoder(device=self.device)  # the rows of the features it dreams
         self.models = {"float32": self.bundle.load_model(device=self.device)}  # measures (and searches in fp32)
         self.step_delay = step_delay
         self.maxima = None  # loaded at the first dream

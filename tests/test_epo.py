@@ -4,6 +4,7 @@ moves within their length range, origins and novelty, the diverse set, budgets a
 one run, the chat-template and bf16 paths, the config model and the cache."""
 
 import argparse
+import copy
 import json
 import math
 
@@ -289,11 +290,12 @@ def test_the_chat_template_and_the_bf16_search(tiny_tokenizer, transcoder):
     lm16 = make_tiny_lm(tokenizer)
     lm16.model.to(torch.bfloat16)
     config = CONFIG.model_copy(update={"template": None, "dtype": "bfloat16"})
-    out = dream(lm16, transcoder.float(), A, config, 0.5, measure_lm=lm32)
+    transcoder32 = copy.deepcopy(transcoder).float()  # the module's .float() works in place
+    out = dream(lm16, transcoder32, A, config, 0.5, measure_lm=lm32)
     assert out.frontier
     for p in out.frontier:
         assert p.text == "the " + p.prompt + " sat on"
-        measured = measure_texts(lm32, transcoder.float(), A, [p.text], 0.5)[0]
+        measured = measure_texts(lm32, transcoder32, A, [p.text], 0.5)[0]
         assert p.activation == pytest.approx(max(measured.token_activations[p.counted_from :]), abs=1e-6)
 
 
@@ -384,3 +386,15 @@ def test_cli_dream_and_batch_are_cached_where_compare_reads(tiny_bundle, capsys,
     assert json.loads(capsys.readouterr().out) == more
     with pytest.raises(SystemExit, match="nothing to continue"):
         main(["dream", "--feature", "0/1", "--more", *flags])
+
+
+
+def test_dreaming_reads_only_the_encoder_rows_it_needs(lm64, transcoder, result, tmp_path, monkeypatch):
+    """A LazyEncoder (the rows of the dreamed feature, read from disk) gives the same dream as the whole
+    transcoder in memory, and nothing encodes every feature."""
+    from dreaming.transcoders import LazyEncoder, Transcoder, save_transcoder
+
+    save_transcoder(transcoder, tmp_path / "tc")
+    lazy = LazyEncoder(tmp_path / "tc", dtype=torch.float64)
+    monkeypatch.setattr(Transcoder, "encode", lambda *a, **k: pytest.fail("the whole encoder was used"))
+    assert figures(dream(lm64, lazy, A, CONFIG, 0.5, contexts=CONTEXTS)) == figures(result)

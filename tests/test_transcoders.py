@@ -335,3 +335,11 @@ def test_decode_layer_equals_the_whole_decode(case):
     if case.get("skip"):
         with pytest.raises(ValueError, match="needs the inputs"):
             transcoder.decode_layer(dict(enumerate(acts)), 0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_encoding_chosen_features_equals_the_columns_of_all(activation):
+    transcoder = random_transcoder(kind=T.SET, activation=activation, k=4 if activation == "topk" else None)
+    x = random_inputs()
+    indices = [5, 0, 3]
+    assert torch.allclose(transcoder.encode(x, 1, indices), transcoder.encode(x, 1)[..., indices], atol=1e-6)
