@@ -9,10 +9,11 @@ Prints:
      engine/plain throughput ratio;
   3. activation reached (best, and best with CE <= 5, as % of the dataset max) vs. iterations for EPO, GCG and
      random single-token search from the same seed, on the study feature (experiments/epo_quality.py's draw)
-     whose starting prompts are farthest from its max, so the comparison is not decided at iteration 1;
+     whose starting prompts are farthest from its max, all three starting from prompts sampled from the model
+     (no dataset seeds), so the comparison is not decided at iteration 1;
   4. features per minute at the default iteration count for K = 1, 4, 16 features sharing each batch.
 
-    python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--threads 2]
+    python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--parts 1,2,3,4] [--threads 2]
 
 --previous DIR: a checkout of the commit before this engine (e.g. `git worktree add /tmp/previous <commit>`).
 """
@@ -82,8 +83,10 @@ def main():
     parser.add_argument("--iterations", type=int, default=40, help="iterations of the EPO/GCG/random comparison")
     parser.add_argument("--timing-iterations", type=int, default=10, help="iterations timed per engine in part 1")
     parser.add_argument("--k", default="1,4,16", help="batch sizes (features) for features/minute")
+    parser.add_argument("--parts", default="1,2,3,4", help="which of the four measurements to run")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    parts = {int(part) for part in args.parts.split(",")}
     torch.set_num_threads(args.threads)
     bundle = Bundle.open(args.bundle)
     lm = bundle.load_model(dtype=torch.bfloat16)
@@ -99,7 +102,19 @@ def main():
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; timing feature "
           f"{feature}, dataset max {dataset_max:.3f}", flush=True)
 
-    # 1. seconds per iteration: previous engine, this engine at the same configuration, this engine's defaults
+    if 1 in parts:
+        timing(args, bundle, lm, measure_lm, transcoder, feature, dataset_max, config)
+    if 2 in parts:
+        overhead(lm, transcoder, feature, dataset_max, config)
+    if 3 in parts:
+        methods(args, lm, measure_lm, transcoder, maxima, features, config)
+    if 4 in parts:
+        throughput(args, lm, measure_lm, transcoder, maxima, features, config)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+def timing(args, bundle, lm, measure_lm, transcoder, feature, dataset_max, config):
+    """1. seconds per iteration: the previous engine, this engine at the same configuration, its defaults"""
     print(f"\nseconds per iteration ({args.timing_iterations} iterations, one feature, search only)")
     if args.previous:
         code = PREVIOUS_ENGINE.format(threads=args.threads, bundle=args.bundle, feature=str(feature),
@@ -116,7 +131,10 @@ def main():
                        dataset_max, measure_lm=measure_lm)
         print(f"  {name:<44} {result.timings['seconds_per_iteration']:6.2f} s", flush=True)
 
-    # 2. children scoring vs. a plain forward of the same tokens
+
+
+def overhead(lm, transcoder, feature, dataset_max, config):
+    """2. children scoring vs. a plain forward of the same tokens"""
     scorer = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
                     [make_target(transcoder, feature, dataset_max)], config.position)
     allowed = _allowed(lm)
@@ -156,7 +174,11 @@ def main():
     print(f"  ratio engine / plain       {plain_s / engine_s:8.2f} (target >= 0.9)")
     print(f"  expansion (gradient pass)  {expand_s:8.2f}s for {M} members", flush=True)
 
-    # 3. EPO vs GCG vs random search, from the same seed, on the study feature whose starts are farthest from max
+
+
+def methods(args, lm, measure_lm, transcoder, maxima, features, config):
+    """3. EPO vs GCG vs random search, from the same seed, on the study feature whose starts are farthest from max"""
+    allowed, W = _allowed(lm), config.length_range[1]
     starts = []
     for candidate in features:
         s_ = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
@@ -169,7 +191,7 @@ def main():
         starts.append((float(start.f.max()), candidate))
     far, far_feature = min(starts)
     far_max = maxima.dataset_max(far_feature)
-    short = config.model_copy(update={"iterations": args.iterations})
+    short = config.model_copy(update={"iterations": args.iterations, "init": "sample"})  # no dataset seeds
     checkpoints = sorted({i for i in (1, 5, 10, 20, 40, 80, 160, args.iterations) if i <= args.iterations})
     print(f"\nactivation reached vs. iterations on {far_feature} (its starting prompts reach {far:.0%} of max; the "
           f"study's first 10 start at {', '.join(f'{v:.0%}' for v, _ in starts)})")
@@ -180,8 +202,7 @@ def main():
     children_per_iteration = short.population * short.children
     for name, cfg in (("EPO", short), ("GCG", gcg_config(short, children=children_per_iteration)),
                       ("random", random_search_config(short, children=children_per_iteration))):
-        result = dream(lm, transcoder, far_feature, cfg, far_max, measure_lm=measure_lm,
-                       contexts=maxima.top_contexts(far_feature))
+        result = dream(lm, transcoder, far_feature, cfg, far_max, measure_lm=measure_lm)
         best, fluent = result.history["best"], result.history["best_fluent"]
         cells = [f"{best[i - 1]:6.0%}/" + ("    -" if fluent[i - 1] is None else f"{fluent[i - 1]:5.0%}")
                  for i in checkpoints]
@@ -189,7 +210,10 @@ def main():
         print(f"{name:<8} {result.timings['seconds_per_iteration']:6.2f}  " + " ".join(f"{c:>13}" for c in cells)
               + (f"   {final.fraction_of_max:.0%} (CE {final.cross_entropy:.2f})" if final else "   none"), flush=True)
 
-    # 4. features per minute with K features sharing each forward/backward pass
+
+
+def throughput(args, lm, measure_lm, transcoder, maxima, features, config):
+    """4. features per minute with K features sharing each forward/backward pass"""
     print(f"\nfeatures/minute at {config.iterations} iterations (measured over 3 iterations per K, plus re-measurement)")
     pool = list(dict.fromkeys(features + study_features(maxima, 26)))
     for k in (int(x) for x in args.k.split(",")):
@@ -202,7 +226,6 @@ def main():
         measure = (time.perf_counter() - started) - 3 * per_it
         minutes = (per_it * config.iterations + measure) / 60
         print(f"  K = {k:>2}: {per_it:6.2f} s/iteration, {k / minutes:6.2f} features/minute", flush=True)
-    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
