@@ -8,10 +8,10 @@ iteration:
   2. expand the members that changed: the token gradient of each one's own L_λ = f − λ·CE (objective.py), the
      model's own top tokens at every position, and the KV cache its children start from (an unchanged member
      keeps what it had);
-  3. r children per member, each one move: swap one token, insert one or delete one (the length stays within
-     prompt_length ± length_slack); a new token is drawn from the gradient's top-k there or, with probability
-     model_proposals, from the model's own top tokens there (or uniformly for random search); children whose
-     text does not re-tokenise to their ids are dropped;
+  3. r children per member, each one move: swap one token or (insert_delete, off by default) insert one or
+     delete one, the length within prompt_length ± length_slack; a new token is drawn from the gradient's top-k
+     there or, with probability model_proposals (off by default), from the model's own top tokens there (or
+     uniformly for random search); children whose text does not re-tokenise to their ids are dropped;
   4. score the children from their parents' KV cache (objective.Scorer.score_children);
   5. select: slot m takes the argmax of L_{λ_m} over members and children, distinct prompts per slot (`distinct`),
      so the population is a buffer of the best different prompts, not M copies of one.
@@ -21,8 +21,8 @@ tasks (features × seeds) run in lockstep and share every forward and backward p
 own random generator, so its result does not depend on what it is batched with.
 
 Starting prompts (`init`): sampled from the model after the template's prefix, uniform random tokens, or a mix;
-"dataset" also seeds slots with the tokens leading to the feature's top dataset examples. Every prompt keeps its
-origin. The search keeps, per task, its Pareto frontier (activation vs. cross-entropy), its most active
+"dataset" (the default) also seeds a quarter of the slots with the tokens leading to the feature's top dataset
+examples. Every prompt keeps its origin. The defaults are what won experiments/results/epo_ablation.md. The search keeps, per task, its Pareto frontier (activation vs. cross-entropy), its most active
 near-fluent prompts and a diverse set of them; these are re-measured in fp32 from the text with
 dreaming.activation (the one measurement function), and the result holds the frontier, the best fluent prompt and
 up to DIVERSE fluent prompts that differ pairwise (token Jaccard <= MAX_JACCARD), each with its origin and its
@@ -522,8 +522,8 @@ def make_children(members: Pool, expansion: Expansion, config: DreamConfig, task
 
 
 def search(scorer: Scorer, config: DreamConfig, task_targets: list[int], tasks: list[TaskState],
-           members: Pool | None, seeds: list[list[tuple[list[int], int]]], progress: Progress | None = None,
-           reported: list[bool] | None = None) -> tuple[Pool, str]:
+           members: Pool | None, dataset_seeds: list[list[tuple[list[int], int]]],
+           progress: Progress | None = None, reported: list[bool] | None = None) -> tuple[Pool, str]:
     """Run EPO for every task (target index, TaskState) in lockstep, from `members` (a continued search) or from
     starting prompts; return the final members and why the search stopped. `progress` gets the best fluent
     target so far over the tasks marked in `reported` (default: all)."""
@@ -538,7 +538,7 @@ def search(scorer: Scorer, config: DreamConfig, task_targets: list[int], tasks: 
         ids = torch.zeros(T * M, W, dtype=torch.long)
         lengths, origins = [], []
         for t, task in enumerate(tasks):
-            prompts, codes = initial_prompts(scorer, config, allowed.cpu(), task.generator, seeds[t])
+            prompts, codes = initial_prompts(scorer, config, allowed.cpu(), task.generator, dataset_seeds[t])
             for m, prompt in enumerate(prompts):
                 ids[t * M + m, : len(prompt)] = torch.tensor(prompt)
             lengths += [len(p) for p in prompts]
@@ -665,10 +665,10 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
     task_targets = [i for i in range(len(features)) for _ in seeds]
     tasks, members = _tasks(scorer, config, features, task_targets, seeds, continue_from)
     before = tasks[0].iteration
-    seed_rows = [seed_prompts(scorer, contexts[i] or [], config.prompt_length) if config.init == "dataset" else []
-                 for i in task_targets]
+    dataset_seeds = [seed_prompts(scorer, contexts[i] or [], config.prompt_length) if config.init == "dataset"
+                     else [] for i in task_targets]
     reported = [scales[i][1] is None for i in task_targets]  # progress shows fractions of the dataset max only
-    members, stopped = search(scorer, config, task_targets, tasks, members, seed_rows, progress, reported)
+    members, stopped = search(scorer, config, task_targets, tasks, members, dataset_seeds, progress, reported)
     search_seconds = time.perf_counter() - started
     results = []
     M = config.population
