@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Callable
 
+from pydantic import ValidationError
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from dreaming.dream_cache import same_yardstick
@@ -80,8 +81,14 @@ class Scheduler:
     def longest_stored_run(self, feature: str, config: DreamConfig, dataset_max: float | None,
                            below: int | None = None) -> DreamResult | None:
         """The stored result of `config`'s search (scored against `dataset_max`) that ran longest."""
-        results = [DreamResult.model_validate(r) for r in self.store.results_for(self.identity, feature)
-                   if same_yardstick(r.get("dataset_max"), dataset_max)]
+        results = []
+        for stored in self.store.results_for(self.identity, feature):
+            try:  # a result of an earlier engine version has other fields: it cannot be continued
+                result = DreamResult.model_validate(stored)
+            except ValidationError:
+                continue
+            if same_yardstick(result.dataset_max, dataset_max):
+                results.append(result)
         return longest_run(results, config, below)
 
     async def _run(self, worker: Worker, jobs: list[Job]) -> bool:

@@ -111,3 +111,18 @@ def test_batch_lists_its_jobs_in_order_and_shares_existing_ones(tmp_path):
     assert store.batch(batch.id).job_ids == batch.job_ids and batch.job_ids[1] == single.id
     assert [job.feature for job in store.jobs(batch.job_ids)] == ["1/1", "2/5", "0/3"]
     assert store.batch("nope") is None and store.job("nope") is None
+
+
+def test_a_stored_result_of_an_earlier_engine_is_never_continued(tmp_path):
+    """`more` continues the longest stored run of a config; a result in an older format is skipped, not fatal."""
+    from dreaming.epo import DreamConfig
+    from service.scheduler import Scheduler
+
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    config = DreamConfig(iterations=3)
+    store.submit("id", "1/1", config.model_dump(mode="json"), MAX)
+    [claimed] = store.claim("id", 1)
+    store.complete(claimed, {"feature": "1/1", "config": config.model_dump(mode="json"), "dataset_max": MAX,
+                             "frontier": [{"prompt": "old", "activation": 1.0}]})  # no state, old fields
+    scheduler = Scheduler(store, [], "id", lambda feature: MAX, features_per_call=1, max_attempts=3)
+    assert scheduler.longest_stored_run("1/1", config, MAX) is None
