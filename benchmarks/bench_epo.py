@@ -42,7 +42,8 @@ from dreaming.epo import (
     Pool,
     TaskState,
 )
-from dreaming.objective import Scorer, chat_template, make_target
+from dreaming.objective import Scorer, make_target
+from dreaming.templates import chat_template
 
 PREVIOUS_ENGINE = """
 import json, sys, torch

@@ -18,7 +18,7 @@ import torch
 from dreaming.corpus import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
-from dreaming.objective import split_template
+from dreaming.templates import template_ids
 from dreaming.transcoders import LazyEncoder, Transcoder
 
 MAX_TEXT_TOKENS = 1024
@@ -50,6 +50,13 @@ def input_layers(features: list[Feature]) -> list[int]:
     return sorted({feature.layer for feature in features})
 
 
+def measured_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[batch, pos] bool: the positions a measurement reads (not the BOS at 0, not padding)."""
+    keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    keep[:, 0] = False
+    return keep & attention_mask.bool() if attention_mask is not None else keep
+
+
 def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, layers: list[int] | None = None,
                       ) -> dict[int, torch.Tensor]:
@@ -60,10 +67,7 @@ def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torc
     """
     layers = list(range(transcoder.config.n_layers)) if layers is None else layers
     hook = transcoder.config.feature_input_hook
-    keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)  # [batch, pos]
-    keep[:, 0] = False
-    if attention_mask is not None:
-        keep &= attention_mask.bool()
+    keep = measured_positions(input_ids, attention_mask)
     out = {}
     with torch.no_grad():
         captured = lm.capture(input_ids, [(hook, layer) for layer in layers], attention_mask=attention_mask)
@@ -80,10 +84,7 @@ def feature_activations(lm: LanguageModel, transcoder: Transcoder | LazyEncoder,
     their encoder rows are used, so a LazyEncoder (which reads just those rows from disk) serves as well."""
     for feature in features:
         check_feature(feature, transcoder.config.n_layers, transcoder.config.d_transcoder)
-    keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)  # [batch, pos]
-    keep[:, 0] = False
-    if attention_mask is not None:
-        keep &= attention_mask.bool()
+    keep = measured_positions(input_ids, attention_mask)
     hook = transcoder.config.feature_input_hook
     layers = input_layers(features)
     with torch.no_grad():
@@ -144,13 +145,6 @@ def measure_texts(lm: LanguageModel, transcoder: Transcoder, feature: Feature, t
     return measure_token_ids(lm, transcoder, feature, sequences, dataset_max, texts=list(texts))
 
 
-def template_ids(lm: LanguageModel, template: str) -> tuple[str, str, list[int]]:
-    """(prefix, suffix, the prefix's own ids with BOS) of a template with one `{prompt}` slot."""
-    prefix, suffix = split_template(template)
-    prefix_ids = lm.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-    return prefix, suffix, with_bos(prefix_ids, lm.bos_token_id)
-
-
 def measure_in_template(lm: LanguageModel, transcoder: Transcoder, feature: Feature, prompts: list[str],
                         template: str, dataset_max: float | None = None) -> list[TextActivation]:
     """Each prompt measured inside `template` (one `{prompt}` slot) as a dream is: the text `prefix + prompt +
@@ -159,7 +153,7 @@ def measure_in_template(lm: LanguageModel, transcoder: Transcoder, feature: Feat
     DreamedPrompt's figures from its `prompt` and its result's template."""
     if not prompts:
         raise ValueError("no prompts given")
-    prefix, suffix, prefix_ids = template_ids(lm, template)
+    prefix, suffix, prefix_ids, _ = template_ids(lm, template)
     sequences, texts = [], []
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt:

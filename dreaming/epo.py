@@ -50,8 +50,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dreaming.activation import measure_token_ids
 from dreaming.features import Feature
 from dreaming.models import LanguageModel, load_model
-from dreaming.objective import Expansion, Scorer, allowed_tokens, chat_template, cross_entropy, make_target, \
-    split_template
+from dreaming.objective import (
+    Expansion,
+    Scorer,
+    allowed_tokens,
+    cross_entropy,
+    make_target,
+)
+from dreaming.templates import chat_template, split_template
 from dreaming.transcoders import LazyEncoder, Transcoder
 
 FLUENT_CE = 5.0  # a prompt is "fluent" at cross-entropy <= 5 nats inside its template (reference.md)
@@ -749,14 +755,7 @@ def remeasure(scorer: Scorer, measure_lm: LanguageModel, transcoder: Transcoder,
     start = len(scorer.prefix_ids)
     measured = measure_token_ids(measure_lm, transcoder, feature, sequences, dataset_max,
                                  texts=[text for _, text in texts], counted_from=[start] * len(sequences))
-    ces = {}
-    by_length: dict[int, list[int]] = {}
-    for j, (ids, _) in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(j)
-    for length, members in by_length.items():  # cross_entropy takes sequences of one length
-        for at in range(0, len(members), 32):
-            chunk = members[at : at + 32]
-            ces.update(zip(chunk, cross_entropy(measure_lm, [sequences[j] for j in chunk], start, length)))
+    ces = cross_entropy(measure_lm, sequences, start, [len(ids) for ids, _ in prompts])
     return [DreamedPrompt(prompt=prompt, text=m.text, token_ids=m.token_ids, counted_from=m.counted_from,
                           activation=m.activation, fraction_of_max=m.fraction_of_max,
                           template_activation=m.template_activation, cross_entropy=ces[j],

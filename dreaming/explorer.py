@@ -65,7 +65,7 @@ class Explorer:
 
     def template(self, template: str | None) -> str | None:
         """A template as given (one `{prompt}` slot, checked), or "chat" for the model's chat template."""
-        from dreaming.objective import chat_template, split_template
+        from dreaming.templates import chat_template, split_template
 
         if template is None:
             return None

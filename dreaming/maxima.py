@@ -279,15 +279,7 @@ def length_matched(lm: LanguageModel, transcoder: Transcoder, feature: Feature,
     cuts = [ids[max(1, position + 1 - length) : position + 1] for ids, position in contexts]
     sequences = [[lm.bos_token_id, *cut] for cut in cuts]
     measured = measure_token_ids(lm, transcoder, feature, sequences, dataset_max)
-    ces: list[float | None] = [None] * len(sequences)
-    by_length: dict[int, list[int]] = {}
-    for i, cut in enumerate(cuts):
-        by_length.setdefault(len(cut), []).append(i)
-    for n, rows in by_length.items():  # cross_entropy takes equal-length sequences
-        for start in range(0, len(rows), 32):
-            part = rows[start : start + 32]
-            for i, ce in zip(part, cross_entropy(lm, [sequences[i] for i in part], start=1, length=n)):
-                ces[i] = ce
+    ces = cross_entropy(lm, sequences, 1, [len(cut) for cut in cuts])
     return [{"tokens": len(cut), "text": m.text, "activation": m.activation, "fraction_of_max": m.fraction_of_max,
              "cross_entropy": ce} for cut, m, ce in zip(cuts, measured, ces)]
 

@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from dreaming.corpus import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
+from dreaming.templates import template_ids
 from dreaming.transcoders import LazyEncoder, Transcoder
 
 POSITIONS = ("last", "max")
@@ -57,23 +58,6 @@ def make_target(transcoder: Transcoder | LazyEncoder, feature: Feature, scale: f
         raise ValueError(f"the target scale must be positive, got {scale}")
     weight, bias, _ = transcoder.rows(feature.layer, [feature.index])
     return Target(feature, weight[0].detach().clone(), float(bias[0].detach()), float(scale))
-
-
-def split_template(template: str) -> tuple[str, str]:
-    """'A{prompt}B' -> ('A', 'B'); a template must hold exactly one '{prompt}'."""
-    if template.count("{prompt}") != 1:
-        raise ValueError(f"a template needs exactly one '{{prompt}}' slot, got {template!r}")
-    prefix, suffix = template.split("{prompt}")
-    return prefix, suffix
-
-
-def chat_template(lm: LanguageModel) -> str:
-    """The model's chat template for one user turn, with a `{prompt}` slot (no generation prompt)."""
-    marker = "\x00PROMPT\x00"
-    if not getattr(lm.tokenizer, "chat_template", None):
-        raise ValueError(f"{lm.name} has no chat template: give a template such as '\\n\\nHuman:{{prompt}}'")
-    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    return text.replace(marker, "{prompt}")
 
 
 @dataclass
@@ -132,11 +116,7 @@ class Scorer:
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
         self.lm, self.hook, self.targets, self.position, self.batch_size = lm, hook, targets, position, batch_size
-        self.prefix_text, self.suffix_text = split_template(template)
-        tok = lm.tokenizer
-        prefix_ids = tok(self.prefix_text, add_special_tokens=False)["input_ids"] if self.prefix_text else []
-        self.prefix_ids = with_bos(prefix_ids, lm.bos_token_id)
-        self.suffix_ids = tok(self.suffix_text, add_special_tokens=False)["input_ids"] if self.suffix_text else []
+        self.prefix_text, self.suffix_text, self.prefix_ids, self.suffix_ids = template_ids(lm, template)
         self.suffix = torch.tensor(self.suffix_ids, dtype=torch.long, device=lm.device)  # [s]
         self.pad_id = lm.bos_token_id  # any id: padding sits after the suffix, where nothing reads it
         self.embedding = lm.model.get_input_embeddings().weight  # [vocab, d_model]
@@ -402,13 +382,26 @@ def allowed_tokens(lm: LanguageModel) -> torch.Tensor:
     return allowed
 
 
-def cross_entropy(lm: LanguageModel, sequences: list[list[int]], start: int, length: int) -> list[float]:
-    """Mean next-token cross-entropy of tokens [start, start + length) of each (equal-length) sequence, in the
-    model's dtype computed in fp32 at least: the re-measured fluency of a prompt inside its template."""
-    ids = torch.tensor(sequences, device=lm.device)  # [B, T]
-    with torch.no_grad():
-        logits = lm.model(input_ids=ids, use_cache=False).logits[:, start - 1 : start + length - 1]
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logprobs = logits.to(dtype).log_softmax(-1)  # [B, length, vocab]
-        targets = ids[:, start : start + length]
-        return (-logprobs.gather(-1, targets.unsqueeze(-1))[..., 0].mean(-1)).tolist()
+def cross_entropy(lm: LanguageModel, sequences: list[list[int]], start: int, lengths: int | list[int],
+                  batch_size: int = 32) -> list[float]:
+    """Mean next-token cross-entropy of tokens [start, start + length) of each sequence (`lengths`: one for all,
+    or one per sequence), in the model's dtype computed in fp32 at least: the re-measured fluency of a prompt
+    inside its template. Sequences are run in batches of equal length."""
+    lengths = [lengths] * len(sequences) if isinstance(lengths, int) else list(lengths)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (ids, length) in enumerate(zip(sequences, lengths)):
+        groups.setdefault((len(ids), length), []).append(i)
+    out = [0.0] * len(sequences)
+    for (_, length), rows in groups.items():
+        for at in range(0, len(rows), batch_size):
+            part = rows[at : at + batch_size]
+            ids = torch.tensor([sequences[i] for i in part], device=lm.device)  # [B, T]
+            with torch.no_grad():
+                logits = lm.model(input_ids=ids, use_cache=False).logits[:, start - 1 : start + length - 1]
+                dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+                logprobs = logits.to(dtype).log_softmax(-1)  # [B, length, vocab]
+                targets = ids[:, start : start + length]
+                ces = -logprobs.gather(-1, targets.unsqueeze(-1))[..., 0].mean(-1)
+            for i, ce in zip(part, ces.tolist()):
+                out[i] = ce
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dreaming.epo import DreamConfig, DreamResult
-from dreaming.objective import split_template
+from dreaming.templates import split_template
 
 
 class Strict(BaseModel):

@@ -167,3 +167,13 @@ def test_round_trip_check(lm64, transcoder):
     ids, lengths = random_ids(lm64, 4)
     assert good.round_trips(ids, lengths).all()
     assert not glued.round_trips(ids, lengths).any()
+
+
+def test_cross_entropy_of_prompts_of_several_lengths_equals_one_at_a_time(lm64, transcoder):
+    s = scorer(lm64, transcoder, "max")
+    ids, lengths = random_ids(lm64, 7, seed=5, width=6)
+    sequences = [s.full_ids(row[:n]) for row, n in zip(ids.tolist(), lengths.tolist())]
+    start = len(s.prefix_ids)
+    together = cross_entropy(lm64, sequences, start, lengths.tolist(), batch_size=2)
+    alone = [cross_entropy(lm64, [seq], start, n)[0] for seq, n in zip(sequences, lengths.tolist())]
+    assert together == pytest.approx(alone, abs=1e-12)

@@ -1,0 +1,38 @@
+"""Templates: text around a prompt with one `{prompt}` slot, and the one rule for the ids of its prefix.
+
+A prompt inside a template is measured as `[BOS] + tokens(prefix + prompt + suffix)`; the prefix cannot be
+changed by the prompt, so both EPO (dreaming.objective) and the measurement (dreaming.activation) need the ids
+of the prefix alone, with the BOS rule of dreaming.corpus.with_bos.
+"""
+
+from __future__ import annotations
+
+from dreaming.corpus import with_bos
+from dreaming.models import LanguageModel
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """'A{prompt}B' -> ('A', 'B'); a template must hold exactly one '{prompt}'."""
+    if template.count("{prompt}") != 1:
+        raise ValueError(f"a template needs exactly one '{{prompt}}' slot, got {template!r}")
+    prefix, suffix = template.split("{prompt}")
+    return prefix, suffix
+
+
+def chat_template(lm: LanguageModel) -> str:
+    """The model's chat template for one user turn, with a `{prompt}` slot (no generation prompt)."""
+    marker = "\x00PROMPT\x00"
+    if not getattr(lm.tokenizer, "chat_template", None):
+        raise ValueError(f"{lm.name} has no chat template: give a template such as '\\n\\nHuman:{{prompt}}'")
+    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return text.replace(marker, "{prompt}")
+
+
+def template_ids(lm: LanguageModel, template: str) -> tuple[str, str, list[int], list[int]]:
+    """(prefix, suffix, the prefix's own ids with BOS, the suffix's own ids) of a template with one `{prompt}`."""
+    prefix, suffix = split_template(template)
+
+    def ids(text: str) -> list[int]:
+        return lm.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    return prefix, suffix, with_bos(ids(prefix), lm.bos_token_id), ids(suffix)
