@@ -5,9 +5,21 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The page tests drive Debian's Chromium headless (Playwright, offline: no browser download). Installed once, as root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
+	else \
+		echo "The page tests need Chromium: run 'sudo apt-get install chromium' (Debian/Ubuntu) or put a"; \
+		echo "chromium (or chromium-browser) on PATH, then run make again."; exit 1; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)

@@ -29,11 +29,17 @@ class TextActivation:
     text: str
     token_ids: list[int]  # as measured, BOS first
     tokens: list[str]  # one string per token id
+    pieces: list[str]  # each token as the text it stands for (for display: what a page shades)
     token_activations: list[float]  # per token; 0 at position 0
     activation: float  # max over positions >= counted_from
     fraction_of_max: float | None  # activation / dataset max (None without maxima)
     counted_from: int = 1  # first position that counts (a template's prefix comes before it)
     template_activation: float = 0.0  # max over the positions before counted_from (the template's own)
+
+
+def token_pieces(lm: LanguageModel, tokens: list[str]) -> list[str]:
+    """Each token as the text it stands for (a byte-level BPE token's own string), for display."""
+    return [lm.tokenizer.convert_tokens_to_string([token]) for token in tokens]
 
 
 def tokenize_text(lm: LanguageModel, text: str) -> list[int]:
@@ -95,7 +101,8 @@ def feature_activations(lm: LanguageModel, transcoder: Transcoder | LazyEncoder,
             acts = transcoder.encode(captured[(hook, layer)], layer, indices).float()  # [batch, pos, n]
             for i, index in enumerate(indices):
                 columns[Feature(layer, index)] = acts[..., i]
-    return torch.stack([columns[f] for f in features], dim=-1) * keep.unsqueeze(-1)
+    # + 0.0 turns the -0.0 of a negative pre-activation times 0 into 0.0, which prints and compares as 0
+    return torch.stack([columns[f] for f in features], dim=-1) * keep.unsqueeze(-1) + 0.0
 
 
 def _pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +135,9 @@ def measure_token_ids(lm: LanguageModel, transcoder: Transcoder, feature: Featur
             first = counted_from[start + row]
             activation = max(values[first:])
             text = texts[start + row] if texts else lm.tokenizer.decode(ids[1:])
+            tokens = lm.tokenizer.convert_ids_to_tokens(list(ids))
             results.append(TextActivation(
-                text=text, token_ids=list(ids), tokens=lm.tokenizer.convert_ids_to_tokens(list(ids)),
+                text=text, token_ids=list(ids), tokens=tokens, pieces=token_pieces(lm, tokens),
                 token_activations=values, activation=activation,
                 fraction_of_max=activation / dataset_max if dataset_max else None,
                 counted_from=first, template_activation=max(values[1:first], default=0.0)))

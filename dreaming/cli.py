@@ -241,6 +241,19 @@ def cmd_search(args) -> None:
               f"{hit['density']:9.2e}  {hit['max_token']!r}")
 
 
+def cmd_similar(args) -> None:
+    found = explorer(args).similar(args.feature, args.top)
+    if args.json:
+        return print_json(found)
+    with_maxima = bool(found) and "density" in found[0]
+    print(f"{'feature':>10} {'cosine':>7}" + (f" {'density':>9} {'dataset max':>11}" if with_maxima else ""))
+    for hit in found:
+        print(f"{hit['feature']:>10} {hit['cosine']:7.3f}"
+              + (f" {hit['density']:9.2e} {hit['dataset_max']:11.3f}" if with_maxima else ""))
+    if not found:
+        print(f"(none: {args.feature} has an all-zero decoder, or no other feature writes to its layers)")
+
+
 def shared(run) -> str:
     """The longest run of tokens a dream shares with the feature's top dataset contexts (novelty), or "-"."""
     return "-" if run is None else str(run)
@@ -482,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--top", type=int, default=10, help="dataset examples shown (default: 10)")
     compare.add_argument("--length", type=int, help="each example is also measured cut to its last LENGTH tokens up "
                          "to its max token (default: the default dream prompt length)")
+    similar = explorer_command("similar", "the features whose decoder directions are closest (cosine) to a "
+                               "feature's", cmd_similar, feature=True)
+    similar.add_argument("--top", type=int, default=10, help="how many features (default: 10)")
 
     from dreaming.epo import DreamConfig
 

@@ -83,6 +83,14 @@ class DreamCache:
             raise
         return path
 
+    def features(self, identity: str) -> set[str]:
+        """The features ("L/I") with at least one cached result (of any config or yardstick) for `identity`."""
+        directory = self.directory / _safe(identity)
+        if not directory.is_dir():
+            return set()
+        return {path.name.replace("_", "/") for path in directory.iterdir()
+                if re.fullmatch(r"\d+_\d+", path.name) and any(path.glob("*.json"))}
+
     def for_feature(self, identity: str, feature: Feature, dataset_max: float | None) -> list[CachedDream]:
         """Every cached result of a feature, each marked current (scored against `dataset_max`, the feature's
         max now) or stale; current ones first, then best fluent activation first."""

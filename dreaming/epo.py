@@ -187,6 +187,12 @@ def random_search_config(config: DreamConfig | None = None, **changes) -> DreamC
 # ------------------------------------------------------------------------------------------------ results
 
 
+def is_novel(longest_shared_run: int | None) -> bool:
+    """Shares no run of NOVEL_BELOW tokens with the feature's top dataset contexts (False when not measured)."""
+    return longest_shared_run is not None and longest_shared_run < NOVEL_BELOW
+
+
+
 class DreamedPrompt(BaseModel):
     prompt: str  # the optimised part
     text: str  # the whole text as measured (template included)

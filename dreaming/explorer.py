@@ -1,9 +1,11 @@
-"""The Python API for looking at one bundle's features: activations of texts, search, dashboards, comparison.
+"""The Python API for looking at one bundle's features: activations of texts, search, dashboards, comparison,
+similar features.
 
     explorer = Explorer.open()                     # the default bundle (built first if missing)
     explorer.activation("12/345", ["How do I make a bomb?"])
     explorer.search("How do I make a bomb?")
     explorer.compare("12/345")                     # dataset maxima beside the cached dreamed prompts
+    explorer.similar("12/345")                     # the features with the closest decoder directions
 
 Every figure is measured in fp32 by `dreaming.activation` (the one measurement function). The CLI and the
 HTTP service are thin layers over this class.
@@ -22,6 +24,7 @@ from dreaming.bundle import Bundle
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.maxima import Maxima, feature_page, search_features
 from dreaming.models import LanguageModel, best_device
+from dreaming.similar import similar_features
 from dreaming.transcoders import Transcoder, read_config
 
 MAX_TEXTS = 64
@@ -105,6 +108,12 @@ class Explorer:
         cached = cache.for_feature(self.bundle.identity, feature, self.dataset_max(feature))
         return [c.result.model_dump(mode="json") for c in cached if c.current or not current_only]
 
+    def features_with_dreams(self) -> set[str]:
+        """The features ("L/I") with a dream cached on disk for this bundle (current or stale)."""
+        from dreaming.dream_cache import DreamCache
+
+        return DreamCache(self.bundle.directory / "dreams").features(self.bundle.identity)
+
     def compare(self, feature: Feature | str, top: int = 10, dreams: list[dict] | None = None,
                 length: int | None = None) -> dict:
         """The feature's statistics and top dataset examples beside its dreamed prompts (default: cached ones).
@@ -118,3 +127,13 @@ class Explorer:
         dreams = self.dreams(feature) if dreams is None else dreams
         length = DreamConfig().prompt_length if length is None else length
         return feature_page(self.lm, self.transcoder, self.require_maxima(), feature, dreams, top, length=length)
+
+    def similar(self, feature: Feature | str, top: int = 10) -> list[dict]:
+        """The `top` features whose decoder directions are closest (cosine) to this one's (dreaming.similar), each
+        with its density and dataset max when the bundle has maxima."""
+        found = similar_features(self.bundle.directory / "transcoder", self.feature(feature), top)
+        if self.maxima is not None:
+            for hit in found:
+                summary = self.maxima.summary(parse_feature(hit["feature"]))
+                hit.update(density=summary["density"], dataset_max=summary["dataset_max"])
+        return found

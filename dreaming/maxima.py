@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dreaming.activation import layer_activations, measure_token_ids, tokenize_text
+from dreaming.activation import layer_activations, measure_token_ids, token_pieces, tokenize_text
 from dreaming.corpus import Windows, load_windows, save_windows
+from dreaming.epo import is_novel
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.objective import cross_entropy
@@ -38,6 +39,7 @@ FORMAT_VERSION = 1
 # the last bin also takes everything above the top edge. Log-spaced, 8 per decade, so any scale fits.
 HISTOGRAM_EDGES = np.concatenate([[0.0], np.logspace(-3, 4, 57)]).astype(np.float32)
 DENSE_ABOVE = 0.1  # a feature active on more than this fraction of tokens counts as dense
+PAGE_BEFORE, PAGE_AFTER = 32, 8  # tokens a feature page shows around an example's max token
 
 
 @dataclass
@@ -249,9 +251,8 @@ def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, f
     matched = length_matched(lm, transcoder, feature, contexts, length, dataset_max) if length is not None else None
     rendered = []
     for i, ((stored, window, position), result) in enumerate(zip(examples, measured)):
-        tokens = result.tokens
-        lo, hi = max(1, position - context), min(len(tokens), position + 4)
-        pieces = [lm.tokenizer.convert_tokens_to_string([t]) for t in tokens[lo:hi]]
+        lo, hi = max(1, position - context), min(len(result.pieces), position + 4)
+        pieces = result.pieces[lo:hi]
         pieces[position - lo] = f"[[{pieces[position - lo]}]]"
         rendered.append({
             "source": windows.sources[int(windows.source[window])],
@@ -263,6 +264,7 @@ def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, f
             "fraction_of_max": result.token_activations[position] / dataset_max,
             "context": "".join(pieces),
             "token_ids": result.token_ids,
+            "pieces": result.pieces,
             "token_activations": result.token_activations,
             **({"length_matched": matched[i]} if matched is not None else {}),
         })
@@ -311,7 +313,7 @@ def search_features(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, t
             "fraction_of_max": value,
             "dataset_max": float(dataset_max[at]),
             "density": float(maxima.arrays["density"][at]),
-            "max_token": lm.tokenizer.convert_tokens_to_string([tokens[int(position[at])]]),
+            "max_token": token_pieces(lm, [tokens[int(position[at])]])[0],
         })
     return found
 
@@ -320,7 +322,27 @@ def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
     return {"prompt": point["prompt"], "text": point["text"], "activation": point["activation"],
             "fraction_of_max": fraction_of_max, "cross_entropy": point["cross_entropy"],
             "origin": point.get("origin"), "longest_shared_run": point.get("longest_shared_run"),
-            "seed": result.get("seed")}
+            "novel": is_novel(point.get("longest_shared_run")), "seed": result.get("seed"), "token_ids": point["token_ids"], "counted_from": point["counted_from"]}
+
+
+def token_span(tokens: list[str], activations: list[float], start: int, stop: int) -> dict:
+    """Tokens [start, stop) of a measured text with their activations, as a page shades them."""
+    return {"tokens": tokens[start:stop], "activations": activations[start:stop]}
+
+
+def shade_dreams(lm: LanguageModel, transcoder: Transcoder, feature: Feature, dreams: list[dict]) -> None:
+    """Give each dreamed prompt (a `_dreamed` dict) the tokens from its prompt on, with their activations:
+    its token ids re-measured as recorded (one forward for all), so the shading reproduces its figures."""
+    unique = list({tuple(d["token_ids"]): d for d in dreams}.values())
+    if not unique:
+        return
+    measured = measure_token_ids(lm, transcoder, feature, [d["token_ids"] for d in unique],
+                                 counted_from=[d["counted_from"] for d in unique])
+    spans = {tuple(dream["token_ids"]): token_span(m.pieces, m.token_activations, m.counted_from, len(m.pieces))
+             for dream, m in zip(unique, measured)}
+    for dream in dreams:
+        dream.update(spans[tuple(dream["token_ids"])])
+        del dream["token_ids"]
 
 
 def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
@@ -354,9 +376,14 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
                       "scored_against": result.get("dataset_max")}
                      for result in stale for point in result.get("frontier", [])]
     stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
+    shade_dreams(lm, transcoder, feature, dreamed + list(diverse.values()) + stale_dreamed)
     examples = render_examples(lm, transcoder, maxima, feature, top=top, length=length)
-    for example in examples:  # the page shows contexts; full per-token arrays stay with the activation call
-        del example["token_ids"], example["token_activations"]
+    for example in examples:  # the page shades the tokens around the max, not the whole window
+        del example["token_ids"]
+        pieces, start = example.pop("pieces"), max(1, example["position"] - PAGE_BEFORE)
+        stop = min(len(pieces), example["position"] + PAGE_AFTER + 1)
+        example.update(token_span(pieces, example.pop("token_activations"), start, stop),
+                       max_index=example["position"] - start)
     return {**summary, "examples": examples, "length": length, "dreams": dreamed,
             "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True),
             "stale_dreams": stale_dreamed}

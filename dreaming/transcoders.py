@@ -164,6 +164,15 @@ def _enc_file(kind, layer):
     return f"W_enc_{layer}.safetensors" if kind == CLT else f"layer_{layer}.safetensors"
 
 
+def _dec_file(kind, layer):
+    return f"W_dec_{layer}.safetensors" if kind == CLT else _enc_file(kind, layer)
+
+
+def _dec_name(kind, layer):
+    """The decoder's tensor name: W_dec_{l} [F, n_layers - l, d_model] (CLT) or W_dec [F, d_model] (set)."""
+    return f"W_dec_{layer}" if kind == CLT else "W_dec"
+
+
 def _enc_names(kind, layer):
     """Tensor names (W_enc, b_enc, b_dec, threshold) inside the encoder file of one layer."""
     if kind == CLT:
@@ -279,7 +288,7 @@ def save_transcoder(transcoder: Transcoder, directory) -> None:
                 enc[thr] = _cpu(t.threshold[l])
             if c.kind == CLT:
                 save_file(enc, str(tmp / _enc_file(c.kind, l)))
-                save_file({f"W_dec_{l}": _cpu(t.W_dec[l])}, str(tmp / f"W_dec_{l}.safetensors"))
+                save_file({_dec_name(c.kind, l): _cpu(t.W_dec[l])}, str(tmp / _dec_file(c.kind, l)))
             else:
                 enc["W_dec"] = _cpu(t.W_dec[l])
                 if t.W_skip is not None:
@@ -326,9 +335,9 @@ def load_transcoder(directory, dtype=torch.float32, device="cpu") -> Transcoder:
                     if t.W_skip is not None:
                         t.W_skip[l].copy_(_tensor(f, path, "W_skip", (d, d)))
             if c.kind == CLT:
-                path = directory / f"W_dec_{l}.safetensors"
+                path = directory / _dec_file(c.kind, l)
                 with safe_open(str(path), framework="pt") as f:
-                    t.W_dec[l].copy_(_tensor(f, path, f"W_dec_{l}", (F, n - l, d)))
+                    t.W_dec[l].copy_(_tensor(f, path, _dec_name(c.kind, l), (F, n - l, d)))
     return t.requires_grad_(False)  # loaded for inference; training builds its own parameters
 
 

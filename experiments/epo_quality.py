@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.epo import FLUENT_CE, NOVEL_BELOW, DreamConfig, dream, paper_config, previous_config
+from dreaming.epo import FLUENT_CE, DreamConfig, dream, is_novel, paper_config, previous_config
 from dreaming.features import Feature
 from dreaming.maxima import DENSE_ABOVE
 
@@ -75,7 +75,7 @@ def figures(result) -> dict:
     """The study's figures of one result: best fluent, strong diverse prompts, best novel fluent prompt."""
     fluent = [p for p in result.frontier + result.diverse + ([result.best_fluent] if result.best_fluent else [])
               if p.cross_entropy <= FLUENT_CE]
-    novel = [p for p in fluent if p.longest_shared_run is not None and p.longest_shared_run < NOVEL_BELOW]
+    novel = [p for p in fluent if is_novel(p.longest_shared_run)]
     best_novel = max(novel, key=lambda p: p.activation, default=None)
     return {"best_fluent": result.best_fluent and result.best_fluent.model_dump(mode="json"),
             "diverse_at_80": sum(1 for p in result.diverse if (p.fraction_of_max or 0) >= 0.8),

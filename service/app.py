@@ -8,11 +8,16 @@ texts, feature search, health and info. `create_app()` reads the settings from t
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from dreaming.activation import TextActivation
 from dreaming.cli import bundle_info
@@ -20,17 +25,53 @@ from dreaming.dream_cache import max_key
 from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature
 from service.access import BodyLimit, api_key_dependency
-from service.bundle_view import UnknownFeature
+from service.bundle_view import SORTS, UnknownFeature
+from service.pages import add_pages
 from service.runtime import Service
-from service.schemas import ActivationsRequest, BatchOut, BatchRequest, DreamRequest, JobOut, SearchRequest
+from service.schemas import (ActivationsRequest, BatchOut, BatchRequest, BatchSummary, DreamRequest, FeatureList,
+                             JobOut, JobSummary, SearchRequest, SimilarFeature)
 from service.settings import Settings
-from service.store import DONE, FAILED, RUNNING, Job
+from service.store import DONE, FAILED, QUEUED, RUNNING, Batch, Job
+
+EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
 
 
 def job_out(job: Job) -> JobOut:
     return JobOut(job_id=job.id, feature=job.feature, status=job.status, attempts=job.attempts,
                   progress=(job.progress or None) if job.status == RUNNING else None, error=job.error,
                   result=job.result)
+
+
+def job_summary(job: Job) -> JobSummary:
+    best = (job.result or {}).get("best_fluent") or {}
+    return JobSummary(job_id=job.id, feature=job.feature, status=job.status, attempts=job.attempts,
+                      progress=(job.progress or None) if job.status == RUNNING else None, error=job.error,
+                      best_fluent_fraction_of_max=best.get("fraction_of_max"), best_fluent_prompt=best.get("prompt"))
+
+
+def counts(jobs: list[Job]) -> dict[str, int]:
+    return {status: sum(job.status == status for job in jobs) for status in (QUEUED, RUNNING, DONE, FAILED)}
+
+
+CSV_COLUMNS = ["feature", "status", "best_fluent_fraction_of_max", "best_fluent_activation",
+               "best_fluent_cross_entropy", "best_fluent_prompt", "dataset_max", "iterations", "error", "job_id"]
+
+
+def batch_csv(jobs: list[Job]) -> str:
+    """One line per job: its best fluent prompt's figures (empty until done)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_COLUMNS)
+    writer.writeheader()
+    for job in jobs:
+        result = job.result or {}
+        best = result.get("best_fluent") or {}
+        writer.writerow({"feature": job.feature, "status": job.status, "job_id": job.id, "error": job.error or "",
+                         "best_fluent_fraction_of_max": best.get("fraction_of_max", ""),
+                         "best_fluent_activation": best.get("activation", ""),
+                         "best_fluent_cross_entropy": best.get("cross_entropy", ""),
+                         "best_fluent_prompt": best.get("prompt", ""), "dataset_max": result.get("dataset_max", ""),
+                         "iterations": result.get("iterations", "")})
+    return out.getvalue()
 
 
 def merge_dreams(served: list[dict], local: list[dict]) -> list[dict]:
@@ -94,6 +135,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def in_thread(method, *args):  # store calls never block the event loop
         return await asyncio.to_thread(method, *args)
 
+    async def existing_job(job_id: str) -> Job:
+        job = await in_thread(service.store.job, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    async def existing_batch(batch_id: str) -> Batch:
+        batch = await in_thread(service.store.batch, batch_id)
+        if batch is None:
+            raise HTTPException(404, f"no batch {batch_id!r}")
+        return batch
+
     @v1.post("/dreams", response_model=JobOut, dependencies=keyed,
              summary="Dream one feature: the cached result at once, else a job to poll")
     async def submit_dream(request: DreamRequest) -> JobOut:
@@ -111,10 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return job_out(job)
 
     @v1.get("/jobs/{job_id}", response_model=JobOut, summary="A job's status, progress (with ETA) and result")
-    async def get_job(job_id: str) -> JobOut:
-        job = await in_thread(service.store.job, job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
+    async def get_job(job: Job = Depends(existing_job)) -> JobOut:
         return job_out(job)
 
     @v1.post("/batches", response_model=BatchOut, dependencies=keyed,
@@ -128,16 +178,85 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 request.config.model_dump(mode="json"),
                                 [service.view.dataset_max(feature) for feature in features])
         service.scheduler.wake()
-        return await get_batch(batch.id)
+        return await batch_out(batch)
 
     @v1.get("/batches/{batch_id}", response_model=BatchOut, summary="A batch's jobs and overall status")
-    async def get_batch(batch_id: str) -> BatchOut:
-        batch = await in_thread(service.store.batch, batch_id)
-        if batch is None:
-            raise HTTPException(404, f"no batch {batch_id!r}")
+    async def get_batch(batch: Batch = Depends(existing_batch)) -> BatchOut:
+        return await batch_out(batch)
+
+    async def batch_out(batch: Batch) -> BatchOut:
         jobs = await in_thread(service.store.jobs, batch.job_ids)
-        counts = {status: sum(job.status == status for job in jobs) for status in ("queued", RUNNING, DONE, FAILED)}
-        return BatchOut(batch_id=batch.id, status=batch_status(jobs), counts=counts, jobs=[job_out(j) for j in jobs])
+        return BatchOut(batch_id=batch.id, status=batch_status(jobs), counts=counts(jobs),
+                        jobs=[job_out(j) for j in jobs])
+
+    async def changes(look, finished) -> AsyncIterator[ServerSentEvent]:
+        """An event each time `look()` gives something new, until `finished` of it; the client may leave early."""
+        last = None
+        while True:
+            current = await look()
+            if current != last:
+                yield ServerSentEvent(data=current.model_dump(mode="json"), event="update")
+                last = current
+            if finished(current):
+                return
+            await asyncio.sleep(EVENT_EVERY)
+
+    @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse,
+            summary="A job's progress as server-sent events (`update`: the job, as GET /jobs/{id}) until it ends")
+    async def job_events(job: Job = Depends(existing_job)) -> AsyncIterator[ServerSentEvent]:
+        async def look() -> JobOut:
+            return job_out(await in_thread(service.store.job, job.id))
+
+        async for event in changes(look, lambda out: out.status in (DONE, FAILED)):
+            yield event
+
+    async def summary(batch: Batch) -> BatchSummary:
+        jobs = await in_thread(service.store.jobs, batch.job_ids)
+        return BatchSummary(batch_id=batch.id, status=batch_status(jobs), counts=counts(jobs),
+                            jobs=[job_summary(job) for job in jobs])
+
+    @v1.get("/batches/{batch_id}/summary", response_model=BatchSummary,
+            summary="A batch without its results: per job its status, progress and best fluent % of max")
+    async def batch_summary(batch: Batch = Depends(existing_batch)) -> BatchSummary:
+        return await summary(batch)
+
+    @v1.get("/batches/{batch_id}/events", response_class=EventSourceResponse,
+            summary="A batch's summary as server-sent events (`update`) each time it changes, until it ends")
+    async def batch_events(batch: Batch = Depends(existing_batch)) -> AsyncIterator[ServerSentEvent]:
+        async for event in changes(lambda: summary(batch), lambda out: out.status in (DONE, FAILED)):
+            yield event
+
+    @v1.get("/batches/{batch_id}/results", summary="A batch's results to download: every job as JSON, or one CSV "
+                                                   "line per feature with its best fluent prompt",
+            responses={200: {"content": {"text/csv": {}, "application/json": {}}}})
+    async def batch_results(batch: Batch = Depends(existing_batch),
+                            format: Literal["json", "csv"] = "json") -> Response:
+        jobs = await in_thread(service.store.jobs, batch.job_ids)
+        name = f"batch-{batch.id}.{format}"
+        headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+        if format == "csv":
+            return Response(batch_csv(jobs), media_type="text/csv", headers=headers)
+        body = json.dumps([job_out(job).model_dump(mode="json") for job in jobs])
+        return Response(body, media_type="application/json", headers=headers)
+
+    @v1.get("/features", response_model=FeatureList, summary="Browse the features: filter by layer, live (ever "
+            "active), dense, has dreams; in feature order or by density or dataset max; paginated")
+    async def list_features(layer: int | None = Query(None, ge=0), live: bool = False, dense: bool | None = None,
+                            dreams: bool = False, sort: Literal[tuple(SORTS)] = "index",
+                            offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> dict:
+        if layer is not None and layer >= service.view.n_layers:
+            raise HTTPException(422, f"unknown layer {layer}: layer must be in 0..{service.view.n_layers - 1}")
+        with_dreams = await in_thread(features_with_dreams)
+        return service.view.browse(with_dreams, layer, live, dense, dreams, sort, offset, limit)
+
+    def features_with_dreams() -> set[str]:
+        return service.store.features_with_results(service.view.identity) | service.view.explorer.features_with_dreams()
+
+    @v1.get("/features/{layer}/{index}/similar", response_model=list[SimilarFeature],
+            summary="The features whose decoder vectors (normalised, concatenated over every output layer) have "
+                    "the highest cosine with this one's")
+    async def similar(layer: int, index: int, top: int = Query(10, ge=1, le=100)) -> list[dict]:
+        return await service.view.similar(known(Feature(layer, index)), top)
 
     @v1.get("/features/{layer}/{index}", summary="Dataset maxima, cached dreams (the service's and those made with "
                                                   "`dreaming dream` on the bundle) and the comparison of a feature")
@@ -189,4 +308,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "dream_config_schema": DreamConfig.model_json_schema()}
 
     app.include_router(v1)
+    add_pages(app)
     return app

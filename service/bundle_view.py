@@ -14,10 +14,14 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+import torch
+
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
+from dreaming.maxima import DENSE_ABOVE
 
 PAGE_CACHE_SIZE = 1024
+SORTS = {"index": None, "density": "density", "max": "max_activation"}  # browse order: none, or this array, descending
 
 
 class UnknownFeature(LookupError):
@@ -33,6 +37,7 @@ class BundleView:
         self.n_layers, self.features_per_layer = self.maxima.shape
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._pages: OrderedDict = OrderedDict()
+        self._similar: OrderedDict = OrderedDict()
 
     def check(self, feature: Feature) -> Feature:
         """The feature itself if this bundle has it, else UnknownFeature naming the valid range."""
@@ -70,6 +75,50 @@ class BundleView:
                 self._pages.popitem(last=False)
         self._pages.move_to_end(key)
         return self._pages[key]
+
+    def row(self, feature: Feature, has_dreams: bool = False) -> dict:
+        """A feature's line in a listing: its dataset statistics."""
+        at, arrays = (feature.layer, feature.index), self.maxima.arrays
+        density = float(arrays["density"][at])
+        return {"feature": str(feature), "dataset_max": float(arrays["max_activation"][at]), "density": density,
+                "mean_when_active": float(arrays["mean_active"][at]), "dead": bool(arrays["active_count"][at] == 0),
+                "dense": density > DENSE_ABOVE, "has_dreams": has_dreams}
+
+    def browse(self, with_dreams: set[str], layer: int | None = None, live: bool = False, dense: bool | None = None,
+               dreams: bool = False, sort: str = "index", offset: int = 0, limit: int = 50) -> dict:
+        """One page of the features matching the filters (`dense`: None either way, True only dense, False none
+        dense), in feature order or by `sort` (descending)."""
+        arrays = self.maxima.arrays
+        keep = torch.ones(self.maxima.shape, dtype=torch.bool)  # [layers, features]
+        if layer is not None:
+            keep[torch.arange(self.n_layers) != layer] = False
+        if live:
+            keep &= arrays["active_count"] > 0
+        if dense is not None:
+            keep &= (arrays["density"] > DENSE_ABOVE) == dense
+        if dreams:
+            dreamed = torch.zeros_like(keep)
+            for feature in map(parse_feature, with_dreams):
+                if feature.layer < self.n_layers and feature.index < self.features_per_layer:
+                    dreamed[feature.layer, feature.index] = True
+            keep &= dreamed
+        flat = keep.flatten().nonzero().squeeze(1)  # [matching] indices into the flattened [layers * features]
+        if SORTS[sort] is not None:
+            values = arrays[SORTS[sort]].flatten()[flat]
+            flat = flat[torch.argsort(values, descending=True, stable=True)]
+        rows = [self.row(Feature(*divmod(int(i), self.features_per_layer))) for i in flat[offset: offset + limit]]
+        for row in rows:
+            row["has_dreams"] = row["feature"] in with_dreams
+        return {"total": len(flat), "offset": offset, "limit": limit, "features": rows}
+
+    async def similar(self, feature: Feature, top: int) -> list[dict]:
+        """The features with the most similar decoder directions (read from disk in chunks, cached)."""
+        key = (feature, top)
+        if key not in self._similar:
+            self._similar[key] = await asyncio.to_thread(self.explorer.similar, feature, top)
+            if len(self._similar) > PAGE_CACHE_SIZE:
+                self._similar.popitem(last=False)
+        return self._similar[key]
 
     def close(self) -> None:
         self._model_thread.shutdown(wait=False, cancel_futures=True)

@@ -72,3 +72,46 @@ class BatchOut(BaseModel):
     status: str  # done when every job is done; failed when none is pending and one failed; else running
     counts: dict[str, int]
     jobs: list[JobOut]
+
+
+class JobSummary(BaseModel):
+    """A job without its result: what a batch's table shows."""
+    job_id: str
+    feature: str
+    status: str
+    attempts: int
+    progress: Progress | None = None
+    error: str | None = None
+    best_fluent_fraction_of_max: float | None = None  # of the result, when done
+    best_fluent_prompt: str | None = None
+
+
+class BatchSummary(BaseModel):
+    batch_id: str
+    status: str
+    counts: dict[str, int]
+    jobs: list[JobSummary]
+
+
+class FeatureRow(BaseModel):
+    feature: str
+    dataset_max: float
+    density: float
+    mean_when_active: float
+    dead: bool
+    dense: bool
+    has_dreams: bool
+
+
+class FeatureList(BaseModel):
+    total: int  # features matching the filters
+    offset: int
+    limit: int
+    features: list[FeatureRow]
+
+
+class SimilarFeature(BaseModel):
+    feature: str
+    cosine: float  # of the normalised decoder vectors, concatenated over every output layer
+    dataset_max: float
+    density: float

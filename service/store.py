@@ -114,6 +114,10 @@ class Store(ABC):
         """Every stored dream result of one feature of one bundle, oldest first."""
 
     @abstractmethod
+    def features_with_results(self, identity: str) -> set[str]:
+        """The features of one bundle that have at least one stored dream result."""
+
+    @abstractmethod
     def counts(self) -> dict[str, int]:
         """Number of jobs per status."""
 
@@ -282,6 +286,11 @@ class SQLiteStore(Store):
             rows = db.execute("SELECT result FROM results WHERE identity = ? AND feature = ? ORDER BY created",
                               (identity, feature)).fetchall()
         return [json.loads(row[0]) for row in rows]
+
+    def features_with_results(self, identity):
+        with self._transaction() as db:
+            rows = db.execute("SELECT DISTINCT feature FROM results WHERE identity = ?", (identity,)).fetchall()
+        return {row[0] for row in rows}
 
     def counts(self):
         with self._transaction() as db:

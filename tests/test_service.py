@@ -83,6 +83,66 @@ def test_batch_of_several_features_completes(client):
     assert [job["result"]["feature"] for job in done["jobs"]] == features
 
 
+def test_browse_equals_a_direct_filter_of_the_maxima(client, tiny_bundle):
+    arrays = tiny_bundle.maxima().arrays
+    layers, per_layer = arrays["density"].shape
+    every = [(layer, index) for layer in range(layers) for index in range(per_layer)]
+
+    def listed(**params):
+        rows, offset = [], 0
+        while True:  # page by page: the pages put together are the whole listing, each row once
+            page = client.get("/v1/features", params={**params, "offset": offset, "limit": 7}).json()
+            rows += page["features"]
+            offset += 7
+            if offset >= page["total"]:
+                assert len(rows) == page["total"]
+                return rows
+
+    live = [f"{l}/{i}" for l, i in every if arrays["active_count"][l, i] > 0]
+    assert [row["feature"] for row in listed(live="true")] == live
+    by_density = sorted((at for at in every if at[0] == 1), key=lambda at: -float(arrays["density"][at]))
+    assert [row["feature"] for row in listed(layer=1, sort="density")] == [f"{l}/{i}" for l, i in by_density]
+    dense = [f"{l}/{i}" for l, i in every if arrays["density"][l, i] > 0.1]
+    assert [row["feature"] for row in listed(dense="true")] == dense
+    row = listed(layer=2)[3]
+    assert row["feature"] == "2/3" and row["dataset_max"] == pytest.approx(float(arrays["max_activation"][2, 3]))
+
+    job = client.post("/v1/dreams", json={"feature": "2/9", "config": {**TINY_CONFIG, "seed": 5}}).json()
+    assert poll_job(client, job["job_id"])["status"] == "done"
+    dreamed = listed(dreams="true")
+    assert "2/9" in [row["feature"] for row in dreamed] and all(row["has_dreams"] for row in dreamed)
+    for row in dreamed:
+        page = client.get(f"/v1/features/{row['feature']}").json()
+        assert page["dreams"] or page["stale_dreams"]
+
+
+def test_similar_features_and_batch_views(client, tiny_bundle):
+    from dreaming.similar import similar_features
+
+    similar = client.get("/v1/features/1/2/similar", params={"top": 5}).json()
+    expected = similar_features(tiny_bundle.directory / "transcoder", "1/2", top=5)
+    assert [s["feature"] for s in similar] == [e["feature"] for e in expected]
+    assert [s["cosine"] for s in similar] == pytest.approx([e["cosine"] for e in expected])
+
+    features = ["0/4", "1/6"]
+    batch = client.post("/v1/batches", json={"features": features, "config": {**TINY_CONFIG, "seed": 11}}).json()
+    wait_for(lambda: client.get(f"/v1/batches/{batch['batch_id']}/summary").json()["status"] == "done")
+    summary = client.get(f"/v1/batches/{batch['batch_id']}/summary").json()
+    full = client.get(f"/v1/batches/{batch['batch_id']}").json()
+    for light, job in zip(summary["jobs"], full["jobs"]):
+        best = job["result"]["best_fluent"]
+        assert light["feature"] == job["feature"] and "result" not in light
+        assert light["best_fluent_fraction_of_max"] == (best["fraction_of_max"] if best else None)
+    as_csv = client.get(f"/v1/batches/{batch['batch_id']}/results", params={"format": "csv"})
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    assert "attachment" in as_csv.headers["content-disposition"]
+    lines = as_csv.text.splitlines()
+    assert lines[0].startswith("feature,status,best_fluent_fraction_of_max") and len(lines) == 3
+    assert client.get(f"/v1/batches/{batch['batch_id']}/results", params={"format": "xml"}).status_code == 422
+    as_json = client.get(f"/v1/batches/{batch['batch_id']}/results").json()
+    assert as_json == full["jobs"]
+
+
 def test_activations_and_search(client):
     measured = client.post("/v1/activations", json={"feature": "1/2", "texts": ["the cat sat", "dog ran fast"]})
     assert measured.status_code == 200
@@ -169,6 +229,15 @@ BAD_REQUESTS = [
     ("unknown feature page", "get", "/v1/features/1/24", None, {}, 404, "0..23"),
     ("negative feature page", "get", "/v1/features/-1/0", None, {}, 404, "0..2"),
     ("non-numeric feature page", "get", "/v1/features/a/b", None, {}, 422, "layer"),
+    ("browse an unknown layer", "get", "/v1/features?layer=3", None, {}, 422, "0..2"),
+    ("browse by an unknown order", "get", "/v1/features?sort=name", None, {}, 422, "sort"),
+    ("browse pages too long", "get", "/v1/features?limit=501", None, {}, 422, "limit"),
+    ("browse from a negative offset", "get", "/v1/features?offset=-1", None, {}, 422, "offset"),
+    ("similar to an unknown feature", "get", "/v1/features/1/24/similar", None, {}, 404, "0..23"),
+    ("too many similar features", "get", "/v1/features/1/2/similar?top=101", None, {}, 422, "top"),
+    ("events of an unknown job", "get", "/v1/jobs/nope/events", None, {}, 404, "nope"),
+    ("summary of an unknown batch", "get", "/v1/batches/nope/summary", None, {}, 404, "nope"),
+    ("results of an unknown batch", "get", "/v1/batches/nope/results", None, {}, 404, "nope"),
 ]
 
 

@@ -1,0 +1,29 @@
+"""The web pages, served by the API's own process: static HTML, scripts and styles from `service/web/` (no build
+step, nothing from a CDN), which call the JSON API under /v1 from the browser.
+
+    /                               search a text for its most active features; browse every feature
+    /features/{layer}/{index}       a feature's dashboard: dataset maxima beside its dreams
+    /batch                          dream a list of features and follow the batch
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+WEB = Path(__file__).parent / "web"
+
+
+def add_pages(app: FastAPI) -> None:
+    def page(name: str):
+        async def serve() -> FileResponse:
+            return FileResponse(WEB / name, headers={"Cache-Control": "no-cache"})
+        return serve
+
+    app.get("/", include_in_schema=False)(page("index.html"))
+    app.get("/features/{layer}/{index}", include_in_schema=False)(page("feature.html"))
+    app.get("/batch", include_in_schema=False)(page("batch.html"))
+    app.mount("/static", StaticFiles(directory=WEB), name="static")

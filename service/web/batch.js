@@ -1,0 +1,59 @@
+// The batch page: submit a feature list (POST /v1/batches), then follow its summary as server-sent events
+// (GET /v1/batches/{id}/events) as the table fills in; the batch id stays in the address, so a reload resumes.
+"use strict";
+
+function progressText(job) {
+  const best = job.progress && job.progress.best_fraction_of_max;
+  if (job.status === "running" && best !== null && best !== undefined) return `running · best so far ${percent(best)}`;
+  return job.status === "failed" ? `failed: ${job.error}` : job.status;
+}
+
+function showBatch(batch) {
+  $("batch").hidden = false;
+  $("batch-id").textContent = batch.batch_id;
+  const c = batch.counts;
+  $("batch-status").textContent = `${batch.status}: ${c.done} done, ${c.running} running, ${c.queued} queued, ${c.failed} failed`;
+  $("download-json").href = `/v1/batches/${batch.batch_id}/results?format=json`;
+  $("download-csv").href = `/v1/batches/${batch.batch_id}/results?format=csv`;
+  $("batch-table").querySelector("tbody").replaceChildren(...batch.jobs.map((job) => el("tr", {"data-status": job.status},
+    el("td", {}, featureLink(job.feature)), el("td", {class: `status-${job.status}`}, progressText(job)),
+    el("td", {class: "num"}, percent(job.best_fluent_fraction_of_max)),
+    el("td", {}, el("span", {class: "tokens"}, job.best_fluent_prompt ? tokenText(job.best_fluent_prompt) : "")))));
+}
+
+async function followBatch(batchId) {
+  const last = await follow(`/v1/batches/${batchId}/events`, showBatch);
+  document.body.dataset.batch = last ? last.status : "unknown";
+}
+
+async function submit(event) {
+  event.preventDefault();
+  showError("");
+  const features = $("batch-features").value.split(/[\s,;]+/).filter(Boolean);
+  if (!features.length) return showError("Give at least one feature id, e.g. 3/17.");
+  $("batch-button").disabled = true;
+  try {
+    const batch = await api("/v1/batches", {method: "POST",
+      body: {features, config: dreamConfig("batch-config", {iterations: Number($("batch-iterations").value)})}});
+    history.replaceState(null, "", `/batch?id=${batch.batch_id}`);
+    await followBatch(batch.batch_id);
+  } finally {
+    $("batch-button").disabled = false;
+  }
+}
+
+async function start() {
+  pageFrame();
+  const info = await serverInfo();
+  $("batch-iterations").value = info.dream_config.iterations;
+  $("batch-form").addEventListener("submit", guarded(submit));
+  $("batch-file").addEventListener("change", guarded(async () => {
+    const file = $("batch-file").files[0];
+    if (file) $("batch-features").value = await file.text();
+  }));
+  document.body.dataset.ready = "true";
+  const resumed = new URLSearchParams(location.search).get("id");
+  if (resumed) await followBatch(resumed);
+}
+
+guarded(start)();

@@ -1,0 +1,53 @@
+// The home page: the features most active on a text (POST /v1/search) and a paginated listing (GET /v1/features).
+"use strict";
+
+const PAGE_SIZE = 50;
+let offset = 0;
+
+async function search(event) {
+  event.preventDefault();
+  showError("");
+  const text = $("search-text").value;
+  if (!text.trim()) return showError("Type or paste a text to search.");
+  const found = await api("/v1/search", {method: "POST", body: {text, top: 20}});
+  const body = $("search-results").querySelector("tbody");
+  body.replaceChildren(...found.map((hit) => el("tr", {},
+    el("td", {}, featureLink(hit.feature)), el("td", {class: "num"}, percent(hit.fraction_of_max)),
+    el("td", {class: "num"}, number(hit.activation)), el("td", {class: "num"}, percent(hit.density)),
+    el("td", {}, el("span", {class: "tokens"}, tokenText(hit.max_token))))));
+  if (!found.length) body.append(el("tr", {}, el("td", {colspan: 5, class: "muted"}, "No feature is active on this text.")));
+  $("search-results").hidden = false;
+}
+
+async function browse() {
+  const query = new URLSearchParams({offset, limit: PAGE_SIZE, sort: $("browse-sort").value,
+    live: $("browse-live").checked, dreams: $("browse-dreams").checked});
+  if ($("browse-layer").value) query.set("layer", $("browse-layer").value);
+  if ($("browse-dense").value) query.set("dense", $("browse-dense").value);
+  const listing = await api(`/v1/features?${query}`);
+  $("browse-table").querySelector("tbody").replaceChildren(...listing.features.map((row) => el("tr", {},
+    el("td", {}, featureLink(row.feature)), el("td", {class: "num"}, number(row.dataset_max)),
+    el("td", {class: "num"}, percent(row.density)), el("td", {class: "num"}, number(row.mean_when_active)),
+    el("td", {}, row.has_dreams ? el("span", {class: "tag"}, "dreamed") : ""))));
+  const last = Math.min(offset + PAGE_SIZE, listing.total);
+  $("browse-range").textContent = listing.total ? `${offset + 1}–${last} of ${listing.total}` : "no feature matches";
+  $("browse-previous").disabled = offset === 0;
+  $("browse-next").disabled = last >= listing.total;
+}
+
+async function start() {
+  pageFrame();
+  const info = await serverInfo();
+  const tc = info.bundle.transcoder;
+  $("bundle").textContent = `${info.bundle.model.name} · ${tc.kind.replaceAll("_", " ")}: ${tc.layers} layers × ` +
+    `${tc.features_per_layer} features (${tc.activation}) · maxima over ${info.bundle.corpus.windows ?? "?"} windows`;
+  for (let layer = 0; layer < tc.layers; layer++) $("browse-layer").append(el("option", {value: layer}, layer));
+  $("search-form").addEventListener("submit", guarded(search));
+  $("browse-form").addEventListener("change", guarded(() => { offset = 0; return browse(); }));
+  $("browse-previous").onclick = guarded(() => { offset = Math.max(0, offset - PAGE_SIZE); return browse(); });
+  $("browse-next").onclick = guarded(() => { offset += PAGE_SIZE; return browse(); });
+  await browse();
+  document.body.dataset.ready = "true";
+}
+
+guarded(start)();

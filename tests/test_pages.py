@@ -1,0 +1,237 @@
+"""The web pages in a real headless Chromium (Playwright driving Debian's `chromium`, offline), against a real
+`dreaming serve` on the tiny bundle with its Ray worker: what the pages show must be what the API returns."""
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+from serving import API_KEY, TINY_CONFIG, Server, local_ray
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# No background networking: this machine's closed network refuses it, and it would log errors.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DREAM_SETTINGS = {name: value for name, value in TINY_CONFIG.items() if name != "iterations"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    with local_ray() as address:
+        server = Server(tiny_bundle.directory, tmp_path_factory.mktemp("home"), address,
+                        DREAMING_FEATURES_PER_CALL="2").start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("no chromium on this machine: `make setup` installs Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Tab:
+    """A browser tab on the server (with the API key saved, unless `key` is None) that records console errors."""
+
+    def __init__(self, browser, server, key: str | None = API_KEY):
+        self.context = browser.new_context()
+        if key is not None:
+            self.context.add_init_script(f"localStorage.setItem('dreaming-api-key', {json.dumps(key)})")
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(60_000)
+        self.errors: list[str] = []
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("response", lambda response: response.status >= 400 and self.errors.append(
+            f"{response.status} {response.url}"))
+        self.url = server.url
+
+    def open(self, path: str):
+        self.page.goto(self.url + path)
+        self.page.wait_for_selector("body[data-ready=true]")
+        return self.page
+
+    def tokens(self, selector: str) -> list[tuple[str, float]]:
+        shaded = self.page.eval_on_selector_all(
+            f"{selector} >> .tok", "tokens => tokens.map(t => [t.textContent, Number(t.dataset.activation)])")
+        return [tuple(token) for token in shaded]
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def tab(browser, server):
+    tab = Tab(browser, server)
+    yield tab
+    tab.close()
+
+
+def shown(text: str) -> str:
+    return text.replace("\n", "↵").replace("\t", "→")
+
+
+def test_search_then_feature_page_shows_the_api_values(tab, client):
+    page = tab.open("/")
+    page.fill("#search-text", "the cat sat on the mat")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#search-results tbody a.feature")
+    found = client.post("/v1/search", json={"text": "the cat sat on the mat", "top": 20}).json()
+    rows = page.eval_on_selector_all("#search-results tbody tr", "rows => rows.map(r => r.innerText.split('\\t'))")
+    assert [row[0] for row in rows] == [hit["feature"] for hit in found]
+    assert rows[0][1] == f"{100 * found[0]['fraction_of_max']:.1f}%"
+
+    page.click("#search-results tbody a.feature >> nth=0")
+    page.wait_for_url(f"**/features/{found[0]['feature']}")
+    page.wait_for_selector("body[data-ready=true]")
+    feature = client.get(f"/v1/features/{found[0]['feature']}").json()
+    assert page.inner_text("#feature-id") == feature["feature"]
+    examples = page.query_selector_all("#examples-table tr.example")
+    assert len(examples) == len(feature["examples"]) > 0
+    for i, example in enumerate(feature["examples"]):
+        shaded = tab.tokens(f"#examples-table tr.example >> nth={i}")
+        assert shaded == [(shown(text), value) for text, value in zip(example["tokens"], example["activations"])]
+        marked = page.eval_on_selector_all(f"#examples-table tr.example >> nth={i} >> .tok.max",
+                                           "tokens => tokens.map(t => Number(t.dataset.activation))")
+        assert marked == [example["activation"]] == [example["activations"][example["max_index"]]]
+    assert page.is_visible("#source-chart") and page.is_visible("#pareto-chart")
+    similar = client.get(f"/v1/features/{found[0]['feature']}/similar?top=10").json()
+    assert page.eval_on_selector_all("#similar-table a.feature", "links => links.map(a => a.textContent)") == \
+        [entry["feature"] for entry in similar]
+    assert tab.errors == []
+
+
+def test_browse_filters_and_pages(tab, client):
+    page = tab.open("/")
+    listing = client.get("/v1/features", params={"live": "true", "limit": 50}).json()
+    features = page.eval_on_selector_all("#browse-table a.feature", "links => links.map(a => a.textContent)")
+    assert features == [row["feature"] for row in listing["features"]]
+    assert page.inner_text("#browse-range") == f"1–{min(50, listing['total'])} of {listing['total']}"
+    if listing["total"] > 50:
+        page.click("#browse-next")
+        page.wait_for_function("document.querySelector('#browse-range').textContent.startsWith('51')")
+    page.select_option("#browse-layer", "2")
+    page.select_option("#browse-sort", "density")
+    layer_two = client.get("/v1/features", params={"layer": 2, "live": "true", "sort": "density"}).json()
+    first = layer_two["features"][0]["feature"]
+    page.wait_for_function(f"document.querySelector('#browse-table a.feature').textContent === '{first}'")
+    densities = [row["density"] for row in layer_two["features"]]
+    assert densities == sorted(densities, reverse=True)
+    assert tab.errors == []
+
+
+def test_a_prompt_is_shaded_live(tab, client):
+    page = tab.open("/features/1/2")
+    page.type("#test-text", "the cat sat")
+    page.wait_for_function("document.querySelectorAll('#test-result .tok').length === 3")
+    (measured,) = client.post("/v1/activations", json={"feature": "1/2", "texts": ["the cat sat"]}).json()
+    shaded = tab.tokens("#test-result")
+    assert shaded == list(zip([shown(p) for p in measured["pieces"][1:]], measured["token_activations"][1:]))
+    assert f"{100 * measured['fraction_of_max']:.1f}% of max" in page.inner_text("#test-result")
+    assert tab.errors == []
+
+
+def test_dream_from_the_page(tab, client):
+    page = tab.open("/features/2/5")
+    assert "No dream yet" in page.inner_text("#frontier-table")
+    page.fill("#dream-iterations", "3")
+    page.click("#dream-form summary")
+    page.fill("#dream-config", json.dumps(DREAM_SETTINGS))
+    page.click("#dream-button")
+    page.wait_for_function("document.querySelector('#dream-progress').textContent.startsWith('done')")
+    page.wait_for_selector("#frontier-table tr.dream")
+    feature = client.get("/v1/features/2/5").json()
+    assert len(page.query_selector_all("#frontier-table tr.dream")) == len(feature["dreams"]) > 0
+    for i, dream in enumerate(feature["dreams"]):
+        shaded = tab.tokens(f"#frontier-table tr.dream >> nth={i}")
+        assert shaded == [(shown(text), value) for text, value in zip(dream["tokens"], dream["activations"])]
+        assert max(dream["activations"]) == pytest.approx(dream["activation"], rel=1e-5, abs=1e-6)
+    assert tab.errors == []
+
+
+def test_batch_fills_its_table_and_downloads(tab, client, tmp_path):
+    page = tab.open("/batch")
+    listed = tmp_path / "features.txt"
+    listed.write_text("0/3, 1/4\n2/6\n")
+    page.set_input_files("#batch-file", str(listed))
+    page.wait_for_function("document.querySelector('#batch-features').value.includes('2/6')")
+    page.fill("#batch-iterations", "3")
+    page.click("#batch-form summary")
+    page.fill("#batch-config", json.dumps(DREAM_SETTINGS))
+    page.click("#batch-button")
+    page.wait_for_selector("body[data-batch=done]")
+    batch_id = page.inner_text("#batch-id")
+    summary = client.get(f"/v1/batches/{batch_id}/summary").json()
+    rows = page.eval_on_selector_all("#batch-table tbody tr", "rows => rows.map(r => r.innerText.split('\\t'))")
+    assert [row[0] for row in rows] == [job["feature"] for job in summary["jobs"]] == ["0/3", "1/4", "2/6"]
+    assert [row[1] for row in rows] == ["done"] * 3
+    expected = [f"{100 * job['best_fluent_fraction_of_max']:.1f}%" if job["best_fluent_fraction_of_max"] is not None
+                else "–" for job in summary["jobs"]]
+    assert [row[2] for row in rows] == expected
+    assert page.url.endswith(f"/batch?id={batch_id}")
+
+    downloaded = page.request.get(tab.url + page.get_attribute("#download-csv", "href"))
+    lines = list(csv.DictReader(io.StringIO(downloaded.text())))
+    assert [line["feature"] for line in lines] == ["0/3", "1/4", "2/6"] and {line["status"] for line in lines} == {"done"}
+    results = page.request.get(tab.url + page.get_attribute("#download-json", "href")).json()
+    assert [job["result"]["feature"] for job in results] == ["0/3", "1/4", "2/6"]
+    assert tab.errors == []
+
+
+def test_the_api_key_is_asked_for_and_kept(browser, server):
+    tab = Tab(browser, server, key=None)
+    page = tab.open("/")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.fill("#key-input", API_KEY)
+    page.click("#key-form button[type=submit]")
+    assert page.is_hidden("#key-form") and "API key saved" in page.inner_text("#key-state")
+    page.fill("#search-text", "the cat sat")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#search-results tbody a.feature")
+    assert tab.errors == []
+    tab.close()
+
+    tab = Tab(browser, server, key="a wrong key")
+    page = tab.open("/features/1/2")
+    page.type("#test-text", "the cat")
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert "refused" in page.inner_text("#key-message")
+    page.fill("#key-input", API_KEY)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#test-result .tok').length === 2")
+    assert all("401" in error for error in tab.errors)  # the refused call, and nothing else
+    tab.close()
+
+
+def test_an_unknown_feature_says_so(tab):
+    tab.page.goto(tab.url + "/features/9/0")
+    tab.page.wait_for_selector("#error:not([hidden])")
+    assert "unknown feature 9/0: layer must be in 0..2" in tab.page.inner_text("#error")
+    assert all("404" in error for error in tab.errors), tab.errors
+
+
+def test_progress_streams_as_server_sent_events(client):
+    job = client.post("/v1/dreams", json={"feature": "0/7", "config": {**TINY_CONFIG, "iterations": 6}}).json()
+    updates = []
+    with client.stream("GET", f"/v1/jobs/{job['job_id']}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                updates.append(json.loads(line[5:]))
+    statuses = [update["status"] for update in updates]
+    assert statuses[-1] == "done" and updates[-1]["result"]["feature"] == "0/7"
+    assert len(updates) == len({json.dumps(update, sort_keys=True) for update in updates})  # only changes
+    assert client.get("/v1/jobs/nope/events").status_code == 404
