@@ -5,7 +5,7 @@ the server has not rendered yet (uncached) and again (cached).
 
 Starts its own server with a fresh job database. Features: live, non-dense ones spread over the layers.
 
-    python benchmarks/bench_pages.py [--bundle DIR] [--features 4] [--screenshots DIR]
+    python benchmarks/bench_pages.py [--bundle DIR] [--features 4 | L/I,...] [--screenshots DIR]
 """
 
 import argparse
@@ -24,23 +24,22 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# bytes of the page's HTML, scripts and styles, as the browser's resource timing saw them (API calls not counted)
+WEIGHT = """() => [...performance.getEntriesByType('navigation'), ...performance.getEntriesByType('resource')]
+  .filter(e => e.entryType === 'navigation' || ['script', 'link', 'css'].includes(e.initiatorType))
+  .map(e => [e.entryType === 'navigation' ? 'document' : e.name.split('/').pop(), e.decodedBodySize])"""
+
+
 def open_page(browser, url: str) -> tuple[float, dict[str, int], list[str]]:
-    """Seconds from navigation to data-ready, bytes per resource type, console errors."""
+    """Seconds from navigation to data-ready, bytes per file (HTML, scripts, styles), console errors."""
     page = browser.new_page()
-    weights: dict[str, int] = {}
     errors: list[str] = []
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-
-    def weigh(response):
-        kind = response.request.resource_type
-        if kind in ("document", "script", "stylesheet"):
-            weights[kind] = weights.get(kind, 0) + len(response.body())
-
-    page.on("response", weigh)
     started = time.perf_counter()
     page.goto(url)
     page.wait_for_selector("body[data-ready=true]", timeout=600_000)
     seconds = time.perf_counter() - started
+    weights = dict(page.evaluate(WEIGHT))
     page.close()
     return seconds, weights, errors
 
@@ -48,14 +47,15 @@ def open_page(browser, url: str) -> tuple[float, dict[str, int], list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="bundle directory (default: the default bundle)")
-    parser.add_argument("--features", type=int, default=4, help="feature pages to time")
+    parser.add_argument("--features", default="4", help="feature ids L/I,... to time (the first also for the page "
+                        "weight), or a count of live, non-dense features (default: 4)")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--screenshots", help="save a full-page screenshot of each page here")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
     bundle = Bundle.open(args.bundle)
-    features = live_features(bundle, args.features)
+    features = args.features.split(",") if "/" in args.features else live_features(bundle, int(args.features))
     url = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory() as scratch, sync_playwright() as playwright:
         server = start_server(str(bundle.directory), scratch, args.port)

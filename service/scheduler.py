@@ -129,7 +129,8 @@ class Scheduler:
         except RayActorError:
             return  # the call itself reports the death
         if progress:
-            await asyncio.to_thread(self.store.set_progress, [job.id for job in jobs], eta(progress))
+            budget = jobs[0].config.get("seconds")  # the jobs of a call share one config
+            await asyncio.to_thread(self.store.set_progress, [job.id for job in jobs], eta(progress, budget))
 
     async def _worker_died(self, worker: Worker, jobs: list[Job], error: Exception) -> None:
         log.warning("worker %d died during a call (%s); Ray restarts it", worker.index, type(error).__name__)
@@ -141,8 +142,11 @@ class Scheduler:
                 await asyncio.to_thread(self.store.fail, job, f"the worker died {job.attempts} times on this job")
 
 
-def eta(progress: dict) -> dict:
-    """The actor's progress plus `eta_seconds`, extrapolated from the time per step so far."""
+def eta(progress: dict, budget_seconds: float | None = None) -> dict:
+    """The actor's progress plus `eta_seconds`, extrapolated from the time per step so far, and no more than
+    what is left of the config's time budget (`seconds`) when it has one."""
     done, total, seconds = progress["done"], progress["total"], progress["seconds"]
     remaining = seconds / done * (total - done) if done and total else None
+    if budget_seconds is not None and remaining is not None:
+        remaining = min(remaining, max(0.0, budget_seconds - seconds))
     return {**progress, "eta_seconds": remaining, "updated": time.time()}

@@ -279,3 +279,12 @@ def test_info_and_openapi(client):
     assert info["limits"]["max_batch_features"] == 8 and info["dream_config"]["iterations"] >= 1
     assert "/v1/dreams" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_eta_extrapolates_and_keeps_within_a_time_budget():
+    from service.scheduler import eta
+
+    assert eta({"done": 2, "total": 10, "seconds": 4.0})["eta_seconds"] == 16.0
+    assert eta({"done": 2, "total": 10, "seconds": 4.0}, budget_seconds=10)["eta_seconds"] == 6.0
+    assert eta({"done": 2, "total": 10, "seconds": 12.0}, budget_seconds=10)["eta_seconds"] == 0.0
+    assert eta({"done": 0, "total": 10, "seconds": 1.0}, budget_seconds=10)["eta_seconds"] is None

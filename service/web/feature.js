@@ -7,6 +7,7 @@ const [, , LAYER, INDEX] = location.pathname.split("/").map((part) => decodeURIC
 const FEATURE = `${LAYER}/${INDEX}`;
 const charts = {};
 let page = null; // the feature's JSON
+let maxIterations = null; // the dream config's bound (GET /v1/info)
 
 function chart(id, config) {
   if (charts[id]) charts[id].destroy();
@@ -159,8 +160,9 @@ async function dream(event) {
   showError("");
   $("dream-button").disabled = true;
   try {
-    const budget = {iterations: Number($("dream-iterations").value)};
-    if ($("dream-seconds").value) budget.seconds = Number($("dream-seconds").value);
+    // a time budget runs as many iterations as the server allows until the time is spent
+    const budget = $("dream-seconds").value ? {seconds: Number($("dream-seconds").value), iterations: maxIterations}
+      : {iterations: Number($("dream-iterations").value)};
     const config = dreamConfig("dream-config", budget);
     let job = await api("/v1/dreams", {method: "POST", body: {feature: FEATURE, config}});
     $("dream-progress").textContent = describeProgress(job);
@@ -196,6 +198,7 @@ async function start() {
   link("previous-feature", flat - 1);
   link("next-feature", flat + 1);
   $("dream-iterations").value = info.dream_config.iterations;
+  maxIterations = info.dream_config_schema.properties.iterations.maximum;
   $("dream-form").addEventListener("submit", guarded(dream));
   $("test-text").addEventListener("input", () => { clearTimeout(testTimer); testTimer = setTimeout(testPrompt, 250); });
   $("test-template").addEventListener("change", testPrompt);

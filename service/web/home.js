@@ -39,8 +39,10 @@ async function start() {
   pageFrame();
   const info = await serverInfo();
   const tc = info.bundle.transcoder;
+  const maxima = info.bundle.maxima;
   $("bundle").textContent = `${info.bundle.model.name} · ${tc.kind.replaceAll("_", " ")}: ${tc.layers} layers × ` +
-    `${tc.features_per_layer} features (${tc.activation}) · maxima over ${info.bundle.corpus.windows ?? "?"} windows`;
+    `${tc.features_per_layer} features (${tc.activation})` +
+    (maxima ? ` · dataset maxima over ${maxima.tokens.toLocaleString()} tokens in ${maxima.windows.toLocaleString()} windows` : "");
   for (let layer = 0; layer < tc.layers; layer++) $("browse-layer").append(el("option", {value: layer}, layer));
   $("search-form").addEventListener("submit", guarded(search));
   $("browse-form").addEventListener("change", guarded(() => { offset = 0; return browse(); }));
