@@ -1,5 +1,6 @@
-"""The HTTP API under /v1 (OpenAPI at /docs): dreams and batches as jobs, feature pages, activations of user
-texts, feature search, health and info. `create_app()` reads the settings from the environment; run it with
+"""The HTTP API under /v1 (OpenAPI at /docs): dreams and batches as jobs (polled, or followed as server-sent
+events), feature pages, browsing, similar features, activations of user texts, feature search, health and info;
+and the web pages at / (service/pages.py), which call it. `create_app()` reads the settings from the environment; run it with
 `dreaming serve` (uvicorn). Errors are 4xx with a `detail` naming what was wrong and what is allowed:
 401 missing API key, 404 unknown job/batch/feature (with the valid range), 413 request too large,
 422 malformed or out-of-bounds input.
@@ -36,17 +37,20 @@ from service.store import DONE, FAILED, QUEUED, RUNNING, Batch, Job
 EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
 
 
+def job_fields(job: Job) -> dict:
+    """What every view of a job shows: its id, feature, status, attempts, progress while it runs, error."""
+    return {"job_id": job.id, "feature": job.feature, "status": job.status, "attempts": job.attempts,
+            "progress": (job.progress or None) if job.status == RUNNING else None, "error": job.error}
+
+
 def job_out(job: Job) -> JobOut:
-    return JobOut(job_id=job.id, feature=job.feature, status=job.status, attempts=job.attempts,
-                  progress=(job.progress or None) if job.status == RUNNING else None, error=job.error,
-                  result=job.result)
+    return JobOut(**job_fields(job), result=job.result)
 
 
 def job_summary(job: Job) -> JobSummary:
     best = (job.result or {}).get("best_fluent") or {}
-    return JobSummary(job_id=job.id, feature=job.feature, status=job.status, attempts=job.attempts,
-                      progress=(job.progress or None) if job.status == RUNNING else None, error=job.error,
-                      best_fluent_fraction_of_max=best.get("fraction_of_max"), best_fluent_prompt=best.get("prompt"))
+    return JobSummary(**job_fields(job), best_fluent_fraction_of_max=best.get("fraction_of_max"),
+                      best_fluent_prompt=best.get("prompt"))
 
 
 def counts(jobs: list[Job]) -> dict[str, int]:

@@ -31,6 +31,17 @@ def local_ray():
         ray.shutdown()
 
 
+@contextmanager
+def serving(bundle_dir: Path, home: Path, **env: str):
+    """A started `dreaming serve` on the bundle, in a local Ray of its own, stopped at the end."""
+    with local_ray() as address:
+        server = Server(bundle_dir, home, address, **env).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
 def wait_for(condition, timeout: float = 180, every: float = 0.2):
     """Poll `condition()` until it returns something truthy; return that (a safety timeout, not a timing test)."""
     deadline = time.monotonic() + timeout

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from serving import API_KEY, TINY_CONFIG, Server, local_ray
+from serving import API_KEY, TINY_CONFIG, serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # No background networking: this machine's closed network refuses it, and it would log errors.
@@ -18,11 +18,8 @@ DREAM_SETTINGS = {name: value for name, value in TINY_CONFIG.items() if name != 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    with local_ray() as address:
-        server = Server(tiny_bundle.directory, tmp_path_factory.mktemp("home"), address,
-                        DREAMING_FEATURES_PER_CALL="2").start()
+    with serving(tiny_bundle.directory, tmp_path_factory.mktemp("home"), DREAMING_FEATURES_PER_CALL="2") as server:
         yield server
-        server.stop()
 
 
 @pytest.fixture

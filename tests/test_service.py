@@ -5,20 +5,17 @@ import asyncio
 
 import httpx
 import pytest
-from serving import API_KEY, TINY_CONFIG, Server, local_ray, wait_for
+from serving import API_KEY, TINY_CONFIG, serving, wait_for
 
 from service.store import SQLiteStore
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    with local_ray() as address:
-        server = Server(tiny_bundle.directory, tmp_path_factory.mktemp("home"), address,
-                        DREAMING_FEATURES_PER_CALL="2", DREAMING_WORKER_STEP_DELAY="0.1",
-                        DREAMING_MAX_BATCH_FEATURES="8", DREAMING_MAX_TEXTS="4", DREAMING_MAX_TEXT_CHARS="200",
-                        DREAMING_MAX_REQUEST_BYTES="4096").start()
+    with serving(tiny_bundle.directory, tmp_path_factory.mktemp("home"), DREAMING_FEATURES_PER_CALL="2",
+                 DREAMING_WORKER_STEP_DELAY="0.1", DREAMING_MAX_BATCH_FEATURES="8", DREAMING_MAX_TEXTS="4",
+                 DREAMING_MAX_TEXT_CHARS="200", DREAMING_MAX_REQUEST_BYTES="4096") as server:
         yield server
-        server.stop()
 
 
 @pytest.fixture
