@@ -283,6 +283,19 @@ def cmd_compare(args) -> None:
               f"{percent(matched['fraction_of_max']):>25} {matched['cross_entropy']:5.2f}  {example['context']!r}")
     print(f"(cut to {page['length']} tok: the example's last {page['length']} tokens up to its max token, measured "
           "alone after BOS, and their cross-entropy: the data at a dream's length)")
+    if page["intervals"]:
+        print("\nactivation ranges (a uniform sample of the examples in each; the example's token in [[ ]])")
+        for interval in page["intervals"]:
+            high = "" if interval["high"] is None else f"{interval['high']:.3g}"
+            for example in interval["examples"]:
+                print(f"  ({interval['low']:.3g}, {high}] {percent(example['fraction_of_max'])} "
+                      f"{example['source']:<12} {example['context']!r}")
+    else:
+        print("\n(no activation-range examples: these maxima predate them; `dreaming maxima build` adds them)")
+    outputs = page["output_tokens"]
+    print("\noutput tokens (decoder through the unembedding)")
+    print("  promotes:   " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["top"]))
+    print("  suppresses: " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["bottom"]))
     print("\ndreamed prompts (frontier; shared: longest token run shared with the top dataset contexts)")
     print(DREAM_HEADER)
     for dream in page["dreams"]:

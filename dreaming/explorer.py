@@ -24,6 +24,7 @@ from dreaming.bundle import Bundle
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.maxima import Maxima, feature_page, search_features
 from dreaming.models import LanguageModel, best_device
+from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
 from dreaming.transcoders import Transcoder, read_config
 
@@ -126,7 +127,9 @@ class Explorer:
         feature = self.feature(feature)
         dreams = self.dreams(feature) if dreams is None else dreams
         length = DreamConfig().prompt_length if length is None else length
-        return feature_page(self.lm, self.transcoder, self.require_maxima(), feature, dreams, top, length=length)
+        page = feature_page(self.lm, self.transcoder, self.require_maxima(), feature, dreams, top, length=length)
+        (page["output_tokens"],) = output_tokens(self.lm, self.bundle.directory / "transcoder", [feature])
+        return page
 
     def similar(self, feature: Feature | str, top: int = 10) -> list[dict]:
         """The `top` features whose decoder directions are closest (cosine) to this one's (dreaming.similar), each

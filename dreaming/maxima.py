@@ -38,6 +38,10 @@ FORMAT_VERSION = 1
 # Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];
 # the last bin also takes everything above the top edge. Log-spaced, 8 per decade, so any scale fits.
 HISTOGRAM_EDGES = np.concatenate([[0.0], np.logspace(-3, 4, 57)]).astype(np.float32)
+# Interval examples: a few examples from each activation range, so a dashboard shows typical activations, not only
+# the extremes. Range r holds (edges[r-1], edges[r]] (range 0: above 0 up to edges[0]; the last: above edges[-1]).
+# Log-spaced, 2 per decade: fixed ranges, so they are filled in the same streaming pass as the top-k.
+INTERVAL_EDGES = np.logspace(-3, 4, 15).astype(np.float32)
 DENSE_ABOVE = 0.1  # a feature active on more than this fraction of tokens counts as dense
 PAGE_BEFORE, PAGE_AFTER = 32, 8  # tokens a feature page shows around an example's max token
 
@@ -47,20 +51,42 @@ class MaximaConfig:
     """Options of `build_maxima`; `dreaming maxima build` has one flag per field."""
 
     top_k: int = 32  # examples kept per feature
+    interval_examples: int = 4  # examples kept per feature and activation range (INTERVAL_EDGES)
     batch_windows: int = 32  # windows per forward pass
 
     def __post_init__(self):
         if not 1 <= self.top_k <= 1024:
             raise ValueError(f"top_k must be in 1..1024, got {self.top_k}")
+        if not 1 <= self.interval_examples <= 64:
+            raise ValueError(f"interval_examples must be in 1..64, got {self.interval_examples}")
         if not 1 <= self.batch_windows <= 4096:
             raise ValueError(f"batch_windows must be in 1..4096, got {self.batch_windows}")
+
+
+def example_priority(windows: torch.Tensor, positions: torch.Tensor, layer: int, features: torch.Tensor
+                     ) -> torch.Tensor:
+    """A pseudo-random int64 in [0, 2**53) per (window, position, layer, feature): each activation range keeps the
+    examples of lowest priority, a uniform sample that does not depend on batching or order (reproducible)."""
+    # distinct below 65,536 windows of 8,192 tokens, 1,024 layers, 2**24 features; beyond, keys wrap (only ties
+    # between two examples, which the 53-bit priority makes vanishingly rare, would then depend on the order)
+    key = ((windows * 8192 + positions) * 1024 + layer) * (1 << 24) + features
+    mixed = key * -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing); wraps mod 2**64
+    mixed = mixed ^ (mixed >> 29)
+    mixed = mixed * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    return (mixed >> 11) & ((1 << 53) - 1)
 
 
 class MaximaAccumulator:
     """The fixed-size running statistics of the pass; `add` folds in one batch of windows."""
 
-    def __init__(self, n_layers: int, n_features: int, n_sources: int, top_k: int, device):
+    def __init__(self, n_layers: int, n_features: int, n_sources: int, top_k: int, device, interval_examples: int = 4):
         L, F, k = n_layers, n_features, top_k
+        R, E = len(INTERVAL_EDGES) + 1, interval_examples
+        self.interval_edges = torch.tensor(INTERVAL_EDGES, device=device)
+        self.interval_priority = torch.full((L, F, R, E), torch.iinfo(torch.int64).max, device=device)  # empty: max
+        self.interval_values = torch.zeros(L, F, R, E, device=device)
+        self.interval_window = torch.full((L, F, R, E), -1, dtype=torch.int64, device=device)
+        self.interval_position = torch.zeros(L, F, R, E, dtype=torch.int64, device=device)
         self.edges = torch.tensor(HISTOGRAM_EDGES, device=device)
         self.top_values = torch.zeros(L, F, k, device=device)
         self.top_window = torch.full((L, F, k), -1, dtype=torch.int64, device=device)
@@ -77,6 +103,7 @@ class MaximaAccumulator:
         flat = acts.flatten(0, 1)  # [tokens, F]
         rows, features = (flat > 0).nonzero(as_tuple=True)  # the active entries only (a few %); bool is 3x faster
         values = flat[rows, features]
+        self._add_intervals(layer, values, features, windows[rows // acts.shape[1]], rows % acts.shape[1])
         self.active_count[layer] += torch.bincount(features, minlength=F)
         self.active_sum[layer] += torch.zeros(F, device=acts.device).index_add_(0, features, values).double()
         n_bins = self.histogram.shape[-1]
@@ -95,6 +122,28 @@ class MaximaAccumulator:
             best = window_max[sources == source].max(0).values  # [F]
             self.source_max[layer, :, source] = torch.maximum(self.source_max[layer, :, source], best)
 
+    def _add_intervals(self, layer: int, values, features, windows, positions):
+        """Fold active entries (values, features, windows, positions: [n] each) into the per-range samples."""
+        R, E = self.interval_values.shape[-2:]
+        group = features * R + torch.bucketize(values, self.interval_edges)  # [n]: (feature, range) as one index
+        priority = example_priority(windows, positions, layer, features)
+        table = [t[layer].view(-1, E) for t in (self.interval_priority, self.interval_values,
+                                                 self.interval_window, self.interval_position)]  # [F * R, E] each
+        enters = priority < table[0][group, -1]  # below the group's worst kept priority (after a while: few)
+        if not enters.any():
+            return
+        group, new = group[enters], (priority[enters], values[enters], windows[enters], positions[enters])
+        touched = group.unique()  # the groups to re-rank: their kept entries compete with the new ones
+        groups = torch.cat([touched.repeat_interleave(E), group])
+        candidates = [torch.cat([kept[touched].flatten(), fresh.to(kept.dtype)]) for kept, fresh in zip(table, new)]
+        order = candidates[0].argsort(stable=True)  # by priority, then (stably) by group
+        order = order[groups[order].argsort(stable=True)]
+        groups = groups[order]
+        rank = torch.arange(len(groups), device=groups.device) - torch.searchsorted(groups, groups)
+        keep = rank < E
+        for kept, candidate in zip(table, candidates):
+            kept[groups[keep], rank[keep]] = candidate[order][keep]
+
     def arrays(self) -> dict[str, torch.Tensor]:
         count = self.active_count.clamp(min=1)
         self.histogram[..., 0] = self.tokens - self.active_count
@@ -109,6 +158,10 @@ class MaximaAccumulator:
             "histogram": self.histogram,
             "histogram_edges": self.edges.float(),
             "source_max": self.source_max.float(),
+            "interval_values": self.interval_values.float(),
+            "interval_window": self.interval_window.int(),
+            "interval_position": self.interval_position.int(),
+            "interval_edges": self.interval_edges.float(),
         }
 
 
@@ -165,11 +218,32 @@ class Maxima:
                    self.arrays["top_position"][at].tolist())
         return [(value, window, position) for value, window, position in rows if window >= 0]
 
+    def interval_examples(self, feature: Feature) -> list[dict]:
+        """A uniform sample of the feature's examples in each activation range that has any, highest range first:
+        [{"low", "high" (None: open), "examples": [(activation, window, position)] strongest first}]; [] for
+        maxima built before interval examples were kept."""
+        self.check(feature)
+        if "interval_values" not in self.arrays:
+            return []
+        at = (feature.layer, feature.index)
+        edges = [0.0, *self.arrays["interval_edges"].tolist(), None]
+        ranges = []
+        for r, (values, windows, positions) in enumerate(zip(self.arrays["interval_values"][at].tolist(),
+                                                             self.arrays["interval_window"][at].tolist(),
+                                                             self.arrays["interval_position"][at].tolist())):
+            examples = sorted(((v, w, p) for v, w, p in zip(values, windows, positions) if w >= 0), reverse=True)
+            if examples:
+                ranges.append({"low": edges[r], "high": edges[r + 1], "examples": examples})
+        return ranges[::-1]
+
     def top_contexts(self, feature: Feature, top: int | None = None) -> list[tuple[list[int], int]]:
         """[(window token ids, BOS first; the max token's position)] of the top examples, strongest first."""
+        return self.contexts(self.top_examples(feature)[:top])
+
+    def contexts(self, examples: list[tuple[float, int, int]]) -> list[tuple[list[int], int]]:
+        """[(window token ids, BOS first; the example's position)] of (activation, window, position) examples."""
         windows = self.windows
-        return [(np.asarray(windows.tokens[w, : windows.lengths[w]]).tolist(), position)
-                for _, w, position in self.top_examples(feature)[:top]]
+        return [(np.asarray(windows.tokens[w, : windows.lengths[w]]).tolist(), position) for _, w, position in examples]
 
 
 def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
@@ -181,7 +255,8 @@ def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, ou
         raise ValueError("no windows to build maxima from (empty corpus)")
     tc = transcoder.config
     device = lm.device
-    stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device)
+    stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device,
+                              config.interval_examples)
     started = time.perf_counter()
     bar = tqdm(total=int(np.asarray(windows.lengths).sum()), desc="maxima", unit="tok", unit_scale=True,
                disable=not progress)
@@ -205,6 +280,7 @@ def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, ou
     seconds = time.perf_counter() - started
     metadata = {"format_version": FORMAT_VERSION, "identity": identity, "model": lm.name,
                 "tokens": stats.tokens, "windows": len(windows), "top_k": config.top_k,
+                "interval_examples": config.interval_examples,
                 "seconds": round(seconds, 1), "tokens_per_second": round(stats.tokens / seconds, 1)}
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -235,18 +311,20 @@ def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
 
 
 def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
-                    top: int | None = None, context: int = 12, length: int | None = None) -> list[dict]:
-    """The feature's top dataset examples, re-measured from their windows (in `lm`'s dtype, fp32 encoder):
-    source tag, activation, % of max, per-token values, and the context around the max token marked.
+                    top: int | None = None, context: int = 12, length: int | None = None,
+                    examples: list[tuple[float, int, int]] | None = None) -> list[dict]:
+    """The feature's top dataset examples (or the given (activation, window, position) `examples`), re-measured
+    from their windows (in `lm`'s dtype, fp32 encoder): source tag, activation, % of max, per-token values, and
+    the context around the example's token marked.
 
     With `length`, each example also has `length_matched` (see `length_matched`): the data at a dream's context
     length, to tell whether a dream beats the data at equal context and fluency."""
     dataset_max = maxima.dataset_max(feature)
-    examples = maxima.top_examples(feature)[:top]
+    examples = maxima.top_examples(feature)[:top] if examples is None else examples
     if not examples:
         return []
     windows = maxima.windows
-    contexts = maxima.top_contexts(feature, top)
+    contexts = maxima.contexts(examples)
     measured = measure_token_ids(lm, transcoder, feature, [ids for ids, _ in contexts], dataset_max)
     matched = length_matched(lm, transcoder, feature, contexts, length, dataset_max) if length is not None else None
     rendered = []
@@ -345,6 +423,17 @@ def shade_dreams(lm: LanguageModel, transcoder: Transcoder, feature: Feature, dr
         del dream["token_ids"]
 
 
+def page_examples(rendered: list[dict]) -> list[dict]:
+    """Rendered examples as a page shows them: the tokens around the example's token, not the whole window."""
+    for example in rendered:
+        del example["token_ids"]
+        pieces, start = example.pop("pieces"), max(1, example["position"] - PAGE_BEFORE)
+        stop = min(len(pieces), example["position"] + PAGE_AFTER + 1)
+        example.update(token_span(pieces, example.pop("token_activations"), start, stop),
+                       max_index=example["position"] - start)
+    return rendered
+
+
 def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
                  dreams: list[dict], top: int = 10, length: int | None = None) -> dict:
     """The comparison: the feature's statistics and top dataset examples beside its dreamed prompts.
@@ -355,7 +444,8 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
     of their `diverse` sets (one entry per token sequence) in `diverse`. Results scored against another dataset
     max (an earlier maxima build) are never shown as current: their prompts are in `stale_dreams`, with the max
     they were scored against (`scored_against`) and their own recorded fraction of it. With `length`, each
-    example has `length_matched` (see `render_examples`).
+    example has `length_matched` (see `render_examples`). `intervals`: a few examples from each activation range
+    (`Maxima.interval_examples`), rendered like the top ones.
     """
     from dreaming.dream_cache import same_yardstick
 
@@ -377,13 +467,11 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
                      for result in stale for point in result.get("frontier", [])]
     stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
     shade_dreams(lm, transcoder, feature, dreamed + list(diverse.values()) + stale_dreamed)
-    examples = render_examples(lm, transcoder, maxima, feature, top=top, length=length)
-    for example in examples:  # the page shades the tokens around the max, not the whole window
-        del example["token_ids"]
-        pieces, start = example.pop("pieces"), max(1, example["position"] - PAGE_BEFORE)
-        stop = min(len(pieces), example["position"] + PAGE_AFTER + 1)
-        example.update(token_span(pieces, example.pop("token_activations"), start, stop),
-                       max_index=example["position"] - start)
-    return {**summary, "examples": examples, "length": length, "dreams": dreamed,
+    examples = page_examples(render_examples(lm, transcoder, maxima, feature, top=top, length=length))
+    intervals = maxima.interval_examples(feature)  # rendered in one batch, then put back in their ranges
+    rendered = iter(page_examples(render_examples(lm, transcoder, maxima, feature,
+                                                  examples=[e for r in intervals for e in r["examples"]])))
+    intervals = [{**r, "examples": [next(rendered) for _ in r["examples"]]} for r in intervals]
+    return {**summary, "examples": examples, "intervals": intervals, "length": length, "dreams": dreamed,
             "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True),
             "stale_dreams": stale_dreamed}

@@ -12,36 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dreaming.features import Feature, check_feature, parse_feature
-from dreaming.transcoders import CLT, TranscoderConfig, _dec_file, _dec_name, read_config
+from dreaming.transcoders import CLT, decoder_rows, read_config
 
 # Features read at once: a chunk of a CLT's layer 0 is [CHUNK_ROWS, n_layers, d_model] fp32, 17 MB at 30 layers of
 # 576; the peak is about two chunks (experiments/results/similar_features.md).
 CHUNK_ROWS = 256
 
 
-def _decoder_rows(directory: Path, config: TranscoderConfig, layer: int, lo: int, hi: int) -> torch.Tensor:
-    """The decoders of features lo..hi-1 of `layer` in fp32: [rows, output layers, d_model], output layers
-    layer..n_layers - 1 for a CLT, just `layer` for a set."""
-    path = directory / _dec_file(config.kind, layer)
-    F, d = config.d_transcoder, config.d_model
-    outputs = config.n_layers - layer if config.kind == CLT else 1
-    expected = [F, outputs, d] if config.kind == CLT else [F, d]
-    name = _dec_name(config.kind, layer)
-    with safe_open(str(path), framework="pt") as f:
-        decoder = f.get_slice(name)
-        if decoder.get_shape() != expected:
-            raise ValueError(f"{path}: {name} has shape {decoder.get_shape()}, expected {expected}")
-        return decoder[lo:hi].float().view(-1, outputs, d)
-
-
 def similar_features(transcoder_dir: str | Path, feature: Feature | str, top: int = 10,
-                     chunk_rows: int = CHUNK_ROWS) -> list[dict]:
+                     chunk_rows: int = CHUNK_ROWS, lowest: bool = False) -> list[dict]:
     """The `top` other features whose decoder directions have the highest cosine with `feature`'s, highest first:
-    [{"feature": "L/I", "cosine": float}]. Features with an all-zero decoder, and a set's features of other layers
-    (cosine 0 by construction), are not listed, so fewer than `top` may come back (none for a zero decoder)."""
+    [{"feature": "L/I", "cosine": float}]; with `lowest`, those with the lowest cosine (the most opposite
+    directions), lowest first. Features with an all-zero decoder, and a set's features of other layers (cosine 0
+    by construction), are not listed, so fewer than `top` may come back (none for a zero decoder)."""
     directory = Path(transcoder_dir)
     c = read_config(directory)
     F = c.d_transcoder
@@ -51,23 +36,23 @@ def similar_features(transcoder_dir: str | Path, feature: Feature | str, top: in
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     a = feature.layer
-    target = _decoder_rows(directory, c, a, feature.index, feature.index + 1)[0]  # [output layers a.., d_model]
+    target = decoder_rows(directory, c, a, feature.index, feature.index + 1)[0]  # [output layers a.., d_model]
     target_norm = target.norm()
     if target_norm == 0:
         return []
-    cosines, keys = torch.empty(0), torch.empty(0, dtype=torch.long)  # the running top; key = layer * F + index
+    cosines, keys = torch.empty(0), torch.empty(0, dtype=torch.long)  # the running top/bottom; key = layer * F + index
     for b in range(c.n_layers) if c.kind == CLT else [a]:
         first = max(a, b)  # the first output layer both write to; both write to every layer after it
         shared_target = target[first - a :].flatten()  # [shared layers * d_model]
         for lo in range(0, F, chunk_rows):
-            rows = _decoder_rows(directory, c, b, lo, lo + chunk_rows)  # [n, output layers b.., d_model]
+            rows = decoder_rows(directory, c, b, lo, lo + chunk_rows)  # [n, output layers b.., d_model]
             norms = rows.flatten(1).norm(dim=1)  # [n]
             cosine = rows[:, first - b :].flatten(1) @ shared_target / (norms * target_norm)  # [n]
             index = torch.arange(lo, lo + len(rows))  # [n]
             keep = (norms > 0) & ((b != a) | (index != feature.index))
             cosines = torch.cat([cosines, cosine[keep]])
             keys = torch.cat([keys, b * F + index[keep]])
-            cosines, order = cosines.topk(min(top, len(cosines)))
+            cosines, order = cosines.topk(min(top, len(cosines)), largest=not lowest)
             keys = keys[order]
     return [{"feature": str(Feature(*divmod(int(key), F))), "cosine": float(value)}
             for value, key in zip(cosines, keys)]

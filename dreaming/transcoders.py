@@ -7,6 +7,7 @@ Owns:
   read_config                    a transcoder directory's config without loading its weights
   load_gemma_scope               a per-layer set from Gemma Scope params.npz files
   LazyEncoder                    the encoder rows of a few features, read from disk without loading the file
+  decoder_rows                   the decoders of a range of features, read from disk without loading the file
 
 On disk (see docs/reference.md, "Transcoders on disk"):
   CLT  W_enc_{l}.safetensors: W_enc_{l} [F, d_model], b_enc_{l} [F], b_dec_{l} [d_model], threshold_{l} [F]?
@@ -392,6 +393,21 @@ def load_gemma_scope(
 
 
 # --------------------------------------------------------------------------------------------- lazy rows
+
+
+def decoder_rows(directory: Path, config: TranscoderConfig, layer: int, lo: int, hi: int) -> torch.Tensor:
+    """The decoders of features lo..hi-1 of `layer` in fp32: [rows, output layers, d_model], output layers
+    layer..n_layers - 1 for a CLT, just `layer` for a set."""
+    path = directory / _dec_file(config.kind, layer)
+    F, d = config.d_transcoder, config.d_model
+    outputs = config.n_layers - layer if config.kind == CLT else 1
+    expected = [F, outputs, d] if config.kind == CLT else [F, d]
+    name = _dec_name(config.kind, layer)
+    with safe_open(str(path), framework="pt") as f:
+        decoder = f.get_slice(name)
+        if decoder.get_shape() != expected:
+            raise ValueError(f"{path}: {name} has shape {decoder.get_shape()}, expected {expected}")
+        return decoder[lo:hi].float().view(-1, outputs, d)
 
 
 class LazyEncoder:

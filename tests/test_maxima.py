@@ -16,6 +16,7 @@ from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature, parse_features
 from dreaming.maxima import (
     HISTOGRAM_EDGES,
+    INTERVAL_EDGES,
     MaximaConfig,
     build_maxima,
     feature_page,
@@ -89,6 +90,57 @@ def test_statistics_equal_brute_force(tiny_lm, tiny_transcoder, windows, maxima)
             for value, window, position in examples:
                 assert value == pytest.approx(window_max[window, layer, index], rel=1e-5)
                 assert per_window[window][position - 1, layer, index] == pytest.approx(value, rel=1e-5)
+
+
+def reference_priority(window: int, position: int, layer: int, feature: int) -> int:
+    """example_priority in Python integers: two's-complement int64 arithmetic, written out."""
+    wrap = 2**64
+
+    def signed(x):
+        x %= wrap
+        return x - wrap if x >= 2**63 else x
+
+    key = signed(((int(window) * 8192 + int(position)) * 1024 + layer) * 2**24 + feature)
+    mixed = signed(key * 0x9E3779B97F4A7C15)
+    mixed = signed(mixed ^ (mixed >> 29))
+    mixed = signed(mixed * 0xBF58476D1CE4E5B9)
+    return (mixed >> 11) & (2**53 - 1)
+
+
+def test_interval_examples_equal_brute_force(tiny_lm, tiny_transcoder, windows, maxima):
+    """Per feature and activation range: the examples of lowest priority among every active token, as a direct
+    enumeration of the windows finds them."""
+    per_window = brute_force(tiny_lm, tiny_transcoder, windows)
+    kept = maxima.metadata["interval_examples"]
+    ranges = len(INTERVAL_EDGES) + 1
+    assert maxima.arrays["interval_window"].shape[-2:] == (ranges, kept)
+    for layer in range(tiny_lm.n_layers):
+        for feature in range(tiny_transcoder.config.d_transcoder):
+            expected = {}
+            for window, acts in enumerate(per_window):
+                for position in np.flatnonzero(acts[:, layer, feature] > 0):
+                    value = float(acts[position, layer, feature])
+                    r = int(np.searchsorted(INTERVAL_EDGES, value, side="left"))
+                    priority = reference_priority(window, position + 1, layer, feature)  # +1: the BOS was dropped
+                    expected.setdefault(r, []).append((priority, window, position + 1, value))
+            found = maxima.interval_examples(Feature(layer, feature))
+            assert [r["examples"] for r in found] == [sorted(r["examples"], reverse=True) for r in found]
+            assert sorted(expected, reverse=True) == [int(np.searchsorted([0.0, *INTERVAL_EDGES], r["low"]))
+                                                      for r in found]
+            for r in found:
+                index = int(np.searchsorted([0.0, *INTERVAL_EDGES], r["low"]))
+                lowest = sorted(expected[index])[:kept]
+                assert sorted((w, p) for _, w, p in r["examples"]) == sorted((w, p) for _, w, p, _ in lowest)
+                assert sorted(v for v, _, _ in r["examples"]) == pytest.approx(sorted(v for *_, v in lowest), rel=1e-5)
+                assert all(r["low"] < v and (r["high"] is None or v <= r["high"]) for v, _, _ in r["examples"])
+
+
+def test_interval_examples_do_not_depend_on_batching(tiny_lm, tiny_transcoder, windows, maxima, tmp_path):
+    other = build_maxima(tiny_lm, tiny_transcoder, windows, tmp_path / "other", identity="tiny", progress=False,
+                         config=MaximaConfig(top_k=TOP_K, batch_windows=30))
+    for name in ("interval_window", "interval_position"):
+        assert torch.equal(other.arrays[name], maxima.arrays[name])
+    torch.testing.assert_close(other.arrays["interval_values"], maxima.arrays["interval_values"])
 
 
 def test_dead_feature_has_no_examples_and_counts_as_dead(maxima):

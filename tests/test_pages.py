@@ -104,6 +104,13 @@ def test_search_then_feature_page_shows_the_api_values(tab, client):
         marked = page.eval_on_selector_all(f"#examples-table tr.example >> nth={i} >> .tok.max",
                                            "tokens => tokens.map(t => Number(t.dataset.activation))")
         assert marked == [example["activation"]] == [example["activations"][example["max_index"]]]
+    interval_examples = [example for interval in feature["intervals"] for example in interval["examples"]]
+    assert len(page.query_selector_all("#intervals-table tr.interval")) == len(interval_examples) > 0
+    for i, example in enumerate(interval_examples):
+        shaded = tab.tokens(f"#intervals-table tr.interval >> nth={i}")
+        assert shaded == [(shown(text), value) for text, value in zip(example["tokens"], example["activations"])]
+    assert page.eval_on_selector_all("#top-tokens .tag", "tags => tags.map(t => t.textContent)") == \
+        [shown(token) for token, _ in feature["output_tokens"]["top"]]
     assert page.is_visible("#source-chart") and page.is_visible("#pareto-chart")
     similar = client.get(f"/v1/features/{found[0]['feature']}/similar?top=10").json()
     assert page.eval_on_selector_all("#similar-table a.feature", "links => links.map(a => a.textContent)") == \

@@ -85,6 +85,17 @@ function renderExamples() {
   "No example: the feature was never active on the corpus.", 4);
 }
 
+function renderIntervals() {
+  const rows = page.intervals.flatMap((range) => range.examples.map((example, i) => el("tr", {class: "interval"},
+    el("td", {}, i ? "" : `(${number(range.low, 3)}, ${range.high === null ? "∞" : number(range.high, 3)}]`),
+    el("td", {class: "num"}, percent(example.fraction_of_max)), el("td", {}, el("span", {class: "tag"}, example.source)),
+    el("td", {}, shadeTokens(example.tokens, example.activations, page.dataset_max, example.max_index)))));
+  fillTable("intervals-table", rows, "None kept: these dataset maxima were built before activation ranges were sampled.", 4);
+  const tokens = (pairs) => pairs.map(([token, value]) => el("span", {class: "tag", title: value.toFixed(3)}, tokenText(token)));
+  $("top-tokens").replaceChildren(...tokens(page.output_tokens.top));
+  $("bottom-tokens").replaceChildren(...tokens(page.output_tokens.bottom));
+}
+
 function renderPareto() {
   const point = (d) => ({x: d.cross_entropy, y: 100 * d.fraction_of_max, label: d.prompt ?? d.text});
   const matched = page.examples.filter((e) => e.length_matched).map((e) => point(e.length_matched));
@@ -111,6 +122,7 @@ function render() {
   renderCharts();
   renderDreams();
   renderExamples();
+  renderIntervals();
   renderPareto();
 }
 
