@@ -41,7 +41,7 @@ HISTOGRAM_EDGES = np.concatenate([[0.0], np.logspace(-3, 4, 57)]).astype(np.floa
 # Interval examples: a few examples from each activation range, so a dashboard shows typical activations, not only
 # the extremes. Range r holds (edges[r-1], edges[r]] (range 0: above 0 up to edges[0]; the last: above edges[-1]).
 # Log-spaced, 2 per decade: fixed ranges, so they are filled in the same streaming pass as the top-k.
-INTERVAL_EDGES = np.logspace(-3, 4, 15).astype(np.float32)
+INTERVAL_EDGES = HISTOGRAM_EDGES[1::4]  # every 4th histogram edge: range = (histogram bin + 2) // 4
 DENSE_ABOVE = 0.1  # a feature active on more than this fraction of tokens counts as dense
 PAGE_BEFORE, PAGE_AFTER = 32, 8  # tokens a feature page shows around an example's max token
 
@@ -98,19 +98,27 @@ class MaximaAccumulator:
         self.tokens = 0
 
     def add(self, layer: int, acts: torch.Tensor, windows: torch.Tensor, sources: torch.Tensor):
-        """acts [batch, pos, F] fp32, zero at ignored positions (BOS, padding); windows/sources [batch]."""
-        F = acts.shape[-1]
+        """acts [batch, pos, F] (any float dtype), zero at ignored positions (BOS, padding); windows/sources
+        [batch]."""
+        batch, width, F = acts.shape
         flat = acts.flatten(0, 1)  # [tokens, F]
         rows, features = (flat > 0).nonzero(as_tuple=True)  # the active entries only (a few %); bool is 3x faster
-        values = flat[rows, features]
-        self._add_intervals(layer, values, features, windows[rows // acts.shape[1]], rows % acts.shape[1])
+        values = flat[rows, features].float()
+        in_batch, positions = rows // width, rows % width
         self.active_count[layer] += torch.bincount(features, minlength=F)
         self.active_sum[layer] += torch.zeros(F, device=acts.device).index_add_(0, features, values).double()
         n_bins = self.histogram.shape[-1]
         bins = torch.bucketize(values, self.edges)  # >= 1 since values > 0; bin 0 (inactive) is filled in arrays()
         self.histogram[layer] += torch.bincount(features * n_bins + bins, minlength=F * n_bins).view(F, n_bins)
+        self._add_intervals(layer, values, features, (bins + 2) // 4, windows[in_batch], positions)
 
-        window_max, window_argmax = acts.max(dim=1)  # [batch, F]: one candidate example per window
+        # one candidate example per window: its max (0 if inactive) at its first position, from the active entries
+        slot = in_batch * F + features  # [n]
+        window_max = values.new_zeros(batch * F).scatter_reduce_(0, slot, values, "amax")
+        first = window_max[slot] == values
+        window_argmax = torch.full_like(window_max, width, dtype=torch.int64).scatter_reduce_(
+            0, slot[first], positions[first], "amin")
+        window_max, window_argmax = window_max.view(batch, F), window_argmax.view(batch, F) % width  # [batch, F]
         values = torch.cat([self.top_values[layer], window_max.T], dim=1)  # [F, k + batch]
         window_ids = torch.cat([self.top_window[layer], windows[None, :].expand(F, -1)], dim=1)
         positions = torch.cat([self.top_position[layer], window_argmax.T], dim=1)
@@ -122,10 +130,11 @@ class MaximaAccumulator:
             best = window_max[sources == source].max(0).values  # [F]
             self.source_max[layer, :, source] = torch.maximum(self.source_max[layer, :, source], best)
 
-    def _add_intervals(self, layer: int, values, features, windows, positions):
-        """Fold active entries (values, features, windows, positions: [n] each) into the per-range samples."""
+    def _add_intervals(self, layer: int, values, features, ranges, windows, positions):
+        """Fold active entries (values, features, activation ranges, windows, positions: [n] each) into the
+        per-range samples."""
         R, E = self.interval_values.shape[-2:]
-        group = features * R + torch.bucketize(values, self.interval_edges)  # [n]: (feature, range) as one index
+        group = features * R + ranges  # [n]: (feature, range) as one index
         priority = example_priority(windows, positions, layer, features)
         table = [t[layer].view(-1, E) for t in (self.interval_priority, self.interval_values,
                                                  self.interval_window, self.interval_position)]  # [F * R, E] each
@@ -269,11 +278,16 @@ def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, ou
         keep = ((positions[None, :] >= 1) & (positions[None, :] < lengths[:, None])).to(device)  # [batch, pos]
         # Padding is at the tail, so under causal attention it cannot change the positions kept: no mask needed,
         # and each window is measured exactly as it would be alone.
-        by_layer = layer_activations(lm, transcoder, tokens)
         window_ids = torch.arange(start, stop, device=device)
         sources = torch.from_numpy(np.asarray(windows.source[start:stop], dtype=np.int64)).to(device)
-        for layer, acts in by_layer.items():
-            stats.add(layer, acts * keep.unsqueeze(-1), window_ids, sources)
+        hook = tc.feature_input_hook
+        with torch.no_grad():
+            captured = lm.capture(tokens, [(hook, layer) for layer in range(tc.n_layers)])
+            for layer in range(tc.n_layers):
+                # in the pass's dtype (bf16 on the default path): the statistics read these dense arrays several
+                # times, so half the bytes is most of their cost; only the active values are widened to fp32
+                acts = transcoder.encode(captured.pop((hook, layer)).to(transcoder.W_enc.dtype), layer)
+                stats.add(layer, acts.masked_fill_(~keep.unsqueeze(-1), 0), window_ids, sources)
         stats.tokens += int(keep.sum())
         bar.update(int(lengths.sum()))
     bar.close()
