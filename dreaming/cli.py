@@ -204,6 +204,47 @@ def cmd_maxima_build(args) -> None:
           f"(active on > {report['dense_above']:.0%} of tokens); saved {out}")
 
 
+def cmd_maxima_import(args) -> None:
+    from dreaming.bundle import Bundle, maxima_report
+    from dreaming.exports import import_neuronpedia
+
+    bundle = Bundle.open(args.bundle)
+    out = Path(args.out) if args.out else bundle.directory / "maxima"
+    if (out / "maxima.safetensors").exists() and not args.replace:
+        raise SystemExit(f"{out} already holds dataset maxima: pass --replace to overwrite them with the import, "
+                         "or --out DIR to import elsewhere")
+    maxima = import_neuronpedia(bundle, args.source, out)
+    summary = maxima_report(maxima)
+    report = {**summary, "directory": str(out), "imported": maxima.metadata["imported"]}
+    if out == bundle.directory / "maxima":
+        bundle.manifest["maxima"] = summary
+        bundle.save_manifest()
+    if args.json:
+        return print_json(report)
+    imported = report["imported"]
+    print(f"imported the top examples of {imported['features']:,} features ({imported['examples']:,} records, "
+          f"{report['windows']:,} distinct windows) from {args.source}; saved {out}")
+    print("unknown (not in the export): " + ", ".join(imported["unknown"]))
+
+
+def cmd_export(args) -> None:
+    from dreaming.exports import export_circuit_tracer, export_neuronpedia
+    from dreaming.features import parse_features
+
+    features = parse_features(args.features) if args.features else None
+    if args.format == "circuit-tracer":
+        report = export_circuit_tracer(explorer(args), args.out, features, scan=args.scan)
+    else:
+        report = export_neuronpedia(explorer(args), args.out, features)
+    if args.json:
+        return print_json(report)
+    print(f"exported {report['features']:,} features as {report['format']} to {report['directory']}: "
+          f"{report['files']:,} files, {report['bytes'] / 1e6:.2f} MB, {report['seconds_per_feature']:.2f} s a feature")
+    if args.format == "circuit-tracer":
+        print(f"view: circuit-tracer start-server --graph_file_dir GRAPHS --features_dir {Path(args.out) / 'features'}"
+              f" (graphs whose metadata.scan is {report['scan']!r})")
+
+
 def explorer(args):
     from dreaming.explorer import Explorer
 
@@ -482,6 +523,27 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--json", action="store_true")
     add_config_arguments(build, MaximaConfig)
     build.set_defaults(run=cmd_maxima_build)
+    imported = maxima_commands.add_parser("import", help="the dataset maxima from a Neuronpedia export (its "
+                                          "activation batches): the yardstick of a published transcoder")
+    imported.add_argument("--from", dest="source", required=True,
+                          help="the export directory (holding */activations/batch-N.jsonl.gz)")
+    imported.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+    imported.add_argument("--out", help="output directory (default: <bundle>/maxima, the maxima the bundle uses)")
+    imported.add_argument("--replace", action="store_true", help="overwrite the maxima already at the destination")
+    imported.add_argument("--json", action="store_true")
+    imported.set_defaults(run=cmd_maxima_import)
+
+    export = commands.add_parser("export", help="feature dashboards as circuit-tracer feature files or Neuronpedia "
+                                 "export batches (see dreaming/exports.py)")
+    export.add_argument("--format", required=True, choices=["circuit-tracer", "neuronpedia"])
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--features", help="comma-separated feature ids, e.g. 12/345,3/7 (default: every feature)")
+    export.add_argument("--scan", help="circuit-tracer: the metadata.scan of the graphs that show these features "
+                        "(default: dreaming-<bundle identity>)")
+    export.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+    export.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(run=cmd_export)
 
     def explorer_command(name: str, help: str, run, feature: bool):
         command = commands.add_parser(name, help=help)
