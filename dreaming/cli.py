@@ -190,6 +190,11 @@ def cmd_maxima_build(args) -> None:
                                    window_length=args.window_length, bos_token_id=lm.bos_token_id)
     else:
         windows = bundle.windows()
+    if args.sources:
+        if not args.out:
+            raise SystemExit("--sources builds the maxima of part of the corpus: give --out DIR, so they do not "
+                             "replace the bundle's yardstick")
+        windows = windows.of_sources(args.sources.split(","))
     out = Path(args.out) if args.out else bundle.directory / "maxima"
     maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out, bundle.identity,
                           config)
@@ -518,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--corpus", help="corpus spec (.txt/.jsonl/.parquet/dir/hf:NAME); default: the bundle's windows")
     build.add_argument("--max-documents", type=int, help="read at most this many documents of --corpus")
     build.add_argument("--window-length", type=int, default=128, help="tokens per window of --corpus (BOS included)")
+    build.add_argument("--sources", help="only the windows of these corpus sources, comma-separated (a dashboard of "
+                       "part of the corpus; needs --out)")
     build.add_argument("--out", help="output directory (default: <bundle>/maxima, the maxima the bundle uses)")
     build.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     build.add_argument("--json", action="store_true")

@@ -163,6 +163,15 @@ class Windows:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def of_sources(self, names: list[str]) -> Windows:
+        """Only the windows tagged with one of these sources (the tag list itself is kept, so tags mean the same)."""
+        unknown = sorted(set(names) - set(self.sources))
+        if unknown:
+            raise ValueError(f"unknown corpus sources {unknown}; this corpus has {self.sources}")
+        keep = np.isin(self.source, [self.sources.index(name) for name in names])
+        return Windows(np.asarray(self.tokens[keep]), self.lengths[keep], self.document[keep], self.source[keep],
+                       list(self.sources))
+
 
 def tokenize_windows(
     documents: Iterable[Document],
