@@ -1,5 +1,5 @@
 """Similar features (dreaming/similar.py): read in chunks from disk, equal to the cosine of the whole concatenated
-decoder matrix; zero decoders never listed; clear errors; the `dreaming similar` command."""
+decoder matrix, highest or lowest; zero decoders never listed; clear errors; the `dreaming similar` command."""
 
 import json
 
@@ -30,9 +30,10 @@ def transcoder_dir(request, tmp_path_factory):
     return directory
 
 
-def brute_force(transcoder: Transcoder, feature: str, top: int) -> list[tuple[str, float]]:
+def brute_force(transcoder: Transcoder, feature: str, top: int, lowest: bool = False) -> list[tuple[str, float]]:
     """Cosines of the whole [n_layers * F, n_layers * d_model] matrix of concatenated normalised decoders; listed
-    are the features with a nonzero decoder that write to a layer the feature writes to, itself excluded."""
+    are the features with a nonzero decoder that write to a layer the feature writes to, itself excluded: the
+    `top` highest, or with `lowest` the `top` lowest."""
     c = transcoder.config
     n, F, d = c.n_layers, c.d_transcoder, c.d_model
     full = torch.zeros(n, F, n, d)  # [layer, index, output layer, d_model]
@@ -52,17 +53,18 @@ def brute_force(transcoder: Transcoder, feature: str, top: int) -> list[tuple[st
     cosine = unit @ unit[target]
     listed = (norms > 0) & (writes.float() @ writes[target].float() > 0)
     listed[target] = False
-    cosine[~listed] = -float("inf")
-    values, keys = cosine.topk(min(top, int(listed.sum())))
+    cosine[~listed] = float("inf") if lowest else -float("inf")
+    values, keys = cosine.topk(min(top, int(listed.sum())), largest=not lowest)
     return [(f"{key // F}/{key % F}", value) for value, key in zip(values.tolist(), keys.tolist())]
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 5, 100])
 @pytest.mark.parametrize("feature", ["0/0", "1/7", "2/12"])
 @pytest.mark.parametrize("top", [1, 10, N_LAYERS * FEATURES])
-def test_equal_to_the_whole_matrix(transcoder_dir, feature, top, chunk_rows):
-    found = similar_features(transcoder_dir, feature, top=top, chunk_rows=chunk_rows)
-    expected = brute_force(load_transcoder(transcoder_dir), feature, top)
+@pytest.mark.parametrize("lowest", [False, True])
+def test_equal_to_the_whole_matrix(transcoder_dir, feature, top, chunk_rows, lowest):
+    found = similar_features(transcoder_dir, feature, top=top, chunk_rows=chunk_rows, lowest=lowest)
+    expected = brute_force(load_transcoder(transcoder_dir), feature, top, lowest)
     assert [hit["feature"] for hit in found] == [key for key, _ in expected]
     assert [hit["cosine"] for hit in found] == pytest.approx([value for _, value in expected], abs=1e-5)
     assert all(-1 - 1e-5 <= hit["cosine"] <= 1 + 1e-5 for hit in found)
@@ -76,6 +78,8 @@ def test_zero_decoders_are_never_listed(transcoder_dir):
     assert len(listed) == (N_LAYERS * FEATURES - 4 if read_config(transcoder_dir).kind == CLT else FEATURES - 3)
     cosines = [hit["cosine"] for hit in everything]
     assert cosines == sorted(cosines, reverse=True)
+    lowest = similar_features(transcoder_dir, "2/5", top=N_LAYERS * FEATURES, chunk_rows=7, lowest=True)
+    assert [hit["feature"] for hit in lowest] == listed[::-1]
     assert similar_features(transcoder_dir, "0/5") == []  # a zero decoder is similar to nothing
 
 
