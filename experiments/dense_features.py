@@ -432,6 +432,33 @@ def comparison(report: dict, same: list[tuple[float, str, str]]) -> list[str]:
     ]
 
 
+def plot(report: dict, path: Path) -> None:
+    """Decoder cosine against co-firing (both / expected, log) for the three groups of pairs: an antipodal pair
+    would sit at a cosine near -1 and a co-firing near 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    groups = [("random", "random live pairs of one layer", "#9ca3af", "."),
+              ("null", "random live features and their most negative partner", "#2563eb", "x"),
+              ("dense", "the 10 densest features and their most negative partner", "#dc2626", "o")]
+    for key, label, color, marker in groups:
+        pairs = [pair for pair in report["measured_pairs"][key] if pair["both_over_expected"] is not None]
+        # a pair that never fires together is drawn at the bottom of the axis, 1e-2
+        axis.scatter([pair["cosine"] for pair in pairs], [max(pair["both_over_expected"], 1e-2) for pair in pairs],
+                     s=18 if key != "random" else 6, color=color, marker=marker, label=label)
+    axis.axhline(1, color="gray", linestyle="--", linewidth=1)
+    axis.set_yscale("log")
+    axis.set_xlabel("cosine of the normalised concatenated decoders")
+    axis.set_ylabel("co-firing: both / expected if independent (log; 1e-2: never)")
+    axis.set_title("No antipodal pairs: the most negative partners fire together")
+    axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=str(default_bundle_dir()))
@@ -453,6 +480,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "dense_features.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     (out / "dense_features.md").write_text(text)
+    plot(report, out / "dense_features.png")
     print(text)
 
 
