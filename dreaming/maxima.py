@@ -326,19 +326,23 @@ def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
 
 def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
                     top: int | None = None, context: int = 12, length: int | None = None,
-                    examples: list[tuple[float, int, int]] | None = None) -> list[dict]:
+                    examples: list[tuple[float, int, int]] | None = None, after: int | None = None) -> list[dict]:
     """The feature's top dataset examples (or the given (activation, window, position) `examples`), re-measured
     from their windows (in `lm`'s dtype, fp32 encoder): source tag, activation, % of max, per-token values, and
     the context around the example's token marked.
 
     With `length`, each example also has `length_matched` (see `length_matched`): the data at a dream's context
-    length, to tell whether a dream beats the data at equal context and fluency."""
+    length, to tell whether a dream beats the data at equal context and fluency. With `after`, only that many
+    tokens after the example's are measured (causal: the values up to them do not change), which is all a page
+    shows and much less work than whole windows."""
     dataset_max = maxima.dataset_max(feature)
     examples = maxima.top_examples(feature)[:top] if examples is None else examples
     if not examples:
         return []
     windows = maxima.windows
     contexts = maxima.contexts(examples)
+    if after is not None:
+        contexts = [(ids[: position + after + 1], position) for ids, position in contexts]
     measured = measure_token_ids(lm, transcoder, feature, [ids for ids, _ in contexts], dataset_max)
     matched = length_matched(lm, transcoder, feature, contexts, length, dataset_max) if length is not None else None
     rendered = []
@@ -481,9 +485,10 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
                      for result in stale for point in result.get("frontier", [])]
     stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
     shade_dreams(lm, transcoder, feature, dreamed + list(diverse.values()) + stale_dreamed)
-    examples = page_examples(render_examples(lm, transcoder, maxima, feature, top=top, length=length))
+    examples = page_examples(render_examples(lm, transcoder, maxima, feature, top=top, length=length,
+                                             after=PAGE_AFTER))
     intervals = maxima.interval_examples(feature)  # rendered in one batch, then put back in their ranges
-    rendered = iter(page_examples(render_examples(lm, transcoder, maxima, feature,
+    rendered = iter(page_examples(render_examples(lm, transcoder, maxima, feature, after=PAGE_AFTER,
                                                   examples=[e for r in intervals for e in r["examples"]])))
     intervals = [{**r, "examples": [next(rendered) for _ in r["examples"]]} for r in intervals]
     return {**summary, "examples": examples, "intervals": intervals, "length": length, "dreams": dreamed,
