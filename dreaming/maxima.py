@@ -418,7 +418,8 @@ def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
     return {"prompt": point["prompt"], "text": point["text"], "activation": point["activation"],
             "fraction_of_max": fraction_of_max, "cross_entropy": point["cross_entropy"],
             "origin": point.get("origin"), "longest_shared_run": point.get("longest_shared_run"),
-            "novel": is_novel(point.get("longest_shared_run")), "seed": result.get("seed"), "token_ids": point["token_ids"], "counted_from": point["counted_from"]}
+            "novel": is_novel(point.get("longest_shared_run")), "seed": result.get("seed"),
+            "token_ids": point["token_ids"], "counted_from": point["counted_from"]}
 
 
 def token_span(tokens: list[str], activations: list[float], start: int, stop: int) -> dict:
