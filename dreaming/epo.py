@@ -66,6 +66,9 @@ KEEP_ACTIVE = 8  # the most active near-fluent prompts of a task kept for re-mea
 KEEP_DIVERSE = 16  # and the most active near-fluent prompts that differ pairwise
 DIVERSE = 8  # prompts in a result's diverse set
 MAX_JACCARD = 0.5  # two prompts differ when the Jaccard similarity of their token sets is at most this
+# The version of the search: a change that makes the same config give other results bumps it, so services keyed
+# on it (service/store.py's job key) do not serve results an earlier engine computed as if they were current.
+ENGINE_VERSION = 3
 NOVEL_BELOW = 4  # a prompt is novel when it shares no run of this many tokens with the top dataset contexts
 PLATEAU_GAIN = 0.005  # an improvement of the best fluent target smaller than this (of max) is no improvement
 MODEL_TOPK = 32  # tokens proposed from the model are drawn uniformly among its top MODEL_TOPK at the position

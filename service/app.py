@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from dreaming.activation import TextActivation
@@ -296,12 +297,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
 
-    @v1.get("/health", summary="Liveness, workers ready, jobs per status")
-    async def health() -> dict:
+    @v1.get("/health", summary="200 when serving; 503 with the reasons when degraded (no worker ready, a worker loop "
+            "restarting, the job store not answering); workers ready, jobs per status",
+            responses={503: {"description": "degraded, with `reasons`"}})
+    async def health() -> JSONResponse:
         workers = service.workers_info()
         ready = sum("pid" in worker for worker in workers)
-        return {"status": "ok" if ready else "degraded", "workers_ready": ready, "workers": len(workers),
-                "jobs": await in_thread(service.store.counts)}
+        reasons = [] if ready else ["no worker is ready"]
+        reasons += [f"worker {index}: loop restarting after {error}"
+                    for index, error in sorted(service.scheduler.loop_errors.items())]
+        try:
+            jobs = await in_thread(service.store.counts)
+        except Exception as error:  # noqa: BLE001 - any store failure is the answer here
+            jobs, reasons = None, [*reasons, f"the job store does not answer: {type(error).__name__}"]
+        body = {"status": "degraded" if reasons else "ok", "reasons": reasons, "workers_ready": ready,
+                "workers": len(workers), "jobs": jobs}
+        return JSONResponse(body, status_code=503 if reasons else 200)
 
     @v1.get("/info", summary="The served bundle, the workers, the limits and the dream config's defaults")
     async def info() -> dict:

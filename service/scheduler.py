@@ -27,6 +27,7 @@ from service.workers import Worker
 log = logging.getLogger("dreaming.service")
 
 POLL_SECONDS = 0.5  # progress polling while a call runs; also the idle wait between queue checks
+MAX_BACKOFF = 30.0  # the longest wait before a worker's loop that raised is run again
 
 
 class Scheduler:
@@ -36,18 +37,38 @@ class Scheduler:
         self.features_per_call, self.max_attempts = features_per_call, max_attempts
         self._wake = asyncio.Event()
         self.describe: dict[int, dict] = {}  # worker index -> what its actor last said about itself
+        self.loop_errors: dict[int, str] = {}  # worker index -> why its loop is restarting (cleared when it runs)
 
     def wake(self) -> None:
         """New jobs were queued: idle loops look at the queue now."""
         self._wake.set()
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._serve(worker) for worker in self.workers))
+        await asyncio.gather(*(self._supervise(worker) for worker in self.workers))
+
+    async def _supervise(self, worker: Worker) -> None:
+        """Run a worker's loop; when it raises (the store, Ray), log it, wait (doubling up to MAX_BACKOFF) and run
+        it again, so one failure never stops a worker for good. `loop_errors` says why while it waits."""
+        backoff = POLL_SECONDS
+        while True:
+            started = time.monotonic()
+            try:
+                return await self._serve(worker)  # returns only when the actor can never start
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if time.monotonic() - started > 2 * MAX_BACKOFF:  # it had run well for a while: a fresh failure
+                    backoff = POLL_SECONDS
+                self.loop_errors[worker.index] = f"{type(error).__name__}: {error}"
+                log.exception("worker %d: loop failed; restarting it in %.1f s", worker.index, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF)
 
     async def _serve(self, worker: Worker) -> None:
         while await self._until_ready(worker):
             while True:
                 jobs = await asyncio.to_thread(self.store.claim, self.identity, self.features_per_call)
+                self.loop_errors.pop(worker.index, None)  # the store answers: the loop is healthy again
                 if not jobs:
                     self._wake.clear()
                     try:

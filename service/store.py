@@ -34,10 +34,13 @@ def canonical_json(value) -> str:
 
 def job_key(identity: str, feature: str, config: dict, dataset_max: float | None) -> str:
     """The cache key of a dream: the same bundle, feature, (fully defaulted) config and dataset max (the yardstick
-    the dream is scored against; `dreaming.dream_cache.max_key`) give the same key."""
+    the dream is scored against; `dreaming.dream_cache.max_key`), under the same engine version, give the same
+    key; a new engine version makes every request new work."""
     from dreaming.dream_cache import max_key
+    from dreaming.epo import ENGINE_VERSION
 
-    return hashlib.sha256(canonical_json([identity, feature, config, max_key(dataset_max)]).encode()).hexdigest()
+    return hashlib.sha256(canonical_json([ENGINE_VERSION, identity, feature, config, max_key(dataset_max)])
+                          .encode()).hexdigest()
 
 
 @dataclass
@@ -310,7 +313,11 @@ class _Transaction:
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:  # e.g. "database is locked" past the timeout: nothing began, so nothing is held
+            self.lock.release()
+            raise
         return self.db
 
     def __exit__(self, kind, error, traceback):

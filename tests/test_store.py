@@ -1,6 +1,10 @@
-"""The job store: coalescing by key, claiming by config, completion only by the current claim, recovery."""
+"""The job store: coalescing by key, claiming by config, completion only by the current claim, recovery, and a
+lock that a failed transaction never leaves held."""
 
+import sqlite3
 import threading
+
+import pytest
 
 from service.store import DONE, FAILED, QUEUED, RUNNING, SQLiteStore, job_key
 
@@ -126,3 +130,44 @@ def test_a_stored_result_of_an_earlier_engine_is_never_continued(tmp_path):
                              "frontier": [{"prompt": "old", "activation": 1.0}]})  # no state, old fields
     scheduler = Scheduler(store, [], "id", lambda feature: MAX, features_per_call=1, max_attempts=3)
     assert scheduler.longest_stored_run("1/1", config, MAX) is None
+
+
+def test_a_new_engine_version_makes_a_new_key(monkeypatch):
+    before = job_key("a", "1/2", CONFIG, MAX)
+    monkeypatch.setattr("dreaming.epo.ENGINE_VERSION", 10**6)
+    assert job_key("a", "1/2", CONFIG, MAX) != before
+
+
+class FailingBegin:
+    """A connection whose next BEGIN fails, as a busy database does past its timeout."""
+
+    def __init__(self, db):
+        self.db, self.failures = db, 1
+
+    def execute(self, sql, *args):
+        if sql == "BEGIN IMMEDIATE" and self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_the_store_survives_a_failed_transaction(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    job = store.submit("id", "1/1", CONFIG, MAX)
+    store._db = FailingBegin(store._db)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.submit("id", "1/2", CONFIG, MAX)
+    answered = []
+    later = threading.Thread(target=lambda: answered.append(store.job(job.id)))  # would hang on a held lock
+    later.start()
+    later.join(10)
+    assert answered and answered[0].id == job.id
+    assert store.counts()[QUEUED] == 1  # the failed submission changed nothing
+    with pytest.raises(ValueError):  # an error inside a transaction rolls it back and releases the lock too
+        with store._transaction() as db:
+            db.execute("UPDATE jobs SET status = 'x'")
+            raise ValueError
+    assert store.job(job.id).status == QUEUED
