@@ -78,7 +78,9 @@ PAPER = dict(lambda_min=0.1, lambda_max=10.0, restart_lambda_min=0.667, restart_
 PREVIOUS = dict(restart_at_start=True, selection="smooth", length_slack=0, insert_delete=0.0, model_proposals=0.0,
                 distinct="none", init="sample")
 
-Progress = Callable[[int, int, "float | None"], None]
+# progress(done, total, best fluent fraction of max so far) after every iteration; a string it returns stops the
+# search after that iteration and becomes the result's `stopped` (e.g. "cancelled", "deadline": the caller's reason)
+Progress = Callable[[int, int, "float | None"], "str | None"]
 
 
 class DreamConfig(BaseModel):
@@ -148,6 +150,11 @@ class DreamConfig(BaseModel):
     @property
     def length_range(self) -> tuple[int, int]:
         return max(1, self.prompt_length - self.length_slack), min(64, self.prompt_length + self.length_slack)
+
+    def cost(self) -> int:
+        """The search work this config asks for, in prompt tokens scored: iterations × population × children ×
+        seeds × the longest prompt it allows. The service caps it per job and per batch."""
+        return self.iterations * self.population * self.children * self.seeds * self.length_range[1]
 
     def lambdas(self) -> torch.Tensor:
         """[M] fluency weights: log-spaced from lambda_min to lambda_max (linear when lambda_min is 0)."""
@@ -223,7 +230,8 @@ class DreamResult(BaseModel):
     best_fluent: DreamedPrompt | None  # highest activation with cross_entropy <= FLUENT_CE
     diverse: list[DreamedPrompt]  # up to DIVERSE fluent prompts, pairwise token Jaccard <= 0.5, most active first
     iterations: int  # iterations run in all (a continued dream counts those before it)
-    stopped: str  # why the search stopped: "iterations", "seconds" or "plateau"
+    stopped: str  # why the search stopped: "iterations", "seconds", "plateau", or the reason its progress
+    # callback gave (the service: "cancelled", "deadline")
     timings: dict[str, float]
     history: dict[str, list[float | None]]  # per iteration, search dtype: best target, best with CE <= 5 (or None)
     state: dict | None = None  # the search's population and random state, for `dream --more` (TaskState)
@@ -617,7 +625,10 @@ def search(scorer: Scorer, config: DreamConfig, task_targets: list[int], tasks: 
         if progress is not None:
             fluent = [task.best_fluent[-1] for t, task in enumerate(tasks)
                       if (reported is None or reported[t]) and not math.isnan(task.best_fluent[-1])]
-            progress((step + 1) * T, total, max(fluent) if fluent else None)
+            stop = progress((step + 1) * T, total, max(fluent) if fluent else None)
+            if stop:
+                stopped = stop
+                break
         if config.plateau and all(task.since_gain >= config.plateau for task in tasks):
             stopped = "plateau"
             break

@@ -140,6 +140,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def in_thread(method, *args):  # store calls never block the event loop
         return await asyncio.to_thread(method, *args)
 
+    def template_tokens(template: str) -> int:
+        return len(service.view.explorer.lm.tokenizer(template.replace("{prompt}", ""),
+                                                      add_special_tokens=False)["input_ids"])
+
+    async def check_budget(config: DreamConfig, features: int) -> None:
+        """422 before anything is queued when a request asks for more work than one job or batch may."""
+        cost = config.cost()
+        what = "iterations × population × children × seeds × longest prompt"
+        if cost > limits.max_job_cost:
+            raise HTTPException(422, f"dream config too costly: {cost:,} ({what}), at most {limits.max_job_cost:,} "
+                                     "per job; lower iterations, population, children or seeds")
+        if cost * features > limits.max_batch_cost:
+            raise HTTPException(422, f"batch too costly: {features} features × {cost:,} ({what}) = "
+                                     f"{cost * features:,}, at most {limits.max_batch_cost:,} per batch")
+        if config.template not in (None, "chat"):
+            tokens = await in_thread(template_tokens, config.template)
+            if tokens > limits.max_template_tokens:
+                raise HTTPException(422, f"template too long: {tokens} tokens, at most "
+                                         f"{limits.max_template_tokens}")
+
     async def existing_job(job_id: str) -> Job:
         job = await in_thread(service.store.job, job_id)
         if job is None:
@@ -163,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise HTTPException(409, f"nothing to continue for {feature}: no stored dream of this config (but "
                                          "its iterations, seconds and plateau); submit it without `more` first")
             config = config.model_copy(update={"iterations": base.config.iterations + config.iterations})
+        await check_budget(config, 1)
         job = await in_thread(service.store.submit, service.view.identity, str(feature),
                               config.model_dump(mode="json"), dataset_max)
         service.scheduler.wake()
@@ -179,6 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, f"too many features: {len(request.features)}, at most "
                                      f"{limits.max_batch_features} per batch")
         features = list(dict.fromkeys(str(feature_or_error(text)) for text in request.features))
+        await check_budget(request.config, len(features))
         batch = await in_thread(service.store.submit_batch, service.view.identity, features,
                                 request.config.model_dump(mode="json"),
                                 [service.view.dataset_max(feature) for feature in features])

@@ -35,7 +35,7 @@ class Service:
         settings = self.settings
         self.view = await asyncio.to_thread(BundleView, settings.bundle)
         self.store = SQLiteStore(settings.database)
-        resumed = self.store.recover()
+        resumed = self.store.recover(settings.max_attempts)
         if resumed:
             log.info("resuming %d interrupted jobs", resumed)
         self._started_ray = connect_ray(settings.ray_address)

@@ -67,7 +67,8 @@ class Scheduler:
     async def _serve(self, worker: Worker) -> None:
         while await self._until_ready(worker):
             while True:
-                jobs = await asyncio.to_thread(self.store.claim, self.identity, self.features_per_call)
+                jobs = await asyncio.to_thread(self.store.claim, self.identity, self.features_per_call,
+                                               self.max_attempts)
                 self.loop_errors.pop(worker.index, None)  # the store answers: the loop is healthy again
                 if not jobs:
                     self._wake.clear()

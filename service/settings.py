@@ -8,6 +8,8 @@
     DREAMING_GPU_WORKERS       GPU worker actors to start (default: the cluster's GPU count; 0 -> one CPU actor)
     DREAMING_FEATURES_PER_CALL features dreamed together in one engine call (same config), default 16
     DREAMING_MAX_ATTEMPTS      a job whose worker died this many times fails instead of being re-queued, default 3
+    DREAMING_JOB_DEADLINE      seconds one engine call (up to DREAMING_FEATURES_PER_CALL jobs) may search before
+                               it stops and keeps its best so far (result `stopped`: "deadline"), default 3600
     DREAMING_WORKER_STEP_DELAY fault injection for tests: seconds a worker sleeps at every progress report
     DREAMING_MAX_*             the limits below, e.g. DREAMING_MAX_BATCH_FEATURES=64
 
@@ -31,6 +33,11 @@ class Limits:
     max_text_chars: int = 4000  # characters of one text (activations, search); tokens are bounded by the library
     max_search_top: int = 100  # `top` of POST /search
     max_request_bytes: int = 256 * 1024  # body of any request
+    # DreamConfig.cost() (iterations x population x children x seeds x longest prompt): the default config costs
+    # 204,800; a job may cost 50 defaults (10,240,000), a batch 256 defaults (52,428,800) in all
+    max_job_cost: int = 10_240_000
+    max_batch_cost: int = 52_428_800
+    max_template_tokens: int = 256  # tokens of a dream template's own text (without its {prompt} slot)
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -53,6 +60,7 @@ class Settings:
     features_per_call: int = 16
     max_attempts: int = 3
     worker_step_delay: float = 0.0
+    job_deadline: float = 3600.0
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -66,5 +74,6 @@ class Settings:
             features_per_call=int(os.environ.get("DREAMING_FEATURES_PER_CALL", 16)),
             max_attempts=int(os.environ.get("DREAMING_MAX_ATTEMPTS", 3)),
             worker_step_delay=float(os.environ.get("DREAMING_WORKER_STEP_DELAY", 0)),
+            job_deadline=float(os.environ.get("DREAMING_JOB_DEADLINE", 3600)),
             limits=Limits.from_env(),
         )

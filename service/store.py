@@ -32,6 +32,11 @@ def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def gave_up(max_attempts: int) -> str:
+    return (f"given to a worker {max_attempts} times without finishing (a worker died, or the service stopped, "
+            "each time): not tried again")
+
+
 def job_key(identity: str, feature: str, config: dict, dataset_max: float | None) -> str:
     """The cache key of a dream: the same bundle, feature, (fully defaulted) config and dataset max (the yardstick
     the dream is scored against; `dreaming.dream_cache.max_key`), under the same engine version, give the same
@@ -90,9 +95,9 @@ class Store(ABC):
         """The jobs in the order asked (unknown ids left out)."""
 
     @abstractmethod
-    def claim(self, identity: str, limit: int) -> list[Job]:
+    def claim(self, identity: str, limit: int, max_attempts: int | None = None) -> list[Job]:
         """Up to `limit` queued jobs of this bundle with one identical config, oldest first, now running
-        (attempts + 1)."""
+        (attempts + 1). Queued jobs already given `max_attempts` times fail instead (with the reason)."""
 
     @abstractmethod
     def set_progress(self, job_ids: list[str], progress: dict) -> None: ...
@@ -109,8 +114,9 @@ class Store(ABC):
         """Running jobs whose worker died go back to the queue (still this claim only)."""
 
     @abstractmethod
-    def recover(self) -> int:
-        """At start-up: every running job (its service stopped) goes back to the queue; returns how many."""
+    def recover(self, max_attempts: int | None = None) -> int:
+        """At start-up: every running job (its service stopped) goes back to the queue, but one already given
+        `max_attempts` times, which fails; returns how many went back."""
 
     @abstractmethod
     def results_for(self, identity: str, feature: str) -> list[dict]:
@@ -237,9 +243,12 @@ class SQLiteStore(Store):
             rows = db.execute("SELECT job_id FROM batch_jobs WHERE batch_id = ? ORDER BY position", (batch_id,))
             return Batch(batch_id, [row[0] for row in rows], created[0])
 
-    def claim(self, identity, limit):
+    def claim(self, identity, limit, max_attempts=None):
         now = time.time()
         with self._transaction() as db:
+            if max_attempts is not None:
+                db.execute("UPDATE jobs SET status = ?, error = ?, updated = ? WHERE status = ? AND identity = ? "
+                           "AND attempts >= ?", (FAILED, gave_up(max_attempts), now, QUEUED, identity, max_attempts))
             first = db.execute("SELECT config FROM jobs WHERE status = ? AND identity = ? ORDER BY created, rowid "
                                "LIMIT 1", (QUEUED, identity)).fetchone()
             if first is None:
@@ -279,8 +288,11 @@ class SQLiteStore(Store):
                            "WHERE id = ? AND status = ? AND attempts = ?",
                            [(QUEUED, time.time(), job.id, RUNNING, job.attempts) for job in jobs])
 
-    def recover(self):
+    def recover(self, max_attempts=None):
         with self._transaction() as db:
+            if max_attempts is not None:
+                db.execute("UPDATE jobs SET status = ?, error = ?, updated = ? WHERE status = ? AND attempts >= ?",
+                           (FAILED, gave_up(max_attempts), time.time(), RUNNING, max_attempts))
             return db.execute("UPDATE jobs SET status = ?, progress = '{}', updated = ? WHERE status = ?",
                               (QUEUED, time.time(), RUNNING)).rowcount
 

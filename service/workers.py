@@ -23,7 +23,7 @@ from service.settings import Settings
 class DreamWorker:
     """The actor's body; `RemoteDreamWorker` is the actor class."""
 
-    def __init__(self, bundle_dir: str | None, identity: str, step_delay: float = 0.0):
+    def __init__(self, bundle_dir: str | None, identity: str, step_delay: float = 0.0, deadline: float | None = None):
         import torch
 
         from dreaming.bundle import Bundle
@@ -39,6 +39,7 @@ class DreamWorker:
         self.transcoder = self.bundle.load_encoder(device=self.device)  # the rows of the features it dreams
         self.models = {"float32": self.bundle.load_model(device=self.device)}  # measures (and searches in fp32)
         self.step_delay = step_delay
+        self.deadline = deadline  # seconds a call may search; then it stops, keeping its best (stopped="deadline")
         self.maxima = None  # loaded at the first dream
         self._progress: dict | None = None
 
@@ -73,11 +74,13 @@ class DreamWorker:
         continued = [DreamResult.model_validate(result) for result in previous] if previous else None
         started = time.perf_counter()
 
-        def report(done: int, total: int, best_fraction_of_max) -> None:
+        def report(done: int, total: int, best_fraction_of_max) -> str | None:
+            seconds = time.perf_counter() - started
             self._progress = {"done": done, "total": total, "best_fraction_of_max": best_fraction_of_max,
-                              "seconds": time.perf_counter() - started}
+                              "seconds": seconds}
             if self.step_delay:
                 time.sleep(self.step_delay)
+            return "deadline" if self.deadline is not None and seconds >= self.deadline else None
 
         self._progress = {"done": 0, "total": None, "best_fraction_of_max": None, "seconds": 0.0}
         try:
@@ -116,8 +119,8 @@ def start_workers(settings: Settings, bundle_dir: str | None, identity: str) -> 
     if gpus is None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
     options = [dict(num_gpus=1, num_cpus=1)] * gpus or [dict(num_gpus=0, num_cpus=1)]
-    return [Worker(index, RemoteDreamWorker.options(**option).remote(bundle_dir, identity, settings.worker_step_delay),
-                   option["num_gpus"])
+    return [Worker(index, RemoteDreamWorker.options(**option).remote(bundle_dir, identity, settings.worker_step_delay,
+                                                                     settings.job_deadline), option["num_gpus"])
             for index, option in enumerate(options)]
 
 

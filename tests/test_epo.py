@@ -266,6 +266,20 @@ def test_a_seconds_budget_and_a_plateau_stop_the_search(lm64, transcoder):
     assert max(last[-3:]) < max(last[:-3]) + epo.PLATEAU_GAIN
 
 
+def test_the_progress_callback_can_stop_the_search_keeping_what_it_found(lm64, transcoder):
+    calls = []
+
+    def progress(done, total, best):
+        calls.append(done)
+        return "cancelled" if done >= 3 else None
+
+    stopped = dream(lm64, transcoder, A, CONFIG.model_copy(update={"iterations": 50}), 0.5, progress=progress)
+    assert stopped.stopped == "cancelled" and stopped.iterations == 3 and calls == [1, 2, 3]
+    assert stopped.frontier and len(stopped.history["best"]) == 3  # the partial best is kept
+    whole = dream(lm64, transcoder, A, CONFIG.model_copy(update={"iterations": 3}), 0.5)
+    assert [p.token_ids for p in stopped.frontier] == [p.token_ids for p in whole.frontier]
+
+
 def test_continuing_equals_one_run(lm64, transcoder):
     config = CONFIG.model_copy(update={"iterations": 7, "seeds": 2})  # restarts at 3 and 6 on both sides of the cut
     whole = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)

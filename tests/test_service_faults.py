@@ -65,3 +65,18 @@ def test_service_killed_mid_batch_resumes_without_losing_or_repeating_results(ti
     stored = store._db.execute("SELECT feature, COUNT(*) FROM results GROUP BY feature").fetchall()
     store.close()
     assert sorted(stored) == sorted((feature, 1) for feature in features)
+
+
+def test_the_deadline_stops_a_job_keeping_its_best(tiny_bundle, tmp_path, ray_address):
+    server = Server(tiny_bundle.directory, tmp_path / "home", ray_address, DREAMING_WORKER_STEP_DELAY="0.3",
+                    DREAMING_JOB_DEADLINE="1").start()
+    try:
+        with server.client() as client:
+            job = client.post("/v1/dreams", json={"feature": "2/6", "config": {**TINY_CONFIG, "iterations": 200}}).json()
+            done = wait_for(lambda: (j := client.get(f"/v1/jobs/{job['job_id']}").json())["status"] in ("done", "failed")
+                            and j)
+            result = done["result"]
+            assert done["status"] == "done" and result["stopped"] == "deadline", done
+            assert 1 <= result["iterations"] < 200 and result["frontier"]  # stopped early, its best kept
+    finally:
+        server.stop()

@@ -171,3 +171,26 @@ def test_the_store_survives_a_failed_transaction(tmp_path):
             db.execute("UPDATE jobs SET status = 'x'")
             raise ValueError
     assert store.job(job.id).status == QUEUED
+
+
+def test_attempts_are_checked_at_claim_and_at_recovery(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    job = store.submit("id", "1/1", CONFIG, MAX)
+    for attempt in (1, 2):  # given twice; each time its worker died (requeued), or the service stopped (recover)
+        [claimed] = store.claim("id", 1, max_attempts=3)
+        assert claimed.attempts == attempt
+        if attempt == 1:
+            store.requeue([claimed])
+        else:
+            store.recover(max_attempts=3)
+    [third] = store.claim("id", 1, max_attempts=3)
+    assert third.attempts == 3
+    assert store.recover(max_attempts=3) == 0  # the service stopped during its third attempt: it fails
+    failed = store.job(job.id)
+    assert failed.status == FAILED and "3 times" in failed.error
+    other = store.submit("id", "1/2", CONFIG, MAX)
+    for _ in range(2):
+        [claimed] = store.claim("id", 1, max_attempts=2)
+        store.requeue([claimed])
+    assert store.claim("id", 1, max_attempts=2) == []  # queued again after its last attempt: fails at claim
+    assert store.job(other.id).status == FAILED and "2 times" in store.job(other.id).error
