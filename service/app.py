@@ -33,7 +33,7 @@ from service.runtime import Service
 from service.schemas import (ActivationsRequest, BatchOut, BatchRequest, BatchSummary, DreamRequest, FeatureList,
                              JobOut, JobSummary, SearchRequest, SimilarFeature)
 from service.settings import Settings
-from service.store import DONE, FAILED, QUEUED, RUNNING, Batch, Job
+from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch, Job
 
 EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
 
@@ -55,7 +55,7 @@ def job_summary(job: Job) -> JobSummary:
 
 
 def counts(jobs: list[Job]) -> dict[str, int]:
-    return {status: sum(job.status == status for job in jobs) for status in (QUEUED, RUNNING, DONE, FAILED)}
+    return {status: sum(job.status == status for job in jobs) for status in (QUEUED, RUNNING, *ENDED)}
 
 
 CSV_COLUMNS = ["feature", "status", "best_fluent_fraction_of_max", "best_fluent_activation",
@@ -90,10 +90,13 @@ def merge_dreams(served: list[dict], local: list[dict]) -> list[dict]:
 
 
 def batch_status(jobs: list[Job]) -> str:
+    """done when every job is; else, once none is pending, cancelled if one was, failed if one failed; else running."""
     statuses = {job.status for job in jobs}
     if statuses == {DONE}:
         return DONE
-    return FAILED if statuses <= {DONE, FAILED} else RUNNING
+    if statuses <= set(ENDED):
+        return CANCELLED if CANCELLED in statuses else FAILED
+    return RUNNING
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -234,7 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def look() -> JobOut:
             return job_out(await in_thread(service.store.job, job.id))
 
-        async for event in changes(look, lambda out: out.status in (DONE, FAILED)):
+        async for event in changes(look, lambda out: out.status in ENDED):
             yield event
 
     async def summary(batch: Batch) -> BatchSummary:
@@ -250,8 +253,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @v1.get("/batches/{batch_id}/events", response_class=EventSourceResponse,
             summary="A batch's summary as server-sent events (`update`) each time it changes, until it ends")
     async def batch_events(batch: Batch = Depends(existing_batch)) -> AsyncIterator[ServerSentEvent]:
-        async for event in changes(lambda: summary(batch), lambda out: out.status in (DONE, FAILED)):
+        async for event in changes(lambda: summary(batch), lambda out: out.status in ENDED):
             yield event
+
+    @v1.delete("/jobs/{job_id}", response_model=JobOut, dependencies=keyed,
+               summary="Cancel a job: a queued one at once; a running one stops within seconds, keeping its best so "
+                       "far (result.stopped = cancelled); 409 when it has already ended")
+    async def cancel_job(job: Job = Depends(existing_job)) -> JobOut:
+        if job.status in ENDED:
+            raise HTTPException(409, f"job {job.id} has already ended ({job.status}): nothing to cancel")
+        (job,) = await in_thread(service.store.cancel, [job.id])
+        return job_out(job)
+
+    @v1.delete("/batches/{batch_id}", response_model=BatchSummary, dependencies=keyed,
+               summary="Cancel every job of a batch that has not ended (as DELETE /jobs/{id} does for one)")
+    async def cancel_batch(batch: Batch = Depends(existing_batch)) -> BatchSummary:
+        await in_thread(service.store.cancel, batch.job_ids)
+        return await summary(batch)
 
     @v1.get("/batches/{batch_id}/results", summary="A batch's results to download: every job as JSON, or one CSV "
                                                    "line per feature with its best fluent prompt",

@@ -5,7 +5,9 @@ one `dream` call, polls the actor's progress into the store while the call runs,
 whose search was stored before for fewer iterations (`more`) continues the longest such run for the difference,
 which gives the result of one run of the job's length.
 If the actor dies (Ray restarts it) the jobs go back to the queue; a job whose worker died
-`max_attempts` times, or that the engine rejected, fails with the error. Nothing here blocks the event loop:
+`max_attempts` times, or that the engine rejected, fails with the error. A job cancelled while running stops its
+call (the features of a call run in lockstep): it ends cancelled with its partial result, and the call's other
+jobs go back to the queue without losing an attempt. Nothing here blocks the event loop:
 store calls run in threads and object refs are awaited.
 """
 
@@ -141,8 +143,14 @@ class Scheduler:
             for job in jobs:
                 await asyncio.to_thread(self.store.fail, job, f"{type(cause).__name__}: {cause}")
             return True
+        cancelled = await asyncio.to_thread(self.store.cancelling, [job.id for job in jobs])
         for job, result in zip(jobs, results):
-            await asyncio.to_thread(self.store.complete, job, result)
+            if job.id in cancelled:  # its partial best is kept, marked by result["stopped"]
+                await asyncio.to_thread(self.store.finish_cancelled, job, result)
+            elif result["stopped"] == "cancelled":  # stopped for another job of the call: its turn comes again
+                await asyncio.to_thread(self.store.requeue, [job], False)
+            else:
+                await asyncio.to_thread(self.store.complete, job, result)
         return True
 
     async def _poll(self, worker: Worker, jobs: list[Job]) -> None:
@@ -153,10 +161,18 @@ class Scheduler:
         if progress:
             budget = jobs[0].config.get("seconds")  # the jobs of a call share one config
             await asyncio.to_thread(self.store.set_progress, [job.id for job in jobs], eta(progress, budget))
+        if await asyncio.to_thread(self.store.cancelling, [job.id for job in jobs]):
+            # the engine stops the whole call (its features run in lockstep): the others go back to the queue
+            worker.actor.cancel.remote()
 
     async def _worker_died(self, worker: Worker, jobs: list[Job], error: Exception) -> None:
         log.warning("worker %d died during a call (%s); Ray restarts it", worker.index, type(error).__name__)
         self.describe[worker.index] = {"restarting": True}
+        cancelled = await asyncio.to_thread(self.store.cancelling, [job.id for job in jobs])
+        for job in jobs:
+            if job.id in cancelled:
+                await asyncio.to_thread(self.store.finish_cancelled, job, None)
+        jobs = [job for job in jobs if job.id not in cancelled]
         retry = [job for job in jobs if job.attempts < self.max_attempts]
         await asyncio.to_thread(self.store.requeue, retry)
         for job in jobs:

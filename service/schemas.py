@@ -60,7 +60,7 @@ class Progress(BaseModel):
 class JobOut(BaseModel):
     job_id: str
     feature: str
-    status: str  # queued | running | done | failed
+    status: str  # queued | running | done | failed | cancelled
     attempts: int  # times a worker was given this job (> 1 after a worker died)
     progress: Progress | None = None
     error: str | None = None
@@ -69,7 +69,7 @@ class JobOut(BaseModel):
 
 class BatchOut(BaseModel):
     batch_id: str
-    status: str  # done when every job is done; failed when none is pending and one failed; else running
+    status: str  # done when every job is; once none is pending, cancelled if one was, else failed; else running
     counts: dict[str, int]
     jobs: list[JobOut]
 

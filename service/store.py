@@ -4,7 +4,8 @@ A job is one dream: (bundle identity, feature, canonical config, the feature's d
 of those four, unique in the jobs table, so identical requests coalesce into one job by a database constraint, and a
 result is stored once per key. The dataset max is in the key because it is the dream's yardstick (EPO's target is
 divided by it): after the maxima are rebuilt the same request is a new job, and the old result is shown as stale.
-Job states: queued -> running -> done | failed; a running job goes back to queued when its worker dies (`requeue`)
+Job states: queued -> running -> done | failed | cancelled (a client's DELETE; a queued job at once, a running one
+when its worker stops, keeping its partial result); a running job goes back to queued when its worker dies (`requeue`)
 or the service restarts (`recover`). A result and its job's "done" are written in one transaction, and only by the
 claim that is current (a job's `attempts` counts claims), so a late or repeated completion never overwrites or
 duplicates a result.
@@ -25,7 +26,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+ENDED = (DONE, FAILED, CANCELLED)
 
 
 def canonical_json(value) -> str:
@@ -110,8 +112,23 @@ class Store(ABC):
     def fail(self, job: Job, error: str) -> None: ...
 
     @abstractmethod
-    def requeue(self, jobs: list[Job]) -> None:
-        """Running jobs whose worker died go back to the queue (still this claim only)."""
+    def requeue(self, jobs: list[Job], penalty: bool = True) -> None:
+        """Running jobs whose worker died go back to the queue (still this claim only); without `penalty` (their
+        call was stopped for another job's sake) the attempt does not count."""
+
+    @abstractmethod
+    def cancel(self, job_ids: list[str]) -> list[Job]:
+        """Queued jobs become cancelled at once; running ones are marked for their worker to stop (see
+        `cancelling`); ended ones stay as they are. Returns the jobs as they are now."""
+
+    @abstractmethod
+    def cancelling(self, job_ids: list[str]) -> set[str]:
+        """Those of these running jobs that a client cancelled."""
+
+    @abstractmethod
+    def finish_cancelled(self, job: Job, result: dict | None) -> None:
+        """A cancelled running job ends: cancelled, with its partial result kept (its `stopped` says so) until the
+        same request, submitted again, completes."""
 
     @abstractmethod
     def recover(self, max_attempts: int | None = None) -> int:
@@ -146,7 +163,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT NOT NULL DEFAULT '{}',
     error TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    cancel INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, identity, created);
 CREATE TABLE IF NOT EXISTS results (
@@ -182,6 +200,9 @@ class SQLiteStore(Store):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "cancel" not in columns:  # a database made before cancellation
+            self._db.execute("ALTER TABLE jobs ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0")
 
     def _transaction(self):
         return _Transaction(self._db, self._lock)
@@ -194,7 +215,8 @@ class SQLiteStore(Store):
 
     def _select_jobs(self, db, where: str, args=()) -> list[Job]:
         rows = db.execute(f"SELECT {JOB_COLUMNS}, results.result FROM jobs LEFT JOIN results "
-                          f"ON results.key = jobs.key AND jobs.status = '{DONE}' WHERE {where}", args).fetchall()
+                          f"ON results.key = jobs.key AND jobs.status IN ('{DONE}', '{CANCELLED}') WHERE {where}",
+                          args).fetchall()
         return [self._row_to_job(row[:-1], row[-1]) for row in rows]
 
     def _submit(self, db, identity: str, feature: str, config: dict, dataset_max: float | None, now: float) -> str:
@@ -202,8 +224,8 @@ class SQLiteStore(Store):
         db.execute("INSERT INTO jobs (id, key, identity, feature, config, status, created, updated) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                    (uuid.uuid4().hex, key, identity, feature, canonical_json(config), QUEUED, now, now))
-        db.execute("UPDATE jobs SET status = ?, error = NULL, progress = '{}', updated = ? "
-                   "WHERE key = ? AND status = ?", (QUEUED, now, key, FAILED))
+        db.execute("UPDATE jobs SET status = ?, error = NULL, progress = '{}', cancel = 0, updated = ? "
+                   "WHERE key = ? AND status IN (?, ?)", (QUEUED, now, key, FAILED, CANCELLED))
         return db.execute("SELECT id FROM jobs WHERE key = ?", (key,)).fetchone()[0]
 
     def submit(self, identity, feature, config, dataset_max):
@@ -257,8 +279,8 @@ class SQLiteStore(Store):
                 "SELECT id FROM jobs WHERE status = ? AND identity = ? AND config = ? ORDER BY created, rowid LIMIT ?",
                 (QUEUED, identity, first[0], limit))]
             marks = ",".join("?" * len(ids))
-            db.execute(f"UPDATE jobs SET status = ?, attempts = attempts + 1, progress = '{{}}', updated = ? "
-                       f"WHERE id IN ({marks})", (RUNNING, now, *ids))
+            db.execute(f"UPDATE jobs SET status = ?, attempts = attempts + 1, progress = '{{}}', cancel = 0, "
+                       f"updated = ? WHERE id IN ({marks})", (RUNNING, now, *ids))
             return sorted(self._select_jobs(db, f"jobs.id IN ({marks})", ids), key=lambda job: ids.index(job.id))
 
     def set_progress(self, job_ids, progress):
@@ -273,7 +295,7 @@ class SQLiteStore(Store):
                                  (DONE, now, job.id, RUNNING, job.attempts)).rowcount
             if current:
                 identity = db.execute("SELECT identity FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
-                db.execute("INSERT INTO results (key, identity, feature, job_id, result, created) "
+                db.execute("INSERT OR REPLACE INTO results (key, identity, feature, job_id, result, created) "
                            "VALUES (?, ?, ?, ?, ?, ?)", (job.key, identity, job.feature, job.id, json.dumps(result), now))
         return bool(current)
 
@@ -282,11 +304,39 @@ class SQLiteStore(Store):
             db.execute("UPDATE jobs SET status = ?, error = ?, updated = ? WHERE id = ? AND status = ? AND attempts = ?",
                        (FAILED, error, time.time(), job.id, RUNNING, job.attempts))
 
-    def requeue(self, jobs):
+    def requeue(self, jobs, penalty=True):
         with self._transaction() as db:
-            db.executemany("UPDATE jobs SET status = ?, progress = '{}', updated = ? "
+            db.executemany("UPDATE jobs SET status = ?, progress = '{}', attempts = attempts - ?, updated = ? "
                            "WHERE id = ? AND status = ? AND attempts = ?",
-                           [(QUEUED, time.time(), job.id, RUNNING, job.attempts) for job in jobs])
+                           [(QUEUED, 0 if penalty else 1, time.time(), job.id, RUNNING, job.attempts)
+                            for job in jobs])
+
+    def cancel(self, job_ids):
+        marks = ",".join("?" * len(job_ids))
+        with self._transaction() as db:
+            db.execute(f"UPDATE jobs SET status = ?, error = ?, updated = ? WHERE status = ? AND id IN ({marks})",
+                       (CANCELLED, "cancelled before it started", time.time(), QUEUED, *job_ids))
+            db.execute(f"UPDATE jobs SET cancel = 1 WHERE status = ? AND id IN ({marks})", (RUNNING, *job_ids))
+            found = {job.id: job for job in self._select_jobs(db, f"jobs.id IN ({marks})", job_ids)}
+        return [found[job_id] for job_id in job_ids if job_id in found]
+
+    def cancelling(self, job_ids):
+        marks = ",".join("?" * len(job_ids))
+        with self._transaction() as db:
+            rows = db.execute(f"SELECT id FROM jobs WHERE status = ? AND cancel = 1 AND id IN ({marks})",
+                              (RUNNING, *job_ids)).fetchall()
+        return {row[0] for row in rows}
+
+    def finish_cancelled(self, job, result):
+        now = time.time()
+        with self._transaction() as db:
+            current = db.execute("UPDATE jobs SET status = ?, error = ?, updated = ? WHERE id = ? AND status = ? "
+                                 "AND attempts = ?", (CANCELLED, "cancelled while running: its result is the best "
+                                                      "found until then", now, job.id, RUNNING, job.attempts)).rowcount
+            if current and result is not None:
+                identity = db.execute("SELECT identity FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
+                db.execute("INSERT OR REPLACE INTO results (key, identity, feature, job_id, result, created) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (job.key, identity, job.feature, job.id, json.dumps(result), now))
 
     def recover(self, max_attempts=None):
         with self._transaction() as db:

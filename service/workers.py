@@ -3,7 +3,8 @@
 
 One actor per GPU of the cluster (`num_gpus=1` each); on a cluster without GPUs one CPU actor. An actor that
 dies is restarted by Ray (`max_restarts=-1`, its constructor reloads the model); the scheduler re-queues the
-jobs it held. Actors are threaded (`max_concurrency=2`) so `progress()` answers while `dream()` runs.
+jobs it held. Actors are threaded (`max_concurrency=2`) so `progress()` and `cancel()` answer while `dream()`
+runs.
 The driver (the web service) never touches CUDA: devices are chosen inside the actors.
 """
 
@@ -42,10 +43,16 @@ class DreamWorker:
         self.deadline = deadline  # seconds a call may search; then it stops, keeping its best (stopped="deadline")
         self.maxima = None  # loaded at the first dream
         self._progress: dict | None = None
+        self._cancel = threading.Event()  # set by `cancel`: the running call stops after its iteration
 
     def describe(self) -> dict:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": self.device,
                 "gpu_ids": ray.get_gpu_ids()}
+
+    def cancel(self) -> None:
+        """Stop the running call after its current iteration; its results keep what was found (stopped =
+        "cancelled")."""
+        self._cancel.set()
 
     def progress(self) -> dict | None:
         """The running call's latest progress: {done, total, best_fraction_of_max, seconds}, or None."""
@@ -80,9 +87,12 @@ class DreamWorker:
                               "seconds": seconds}
             if self.step_delay:
                 time.sleep(self.step_delay)
+            if self._cancel.is_set():
+                return "cancelled"
             return "deadline" if self.deadline is not None and seconds >= self.deadline else None
 
         self._progress = {"done": 0, "total": None, "best_fraction_of_max": None, "seconds": 0.0}
+        self._cancel.clear()
         try:
             results = dream_many(self.model(config.dtype), self.transcoder, parsed, config, dataset_maxes,
                                  progress=report, measure_lm=self.models["float32"], contexts=contexts,

@@ -80,3 +80,29 @@ def test_the_deadline_stops_a_job_keeping_its_best(tiny_bundle, tmp_path, ray_ad
             assert 1 <= result["iterations"] < 200 and result["frontier"]  # stopped early, its best kept
     finally:
         server.stop()
+
+
+def test_cancel_mid_job_keeps_its_best_and_requeues_the_rest_of_its_call(tiny_bundle, tmp_path, ray_address):
+    server = Server(tiny_bundle.directory, tmp_path / "home", ray_address, DREAMING_WORKER_STEP_DELAY="0.3",
+                    DREAMING_FEATURES_PER_CALL="2").start()
+    try:
+        with server.client() as client:
+            long = {**TINY_CONFIG, "iterations": 200}
+            batch = client.post("/v1/batches", json={"features": ["0/5", "1/5"], "config": long}).json()
+            target, other = (job["job_id"] for job in batch["jobs"])
+            wait_for(lambda: (client.get(f"/v1/jobs/{target}").json()["progress"] or {}).get("done"))
+            assert client.delete(f"/v1/jobs/{target}").status_code == 200
+            ended = wait_for(lambda: (j := client.get(f"/v1/jobs/{target}").json())["status"] != "running" and j,
+                             timeout=30)  # within seconds: the engine stops after its current iteration
+            assert ended["status"] == "cancelled" and ended["result"]["stopped"] == "cancelled"
+            assert 1 <= ended["result"]["iterations"] < 200 and ended["result"]["frontier"]
+            rest = client.get(f"/v1/jobs/{other}").json()  # stopped with it, back in the queue, no attempt lost
+            assert rest["status"] in ("queued", "running") and rest["attempts"] <= 1
+            assert client.delete(f"/v1/batches/{batch['batch_id']}").json()["status"] in ("running", "cancelled")
+            final = wait_for(lambda: (b := client.get(f"/v1/batches/{batch['batch_id']}/summary").json())["status"]
+                             != "running" and b, timeout=60)
+            assert final["status"] == "cancelled" and final["counts"]["cancelled"] == 2
+            assert client.delete(f"/v1/jobs/{target}").status_code == 409  # already ended
+            assert client.get("/v1/health").json()["status"] == "ok"
+    finally:
+        server.stop()

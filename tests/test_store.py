@@ -194,3 +194,33 @@ def test_attempts_are_checked_at_claim_and_at_recovery(tmp_path):
         store.requeue([claimed])
     assert store.claim("id", 1, max_attempts=2) == []  # queued again after its last attempt: fails at claim
     assert store.job(other.id).status == FAILED and "2 times" in store.job(other.id).error
+
+
+def test_cancel_a_queued_job_at_once_and_a_running_one_through_its_worker(tmp_path):
+    from service.store import CANCELLED
+
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    queued = store.submit("id", "1/1", CONFIG, MAX)
+    [cancelled] = store.cancel([queued.id])
+    assert cancelled.status == CANCELLED and "before it started" in cancelled.error
+    assert store.claim("id", 4) == []  # never given to a worker
+
+    running, other = store.submit("id", "1/2", CONFIG, MAX), store.submit("id", "1/3", CONFIG, MAX)
+    claimed = store.claim("id", 4)
+    assert [job.id for job in claimed] == [running.id, other.id]
+    store.cancel([running.id])
+    assert store.cancelling([running.id, other.id]) == {running.id}
+    store.finish_cancelled(claimed[0], {"stopped": "cancelled", "iterations": 1})
+    store.requeue([claimed[1]], penalty=False)  # the call stopped for the cancelled job's sake
+    ended = store.job(running.id)
+    assert ended.status == CANCELLED and ended.result == {"stopped": "cancelled", "iterations": 1}
+    assert store.job(other.id).status == QUEUED and store.job(other.id).attempts == 0
+
+    again = store.submit("id", "1/2", CONFIG, MAX)  # asked for again: new work, the partial result kept meanwhile
+    assert again.id == running.id and again.status == QUEUED
+    [reclaimed] = [job for job in store.claim("id", 4) if job.id == running.id]
+    assert store.cancelling([running.id]) == set()  # a fresh claim is not cancelled
+    store.complete(reclaimed, {"stopped": "iterations", "iterations": 3})
+    assert store.job(running.id).result == {"stopped": "iterations", "iterations": 3}  # the whole run replaces it
+    assert store.results_for("id", "1/2") == [{"stopped": "iterations", "iterations": 3}]
+    assert store.cancel([running.id])[0].status == DONE  # an ended job stays as it is

@@ -5,14 +5,15 @@
 function progressText(job) {
   const best = job.progress && job.progress.best_fraction_of_max;
   if (job.status === "running" && best !== null && best !== undefined) return `running · best so far ${percent(best)}`;
-  return job.status === "failed" ? `failed: ${job.error}` : job.status;
+  return ["failed", "cancelled"].includes(job.status) ? `${job.status}: ${job.error}` : job.status;
 }
 
 function showBatch(batch) {
   $("batch").hidden = false;
   $("batch-id").textContent = batch.batch_id;
   const c = batch.counts;
-  $("batch-status").textContent = `${batch.status}: ${c.done} done, ${c.running} running, ${c.queued} queued, ${c.failed} failed`;
+  $("batch-status").textContent = `${batch.status}: ${c.done} done, ${c.running} running, ${c.queued} queued, ` +
+    `${c.failed} failed, ${c.cancelled} cancelled`;
   $("download-json").href = `/v1/batches/${batch.batch_id}/results?format=json`;
   $("download-csv").href = `/v1/batches/${batch.batch_id}/results?format=csv`;
   $("batch-table").querySelector("tbody").replaceChildren(...batch.jobs.map((job) => el("tr", {"data-status": job.status},

@@ -178,10 +178,11 @@ async function dream(event) {
     const config = dreamConfig("dream-config", budget);
     let job = await api("/v1/dreams", {method: "POST", body: {feature: FEATURE, config}});
     $("dream-progress").textContent = describeProgress(job);
-    if (job.status !== "done" && job.status !== "failed") {
+    if (!["done", "failed", "cancelled"].includes(job.status)) {
       job = await follow(`/v1/jobs/${job.job_id}/events`, (update) => { $("dream-progress").textContent = describeProgress(update); });
     }
     if (job.status === "failed") throw new Error(`the dream failed: ${job.error}`);
+    if (job.status === "cancelled") throw new Error(`the dream was cancelled: ${job.error}`);
     $("dream-progress").textContent = `done: best fluent ${percent(job.result.best_fluent && job.result.best_fluent.fraction_of_max)}`;
     await load();
   } finally {
