@@ -27,14 +27,15 @@ from dreaming.dream_cache import max_key
 from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature
 from service.access import BodyLimit, api_key_dependency
-from service.bundle_view import SORTS, UnknownFeature
+from service.bundle_view import SORTS, Busy, UnknownFeature
 from service.pages import add_pages
 from service.runtime import Service
-from service.schemas import (ActivationsRequest, BatchOut, BatchRequest, BatchSummary, DreamRequest, FeatureList,
-                             JobOut, JobSummary, SearchRequest, SimilarFeature)
+from service.schemas import (ActivationsRequest, BatchList, BatchOut, BatchRequest, BatchSummary, DreamRequest,
+                             FeatureList, JobList, JobOut, JobSummary, SearchRequest, SimilarFeature)
 from service.settings import Settings
 from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch, Job
 
+BUSY_RETRY_AFTER = 2  # seconds a client refused for a busy model is told to wait
 EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
 
 
@@ -120,6 +121,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Fluent dreaming for transcoder features: prompts that activate a feature, beside its "
                               "dataset maxima, as % of the dataset max.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+
+    @app.exception_handler(Busy)
+    async def busy(request, error: Busy) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": str(BUSY_RETRY_AFTER)})
     app.state.service = service
     keyed = [Depends(api_key_dependency(settings.api_key))]
     v1 = APIRouter(prefix="/v1")
@@ -191,6 +196,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               config.model_dump(mode="json"), dataset_max)
         service.scheduler.wake()
         return job_out(job)
+
+    @v1.get("/jobs", response_model=JobList, summary="This bundle's jobs, newest first, paginated, of one status "
+            "or all (without results)")
+    async def list_jobs(status: Literal[QUEUED, RUNNING, DONE, FAILED, CANCELLED] | None = None,
+                        offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> JobList:
+        total, jobs = await in_thread(service.store.list_jobs, service.view.identity, status, offset, limit)
+        return JobList(total=total, offset=offset, limit=limit, jobs=[job_summary(job) for job in jobs])
+
+    @v1.get("/batches", response_model=BatchList, summary="The batches, newest first, paginated")
+    async def list_batches(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> BatchList:
+        total, batches = await in_thread(service.store.list_batches, offset, limit)
+        return BatchList(total=total, offset=offset, limit=limit, batches=[
+            {"batch_id": batch.id, "created": batch.created, "jobs": len(batch.job_ids)} for batch in batches])
 
     @v1.get("/jobs/{job_id}", response_model=JobOut, summary="A job's status, progress (with ETA) and result")
     async def get_job(job: Job = Depends(existing_job)) -> JobOut:

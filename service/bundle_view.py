@@ -3,7 +3,8 @@ touches a GPU), feature ids checked against it, and the light, interactive calls
 feature search, feature pages).
 
 Dreams run in the Ray workers. These calls are short; they run one at a time (the model's capture hooks are
-not re-entrant) on a thread of their own, so neither the event loop nor the store's threads wait for them.
+not re-entrant) on a thread of their own, so neither the event loop nor the store's threads wait for them, with a
+bounded queue (`ModelThread`): past its bound a call is refused at once (503 with Retry-After).
 Feature pages are cached (on the event loop) until a new dream of the feature arrives.
 """
 
@@ -28,14 +29,40 @@ class UnknownFeature(LookupError):
     """A well-formed feature id that this bundle does not have (the message names the valid range)."""
 
 
+class Busy(RuntimeError):
+    """The model thread has as many calls waiting as it may: the caller should come back later (503)."""
+
+
+class ModelThread:
+    """The one thread that runs the model for interactive calls, with a bounded queue: past `max_waiting` calls
+    waiting or running, a new one is refused at once (Busy) rather than waiting behind an unbounded queue. A call
+    whose caller has gone (its task cancelled) before it starts is skipped."""
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting, self.waiting = max_waiting, 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def run(self, call, *args, **kwargs):
+        if self.waiting >= self.max_waiting:
+            raise Busy(f"the model is busy with {self.waiting} interactive calls; try again in a few seconds")
+        self.waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, partial(call, *args, **kwargs))
+        finally:
+            self.waiting -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class BundleView:
-    def __init__(self, bundle_dir: str | None):
+    def __init__(self, bundle_dir: str | None, max_waiting: int = 8):
         self.explorer = Explorer.open(bundle_dir, device="cpu")
         self.bundle = self.explorer.bundle
         self.identity = self.bundle.identity
         self.maxima = self.explorer.require_maxima()
         self.n_layers, self.features_per_layer = self.maxima.shape
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._model_thread = ModelThread(max_waiting)
         self._pages: OrderedDict = OrderedDict()
         self._similar: OrderedDict = OrderedDict()
 
@@ -50,7 +77,7 @@ class BundleView:
         return self.maxima.dataset_max(parse_feature(feature))
 
     async def _on_model_thread(self, call, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, partial(call, *args, **kwargs))
+        return await self._model_thread.run(call, *args, **kwargs)
 
     def _load(self) -> None:
         _ = self.explorer.lm  # a cached property: loads the model once
@@ -121,4 +148,4 @@ class BundleView:
         return self._similar[key]
 
     def close(self) -> None:
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._model_thread.close()

@@ -33,7 +33,7 @@ class Service:
 
     async def start(self) -> None:
         settings = self.settings
-        self.view = await asyncio.to_thread(BundleView, settings.bundle)
+        self.view = await asyncio.to_thread(BundleView, settings.bundle, settings.limits.max_interactive_waiting)
         self.store = SQLiteStore(settings.database)
         resumed = self.store.recover(settings.max_attempts)
         if resumed:

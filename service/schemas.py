@@ -115,3 +115,23 @@ class SimilarFeature(BaseModel):
     cosine: float  # of the normalised decoder vectors, concatenated over every output layer
     dataset_max: float
     density: float
+
+
+class JobList(BaseModel):
+    total: int  # jobs matching
+    offset: int
+    limit: int
+    jobs: list[JobSummary]  # newest first, without results (GET /jobs/{id} has the result)
+
+
+class BatchLine(BaseModel):
+    batch_id: str
+    created: float  # Unix time
+    jobs: int
+
+
+class BatchList(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    batches: list[BatchLine]  # newest first

@@ -32,6 +32,7 @@ class Limits:
     max_texts: int = 32  # texts in one POST /activations
     max_text_chars: int = 4000  # characters of one text (activations, search); tokens are bounded by the library
     max_search_top: int = 100  # `top` of POST /search
+    max_interactive_waiting: int = 8  # activations, searches and uncached feature pages waiting for the model: then 503
     max_request_bytes: int = 256 * 1024  # body of any request
     # DreamConfig.cost() (iterations x population x children x seeds x longest prompt): the default config costs
     # 204,800; a job may cost 50 defaults (10,240,000), a batch 256 defaults (52,428,800) in all

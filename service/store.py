@@ -144,6 +144,14 @@ class Store(ABC):
         """The features of one bundle that have at least one stored dream result."""
 
     @abstractmethod
+    def list_jobs(self, identity: str, status: str | None, offset: int, limit: int) -> tuple[int, list[Job]]:
+        """(how many, a page of them newest first, without results) of this bundle's jobs, of one status or all."""
+
+    @abstractmethod
+    def list_batches(self, offset: int, limit: int) -> tuple[int, list[Batch]]:
+        """(how many, a page of them newest first) of the batches."""
+
+    @abstractmethod
     def counts(self) -> dict[str, int]:
         """Number of jobs per status."""
 
@@ -356,6 +364,21 @@ class SQLiteStore(Store):
         with self._transaction() as db:
             rows = db.execute("SELECT DISTINCT feature FROM results WHERE identity = ?", (identity,)).fetchall()
         return {row[0] for row in rows}
+
+    def list_jobs(self, identity, status, offset, limit):
+        where, args = "identity = ?" + (" AND status = ?" if status else ""), (identity, *([status] if status else []))
+        with self._transaction() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args).fetchone()[0]
+            rows = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY created DESC, rowid DESC "
+                              "LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        return total, [self._row_to_job(row) for row in rows]
+
+    def list_batches(self, offset, limit):
+        with self._transaction() as db:
+            total = db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+            ids = [row[0] for row in db.execute("SELECT id FROM batches ORDER BY created DESC, rowid DESC "
+                                                "LIMIT ? OFFSET ?", (limit, offset))]
+        return total, [self.batch(batch_id) for batch_id in ids]
 
     def counts(self):
         with self._transaction() as db:

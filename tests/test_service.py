@@ -239,6 +239,10 @@ BAD_REQUESTS = [
     ("similar to an unknown feature", "get", "/v1/features/1/24/similar", None, {}, 404, "0..23"),
     ("too many similar features", "get", "/v1/features/1/2/similar?top=101", None, {}, 422, "top"),
     ("events of an unknown job", "get", "/v1/jobs/nope/events", None, {}, 404, "nope"),
+    ("jobs of an unknown status", "get", "/v1/jobs?status=lost", None, {}, 422, "status"),
+    ("batch pages too long", "get", "/v1/batches?limit=501", None, {}, 422, "limit"),
+    ("cancel an unknown job", "delete", "/v1/jobs/nope", None, {}, 404, "nope"),
+    ("cancel without the key", "delete", "/v1/jobs/nope", None, {"X-API-Key": ""}, 401, "API key"),
     ("summary of an unknown batch", "get", "/v1/batches/nope/summary", None, {}, 404, "nope"),
     ("results of an unknown batch", "get", "/v1/batches/nope/results", None, {}, 404, "nope"),
 ]
@@ -291,3 +295,13 @@ def test_eta_extrapolates_and_keeps_within_a_time_budget():
     assert eta({"done": 2, "total": 10, "seconds": 4.0}, budget_seconds=10)["eta_seconds"] == 6.0
     assert eta({"done": 2, "total": 10, "seconds": 12.0}, budget_seconds=10)["eta_seconds"] == 0.0
     assert eta({"done": 0, "total": 10, "seconds": 1.0}, budget_seconds=10)["eta_seconds"] is None
+
+
+def test_jobs_and_batches_are_listed(client):
+    everything = client.get("/v1/jobs", params={"limit": 500}).json()
+    assert everything["total"] == len(everything["jobs"]) > 0 and "result" not in everything["jobs"][0]
+    done = client.get("/v1/jobs", params={"status": "done", "limit": 2}).json()
+    assert done["total"] == sum(job["status"] == "done" for job in everything["jobs"])
+    assert len(done["jobs"]) == min(2, done["total"]) and {job["status"] for job in done["jobs"]} <= {"done"}
+    batches = client.get("/v1/batches").json()
+    assert batches["total"] >= 1 and batches["batches"][0]["jobs"] >= 1

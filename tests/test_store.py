@@ -224,3 +224,17 @@ def test_cancel_a_queued_job_at_once_and_a_running_one_through_its_worker(tmp_pa
     assert store.job(running.id).result == {"stopped": "iterations", "iterations": 3}  # the whole run replaces it
     assert store.results_for("id", "1/2") == [{"stopped": "iterations", "iterations": 3}]
     assert store.cancel([running.id])[0].status == DONE  # an ended job stays as it is
+
+
+def test_jobs_and_batches_are_listed_newest_first_page_by_page(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    ids = [store.submit("id", f"1/{i}", CONFIG, MAX).id for i in range(5)]
+    store.submit("elsewhere", "1/0", CONFIG, MAX)
+    [claimed] = store.claim("id", 1)
+    pages = [store.list_jobs("id", None, offset, 2) for offset in (0, 2, 4)]
+    assert {total for total, _ in pages} == {5}
+    assert [job.id for _, page in pages for job in page] == ids[::-1]
+    assert store.list_jobs("id", RUNNING, 0, 10) == (1, [store.job(claimed.id)])
+    batches = [store.submit_batch("id", ["2/1", "2/2"], CONFIG, [MAX, MAX]).id for _ in range(3)]
+    total, page = store.list_batches(1, 5)
+    assert total == 3 and [batch.id for batch in page] == batches[::-1][1:] and len(page[0].job_ids) == 2
