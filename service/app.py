@@ -20,6 +20,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dreaming.activation import TextActivation
 from dreaming.cli import bundle_info
@@ -379,6 +380,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "limits": vars(limits), "api_key_required": settings.api_key is not None,
                 "dream_config": DreamConfig().model_dump(mode="json"),
                 "dream_config_schema": DreamConfig.model_json_schema()}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:  # Prometheus text format, read in a thread (the store answers the counts)
+        return Response(await in_thread(generate_latest, service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(v1)
     add_pages(app)

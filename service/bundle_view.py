@@ -66,6 +66,11 @@ class BundleView:
         self._pages: OrderedDict = OrderedDict()
         self._similar: OrderedDict = OrderedDict()
 
+    @property
+    def waiting(self) -> int:
+        """Interactive calls waiting for or using the model now."""
+        return self._model_thread.waiting
+
     def check(self, feature: Feature) -> Feature:
         """The feature itself if this bundle has it, else UnknownFeature naming the valid range."""
         try:

@@ -13,6 +13,7 @@ import logging
 import ray
 
 from service.bundle_view import BundleView
+from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import SQLiteStore, Store
@@ -30,6 +31,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task] = []
         self._started_ray = False
+        self.metrics = Metrics(self)
 
     async def start(self) -> None:
         settings = self.settings
@@ -42,7 +44,7 @@ class Service:
         # None: each node opens its own default bundle; the identity check makes sure it is the same one
         self.workers = start_workers(settings, settings.bundle, self.view.identity)
         self.scheduler = Scheduler(self.store, self.workers, self.view.identity, self.view.dataset_max,
-                                   settings.features_per_call, settings.max_attempts)
+                                   settings.features_per_call, settings.max_attempts, self.metrics.call_seconds)
         self._tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self.view.warm_up())]
 
     async def stop(self) -> None:

@@ -34,9 +34,10 @@ MAX_BACKOFF = 30.0  # the longest wait before a worker's loop that raised is run
 
 class Scheduler:
     def __init__(self, store: Store, workers: list[Worker], identity: str, dataset_max: Callable[[str], float],
-                 features_per_call: int, max_attempts: int):
+                 features_per_call: int, max_attempts: int, call_seconds=None):
         self.store, self.workers, self.identity, self.dataset_max = store, workers, identity, dataset_max
         self.features_per_call, self.max_attempts = features_per_call, max_attempts
+        self.call_seconds = call_seconds  # a Prometheus histogram (labelled by outcome), or None
         self._wake = asyncio.Event()
         self.describe: dict[int, dict] = {}  # worker index -> what its actor last said about itself
         self.loop_errors: dict[int, str] = {}  # worker index -> why its loop is restarting (cleared when it runs)
@@ -129,6 +130,12 @@ class Scheduler:
             config = config.model_copy(update={"iterations": config.iterations - bases[0].config.iterations})
         call = asyncio.wrap_future(worker.actor.dream.remote(features, config.model_dump(mode="json"), maxes,
                                                              previous).future())
+        started = time.monotonic()
+
+        def took(outcome: str) -> None:
+            if self.call_seconds is not None:
+                self.call_seconds.labels(outcome).observe(time.monotonic() - started)
+
         try:
             while not call.done():
                 await asyncio.wait([call], timeout=POLL_SECONDS)
@@ -136,13 +143,16 @@ class Scheduler:
                     await self._poll(worker, jobs)
             results = call.result()
         except RayActorError as error:
+            took("worker died")
             await self._worker_died(worker, jobs, error)
             return False
         except RayTaskError as error:  # the engine raised: the same input would raise again
+            took("failed")
             cause = error.cause if error.cause is not None else error
             for job in jobs:
                 await asyncio.to_thread(self.store.fail, job, f"{type(cause).__name__}: {cause}")
             return True
+        took(results[0]["stopped"] if results else "done")
         cancelled = await asyncio.to_thread(self.store.cancelling, [job.id for job in jobs])
         for job, result in zip(jobs, results):
             if job.id in cancelled:  # its partial best is kept, marked by result["stopped"]

@@ -305,3 +305,12 @@ def test_jobs_and_batches_are_listed(client):
     assert len(done["jobs"]) == min(2, done["total"]) and {job["status"] for job in done["jobs"]} <= {"done"}
     batches = client.get("/v1/batches").json()
     assert batches["total"] >= 1 and batches["batches"][0]["jobs"] >= 1
+
+
+def test_prometheus_metrics(client):
+    text = client.get("/metrics").text
+    counts = client.get("/v1/health").json()["jobs"]
+    for status, count in counts.items():
+        assert f'dreaming_jobs{{status="{status}"}} {float(count)}' in text
+    assert 'dreaming_workers{state="ready"} 1.0' in text and "dreaming_interactive_waiting 0.0" in text
+    assert 'dreaming_call_seconds_count{outcome="iterations"}' in text  # the dreams of the earlier tests
