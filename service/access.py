@@ -5,19 +5,25 @@ from __future__ import annotations
 import json
 import secrets
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+
+KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the service's API key")
+BEARER = HTTPBearer(auto_error=False, description="the service's API key as a Bearer token")
 
 
 def api_key_dependency(api_key: str | None):
-    """A FastAPI dependency: with a key configured, the request must carry it (Bearer token or X-API-Key)."""
+    """A FastAPI dependency: with a key configured, the request must carry it (Bearer token or X-API-Key). Both
+    ways are declared as security schemes in the OpenAPI document."""
 
-    async def require_api_key(request: Request) -> None:
+    async def require_api_key(header: str | None = Security(KEY_HEADER),
+                              bearer: HTTPAuthorizationCredentials | None = Security(BEARER)) -> None:
         if api_key is None:
             return
-        given = request.headers.get("x-api-key")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if given is None and scheme.lower() == "bearer":
-            given = token.strip()
+        given = header if header is not None else bearer.credentials if bearer is not None else None
         if given is None or not secrets.compare_digest(given.encode(), api_key.encode()):
             raise HTTPException(401, "this endpoint needs the API key: 'Authorization: Bearer <key>' or "
                                      "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
@@ -52,3 +58,10 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+async def one_error_shape(request, error: RequestValidationError) -> JSONResponse:
+    """Malformed input answers like every other error: 422 with `detail` a sentence (where and what), not a list."""
+    problems = [f"{'.'.join(str(part) for part in problem['loc'] if part != 'body') or 'body'}: {problem['msg']}"
+                for problem in error.errors()]
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)

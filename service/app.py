@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,7 +28,7 @@ from dreaming.cli import bundle_info
 from dreaming.dream_cache import max_key
 from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature
-from service.access import BodyLimit, api_key_dependency
+from service.access import BodyLimit, api_key_dependency, one_error_shape
 from service.bundle_view import SORTS, Busy, UnknownFeature
 from service.pages import add_pages
 from service.runtime import Service
@@ -122,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Fluent dreaming for transcoder features: prompts that activate a feature, beside its "
                               "dataset maxima, as % of the dataset max.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+
+    app.add_exception_handler(RequestValidationError, one_error_shape)
 
     @app.exception_handler(Busy)
     async def busy(request, error: Busy) -> JSONResponse:

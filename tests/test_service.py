@@ -284,7 +284,13 @@ def test_info_and_openapi(client):
     info = client.get("/v1/info").json()
     assert info["bundle"]["transcoder"]["layers"] == 3 and info["api_key_required"] is True
     assert info["limits"]["max_batch_features"] == 8 and info["dream_config"]["iterations"] >= 1
-    assert "/v1/dreams" in client.get("/openapi.json").json()["paths"]
+    openapi = client.get("/openapi.json").json()
+    assert "/v1/dreams" in openapi["paths"]
+    schemes = openapi["components"]["securitySchemes"]
+    assert {scheme["type"] for scheme in schemes.values()} == {"apiKey", "http"}
+    assert openapi["paths"]["/v1/dreams"]["post"]["security"]  # declared on the keyed endpoints
+    malformed = client.post("/v1/dreams", json={"feature": "1/2", "config": {"population": 0}}).json()
+    assert isinstance(malformed["detail"], str) and "config.population" in malformed["detail"]  # one error shape
     assert client.get("/docs").status_code == 200
 
 
