@@ -1,9 +1,9 @@
 """The HTTP API under /v1 (OpenAPI at /docs): dreams and batches as jobs (polled, or followed as server-sent
 events), feature pages, browsing, similar features, activations of user texts, feature search, health and info;
-and the web pages at / (service/pages.py), which call it. `create_app()` reads the settings from the environment; run it with
-`dreaming serve` (uvicorn). Errors are 4xx with a `detail` naming what was wrong and what is allowed:
-401 missing API key, 404 unknown job/batch/feature (with the valid range), 413 request too large,
-422 malformed or out-of-bounds input.
+the web pages at / (service/pages.py), which call it; Prometheus metrics at /metrics. `create_app()` reads the
+settings from the environment; run it with `dreaming serve` (uvicorn). Errors are {"detail": "..."} naming what
+was wrong and what is allowed: 401 missing API key, 404 unknown job/batch/feature (with the valid range), 409
+nothing to continue or cancel, 413 request too large, 422 malformed, out-of-bounds or too costly input, 503 busy.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from service.schemas import (ActivationsRequest, BatchList, BatchOut, BatchReque
 from service.settings import Settings
 from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch, Job
 
+MAX_OFFSET = 10**9  # listings: past any real table, and within the database's integers
 BUSY_RETRY_AFTER = 2  # seconds a client refused for a busy model is told to wait
 EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
 
@@ -204,12 +205,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @v1.get("/jobs", response_model=JobList, summary="This bundle's jobs, newest first, paginated, of one status "
             "or all (without results)")
     async def list_jobs(status: Literal[QUEUED, RUNNING, DONE, FAILED, CANCELLED] | None = None,
-                        offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> JobList:
+                        offset: int = Query(0, ge=0, le=MAX_OFFSET),
+                        limit: int = Query(50, ge=1, le=500)) -> JobList:
         total, jobs = await in_thread(service.store.list_jobs, service.view.identity, status, offset, limit)
         return JobList(total=total, offset=offset, limit=limit, jobs=[job_summary(job) for job in jobs])
 
     @v1.get("/batches", response_model=BatchList, summary="The batches, newest first, paginated")
-    async def list_batches(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> BatchList:
+    async def list_batches(offset: int = Query(0, ge=0, le=MAX_OFFSET),
+                           limit: int = Query(50, ge=1, le=500)) -> BatchList:
         total, batches = await in_thread(service.store.list_batches, offset, limit)
         return BatchList(total=total, offset=offset, limit=limit, batches=[
             {"batch_id": batch.id, "created": batch.created, "jobs": len(batch.job_ids)} for batch in batches])
@@ -310,7 +313,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "active), dense, has dreams; in feature order or by density or dataset max; paginated")
     async def list_features(layer: int | None = Query(None, ge=0), live: bool = False, dense: bool | None = None,
                             dreams: bool = False, sort: Literal[tuple(SORTS)] = "index",
-                            offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> dict:
+                            offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500)) -> dict:
         if layer is not None and layer >= service.view.n_layers:
             raise HTTPException(422, f"unknown layer {layer}: layer must be in 0..{service.view.n_layers - 1}")
         with_dreams = await in_thread(features_with_dreams)

@@ -302,10 +302,15 @@ class SQLiteStore(Store):
             current = db.execute("UPDATE jobs SET status = ?, updated = ? WHERE id = ? AND status = ? AND attempts = ?",
                                  (DONE, now, job.id, RUNNING, job.attempts)).rowcount
             if current:
-                identity = db.execute("SELECT identity FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
-                db.execute("INSERT OR REPLACE INTO results (key, identity, feature, job_id, result, created) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (job.key, identity, job.feature, job.id, json.dumps(result), now))
+                self._store_result(db, job, result, now)
         return bool(current)
+
+    def _store_result(self, db, job: Job, result: dict, now: float) -> None:
+        """The job's result under its key: a later one (the same request run to its end) replaces an earlier one
+        (a cancelled run's partial result)."""
+        identity = db.execute("SELECT identity FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
+        db.execute("INSERT OR REPLACE INTO results (key, identity, feature, job_id, result, created) "
+                   "VALUES (?, ?, ?, ?, ?, ?)", (job.key, identity, job.feature, job.id, json.dumps(result), now))
 
     def fail(self, job, error):
         with self._transaction() as db:
@@ -342,9 +347,7 @@ class SQLiteStore(Store):
                                  "AND attempts = ?", (CANCELLED, "cancelled while running: its result is the best "
                                                       "found until then", now, job.id, RUNNING, job.attempts)).rowcount
             if current and result is not None:
-                identity = db.execute("SELECT identity FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
-                db.execute("INSERT OR REPLACE INTO results (key, identity, feature, job_id, result, created) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (job.key, identity, job.feature, job.id, json.dumps(result), now))
+                self._store_result(db, job, result, now)
 
     def recover(self, max_attempts=None):
         with self._transaction() as db:
