@@ -17,7 +17,7 @@ from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import SQLiteStore, Store
-from service.workers import Worker, connect_ray, start_workers, stop_workers
+from service.workers import Worker, connect_ray, start_worker, start_workers, stop_workers
 
 log = logging.getLogger("dreaming.service")
 
@@ -44,7 +44,8 @@ class Service:
         # None: each node opens its own default bundle; the identity check makes sure it is the same one
         self.workers = start_workers(settings, settings.bundle, self.view.identity)
         self.scheduler = Scheduler(self.store, self.workers, self.view.identity, self.view.dataset_max,
-                                   settings.features_per_call, settings.max_attempts, self.metrics.call_seconds)
+                                   settings.features_per_call, settings.max_attempts, self.metrics.call_seconds,
+                                   self.replace_worker)
         self._tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self.view.warm_up())]
 
     async def stop(self) -> None:
@@ -59,6 +60,13 @@ class Service:
         if self.view is not None:
             self.view.close()
 
+    def replace_worker(self, dead: Worker) -> Worker:
+        """A new actor in the slot of one that is dead for good (killed, or its constructor raised)."""
+        worker = start_worker(self.settings, self.settings.bundle, self.view.identity, dead.index, dead.gpus)
+        self.workers[self.workers.index(dead)] = worker
+        return worker
+
     def workers_info(self) -> list[dict]:
         described = self.scheduler.describe if self.scheduler else {}
-        return [{"index": w.index, "gpus": w.gpus, **described.get(w.index, {"starting": True})} for w in self.workers]
+        return [{"index": w.index, "gpus": w.gpus, "name": w.name, **described.get(w.index, {"starting": True})}
+                for w in self.workers]

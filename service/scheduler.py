@@ -30,14 +30,17 @@ log = logging.getLogger("dreaming.service")
 
 POLL_SECONDS = 0.5  # progress polling while a call runs; also the idle wait between queue checks
 MAX_BACKOFF = 30.0  # the longest wait before a worker's loop that raised is run again
+CHECK_IDLE_EVERY = 5.0  # seconds between two checks that an idle actor is alive
 
 
 class Scheduler:
     def __init__(self, store: Store, workers: list[Worker], identity: str, dataset_max: Callable[[str], float],
-                 features_per_call: int, max_attempts: int, call_seconds=None):
+                 features_per_call: int, max_attempts: int, call_seconds=None,
+                 replace: Callable[[Worker], Worker] | None = None):
         self.store, self.workers, self.identity, self.dataset_max = store, workers, identity, dataset_max
         self.features_per_call, self.max_attempts = features_per_call, max_attempts
         self.call_seconds = call_seconds  # a Prometheus histogram (labelled by outcome), or None
+        self.replace = replace  # starts a new actor in the slot of one that is dead for good
         self._wake = asyncio.Event()
         self.describe: dict[int, dict] = {}  # worker index -> what its actor last said about itself
         self.loop_errors: dict[int, str] = {}  # worker index -> why its loop is restarting (cleared when it runs)
@@ -56,7 +59,13 @@ class Scheduler:
         while True:
             started = time.monotonic()
             try:
-                return await self._serve(worker)  # returns only when the actor can never start
+                await self._serve(worker)  # returns only when the actor is dead for good
+                if self.replace is None:
+                    return
+                log.warning("worker %d is dead for good: a new actor in %.1f s", worker.index, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF)
+                worker = self.replace(worker)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -69,11 +78,18 @@ class Scheduler:
 
     async def _serve(self, worker: Worker) -> None:
         while await self._until_ready(worker):
+            checked = time.monotonic()
             while True:
                 jobs = await asyncio.to_thread(self.store.claim, self.identity, self.features_per_call,
                                                self.max_attempts)
                 self.loop_errors.pop(worker.index, None)  # the store answers: the loop is healthy again
                 if not jobs:
+                    if time.monotonic() - checked > CHECK_IDLE_EVERY:  # an idle actor may have died meanwhile
+                        checked = time.monotonic()
+                        try:
+                            self.describe[worker.index] = await worker.actor.describe.remote()
+                        except RayActorError:
+                            break  # restarting, or dead for good: _until_ready tells which
                     self._wake.clear()
                     try:
                         await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)

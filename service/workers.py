@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -116,11 +117,23 @@ def connect_ray(address: str | None) -> bool:
     return True
 
 
+NAMESPACE = "dreaming"  # the Ray namespace of the worker actors (named, so operators and tests can find them)
+
+
 @dataclass
 class Worker:
     index: int
     actor: ray.actor.ActorHandle
     gpus: int
+    name: str  # the actor's name in NAMESPACE
+
+
+def start_worker(settings: Settings, bundle_dir: str | None, identity: str, index: int, gpus: int) -> Worker:
+    """A new worker actor for slot `index` (a GPU actor when `gpus`), named uniquely in the cluster."""
+    name = f"dreaming-worker-{index}-{uuid.uuid4().hex[:8]}"
+    actor = RemoteDreamWorker.options(num_gpus=gpus, num_cpus=1, name=name, namespace=NAMESPACE).remote(
+        bundle_dir, identity, settings.worker_step_delay, settings.job_deadline)
+    return Worker(index, actor, gpus, name)
 
 
 def start_workers(settings: Settings, bundle_dir: str | None, identity: str) -> list[Worker]:
@@ -128,10 +141,8 @@ def start_workers(settings: Settings, bundle_dir: str | None, identity: str) -> 
     gpus = settings.gpu_workers
     if gpus is None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-    options = [dict(num_gpus=1, num_cpus=1)] * gpus or [dict(num_gpus=0, num_cpus=1)]
-    return [Worker(index, RemoteDreamWorker.options(**option).remote(bundle_dir, identity, settings.worker_step_delay,
-                                                                     settings.job_deadline), option["num_gpus"])
-            for index, option in enumerate(options)]
+    return [start_worker(settings, bundle_dir, identity, index, 1) for index in range(gpus)] or [
+        start_worker(settings, bundle_dir, identity, 0, 0)]
 
 
 def stop_workers(workers: list[Worker]) -> None:

@@ -31,7 +31,7 @@ class ReadyActor:
 def test_a_worker_loop_that_raises_recovers(monkeypatch):
     monkeypatch.setattr(scheduler_module, "POLL_SECONDS", 0.01)
     store = FlakyStore(failures=3)
-    scheduler = Scheduler(store, [Worker(0, ReadyActor(), 0)], "id", lambda feature: 1.0, 2, 3)
+    scheduler = Scheduler(store, [Worker(0, ReadyActor(), 0, "test")], "id", lambda feature: 1.0, 2, 3)
     seen_errors = []
 
     async def run_until_recovered():

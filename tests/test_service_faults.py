@@ -106,3 +106,25 @@ def test_cancel_mid_job_keeps_its_best_and_requeues_the_rest_of_its_call(tiny_bu
             assert client.get("/v1/health").json()["status"] == "ok"
     finally:
         server.stop()
+
+
+def test_a_dead_actor_is_replaced(tiny_bundle, tmp_path, ray_address):
+    import ray
+
+    from service.workers import NAMESPACE
+
+    server = Server(tiny_bundle.directory, tmp_path / "home", ray_address).start()
+    try:
+        with server.client() as client:
+            [worker] = client.get("/v1/info").json()["workers"]
+            ray.kill(ray.get_actor(worker["name"], namespace=NAMESPACE), no_restart=True)  # dead for good
+            replaced = wait_for(lambda: (w := client.get("/v1/info").json()["workers"][0])["name"] != worker["name"]
+                                and "pid" in w and w, timeout=120)
+            assert replaced["pid"] != worker["pid"] and replaced["index"] == worker["index"]
+            job = client.post("/v1/dreams", json={"feature": "2/9", "config": {**TINY_CONFIG, "seed": 3}}).json()
+            done = wait_for(lambda: (j := client.get(f"/v1/jobs/{job['job_id']}").json())["status"] != "queued"
+                            and j["status"] != "running" and j)
+            assert done["status"] == "done"
+            assert client.get("/v1/health").json()["status"] == "ok"
+    finally:
+        server.stop()
