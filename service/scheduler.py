@@ -1,6 +1,7 @@
 """The scheduler: an asyncio task per worker actor that takes queued jobs from the store and dreams them.
 
-Each loop claims up to `features_per_call` queued jobs with one identical config, sends them to its actor in
+Each loop claims up to `features_per_call` queued jobs with one identical config (small requests and the jobs of
+batches too big for one call take turns, so a large batch does not hold up a single request), sends them to its actor in
 one `dream` call, polls the actor's progress into the store while the call runs, and stores the results. A job
 whose search was stored before for fewer iterations (`more`) continues the longest such run for the difference,
 which gives the result of one run of the job's length.
@@ -41,6 +42,7 @@ class Scheduler:
         self.features_per_call, self.max_attempts = features_per_call, max_attempts
         self.call_seconds = call_seconds  # a Prometheus histogram (labelled by outcome), or None
         self.replace = replace  # starts a new actor in the slot of one that is dead for good
+        self._bulk_turn = False
         self._wake = asyncio.Event()
         self.describe: dict[int, dict] = {}  # worker index -> what its actor last said about itself
         self.loop_errors: dict[int, str] = {}  # worker index -> why its loop is restarting (cleared when it runs)
@@ -80,8 +82,9 @@ class Scheduler:
         while await self._until_ready(worker):
             checked = time.monotonic()
             while True:
+                self._bulk_turn = not self._bulk_turn  # a big batch and single requests take turns
                 jobs = await asyncio.to_thread(self.store.claim, self.identity, self.features_per_call,
-                                               self.max_attempts)
+                                               self.max_attempts, self._bulk_turn)
                 self.loop_errors.pop(worker.index, None)  # the store answers: the loop is healthy again
                 if not jobs:
                     if time.monotonic() - checked > CHECK_IDLE_EVERY:  # an idle actor may have died meanwhile
@@ -102,9 +105,10 @@ class Scheduler:
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # never let one call stop the loop; its jobs fail with the reason
-                    log.exception("worker %d: call failed", worker.index)
-                    for job in jobs:
-                        await asyncio.to_thread(self.store.fail, job, f"internal error: {error}")
+                    log.exception("worker %d: call of jobs %s failed", worker.index, ",".join(j.id for j in jobs))
+                    for job in jobs:  # the answer names no internals: the log has the traceback, by job id
+                        await asyncio.to_thread(self.store.fail, job, f"internal error ({type(error).__name__}); "
+                                                                      "the service log has the details")
 
     async def _until_ready(self, worker: Worker) -> bool:
         """Wait until the actor answers (its constructor ran, after a start or a restart); False if it never will."""

@@ -97,9 +97,12 @@ class Store(ABC):
         """The jobs in the order asked (unknown ids left out)."""
 
     @abstractmethod
-    def claim(self, identity: str, limit: int, max_attempts: int | None = None) -> list[Job]:
-        """Up to `limit` queued jobs of this bundle with one identical config, oldest first, now running
-        (attempts + 1). Queued jobs already given `max_attempts` times fail instead (with the reason)."""
+    def claim(self, identity: str, limit: int, max_attempts: int | None = None, bulk_first: bool = False
+              ) -> list[Job]:
+        """Up to `limit` queued jobs of this bundle with one identical config, now running (attempts + 1): oldest
+        first among the small requests (a job alone, or in a batch of at most `limit`), else among the bulk ones
+        (in a larger batch); `bulk_first` turns the preference round, so that callers alternating it let neither
+        starve. Queued jobs already given `max_attempts` times fail instead (with the reason)."""
 
     @abstractmethod
     def set_progress(self, job_ids: list[str], progress: dict) -> None: ...
@@ -273,19 +276,23 @@ class SQLiteStore(Store):
             rows = db.execute("SELECT job_id FROM batch_jobs WHERE batch_id = ? ORDER BY position", (batch_id,))
             return Batch(batch_id, [row[0] for row in rows], created[0])
 
-    def claim(self, identity, limit, max_attempts=None):
+    def claim(self, identity, limit, max_attempts=None, bulk_first=False):
         now = time.time()
         with self._transaction() as db:
             if max_attempts is not None:
                 db.execute("UPDATE jobs SET status = ?, error = ?, updated = ? WHERE status = ? AND identity = ? "
                            "AND attempts >= ?", (FAILED, gave_up(max_attempts), now, QUEUED, identity, max_attempts))
-            first = db.execute("SELECT config FROM jobs WHERE status = ? AND identity = ? ORDER BY created, rowid "
-                               "LIMIT 1", (QUEUED, identity)).fetchone()
+            # bulk: the job is in a batch that one call cannot take whole; small requests and bulk take turns
+            bulk = ("EXISTS (SELECT 1 FROM batch_jobs AS mine WHERE mine.job_id = jobs.id AND mine.batch_id IN "
+                    "(SELECT batch_id FROM batch_jobs GROUP BY batch_id HAVING COUNT(*) > ?))")
+            order = f"ORDER BY {bulk} {'DESC' if bulk_first else 'ASC'}, created, rowid"
+            first = db.execute(f"SELECT config FROM jobs WHERE status = ? AND identity = ? {order} LIMIT 1",
+                               (QUEUED, identity, limit)).fetchone()
             if first is None:
                 return []
             ids = [row[0] for row in db.execute(
-                "SELECT id FROM jobs WHERE status = ? AND identity = ? AND config = ? ORDER BY created, rowid LIMIT ?",
-                (QUEUED, identity, first[0], limit))]
+                f"SELECT id FROM jobs WHERE status = ? AND identity = ? AND config = ? {order} LIMIT ?",
+                (QUEUED, identity, first[0], limit, limit))]
             marks = ",".join("?" * len(ids))
             db.execute(f"UPDATE jobs SET status = ?, attempts = attempts + 1, progress = '{{}}', cancel = 0, "
                        f"updated = ? WHERE id IN ({marks})", (RUNNING, now, *ids))

@@ -13,7 +13,7 @@ class FlakyStore:
     def __init__(self, failures: int):
         self.failures, self.claims = failures, 0
 
-    def claim(self, identity, limit, max_attempts=None):
+    def claim(self, identity, limit, max_attempts=None, bulk_first=False):
         self.claims += 1
         if self.failures:
             self.failures -= 1

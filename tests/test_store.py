@@ -238,3 +238,14 @@ def test_jobs_and_batches_are_listed_newest_first_page_by_page(tmp_path):
     batches = [store.submit_batch("id", ["2/1", "2/2"], CONFIG, [MAX, MAX]).id for _ in range(3)]
     total, page = store.list_batches(1, 5)
     assert total == 3 and [batch.id for batch in page] == batches[::-1][1:] and len(page[0].job_ids) == 2
+
+
+def test_a_large_batch_and_single_requests_take_turns(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    batch = store.submit_batch("id", [f"1/{i}" for i in range(6)], CONFIG, [MAX] * 6)  # more than one call takes
+    single = store.submit("id", "2/1", OTHER, MAX)  # asked for after the batch
+    assert [job.id for job in store.claim("id", 2)] == [single.id]  # small requests first
+    assert [job.id for job in store.claim("id", 2, bulk_first=True)] == batch.job_ids[:2]
+    again = store.submit("id", "2/2", CONFIG, MAX)  # the batch's config, alone: small, so it goes with the first
+    assert [job.id for job in store.claim("id", 2)] == [again.id, batch.job_ids[2]]
+    assert [job.id for job in store.claim("id", 2, bulk_first=True)] == batch.job_ids[3:5]
