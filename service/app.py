@@ -132,7 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": str(BUSY_RETRY_AFTER)})
     app.state.service = service
     keyed = [Depends(api_key_dependency(settings.api_key))]
-    v1 = APIRouter(prefix="/v1")
+    # with DREAMING_KEY_ON_READS, reads need the key too; /v1/health stays open for orchestrators' probes
+    v1 = APIRouter(prefix="/v1", dependencies=keyed if settings.key_on_reads else [])
+    probes = APIRouter(prefix="/v1")
 
     def known(feature: Feature) -> Feature:
         try:
@@ -362,7 +364,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
 
-    @v1.get("/health", summary="200 when serving; 503 with the reasons when degraded (no worker ready, a worker loop "
+    @probes.get("/health", summary="200 when serving; 503 with the reasons when degraded (no worker ready, a worker loop "
             "restarting, the job store not answering); workers ready, jobs per status",
             responses={503: {"description": "degraded, with `reasons`"}})
     async def health() -> JSONResponse:
@@ -384,13 +386,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"bundle": bundle_info(service.view.bundle), "identity": service.view.identity,
                 "workers": service.workers_info(), "features_per_call": settings.features_per_call,
                 "limits": vars(limits), "api_key_required": settings.api_key is not None,
+                "key_on_reads": settings.key_on_reads and settings.api_key is not None,
                 "dream_config": DreamConfig().model_dump(mode="json"),
                 "dream_config_schema": DreamConfig.model_json_schema()}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=keyed if settings.key_on_reads else [])
     async def metrics() -> Response:  # Prometheus text format, read in a thread (the store answers the counts)
         return Response(await in_thread(generate_latest, service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(v1)
+    app.include_router(probes)
     add_pages(app)
     return app

@@ -4,6 +4,7 @@
     DREAMING_DB                the job database (default `$DREAMING_HOME/service/jobs.sqlite`)
     DREAMING_BUNDLE            the bundle directory to serve (default: the default bundle, built if missing)
     DREAMING_API_KEY           when set, POST endpoints need `Authorization: Bearer <key>` or `X-API-Key: <key>`
+    DREAMING_KEY_ON_READS      with a key set, "1" makes every GET need it too (but /v1/health)
     RAY_ADDRESS                attach to this Ray cluster; unset: start a local Ray
     DREAMING_GPU_WORKERS       GPU worker actors to start (default: the cluster's GPU count; 0 -> one CPU actor)
     DREAMING_FEATURES_PER_CALL features dreamed together in one engine call (same config), default 16
@@ -56,6 +57,7 @@ class Settings:
     database: Path
     bundle: str | None = None
     api_key: str | None = None
+    key_on_reads: bool = False
     ray_address: str | None = None
     gpu_workers: int | None = None
     features_per_call: int = 16
@@ -70,6 +72,7 @@ class Settings:
             database=Path(os.environ.get("DREAMING_DB") or dreaming_home() / "service" / "jobs.sqlite"),
             bundle=os.environ.get("DREAMING_BUNDLE") or None,
             api_key=os.environ.get("DREAMING_API_KEY") or None,
+            key_on_reads=os.environ.get("DREAMING_KEY_ON_READS", "").lower() in ("1", "true", "yes"),
             ray_address=os.environ.get("RAY_ADDRESS") or None,
             gpu_workers=_optional_int("DREAMING_GPU_WORKERS"),
             features_per_call=int(os.environ.get("DREAMING_FEATURES_PER_CALL", 16)),

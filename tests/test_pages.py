@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from serving import API_KEY, TINY_CONFIG, serving
@@ -192,6 +193,10 @@ def test_batch_fills_its_table_and_downloads(tab, client, tmp_path):
     assert [line["feature"] for line in lines] == ["0/3", "1/4", "2/6"] and {line["status"] for line in lines} == {"done"}
     results = page.request.get(tab.url + page.get_attribute("#download-json", "href")).json()
     assert [job["result"]["feature"] for job in results] == ["0/3", "1/4", "2/6"]
+    with page.expect_download() as clicked:  # the link itself fetches (with the key, when reads need it)
+        page.click("#download-csv")
+    saved = Path(clicked.value.path()).read_text()
+    assert [line["feature"] for line in csv.DictReader(io.StringIO(saved))] == ["0/3", "1/4", "2/6"]
     assert tab.errors == []
 
 
@@ -239,3 +244,27 @@ def test_progress_streams_as_server_sent_events(client):
     assert statuses[-1] == "done" and updates[-1]["result"]["feature"] == "0/7"
     assert len(updates) == len({json.dumps(update, sort_keys=True) for update in updates})  # only changes
     assert client.get("/v1/jobs/nope/events").status_code == 404
+
+
+def test_with_the_key_required_on_reads_the_pages_ask_for_it_first(browser, server, tiny_bundle, tmp_path):
+    import httpx
+    from serving import Server
+
+    guarded = Server(tiny_bundle.directory, tmp_path / "home", server.ray_address, DREAMING_KEY_ON_READS="1").start()
+    try:
+        assert httpx.get(f"{guarded.url}/v1/jobs").status_code == 401
+        assert httpx.get(f"{guarded.url}/metrics").status_code == 401
+        assert httpx.get(f"{guarded.url}/v1/health").status_code == 200  # probes stay open
+        with guarded.client() as client:
+            assert client.get("/v1/jobs").status_code == 200 and client.get("/v1/info").json()["key_on_reads"]
+        tab = Tab(browser, guarded, key=None)
+        tab.page.goto(guarded.url + "/")
+        tab.page.wait_for_selector("#key-form:not([hidden])")
+        tab.page.fill("#key-input", API_KEY)
+        tab.page.click("#key-form button[type=submit]")
+        tab.page.wait_for_selector("body[data-ready=true]")
+        assert tab.page.query_selector_all("#browse-table a.feature")
+        assert all("401" in error for error in tab.errors)  # the first read, refused before the key was given
+        tab.close()
+    finally:
+        guarded.stop()

@@ -22,6 +22,18 @@ function showBatch(batch) {
     el("td", {}, el("span", {class: "tokens"}, job.best_fluent_prompt ? tokenText(job.best_fluent_prompt) : "")))));
 }
 
+// A download through fetch, so that the key goes with it when the server needs it on reads.
+async function download(event) {
+  event.preventDefault();
+  const link = event.currentTarget;
+  const response = await fetch(link.href, {headers: headers()});
+  if (!response.ok) throw new Error(`${response.status}: the download failed`);
+  const url = URL.createObjectURL(await response.blob());
+  const save = el("a", {href: url, download: link.href.includes("format=csv") ? "batch.csv" : "batch.json"});
+  save.click();
+  URL.revokeObjectURL(url);
+}
+
 async function followBatch(batchId) {
   const last = await follow(`/v1/batches/${batchId}/events`, showBatch);
   document.body.dataset.batch = last ? last.status : "unknown";
@@ -48,6 +60,7 @@ async function start() {
   const info = await serverInfo();
   $("batch-iterations").value = info.dream_config.iterations;
   $("batch-form").addEventListener("submit", guarded(submit));
+  for (const id of ["download-json", "download-csv"]) $(id).addEventListener("click", guarded(download));
   $("batch-file").addEventListener("change", guarded(async () => {
     const file = $("batch-file").files[0];
     if (file) $("batch-features").value = await file.text();
