@@ -128,3 +128,21 @@ def test_a_dead_actor_is_replaced(tiny_bundle, tmp_path, ray_address):
             assert client.get("/v1/health").json()["status"] == "ok"
     finally:
         server.stop()
+
+
+def test_a_job_that_kills_its_worker_three_times_fails_with_the_reason(tiny_bundle, tmp_path, ray_address):
+    server = Server(tiny_bundle.directory, tmp_path / "home", ray_address, DREAMING_WORKER_STEP_DELAY="0.3").start()
+    try:
+        with server.client() as client:
+            job = client.post("/v1/dreams", json={"feature": "0/6", "config": SLOW}).json()
+            for attempt in (1, 2, 3):
+                wait_for(lambda: (j := client.get(f"/v1/jobs/{job['job_id']}").json())["attempts"] == attempt
+                         and (j["progress"] or {}).get("done"))
+                [worker] = client.get("/v1/info").json()["workers"]
+                os.kill(worker["pid"], signal.SIGKILL)
+            ended = wait_for(lambda: (j := client.get(f"/v1/jobs/{job['job_id']}").json())["status"] == "failed"
+                             and j)
+            assert ended["attempts"] == 3 and "died 3 times" in ended["error"]
+            assert wait_for(lambda: client.get("/v1/health").json()["status"] == "ok")  # the worker serves again
+    finally:
+        server.stop()
