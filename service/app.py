@@ -383,7 +383,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @v1.get("/info", summary="The served bundle, the workers, the limits and the dream config's defaults")
     async def info() -> dict:
-        return {"bundle": bundle_info(service.view.bundle), "identity": service.view.identity,
+        # what the bundle is, without where it lives on the server's disk
+        bundle = {name: value for name, value in bundle_info(service.view.bundle).items() if name != "bundle"}
+        return {"bundle": bundle, "identity": service.view.identity,
                 "workers": service.workers_info(), "features_per_call": settings.features_per_call,
                 "limits": vars(limits), "api_key_required": settings.api_key is not None,
                 "key_on_reads": settings.key_on_reads and settings.api_key is not None,

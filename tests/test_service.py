@@ -283,6 +283,7 @@ def test_api_key_as_bearer_token_and_gets_without_key(server):
 def test_info_and_openapi(client):
     info = client.get("/v1/info").json()
     assert info["bundle"]["transcoder"]["layers"] == 3 and info["api_key_required"] is True
+    assert "bundle" not in info["bundle"]  # no server path in an answer
     assert info["limits"]["max_batch_features"] == 8 and info["dream_config"]["iterations"] >= 1
     openapi = client.get("/openapi.json").json()
     assert "/v1/dreams" in openapi["paths"]
