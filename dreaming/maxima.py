@@ -82,7 +82,6 @@ class MaximaAccumulator:
     def __init__(self, n_layers: int, n_features: int, n_sources: int, top_k: int, device, interval_examples: int = 4):
         L, F, k = n_layers, n_features, top_k
         R, E = len(INTERVAL_EDGES) + 1, interval_examples
-        self.interval_edges = torch.tensor(INTERVAL_EDGES, device=device)
         self.interval_priority = torch.full((L, F, R, E), torch.iinfo(torch.int64).max, device=device)  # empty: max
         self.interval_values = torch.zeros(L, F, R, E, device=device)
         self.interval_window = torch.full((L, F, R, E), -1, dtype=torch.int64, device=device)
@@ -170,7 +169,7 @@ class MaximaAccumulator:
             "interval_values": self.interval_values.float(),
             "interval_window": self.interval_window.int(),
             "interval_position": self.interval_position.int(),
-            "interval_edges": self.interval_edges.float(),
+            "interval_edges": torch.from_numpy(INTERVAL_EDGES.copy()),  # the fixed ranges, saved for readers
         }
 
 
