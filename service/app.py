@@ -12,7 +12,6 @@ import asyncio
 import csv
 import io
 import json
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -30,6 +29,7 @@ from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature
 from service.access import BodyLimit, api_key_dependency, one_error_shape
 from service.bundle_view import SORTS, Busy, UnknownFeature
+from service.logs import service_log
 from service.pages import add_pages
 from service.runtime import Service
 from service.schemas import (ActivationsRequest, BatchList, BatchOut, BatchRequest, BatchSummary, DreamRequest,
@@ -105,12 +105,7 @@ def batch_status(jobs: list[Job]) -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    log = logging.getLogger("dreaming.service")
-    if not log.handlers:  # uvicorn configures only its own loggers
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    service_log()
     limits = settings.limits
     service = Service(settings)
 
@@ -369,7 +364,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             responses={503: {"description": "degraded, with `reasons`"}})
     async def health() -> JSONResponse:
         workers = service.workers_info()
-        ready = sum("pid" in worker for worker in workers)
+        ready = sum(worker["state"] == "ready" for worker in workers)
         reasons = [] if ready else ["no worker is ready"]
         reasons += [f"worker {index}: loop restarting after {error}"
                     for index, error in sorted(service.scheduler.loop_errors.items())]

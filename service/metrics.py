@@ -24,7 +24,7 @@ class ServiceCollector:
             jobs.add_metric([status], count)
         yield jobs
         workers = GaugeMetricFamily("dreaming_workers", "Worker actors per state", labels=["state"])
-        states = [worker_state(info) for info in service.workers_info()]
+        states = [info["state"] for info in service.workers_info()]
         for state in ("ready", "starting", "restarting", "error"):
             workers.add_metric([state], states.count(state))
         yield workers
@@ -34,14 +34,6 @@ class ServiceCollector:
         waiting = GaugeMetricFamily("dreaming_interactive_waiting", "Interactive calls waiting for or using the model")
         waiting.add_metric([], service.view.waiting if service.view else 0)
         yield waiting
-
-
-def worker_state(info: dict) -> str:
-    if "pid" in info:
-        return "ready"
-    if "error" in info:
-        return "error"
-    return "restarting" if info.get("restarting") else "starting"
 
 
 class Metrics:

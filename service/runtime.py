@@ -47,6 +47,8 @@ class Service:
                                    settings.features_per_call, settings.max_attempts, self.metrics.call_seconds,
                                    self.replace_worker)
         self._tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self.view.warm_up())]
+        if settings.gpu_workers is None:
+            self._tasks.append(asyncio.create_task(self.watch_gpus()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -66,7 +68,35 @@ class Service:
         self.workers[self.workers.index(dead)] = worker
         return worker
 
+    async def watch_gpus(self) -> None:
+        """Start a GPU worker for each GPU that joins the cluster after the start (when DREAMING_GPU_WORKERS does
+        not fix the count): a node added by hand or by an autoscaler is used without a restart."""
+        while True:
+            await asyncio.sleep(self.settings.gpu_check_seconds)
+            gpus = int((await asyncio.to_thread(ray.cluster_resources)).get("GPU", 0))
+            for _ in range(gpus - sum(worker.gpus for worker in self.workers)):
+                worker = start_worker(self.settings, self.settings.bundle, self.view.identity, len(self.workers), 1)
+                log.info("a GPU joined the cluster: worker %d starts", worker.index, extra={"worker": worker.index})
+                self.workers.append(worker)
+                self.scheduler.add(worker)
+
     def workers_info(self) -> list[dict]:
+        """What the API shows of each worker: slot, GPUs, actor name, state and device (no process ids, nodes or
+        paths: those are in the service log)."""
         described = self.scheduler.describe if self.scheduler else {}
-        return [{"index": w.index, "gpus": w.gpus, "name": w.name, **described.get(w.index, {"starting": True})}
-                for w in self.workers]
+        info = []
+        for worker in self.workers:
+            about = described.get(worker.index, {})
+            info.append({"index": worker.index, "gpus": worker.gpus, "name": worker.name, "state": worker_state(about),
+                         "device": about.get("device"), **({"error": about["error"]} if "error" in about else {})})
+        return info
+
+
+def worker_state(described: dict) -> str:
+    """ready, error (its constructor failed), restarting (Ray restarts it) or starting, from what the scheduler
+    last heard of the actor."""
+    if "incarnation" in described:
+        return "ready"
+    if "error" in described:
+        return "error"
+    return "restarting" if described.get("restarting") else "starting"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Callable
 
 from pydantic import ValidationError
@@ -44,6 +45,7 @@ class Scheduler:
         self.replace = replace  # starts a new actor in the slot of one that is dead for good
         self._bulk_turn = False
         self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task] = []
         self.describe: dict[int, dict] = {}  # worker index -> what its actor last said about itself
         self.loop_errors: dict[int, str] = {}  # worker index -> why its loop is restarting (cleared when it runs)
 
@@ -52,7 +54,18 @@ class Scheduler:
         self._wake.set()
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._supervise(worker) for worker in self.workers))
+        """Serve with every worker until cancelled (or until every loop has ended: no `replace`)."""
+        self._loops = [asyncio.create_task(self._supervise(worker)) for worker in self.workers]
+        try:
+            while not all(loop.done() for loop in self._loops):
+                await asyncio.wait(self._loops)  # again if `add` started another meanwhile
+        finally:
+            for loop in self._loops:
+                loop.cancel()
+
+    def add(self, worker: Worker) -> None:
+        """Serve with a worker started after `run` (a GPU that joined the cluster)."""
+        self._loops.append(asyncio.create_task(self._supervise(worker)))
 
     async def _supervise(self, worker: Worker) -> None:
         """Run a worker's loop; when it raises (the store, Ray), log it, wait (doubling up to MAX_BACKOFF) and run
@@ -64,7 +77,8 @@ class Scheduler:
                 await self._serve(worker)  # returns only when the actor is dead for good
                 if self.replace is None:
                     return
-                log.warning("worker %d is dead for good: a new actor in %.1f s", worker.index, backoff)
+                log.warning("worker %d is dead for good: a new actor in %.1f s", worker.index, backoff,
+                            extra=about(worker))
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, MAX_BACKOFF)
                 worker = self.replace(worker)
@@ -74,7 +88,8 @@ class Scheduler:
                 if time.monotonic() - started > 2 * MAX_BACKOFF:  # it had run well for a while: a fresh failure
                     backoff = POLL_SECONDS
                 self.loop_errors[worker.index] = f"{type(error).__name__}: {error}"
-                log.exception("worker %d: loop failed; restarting it in %.1f s", worker.index, backoff)
+                log.exception("worker %d: loop failed; restarting it in %.1f s", worker.index, backoff,
+                              extra=about(worker))
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, MAX_BACKOFF)
 
@@ -105,7 +120,7 @@ class Scheduler:
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # never let one call stop the loop; its jobs fail with the reason
-                    log.exception("worker %d: call of jobs %s failed", worker.index, ",".join(j.id for j in jobs))
+                    log.exception("worker %d: call failed", worker.index, extra=about(worker, jobs))
                     for job in jobs:  # the answer names no internals: the log has the traceback, by job id
                         await asyncio.to_thread(self.store.fail, job, f"internal error ({type(error).__name__}); "
                                                                       "the service log has the details")
@@ -119,8 +134,8 @@ class Scheduler:
             except ActorUnavailableError:  # restarting
                 await asyncio.sleep(POLL_SECONDS)
             except RayActorError as error:  # dead for good, e.g. its constructor raised
-                log.error("worker %d cannot start: %s", worker.index, error)
-                self.describe[worker.index] = {"error": str(error)}
+                log.error("worker %d cannot start: %s", worker.index, error, extra=about(worker))
+                self.describe[worker.index] = {"error": "the actor could not start (the service log says why)"}
                 return False
 
     def longest_stored_run(self, feature: str, config: DreamConfig, dataset_max: float | None,
@@ -139,7 +154,7 @@ class Scheduler:
     async def _run(self, worker: Worker, jobs: list[Job]) -> bool:
         """One engine call for `jobs`; False when the actor died during it."""
         features = [job.feature for job in jobs]
-        log.info("worker %d: dreaming %s (attempt %s)", worker.index, ",".join(features), jobs[0].attempts)
+        log.info("worker %d: dreaming %s", worker.index, ",".join(features), extra=about(worker, jobs))
         maxes = [self.dataset_max(feature) for feature in features]
         config = DreamConfig(**jobs[0].config)
         bases = [await asyncio.to_thread(self.longest_stored_run, feature, config, dataset_max, config.iterations)
@@ -148,8 +163,8 @@ class Scheduler:
         if all(bases) and len({base.config.iterations for base in bases}) == 1:  # continue them all
             previous = [base.model_dump(mode="json") for base in bases]
             config = config.model_copy(update={"iterations": config.iterations - bases[0].config.iterations})
-        call = asyncio.wrap_future(worker.actor.dream.remote(features, config.model_dump(mode="json"), maxes,
-                                                             previous).future())
+        call_id, incarnation = uuid.uuid4().hex, self.describe.get(worker.index, {}).get("incarnation")
+        reply = worker.actor.dream.remote(call_id, features, config.model_dump(mode="json"), maxes, previous)
         started = time.monotonic()
 
         def took(outcome: str) -> None:
@@ -157,11 +172,7 @@ class Scheduler:
                 self.call_seconds.labels(outcome).observe(time.monotonic() - started)
 
         try:
-            while not call.done():
-                await asyncio.wait([call], timeout=POLL_SECONDS)
-                if not call.done():
-                    await self._poll(worker, jobs)
-            results = call.result()
+            results = await self._results(worker, jobs, reply, call_id, incarnation)
         except RayActorError as error:
             took("worker died")
             await self._worker_died(worker, jobs, error)
@@ -169,10 +180,13 @@ class Scheduler:
         except RayTaskError as error:  # the engine raised: the same input would raise again
             took("failed")
             cause = error.cause if error.cause is not None else error
+            log.error("worker %d: the engine rejected the call: %s", worker.index, cause, extra=about(worker, jobs))
             for job in jobs:
                 await asyncio.to_thread(self.store.fail, job, f"{type(cause).__name__}: {cause}")
             return True
         took(results[0]["stopped"] if results else "done")
+        log.info("worker %d: call ended (%s) in %.1f s", worker.index, results[0]["stopped"] if results else "done",
+                 time.monotonic() - started, extra=about(worker, jobs))
         cancelled = await asyncio.to_thread(self.store.cancelling, [job.id for job in jobs])
         for job, result in zip(jobs, results):
             if job.id in cancelled:  # its partial best is kept, marked by result["stopped"]
@@ -182,6 +196,37 @@ class Scheduler:
             else:
                 await asyncio.to_thread(self.store.complete, job, result)
         return True
+
+    async def _results(self, worker: Worker, jobs: list[Job], reply, call_id: str, incarnation: str | None
+                       ) -> list[dict]:
+        """The call's results, polling its progress meanwhile. When Ray says the actor is unavailable (a network
+        blip or a restart, not a death) the actor is asked again until it answers: the same incarnation is still
+        running the call, whose results are collected rather than run twice; a new one has lost it (raised)."""
+        while True:
+            call = asyncio.wrap_future(reply.future())
+            try:
+                while not call.done():
+                    await asyncio.wait([call], timeout=POLL_SECONDS)
+                    if not call.done():
+                        await self._poll(worker, jobs)
+                return call.result()
+            except ActorUnavailableError:
+                if incarnation is None or await self._incarnation(worker) != incarnation:
+                    raise
+                log.warning("worker %d was unavailable during a call but is back: collecting the call",
+                            worker.index, extra=about(worker, jobs))
+                reply = worker.actor.collect.remote(call_id)
+
+    async def _incarnation(self, worker: Worker) -> str | None:
+        """The actor's incarnation once it answers again; None if it is dead for good."""
+        while True:
+            try:
+                self.describe[worker.index] = await worker.actor.describe.remote()
+                return self.describe[worker.index].get("incarnation")
+            except ActorUnavailableError:
+                await asyncio.sleep(POLL_SECONDS)
+            except RayActorError:
+                return None
 
     async def _poll(self, worker: Worker, jobs: list[Job]) -> None:
         try:
@@ -196,7 +241,8 @@ class Scheduler:
             worker.actor.cancel.remote()
 
     async def _worker_died(self, worker: Worker, jobs: list[Job], error: Exception) -> None:
-        log.warning("worker %d died during a call (%s); Ray restarts it", worker.index, type(error).__name__)
+        log.warning("worker %d died during a call (%s); Ray restarts it", worker.index, type(error).__name__,
+                    extra=about(worker, jobs))
         self.describe[worker.index] = {"restarting": True}
         cancelled = await asyncio.to_thread(self.store.cancelling, [job.id for job in jobs])
         for job in jobs:
@@ -208,6 +254,14 @@ class Scheduler:
         for job in jobs:
             if job.attempts >= self.max_attempts:
                 await asyncio.to_thread(self.store.fail, job, f"the worker died {job.attempts} times on this job")
+
+
+def about(worker: Worker, jobs: list[Job] | None = None) -> dict:
+    """The structured fields of a log record about a worker and the jobs of its call (service/logs.py)."""
+    fields = {"worker": worker.index}
+    if jobs:
+        fields.update(jobs=[job.id for job in jobs], features=[job.feature for job in jobs], attempt=jobs[0].attempts)
+    return fields
 
 
 def eta(progress: dict, budget_seconds: float | None = None) -> dict:

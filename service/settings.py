@@ -7,6 +7,8 @@
     DREAMING_KEY_ON_READS      with a key set, "1" makes every GET need it too (but /v1/health)
     RAY_ADDRESS                attach to this Ray cluster; unset: start a local Ray
     DREAMING_GPU_WORKERS       GPU worker actors to start (default: the cluster's GPU count; 0 -> one CPU actor)
+    DREAMING_GPU_CHECK_SECONDS without DREAMING_GPU_WORKERS, seconds between two looks for GPUs that joined the
+                               cluster (each gets a worker), default 10
     DREAMING_FEATURES_PER_CALL features dreamed together in one engine call (same config), default 16
     DREAMING_MAX_ATTEMPTS      a job whose worker died this many times fails instead of being re-queued, default 3
     DREAMING_JOB_DEADLINE      seconds one engine call (up to DREAMING_FEATURES_PER_CALL jobs) may search before
@@ -64,6 +66,7 @@ class Settings:
     max_attempts: int = 3
     worker_step_delay: float = 0.0
     job_deadline: float = 3600.0
+    gpu_check_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -79,5 +82,6 @@ class Settings:
             max_attempts=int(os.environ.get("DREAMING_MAX_ATTEMPTS", 3)),
             worker_step_delay=float(os.environ.get("DREAMING_WORKER_STEP_DELAY", 0)),
             job_deadline=float(os.environ.get("DREAMING_JOB_DEADLINE", 3600)),
+            gpu_check_seconds=float(os.environ.get("DREAMING_GPU_CHECK_SECONDS", 10)),
             limits=Limits.from_env(),
         )

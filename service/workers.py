@@ -3,8 +3,10 @@
 
 One actor per GPU of the cluster (`num_gpus=1` each); on a cluster without GPUs one CPU actor. An actor that
 dies is restarted by Ray (`max_restarts=-1`, its constructor reloads the model); the scheduler re-queues the
-jobs it held. Actors are threaded (`max_concurrency=2`) so `progress()` and `cancel()` answer while `dream()`
-runs.
+jobs it held. Actors are threaded (`max_concurrency=4`) so `progress()`, `cancel()` and `collect()` answer while
+`dream()` runs. Each construction draws a new `incarnation`, and each call has an id whose results the actor
+keeps: when Ray says an actor is unavailable (not dead: a network blip, or a restart), the scheduler asks it
+again, and if it is the same incarnation it collects the running call instead of running it twice.
 The driver (the web service) never touches CUDA: devices are chosen inside the actors.
 """
 
@@ -15,6 +17,7 @@ import signal
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import ray
@@ -45,10 +48,18 @@ class DreamWorker:
         self.maxima = None  # loaded at the first dream
         self._progress: dict | None = None
         self._cancel = threading.Event()  # set by `cancel`: the running call stops after its iteration
+        self.incarnation = uuid.uuid4().hex  # new at every (re)start: a restarted actor has lost its calls
+        self._calls: dict[str, Future] = {}  # call id -> its results (the latest call only)
 
     def describe(self) -> dict:
+        """What the service shows of this actor (device) and what it checks (incarnation); pid and node for logs
+        and tests, never shown by the API."""
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": self.device,
-                "gpu_ids": ray.get_gpu_ids()}
+                "gpu_ids": ray.get_gpu_ids(), "incarnation": self.incarnation}
+
+    def collect(self, call_id: str) -> list[dict]:
+        """The results of call `call_id` of this incarnation, waiting for it to finish (KeyError if unknown)."""
+        return self._calls[call_id].result()
 
     def cancel(self) -> None:
         """Stop the running call after its current iteration; its results keep what was found (stopped =
@@ -67,10 +78,23 @@ class DreamWorker:
             self.models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
         return self.models[dtype]
 
-    def dream(self, features: list[str], config: dict, dataset_maxes: list[float],
+    def dream(self, call_id: str, features: list[str], config: dict, dataset_maxes: list[float],
               previous: list[dict] | None = None) -> list[dict]:
         """Dream every feature under one config (continuing `previous` results, one per feature, when given);
-        one JSON result per feature, in order."""
+        one JSON result per feature, in order. The results are also kept under `call_id` for `collect`, in case
+        the caller loses this call's reply."""
+        outcome = Future()
+        self._calls = {call_id: outcome}  # only the latest call can be collected
+        try:
+            results = self._dream(features, config, dataset_maxes, previous)
+        except BaseException as error:
+            outcome.set_exception(error)
+            raise
+        outcome.set_result(results)
+        return results
+
+    def _dream(self, features: list[str], config: dict, dataset_maxes: list[float],
+               previous: list[dict] | None) -> list[dict]:
         from dreaming.epo import DreamConfig, DreamResult, dream_many
         from dreaming.features import parse_feature
 
@@ -103,7 +127,7 @@ class DreamWorker:
         return [result.model_dump(mode="json") for result in results]
 
 
-RemoteDreamWorker = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2)(DreamWorker)
+RemoteDreamWorker = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(DreamWorker)
 
 
 def connect_ray(address: str | None) -> bool:

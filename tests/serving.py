@@ -42,6 +42,15 @@ def serving(bundle_dir: Path, home: Path, **env: str):
             server.stop()
 
 
+def worker_pid(worker: dict) -> int:
+    """The process id of a worker listed by /v1/info (which shows no pids), asked of its actor through Ray."""
+    import ray
+
+    from service.workers import NAMESPACE
+
+    return ray.get(ray.get_actor(worker["name"], namespace=NAMESPACE).describe.remote(), timeout=120)["pid"]
+
+
 def wait_for(condition, timeout: float = 180, every: float = 0.2):
     """Poll `condition()` until it returns something truthy; return that (a safety timeout, not a timing test)."""
     deadline = time.monotonic() + timeout

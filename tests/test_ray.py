@@ -1,5 +1,6 @@
 """Ray placement: one CPU worker on a local Ray without GPUs, one worker per GPU on a two-node cluster (one
-node with a fake GPU resource), a worker that refuses a different bundle; and ray_cluster.yaml against the
+node with a fake GPU resource), a worker for a GPU node that joins a running service, a worker that refuses a
+different bundle; and ray_cluster.yaml against the
 cluster launcher's schema."""
 
 import json
@@ -11,7 +12,7 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 from ray.exceptions import RayActorError
-from serving import TINY_CONFIG
+from serving import TINY_CONFIG, Server, wait_for
 
 from dreaming.features import parse_feature
 from service.settings import Settings
@@ -35,7 +36,8 @@ def test_cpu_only_cluster_gets_one_cpu_worker_that_dreams(local_ray, tiny_bundle
         assert ray.get(actor.describe.remote())["device"] == "cpu"
         maxima = tiny_bundle.maxima()
         maxes = [maxima.dataset_max(parse_feature(feature)) for feature in ("1/2", "2/5")]
-        results = ray.get(actor.dream.remote(["1/2", "2/5"], TINY_CONFIG, maxes))
+        results = ray.get(actor.dream.remote("call-1", ["1/2", "2/5"], TINY_CONFIG, maxes))
+        assert ray.get(actor.collect.remote("call-1")) == results  # kept for a caller that lost the reply
         assert [result["feature"] for result in results] == ["1/2", "2/5"]
         assert all(result["frontier"] and result["dataset_max"] == m for result, m in zip(results, maxes))
     finally:
@@ -64,6 +66,24 @@ def test_one_worker_per_gpu_on_a_two_node_cluster(tiny_bundle, tmp_path):
         stop_workers(workers)
     finally:
         ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_gpu_that_joins_the_cluster_gets_a_worker_without_a_restart(tiny_bundle, tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                           "object_store_memory": 100 * 1024**2})
+    server = Server(tiny_bundle.directory, tmp_path / "home", cluster.address, DREAMING_GPU_CHECK_SECONDS="0.5")
+    try:
+        server.start()
+        with server.client() as client:
+            assert [worker["gpus"] for worker in client.get("/v1/info").json()["workers"]] == [0]  # a CPU actor
+            cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 1024**2)
+            workers = wait_for(lambda: len(w := client.get("/v1/info").json()["workers"]) == 2
+                               and w[1]["state"] == "ready" and w, timeout=180)
+            assert [worker["gpus"] for worker in workers] == [0, 1]
+            assert client.get("/v1/health").json()["workers_ready"] == 2
+    finally:
+        server.stop()
         cluster.shutdown()
 
 
