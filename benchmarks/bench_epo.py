@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
+from dreaming.models import best_device
 from dreaming.epo import (
     DreamConfig,
     _allowed,
@@ -86,13 +87,14 @@ def main():
     parser.add_argument("--k", default="1,4,16", help="batch sizes (features) for features/minute")
     parser.add_argument("--parts", default="1,2,3,4", help="which of the four measurements to run")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default=best_device(), help="where the models run (default: a GPU if any)")
     args = parser.parse_args()
     parts = {int(part) for part in args.parts.split(",")}
     torch.set_num_threads(args.threads)
     bundle = Bundle.open(args.bundle)
-    lm = bundle.load_model(dtype=torch.bfloat16)
-    measure_lm = bundle.load_model(dtype=torch.float32)
-    transcoder = bundle.load_transcoder()
+    lm = bundle.load_model(dtype=torch.bfloat16, device=args.device)
+    measure_lm = bundle.load_model(dtype=torch.float32, device=args.device)
+    transcoder = bundle.load_encoder(device=args.device)  # as the service's workers load it
     maxima = bundle.maxima()
     if maxima is None:
         raise SystemExit(f"{args.bundle} has no dataset maxima: run `dreaming maxima build` first")
@@ -100,7 +102,7 @@ def main():
     feature = features[0]
     dataset_max = maxima.dataset_max(feature)
     config = DreamConfig()
-    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; timing feature "
+    print(f"device {args.device}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; timing feature "
           f"{feature}, dataset max {dataset_max:.3f}", flush=True)
 
     if 1 in parts:
