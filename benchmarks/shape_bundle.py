@@ -68,17 +68,16 @@ def calibrated_transcoder(lm: LanguageModel, config, windows, seed: int = 0) -> 
 
 def build(parts: Path, out: Path, device: str) -> None:
     started = time.perf_counter()
-    model_config = AutoConfig.from_pretrained(parts / "model")
+    config = TranscoderConfig(**json.loads((parts / "transcoder.json").read_text()))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(parts / "model"), dtype=torch.float32)
     model.eval().requires_grad_(False)
     lm = LanguageModel(model=model.to(device), tokenizer=AutoTokenizer.from_pretrained(parts / "model"),
-                       name=model_config.name_or_path or "shape-model")
+                       name=f"{config.model_name} shapes, random weights")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "model")
     lm.tokenizer.save_pretrained(out / "model")
     windows = load_windows(parts / "windows")
-    config = TranscoderConfig(**json.loads((parts / "transcoder.json").read_text()))
     transcoder = calibrated_transcoder(lm, config, windows)
     save_transcoder(transcoder, out / "transcoder")
     save_windows(windows, out / "windows")
