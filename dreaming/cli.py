@@ -183,8 +183,14 @@ def cmd_maxima_build(args) -> None:
     from dreaming.models import best_device
 
     config = config_from_args(MaximaConfig, args)
+    if args.ray and args.device:
+        raise SystemExit("--device is for the single-process pass: with --ray each actor uses its GPU (CPU without)")
+    if not args.ray and (args.actors or args.ray_address):
+        raise SystemExit("--actors and --ray-address go with --ray")
     bundle = Bundle.open(args.bundle)
-    lm = bundle.load_model(dtype=torch.bfloat16, device=args.device or best_device())
+    lm = None
+    if not args.ray or args.corpus:  # with --ray the actors hold the model: here only --corpus's tokenizer needs it
+        lm = bundle.load_model(dtype=torch.bfloat16, device="cpu" if args.ray else args.device or best_device())
     if args.corpus:
         windows = tokenize_windows(read_documents(args.corpus, limit=args.max_documents), lm.tokenizer,
                                    window_length=args.window_length, bos_token_id=lm.bos_token_id)
@@ -196,9 +202,20 @@ def cmd_maxima_build(args) -> None:
                              "replace the bundle's yardstick")
         windows = windows.of_sources(args.sources.split(","))
     out = Path(args.out) if args.out else bundle.directory / "maxima"
-    maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out, bundle.identity,
-                          config)
-    report = {**maxima_report(maxima), "directory": str(out)}
+    if args.ray:
+        import os
+
+        import ray
+
+        from dreaming.maxima_ray import build_maxima_ray
+
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        maxima, sharded = build_maxima_ray(bundle, windows, out, config, args.actors)
+    else:
+        maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out,
+                              bundle.identity, config)
+    report = {**maxima_report(maxima), "directory": str(out), **({"ray": sharded} if args.ray else {})}
     if out == bundle.directory / "maxima":
         bundle.manifest["maxima"] = maxima_report(maxima)
         bundle.save_manifest()
@@ -207,6 +224,9 @@ def cmd_maxima_build(args) -> None:
     print(f"maxima of {report['features']:,} features over {report['tokens']:,} tokens in {report['seconds']:.0f}s "
           f"({report['tokens_per_second']:,.0f} tokens/s): {report['dead']:,} dead, {report['dense']:,} dense "
           f"(active on > {report['dense_above']:.0%} of tokens); saved {out}")
+    if args.ray:
+        print(f"over {sharded['actors']} Ray actors ({sharded['device']}): {sharded['shards']} shards, "
+              f"{sharded['shards_resumed']} resumed from a checkpoint, {sharded['actors_replaced']} actors replaced")
 
 
 def cmd_maxima_import(args) -> None:
@@ -527,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "part of the corpus; needs --out)")
     build.add_argument("--out", help="output directory (default: <bundle>/maxima, the maxima the bundle uses)")
     build.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    build.add_argument("--ray", action="store_true", help="shard the pass over Ray actors, one per GPU of the "
+                       "cluster (CPU actors on a cluster without GPUs): the same maxima, bit for bit; every node "
+                       "needs the bundle at the same path; an actor that dies is replaced, and a new run of the "
+                       "same command resumes from <out>.partial/checkpoint.safetensors")
+    build.add_argument("--actors", type=int, help="with --ray: how many actors (default: one per GPU of the "
+                       "cluster; 2 on a cluster without GPUs)")
+    build.add_argument("--ray-address", help="with --ray: the Ray cluster to attach to (default: $RAY_ADDRESS, "
+                       "else a new local Ray)")
     build.add_argument("--json", action="store_true")
     add_config_arguments(build, MaximaConfig)
     build.set_defaults(run=cmd_maxima_build)

@@ -2,11 +2,15 @@
 
 One pass runs the corpus windows (fixed-length, independent sequences, BOS first) through the model and every
 layer's transcoder encoder, and keeps per feature, in fixed-size arrays whatever the corpus size:
-  top_values / top_window / top_position [L, F, k]  the k strongest windows (at most one example per window)
-  active_count [L, F], active_sum [L, F]           -> density and mean activation when active
+  top_values / top_window / top_position [L, F, k]  the k strongest windows (at most one example per window;
+                                                   between equal values the lower window id)
+  active_count [L, F], active_sum [L, F]           -> density and mean activation when active (the sum in fixed
+                                                   point: see FRACTION_SCALE)
   histogram [L, F, bins]                           counts per activation bin (bin 0: inactive tokens)
   source_max [L, F, S]                             the maximum per corpus source tag
-BOS and padding positions are ignored. On disk (a directory): `maxima.safetensors` (the arrays; metadata:
+BOS and padding positions are ignored. The statistics of two disjoint sets of windows merge
+(`MaximaAccumulator.merge`) into exactly, bit for bit, what one pass over both gives, so a pass can be cut into
+shards of whole batches (dreaming/maxima_ray.py). On disk (a directory): `maxima.safetensors` (the arrays; metadata:
 format version, the identity of the model + transcoder, sources, token counts) and `windows/` (the corpus
 token ids, memory-mapped on load), so contexts and per-token values are rendered on demand by re-running
 the window, and re-measuring an example's window reproduces its value.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +47,10 @@ HISTOGRAM_EDGES = np.concatenate([[0.0], np.logspace(-3, 4, 57)]).astype(np.floa
 # the extremes. Range r holds (edges[r-1], edges[r]] (range 0: above 0 up to edges[0]; the last: above edges[-1]).
 # Log-spaced, 2 per decade: fixed ranges, so they are filled in the same streaming pass as the top-k.
 INTERVAL_EDGES = HISTOGRAM_EDGES[1::4]  # every 4th histogram edge: range = (histogram bin + 2) // 4
+# active_sum in fixed point: whole units and 2**-32 units, as two int64 sums, so that any grouping of the same values
+# adds up to the same bits (exact for bf16 activations above 2**-25, fp32 ones above 2**-9; deterministic always;
+# up to 2**31 active tokens per feature)
+FRACTION_SCALE = 2**32
 DENSE_ABOVE = 0.1  # a feature active on more than this fraction of tokens counts as dense
 PAGE_BEFORE, PAGE_AFTER = 32, 8  # tokens a feature page shows around an example's max token
 
@@ -63,6 +72,18 @@ class MaximaConfig:
             raise ValueError(f"batch_windows must be in 1..4096, got {self.batch_windows}")
 
 
+def strongest(values: torch.Tensor, windows: torch.Tensor, positions: torch.Tensor, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k strongest candidates along the last dim (values float32 >= 0, windows, positions: same shape), strongest
+    first, ties to the lower window id: the order candidates come in never matters. Zero values come back as empty
+    slots (window -1, position 0)."""
+    key = (values.view(torch.int32).long() << 32) | ((1 << 31) - 1 - windows)  # a float32 >= 0 orders as its bits
+    order = key.topk(k, dim=-1).indices
+    top = values.gather(-1, order)
+    return (top, torch.where(top > 0, windows.gather(-1, order), -1),
+            torch.where(top > 0, positions.gather(-1, order), 0))
+
+
 def example_priority(windows: torch.Tensor, positions: torch.Tensor, layer: int, features: torch.Tensor
                      ) -> torch.Tensor:
     """A pseudo-random int64 in [0, 2**53) per (window, position, layer, feature): each activation range keeps the
@@ -77,7 +98,12 @@ def example_priority(windows: torch.Tensor, positions: torch.Tensor, layer: int,
 
 
 class MaximaAccumulator:
-    """The fixed-size running statistics of the pass; `add` folds in one batch of windows."""
+    """The fixed-size running statistics of the pass; `add` folds in one batch of windows, `merge` the statistics
+    of other windows (another accumulator's `state()`)."""
+
+    TOP = ("top_values", "top_window", "top_position")
+    INTERVALS = ("interval_priority", "interval_values", "interval_window", "interval_position")
+    STATE = (*TOP, "active_count", "active_sum_whole", "active_sum_fraction", "histogram", "source_max", *INTERVALS)
 
     def __init__(self, n_layers: int, n_features: int, n_sources: int, top_k: int, device, interval_examples: int = 4):
         L, F, k = n_layers, n_features, top_k
@@ -91,7 +117,8 @@ class MaximaAccumulator:
         self.top_window = torch.full((L, F, k), -1, dtype=torch.int64, device=device)
         self.top_position = torch.zeros(L, F, k, dtype=torch.int64, device=device)
         self.active_count = torch.zeros(L, F, dtype=torch.int64, device=device)
-        self.active_sum = torch.zeros(L, F, dtype=torch.float64, device=device)
+        self.active_sum_whole = torch.zeros(L, F, dtype=torch.int64, device=device)  # see FRACTION_SCALE
+        self.active_sum_fraction = torch.zeros(L, F, dtype=torch.int64, device=device)
         self.histogram = torch.zeros(L, F, len(HISTOGRAM_EDGES) + 1, dtype=torch.int64, device=device)
         self.source_max = torch.zeros(L, F, n_sources, device=device)
         self.tokens = 0
@@ -105,7 +132,9 @@ class MaximaAccumulator:
         values = flat[rows, features].float()
         in_batch, positions = rows // width, rows % width
         self.active_count[layer] += torch.bincount(features, minlength=F)
-        self.active_sum[layer] += torch.zeros(F, device=acts.device).index_add_(0, features, values).double()
+        whole = values.floor()
+        self.active_sum_whole[layer].index_add_(0, features, whole.long())
+        self.active_sum_fraction[layer].index_add_(0, features, ((values - whole) * FRACTION_SCALE).long())
         n_bins = self.histogram.shape[-1]
         bins = torch.bucketize(values, self.edges)  # >= 1 since values > 0; bin 0 (inactive) is filled in arrays()
         self.histogram[layer] += torch.bincount(features * n_bins + bins, minlength=F * n_bins).view(F, n_bins)
@@ -118,13 +147,10 @@ class MaximaAccumulator:
         window_argmax = torch.full_like(window_max, width, dtype=torch.int64).scatter_reduce_(
             0, slot[first], positions[first], "amin")
         window_max, window_argmax = window_max.view(batch, F), window_argmax.view(batch, F) % width  # [batch, F]
-        values = torch.cat([self.top_values[layer], window_max.T], dim=1)  # [F, k + batch]
-        window_ids = torch.cat([self.top_window[layer], windows[None, :].expand(F, -1)], dim=1)
-        positions = torch.cat([self.top_position[layer], window_argmax.T], dim=1)
-        top, order = values.topk(self.top_values.shape[-1], dim=1)  # [F, k]
-        self.top_values[layer] = top
-        self.top_window[layer] = torch.where(top > 0, window_ids.gather(1, order), -1)
-        self.top_position[layer] = torch.where(top > 0, positions.gather(1, order), 0)
+        self.top_values[layer], self.top_window[layer], self.top_position[layer] = strongest(
+            torch.cat([self.top_values[layer], window_max.T], dim=1),  # [F, k + batch]
+            torch.cat([self.top_window[layer], windows[None, :].expand(F, -1)], dim=1),
+            torch.cat([self.top_position[layer], window_argmax.T], dim=1), self.top_values.shape[-1])
         for source in sources.unique().tolist():
             best = window_max[sources == source].max(0).values  # [F]
             self.source_max[layer, :, source] = torch.maximum(self.source_max[layer, :, source], best)
@@ -152,23 +178,48 @@ class MaximaAccumulator:
         for kept, candidate in zip(table, candidates):
             kept[groups[keep], rank[keep]] = candidate[order][keep]
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The running statistics as CPU tensors (`tokens` as a 1-element tensor): what `merge` takes."""
+        return {**{name: getattr(self, name).cpu() for name in self.STATE}, "tokens": torch.tensor([self.tokens])}
+
+    def merge(self, state: dict[str, torch.Tensor]) -> None:
+        """Fold in the statistics of other windows (an accumulator's `state()`; disjoint from the windows seen here):
+        the result is exactly what `add` would give over both. Counts and sums add, maxima take the max, the top-k
+        keep the strongest by `strongest`'s order, each interval sample the examples of lowest priority (a tie in
+        priority, a hash collision that `example_priority` makes vanishingly rare, keeps the examples held here)."""
+        other = {name: t.to(self.top_values.device) for name, t in state.items()}
+        self.tokens += int(other["tokens"])
+        for name in ("active_count", "active_sum_whole", "active_sum_fraction", "histogram"):
+            getattr(self, name).add_(other[name])
+        self.source_max = torch.maximum(self.source_max, other["source_max"])
+        self.top_values, self.top_window, self.top_position = strongest(
+            *(torch.cat([getattr(self, name), other[name]], dim=-1) for name in self.TOP),  # [L, F, 2k]
+            self.top_values.shape[-1])
+        E = self.interval_values.shape[-1]
+        order = torch.cat([self.interval_priority, other["interval_priority"]], dim=-1).argsort(dim=-1, stable=True)
+        for name in self.INTERVALS:  # [L, F, R, 2E] -> the E of lowest priority, lowest first
+            setattr(self, name, torch.cat([getattr(self, name), other[name]], dim=-1).gather(-1, order[..., :E]))
+
     def arrays(self) -> dict[str, torch.Tensor]:
-        count = self.active_count.clamp(min=1)
-        self.histogram[..., 0] = self.tokens - self.active_count
+        """The arrays saved, derived on the CPU whatever device the pass ran on: a CUDA division by a scalar goes
+        through its reciprocal, so the same statistics would otherwise give other bits on another device."""
+        s = self.state()
+        active_sum = s["active_sum_whole"].double() + s["active_sum_fraction"].double() / FRACTION_SCALE
+        inactive = self.tokens - s["active_count"]  # histogram bin 0
         return {
-            "max_activation": self.top_values[..., 0].float(),
-            "top_values": self.top_values.float(),
-            "top_window": self.top_window.int(),
-            "top_position": self.top_position.int(),
-            "active_count": self.active_count,
-            "density": (self.active_count / max(self.tokens, 1)).float(),
-            "mean_active": (self.active_sum / count).float(),
-            "histogram": self.histogram,
-            "histogram_edges": self.edges.float(),
-            "source_max": self.source_max.float(),
-            "interval_values": self.interval_values.float(),
-            "interval_window": self.interval_window.int(),
-            "interval_position": self.interval_position.int(),
+            "max_activation": s["top_values"][..., 0].float(),
+            "top_values": s["top_values"].float(),
+            "top_window": s["top_window"].int(),
+            "top_position": s["top_position"].int(),
+            "active_count": s["active_count"],
+            "density": (s["active_count"] / max(self.tokens, 1)).float(),
+            "mean_active": (active_sum / s["active_count"].clamp(min=1)).float(),
+            "histogram": torch.cat([inactive.unsqueeze(-1), s["histogram"][..., 1:]], dim=-1),
+            "histogram_edges": torch.from_numpy(HISTOGRAM_EDGES.copy()),
+            "source_max": s["source_max"].float(),
+            "interval_values": s["interval_values"].float(),
+            "interval_window": s["interval_window"].int(),
+            "interval_position": s["interval_position"].int(),
             "interval_edges": torch.from_numpy(INTERVAL_EDGES.copy()),  # the fixed ranges, saved for readers
         }
 
@@ -254,21 +305,24 @@ class Maxima:
         return [(np.asarray(windows.tokens[w, : windows.lengths[w]]).tolist(), position) for _, w, position in examples]
 
 
-def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
-                 identity: str, config: MaximaConfig | None = None, progress: bool = True) -> Maxima:
-    """One pass of `windows` through the model and every layer's encoder; writes `out_dir` atomically."""
-    config = config or MaximaConfig()
-    out_dir = Path(out_dir)
+def batch_count(windows: Windows, config: MaximaConfig) -> int:
+    """Batches of the pass: batch b holds windows [b * batch_windows, (b + 1) * batch_windows)."""
     if len(windows) == 0:
         raise ValueError("no windows to build maxima from (empty corpus)")
+    return -(-len(windows) // config.batch_windows)
+
+
+def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, config: MaximaConfig, batches: range,
+               on_batch: Callable[[int], object] | None = None) -> MaximaAccumulator:
+    """The statistics of the given batches of `windows` (all of them, or one shard; see `batch_count`), through the
+    model and every layer's encoder; `on_batch(tokens)` after each batch."""
     tc = transcoder.config
     device = lm.device
     stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device,
                               config.interval_examples)
-    started = time.perf_counter()
-    bar = tqdm(total=int(np.asarray(windows.lengths).sum()), desc="maxima", unit="tok", unit_scale=True,
-               disable=not progress)
-    for start in range(0, len(windows), config.batch_windows):
+    hook = tc.feature_input_hook
+    for batch in batches:
+        start = batch * config.batch_windows
         stop = min(start + config.batch_windows, len(windows))
         lengths = torch.from_numpy(np.asarray(windows.lengths[start:stop], dtype=np.int64))
         width = int(lengths.max())
@@ -279,7 +333,6 @@ def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, ou
         # and each window is measured exactly as it would be alone.
         window_ids = torch.arange(start, stop, device=device)
         sources = torch.from_numpy(np.asarray(windows.source[start:stop], dtype=np.int64)).to(device)
-        hook = tc.feature_input_hook
         with torch.no_grad():
             captured = lm.capture(tokens, [(hook, layer) for layer in range(tc.n_layers)])
             for layer in range(tc.n_layers):
@@ -288,10 +341,29 @@ def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, ou
                 acts = transcoder.encode(captured.pop((hook, layer)).to(transcoder.W_enc.dtype), layer)
                 stats.add(layer, acts.masked_fill_(~keep.unsqueeze(-1), 0), window_ids, sources)
         stats.tokens += int(keep.sum())
-        bar.update(int(lengths.sum()))
-    bar.close()
-    seconds = time.perf_counter() - started
-    metadata = {"format_version": FORMAT_VERSION, "identity": identity, "model": lm.name,
+        if on_batch is not None:
+            on_batch(int(lengths.sum()))
+    return stats
+
+
+def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
+                 identity: str, config: MaximaConfig | None = None, progress: bool = True) -> Maxima:
+    """One pass over `windows` through the model and every layer's encoder; writes `out_dir` atomically."""
+    config = config or MaximaConfig()
+    batches = range(batch_count(windows, config))
+    started = time.perf_counter()
+    with tqdm(total=int(np.asarray(windows.lengths).sum()), desc="maxima", unit="tok", unit_scale=True,
+              disable=not progress) as bar:
+        stats = accumulate(lm, transcoder, windows, config, batches, bar.update)
+    return save_maxima(stats, windows, out_dir, identity, lm.name, config, time.perf_counter() - started)
+
+
+def save_maxima(stats: MaximaAccumulator, windows: Windows, out_dir: str | Path, identity: str, model: str,
+                config: MaximaConfig, seconds: float) -> Maxima:
+    """Write a whole pass's statistics and its windows to `out_dir` atomically (through `<out_dir>.partial`, which
+    is replaced); return them as loaded."""
+    out_dir = Path(out_dir)
+    metadata = {"format_version": FORMAT_VERSION, "identity": identity, "model": model,
                 "tokens": stats.tokens, "windows": len(windows), "top_k": config.top_k,
                 "interval_examples": config.interval_examples,
                 "seconds": round(seconds, 1), "tokens_per_second": round(stats.tokens / seconds, 1)}
