@@ -12,11 +12,11 @@ import asyncio
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -40,6 +40,20 @@ from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch
 MAX_OFFSET = 10**9  # listings: past any real table, and within the database's integers
 BUSY_RETRY_AFTER = 2  # seconds a client refused for a busy model is told to wait
 EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
+DISCONNECT_CHECK = 0.25  # seconds between two looks at whether the client of an interactive call is still there
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """Await `work`, cancelled if the client disconnects first: a model call still waiting for the model thread
+    never runs for a client that has gone (one already running finishes, unread)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait([task], timeout=DISCONNECT_CHECK)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            return Response(status_code=499)  # nobody reads it: the client has gone
 
 
 def job_fields(job: Job) -> dict:
@@ -146,6 +160,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def check_text(text: str) -> None:
         if len(text) > limits.max_text_chars:
             raise HTTPException(422, f"text too long: {len(text)} characters, at most {limits.max_text_chars}")
+
+    def count_tokens(texts: list[str]) -> int:
+        return sum(map(len, service.view.explorer.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+
+    async def check_tokens(texts: list[str]) -> None:
+        """422 before the model is asked when one request's texts are more tokens than it may run."""
+        tokens = await in_thread(count_tokens, texts)
+        if tokens > limits.max_request_tokens:
+            raise HTTPException(422, f"request too long: {tokens} tokens in all, at most {limits.max_request_tokens} "
+                                     "per request; split the texts over several requests")
 
     async def in_thread(method, *args):  # store calls never block the event loop
         return await asyncio.to_thread(method, *args)
@@ -327,16 +351,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @v1.get("/features/{layer}/{index}", summary="Dataset maxima, cached dreams (the service's and those made with "
                                                   "`dreaming dream` on the bundle) and the comparison of a feature")
-    async def get_feature(layer: int, index: int) -> dict:
+    async def get_feature(layer: int, index: int, request: Request) -> dict:
         feature = known(Feature(layer, index))
         served = await in_thread(service.store.results_for, service.view.identity, str(feature))
         local = await in_thread(service.view.explorer.dreams, feature)  # made with `dreaming dream` on this bundle
         # the page lists results scored against another dataset max (an earlier maxima build) as stale
-        return await service.view.page(feature, merge_dreams(served, local))
+        return await unless_disconnected(request, service.view.page(feature, merge_dreams(served, local)))
 
     @v1.post("/activations", dependencies=keyed, response_model=list[TextActivation],
              summary="A feature's activation on each text, per token and at its max, as % of the dataset max")
-    async def activations(request: ActivationsRequest) -> list[dict]:
+    async def activations(request: ActivationsRequest, http: Request) -> list[dict]:
         feature = feature_or_error(request.feature)
         if len(request.texts) > limits.max_texts:
             raise HTTPException(422, f"too many texts: {len(request.texts)}, at most {limits.max_texts}")
@@ -344,18 +368,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             check_text(text)
         if request.template is not None:
             check_text(request.template)
+        await check_tokens(request.texts + ([request.template] if request.template else []))
         try:
-            return await service.view.activations(feature, request.texts, request.template)
+            return await unless_disconnected(http, service.view.activations(feature, request.texts, request.template))
         except ValueError as error:  # empty text, too many tokens, a prompt that merges with the template
             raise HTTPException(422, str(error)) from None
 
     @v1.post("/search", dependencies=keyed, summary="The features most active on a text, by % of their dataset max")
-    async def search(request: SearchRequest) -> list[dict]:
+    async def search(request: SearchRequest, http: Request) -> list[dict]:
         check_text(request.text)
         if request.top > limits.max_search_top:
             raise HTTPException(422, f"top too large: {request.top}, at most {limits.max_search_top}")
+        await check_tokens([request.text])
         try:
-            return await service.view.search(request.text, request.top)
+            return await unless_disconnected(http, service.view.search(request.text, request.top))
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import torch
@@ -36,20 +36,24 @@ class Busy(RuntimeError):
 class ModelThread:
     """The one thread that runs the model for interactive calls, with a bounded queue: past `max_waiting` calls
     waiting or running, a new one is refused at once (Busy) rather than waiting behind an unbounded queue. A call
-    whose caller has gone (its task cancelled) before it starts is skipped."""
+    whose caller has gone (its task cancelled, e.g. the client disconnected) before it starts never runs."""
 
     def __init__(self, max_waiting: int):
-        self.max_waiting, self.waiting = max_waiting, 0
+        self.max_waiting = max_waiting
+        self._calls: list[Future] = []  # submitted, not finished (a cancelled caller's running call included)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    @property
+    def waiting(self) -> int:
+        self._calls = [call for call in self._calls if not call.done()]
+        return len(self._calls)
 
     async def run(self, call, *args, **kwargs):
         if self.waiting >= self.max_waiting:
             raise Busy(f"the model is busy with {self.waiting} interactive calls; try again in a few seconds")
-        self.waiting += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, partial(call, *args, **kwargs))
-        finally:
-            self.waiting -= 1
+        submitted = self._executor.submit(partial(call, *args, **kwargs))
+        self._calls.append(submitted)
+        return await asyncio.wrap_future(submitted)  # cancelling this cancels a call that has not started
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -33,7 +33,8 @@ from dreaming.paths import dreaming_home
 class Limits:
     max_batch_features: int = 256  # features in one POST /batches
     max_texts: int = 32  # texts in one POST /activations
-    max_text_chars: int = 4000  # characters of one text (activations, search); tokens are bounded by the library
+    max_text_chars: int = 4000  # characters of one text (activations, search)
+    max_request_tokens: int = 4096  # tokens of all the texts of one activations or search request
     max_search_top: int = 100  # `top` of POST /search
     max_interactive_waiting: int = 8  # activations, searches and uncached feature pages waiting for the model: then 503
     max_request_bytes: int = 256 * 1024  # body of any request

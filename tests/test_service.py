@@ -14,7 +14,8 @@ from service.store import SQLiteStore
 def server(tiny_bundle, tmp_path_factory):
     with serving(tiny_bundle.directory, tmp_path_factory.mktemp("home"), DREAMING_FEATURES_PER_CALL="2",
                  DREAMING_WORKER_STEP_DELAY="0.1", DREAMING_MAX_BATCH_FEATURES="8", DREAMING_MAX_TEXTS="4",
-                 DREAMING_MAX_TEXT_CHARS="200", DREAMING_MAX_REQUEST_BYTES="4096") as server:
+                 DREAMING_MAX_TEXT_CHARS="200", DREAMING_MAX_REQUEST_BYTES="4096",
+                 DREAMING_MAX_REQUEST_TOKENS="100") as server:
         yield server
 
 
@@ -214,6 +215,8 @@ BAD_REQUESTS = [
     ("too many texts", "post", "/v1/activations", {"feature": "1/2", "texts": ["the"] * 5}, {}, 422, "at most 4"),
     ("text too long", "post", "/v1/activations", {"feature": "1/2", "texts": [big_text(400)]}, {}, 422,
      "at most 200"),
+    ("too many tokens in all", "post", "/v1/activations", {"feature": "1/2", "texts": ["the cat sat " * 15] * 4}, {},
+     422, "at most 100 per request"),
     ("blank text", "post", "/v1/activations", {"feature": "1/2", "texts": ["  "]}, {}, 422, "empty"),
     ("unknown feature for activations", "post", "/v1/activations", {"feature": "3/0", "texts": ["the"]}, {}, 404,
      "0..2"),
