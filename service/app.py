@@ -14,6 +14,7 @@ import io
 import json
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -33,7 +34,8 @@ from service.logs import service_log
 from service.pages import add_pages
 from service.runtime import Service
 from service.schemas import (ActivationsRequest, BatchList, BatchOut, BatchRequest, BatchSummary, DreamRequest,
-                             FeatureList, JobList, JobOut, JobSummary, SearchRequest, SimilarFeature)
+                             FeatureList, FeaturePage, Health, Info, JobList, JobOut, JobSummary, SearchHit, SearchRequest,
+                             SimilarFeature)
 from service.settings import Settings
 from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch, Job
 
@@ -319,7 +321,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @v1.get("/batches/{batch_id}/results", summary="A batch's results to download: every job as JSON, or one CSV "
                                                    "line per feature with its best fluent prompt",
-            responses={200: {"content": {"text/csv": {}, "application/json": {}}}})
+            responses={200: {"model": list[JobOut], "content": {"text/csv": {"schema": {"type": "string"}}}}})
     async def batch_results(batch: Batch = Depends(existing_batch),
                             format: Literal["json", "csv"] = "json") -> Response:
         jobs = await in_thread(service.store.jobs, batch.job_ids)
@@ -349,9 +351,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def similar(layer: int, index: int, top: int = Query(10, ge=1, le=100)) -> list[dict]:
         return await service.view.similar(known(Feature(layer, index)), top)
 
-    @v1.get("/features/{layer}/{index}", summary="Dataset maxima, cached dreams (the service's and those made with "
+    @v1.get("/features/{layer}/{index}", response_model=FeaturePage, summary="Dataset maxima, cached dreams (the service's and those made with "
                                                   "`dreaming dream` on the bundle) and the comparison of a feature")
-    async def get_feature(layer: int, index: int, request: Request) -> dict:
+    async def get_feature(layer: int, index: int, request: Request) -> FeaturePage:
         feature = known(Feature(layer, index))
         served = await in_thread(service.store.results_for, service.view.identity, str(feature))
         local = await in_thread(service.view.explorer.dreams, feature)  # made with `dreaming dream` on this bundle
@@ -374,8 +376,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValueError as error:  # empty text, too many tokens, a prompt that merges with the template
             raise HTTPException(422, str(error)) from None
 
-    @v1.post("/search", dependencies=keyed, summary="The features most active on a text, by % of their dataset max")
-    async def search(request: SearchRequest, http: Request) -> list[dict]:
+    @v1.post("/search", dependencies=keyed, response_model=list[SearchHit], summary="The features most active on a text, by % of their dataset max")
+    async def search(request: SearchRequest, http: Request) -> list[SearchHit]:
         check_text(request.text)
         if request.top > limits.max_search_top:
             raise HTTPException(422, f"top too large: {request.top}, at most {limits.max_search_top}")
@@ -387,7 +389,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @probes.get("/health", summary="200 when serving; 503 with the reasons when degraded (no worker ready, a worker loop "
             "restarting, the job store not answering); workers ready, jobs per status",
-            responses={503: {"description": "degraded, with `reasons`"}})
+            response_model=Health, responses={503: {"model": Health, "description": "degraded, with `reasons`"}})
     async def health() -> JSONResponse:
         workers = service.workers_info()
         ready = sum(worker["state"] == "ready" for worker in workers)
@@ -398,14 +400,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             jobs = await in_thread(service.store.counts)
         except Exception as error:  # noqa: BLE001 - any store failure is the answer here
             jobs, reasons = None, [*reasons, f"the job store does not answer: {type(error).__name__}"]
-        body = {"status": "degraded" if reasons else "ok", "reasons": reasons, "workers_ready": ready,
-                "workers": len(workers), "jobs": jobs}
-        return JSONResponse(body, status_code=503 if reasons else 200)
+        body = Health(status="degraded" if reasons else "ok", reasons=reasons, workers_ready=ready,
+                      workers=len(workers), jobs=jobs)
+        return JSONResponse(body.model_dump(), status_code=503 if reasons else 200)
 
-    @v1.get("/info", summary="The served bundle, the workers, the limits and the dream config's defaults")
-    async def info() -> dict:
-        # what the bundle is, without where it lives on the server's disk
+    @v1.get("/info", response_model=Info, summary="The served bundle, the workers, the limits and the dream config's defaults")
+    async def info() -> Info:
+        # what the bundle is, without where it or its model lives on the server's disk
         bundle = {name: value for name, value in bundle_info(service.view.bundle).items() if name != "bundle"}
+        source = bundle["model"]["source"]
+        bundle["model"]["source"] = Path(source).name if Path(source).is_absolute() else source
         return {"bundle": bundle, "identity": service.view.identity,
                 "workers": service.workers_info(), "features_per_call": settings.features_per_call,
                 "limits": vars(limits), "api_key_required": settings.api_key is not None,

@@ -20,6 +20,7 @@ import torch
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
 from dreaming.maxima import DENSE_ABOVE
+from service.schemas import FeaturePage
 
 PAGE_CACHE_SIZE = 1024
 SORTS = {"index": None, "density": "density", "max": "max_activation"}  # browse order: none, or this array, descending
@@ -102,11 +103,12 @@ class BundleView:
     async def search(self, text: str, top: int) -> list[dict]:
         return await self._on_model_thread(self.explorer.search, text, top)
 
-    async def page(self, feature: Feature, dreams: list[dict]) -> dict:
+    async def page(self, feature: Feature, dreams: list[dict]) -> FeaturePage:
         """The comparison page of a feature beside `dreams` (the service's stored results for it)."""
         key = (feature, len(dreams))  # results are only ever added, so a new dream changes the key
         if key not in self._pages:
-            self._pages[key] = await self._on_model_thread(self.explorer.compare, feature, dreams=dreams)
+            page = await self._on_model_thread(self.explorer.compare, feature, dreams=dreams)
+            self._pages[key] = FeaturePage.model_validate(page)  # validated once, served many times
             if len(self._pages) > PAGE_CACHE_SIZE:
                 self._pages.popitem(last=False)
         self._pages.move_to_end(key)

@@ -135,3 +135,121 @@ class BatchList(BaseModel):
     offset: int
     limit: int
     batches: list[BatchLine]  # newest first
+
+
+class SearchHit(BaseModel):
+    feature: str
+    activation: float  # the feature's max over the text's tokens
+    fraction_of_max: float  # of its dataset max: the ranking
+    dataset_max: float
+    density: float
+    max_token: str  # the token where it is highest, as display text
+
+
+class TokenSpan(BaseModel):
+    tokens: list[str]  # display text of each token
+    activations: list[float]  # the feature's activation on each
+
+
+class LengthMatched(BaseModel):
+    """A dataset example cut to a dream's length before its max token, measured alone."""
+    tokens: int
+    text: str
+    activation: float
+    fraction_of_max: float | None
+    cross_entropy: float
+
+
+class Example(TokenSpan):
+    """A dataset example, re-measured from its window: the tokens around its max token (at `max_index`)."""
+    source: str
+    window: int
+    document: int
+    position: int
+    stored_activation: float  # as the maxima pass recorded it (its dtype)
+    activation: float
+    fraction_of_max: float
+    context: str
+    max_index: int
+    length_matched: LengthMatched | None = None
+
+
+class ActivationRange(BaseModel):
+    low: float
+    high: float | None  # None: open above
+    examples: list[Example]
+
+
+class DreamedPrompt(TokenSpan):
+    """A dreamed prompt on a feature page, its tokens from the prompt on shaded by activation."""
+    prompt: str
+    text: str
+    activation: float
+    fraction_of_max: float | None
+    cross_entropy: float
+    origin: str | None
+    longest_shared_run: int | None  # with the top dataset contexts
+    novel: bool
+    seed: int | None
+    counted_from: int
+    scored_against: float | None = None  # stale dreams only: the dataset max of the build they were scored against
+
+
+class Histogram(BaseModel):
+    edges: list[float]
+    counts: list[int]
+    note: str
+
+
+class OutputTokens(BaseModel):
+    top: list[tuple[str, float]]  # (token, logit effect): the tokens its decoder promotes most
+    bottom: list[tuple[str, float]]  # and suppresses most
+
+
+class FeaturePage(BaseModel):
+    """A feature's statistics and top dataset examples beside its dreamed prompts (GET /features/L/I)."""
+    feature: str
+    dataset_max: float
+    density: float
+    mean_when_active: float
+    dead: bool
+    dense: bool
+    source_max: dict[str, float]
+    histogram: Histogram
+    tokens: int  # of the maxima corpus
+    examples: list[Example]
+    intervals: list[ActivationRange]  # a few examples per activation range, highest first
+    length: int | None  # the dream length the examples' length_matched figures use
+    dreams: list[DreamedPrompt]  # the frontier prompts of current dreams, strongest first
+    diverse: list[DreamedPrompt]
+    stale_dreams: list[DreamedPrompt]  # scored against another maxima build's max
+    output_tokens: OutputTokens
+
+
+class WorkerInfo(BaseModel):
+    index: int  # the worker's slot
+    gpus: int
+    name: str  # the actor's name in the Ray namespace "dreaming"
+    state: str  # ready | starting | restarting | error
+    device: str | None = None
+    error: str | None = None
+
+
+class Health(BaseModel):
+    status: str  # ok | degraded
+    reasons: list[str]  # why it is degraded
+    workers_ready: int
+    workers: int
+    jobs: dict[str, int] | None  # per status; None when the job store does not answer
+
+
+class Info(BaseModel):
+    bundle: dict  # what `dreaming info` shows of the bundle, without its path on the server
+    identity: str
+    workers: list[WorkerInfo]
+    features_per_call: int
+    limits: dict[str, int]
+    api_key_required: bool
+    key_on_reads: bool
+    dream_config: dict  # the defaults
+    dream_config_schema: dict

@@ -2,6 +2,7 @@
 EPO engine with a tiny config, and a real HTTP client."""
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -287,12 +288,18 @@ def test_info_and_openapi(client):
     info = client.get("/v1/info").json()
     assert info["bundle"]["transcoder"]["layers"] == 3 and info["api_key_required"] is True
     assert "bundle" not in info["bundle"]  # no server path in an answer
+    assert info["bundle"]["model"]["source"] == "model" and "/" not in json.dumps(info["bundle"]["model"])
+    assert [set(worker) <= {"index", "gpus", "name", "state", "device", "error"} for worker in info["workers"]] == [True]
     assert info["limits"]["max_batch_features"] == 8 and info["dream_config"]["iterations"] >= 1
     openapi = client.get("/openapi.json").json()
     assert "/v1/dreams" in openapi["paths"]
     schemes = openapi["components"]["securitySchemes"]
     assert {scheme["type"] for scheme in schemes.values()} == {"apiKey", "http"}
     assert openapi["paths"]["/v1/dreams"]["post"]["security"]  # declared on the keyed endpoints
+    untyped = [f"{method.upper()} {path}" for path, methods in openapi["paths"].items() for method, op in methods.items()
+               if "application/json" in op["responses"].get("200", {}).get("content", {})
+               and not op["responses"]["200"]["content"]["application/json"]["schema"]]
+    assert untyped == []  # every JSON answer has a declared shape
     malformed = client.post("/v1/dreams", json={"feature": "1/2", "config": {"population": 0}}).json()
     assert isinstance(malformed["detail"], str) and "config.population" in malformed["detail"]  # one error shape
     assert client.get("/docs").status_code == 200
