@@ -96,3 +96,13 @@ def test_ray_cluster_yaml_validates_against_the_launcher_schema():
     head = types[config["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0
     assert any(node["resources"].get("GPU", 0) >= 1 for node in types.values())
+    # Ray's default AMI has a driver too old for torch 2.13's CUDA 13: every node names its image, GPU nodes
+    # check their driver before Ray starts
+    assert all(node["node_config"].get("ImageId") for node in types.values())
+    assert all("580" in " ".join(node.get("initialization_commands", [])) for node in types.values()
+               if node["resources"].get("GPU", 0))
+    # the bundle is shipped, and named: no node converts the model or builds a bundle of its own
+    serve = " ".join(config["head_start_ray_commands"])
+    assert "DREAMING_BUNDLE=" in serve and "DREAMING_DB=" in serve and "dreaming serve" in serve
+    assert all("DREAMING_HOME=" in " ".join(config[key]) for key in ("head_start_ray_commands",
+                                                                       "worker_start_ray_commands"))
