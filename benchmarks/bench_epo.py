@@ -144,19 +144,22 @@ def overhead(lm, transcoder, feature, dataset_max, config):
     M, W = config.population, config.length_range[1]
     task = TaskState(torch.Generator().manual_seed(0))
     prompts, origins = initial_prompts(scorer, config, allowed, task.generator, [])
-    ids = torch.zeros(M, W, dtype=torch.long)
+    device = lm.device
+    ids = torch.zeros(M, W, dtype=torch.long, device=device)
     for m, prompt in enumerate(prompts):
         ids[m, : len(prompt)] = torch.tensor(prompt)
-    lengths, rows = torch.tensor([len(p) for p in prompts]), torch.zeros(M, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    rows = torch.zeros(M, dtype=torch.long, device=device)
     scores = scorer.score(ids, lengths, rows)
-    members = Pool(ids, lengths, scores.f, scores.ce, scores.smooth, torch.tensor(origins))
+    members = Pool(ids, lengths, scores.f, scores.ce, scores.smooth, torch.tensor(origins, device=device))
     expansion = scorer.expand(ids, lengths, rows, config.lambdas(), allowed, config.topk, 32)
     children, parent, changed = make_children(members, expansion, config, [task], allowed.nonzero()[:, 0])
     child_rows = rows[parent]
     s = len(scorer.suffix_ids)
     tokens = [row[:n] + scorer.suffix_ids for row, n in zip(children.ids.tolist(), children.lengths.tolist())]
     width = max(map(len, tokens))
-    plain_ids = torch.tensor([t + [scorer.pad_id] * (width - len(t)) for t in tokens])  # [children, width]
+    # [children, width]
+    plain_ids = torch.tensor([t + [scorer.pad_id] * (width - len(t)) for t in tokens], device=device)
 
     def plain():
         with torch.no_grad():

@@ -93,13 +93,16 @@ class BatchSummary(BaseModel):
     jobs: list[JobSummary]
 
 
-class FeatureRow(BaseModel):
+class FeatureStats(BaseModel):
     feature: str
     dataset_max: float
     density: float
     mean_when_active: float
     dead: bool
     dense: bool
+
+
+class FeatureRow(FeatureStats):
     has_dreams: bool
 
 
@@ -206,14 +209,8 @@ class OutputTokens(BaseModel):
     bottom: list[tuple[str, float]]  # and suppresses most
 
 
-class FeaturePage(BaseModel):
+class FeaturePage(FeatureStats):
     """A feature's statistics and top dataset examples beside its dreamed prompts (GET /features/L/I)."""
-    feature: str
-    dataset_max: float
-    density: float
-    mean_when_active: float
-    dead: bool
-    dense: bool
     source_max: dict[str, float]
     histogram: Histogram
     tokens: int  # of the maxima corpus
