@@ -393,7 +393,7 @@ class SQLiteStore(Store):
     def counts(self):
         with self._transaction() as db:
             rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        return {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0, **dict(rows)}
+        return {QUEUED: 0, RUNNING: 0, DONE: 0, FAILED: 0, CANCELLED: 0, **dict(rows)}
 
     def close(self):
         with self._lock:
