@@ -11,7 +11,8 @@ Prints:
      random single-token search from the same seed, on the study feature (experiments/epo_quality.py's draw)
      whose starting prompts are farthest from its max, all three starting from prompts sampled from the model
      (no dataset seeds), so the comparison is not decided at iteration 1;
-  4. features per minute at the default iteration count for K = 1, 4, 16 features sharing each batch.
+  4. features per minute at the default iteration count for K = 1, 4, 16 features sharing each batch (the cost
+     of an iteration from two calls of different lengths, plus what a call pays once).
 
     python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--parts 1,2,3,4] [--threads 2]
 
@@ -45,6 +46,8 @@ from dreaming.epo import (
 )
 from dreaming.objective import Scorer, make_target
 from dreaming.templates import chat_template
+
+SHORT, LONG = 2, 6  # iterations of the two timed calls per K in part 4
 
 PREVIOUS_ENGINE = """
 import json, sys, torch
@@ -219,19 +222,27 @@ def methods(args, lm, measure_lm, transcoder, maxima, features, config):
 
 
 def throughput(args, lm, measure_lm, transcoder, maxima, features, config):
-    """4. features per minute with K features sharing each forward/backward pass"""
-    print(f"\nfeatures/minute at {config.iterations} iterations (measured over 3 iterations per K, plus re-measurement)")
+    """4. features per minute with K features sharing each forward/backward pass. A call of SHORT and one of LONG
+    iterations per K: their difference is the cost of LONG - SHORT iterations; the rest (starting prompts, the
+    final measurement) is paid once per call. A warm-up call first, so no K pays the device's warm-up."""
+    print(f"\nfeatures/minute at {config.iterations} iterations (from calls of {SHORT} and {LONG} iterations per K)")
     pool = list(dict.fromkeys(features + study_features(maxima, 26)))
-    for k in (int(x) for x in args.k.split(",")):
-        group = pool[:k]
-        maxes = [maxima.dataset_max(f) for f in group]
+
+    def call(group, iterations) -> float:
         started = time.perf_counter()
-        results = dream_many(lm, transcoder, group, config.model_copy(update={"iterations": 3}), maxes,
-                             measure_lm=measure_lm, contexts=[maxima.top_contexts(f) for f in group])
-        per_it = results[0].timings["seconds_per_iteration"]
-        measure = (time.perf_counter() - started) - 3 * per_it
-        minutes = (per_it * config.iterations + measure) / 60
-        print(f"  K = {k:>2}: {per_it:6.2f} s/iteration, {k / minutes:6.2f} features/minute", flush=True)
+        dream_many(lm, transcoder, group, config.model_copy(update={"iterations": iterations}),
+                   [maxima.dataset_max(f) for f in group], measure_lm=measure_lm,
+                   contexts=[maxima.top_contexts(f) for f in group])
+        return time.perf_counter() - started
+
+    call(pool[:1], 1)
+    for k in (int(x) for x in args.k.split(",")):
+        short, long = call(pool[:k], SHORT), call(pool[:k], LONG)
+        per_iteration = (long - short) / (LONG - SHORT)
+        once = short - SHORT * per_iteration
+        minutes = (once + per_iteration * config.iterations) / 60
+        print(f"  K = {k:>2}: {per_iteration:6.3f} s/iteration, {once:5.1f} s once per call, "
+              f"{k / minutes:6.2f} features/minute", flush=True)
 
 
 if __name__ == "__main__":
