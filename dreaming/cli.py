@@ -211,7 +211,10 @@ def cmd_maxima_build(args) -> None:
 
         if not ray.is_initialized():
             ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-        maxima, sharded = build_maxima_ray(bundle, windows, out, config, args.actors)
+        try:
+            maxima, sharded = build_maxima_ray(bundle, windows, out, config, args.actors)
+        except RuntimeError as error:  # an actor that cannot start, a shard that keeps killing its actors
+            raise SystemExit(f"error: {error}") from None
     else:
         maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out,
                               bundle.identity, config)
