@@ -105,8 +105,8 @@ def main():
     feature = features[0]
     dataset_max = maxima.dataset_max(feature)
     config = DreamConfig()
-    print(f"device {args.device}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; timing feature "
-          f"{feature}, dataset max {dataset_max:.3f}", flush=True)
+    print(f"device {args.device}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; "
+          f"timing feature {feature}, dataset max {dataset_max:.3f}", flush=True)
 
     if 1 in parts:
         timing(args, bundle, lm, measure_lm, transcoder, feature, dataset_max, config)

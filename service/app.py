@@ -34,8 +34,8 @@ from service.logs import service_log
 from service.pages import add_pages
 from service.runtime import Service
 from service.schemas import (ActivationsRequest, BatchList, BatchOut, BatchRequest, BatchSummary, DreamRequest,
-                             FeatureList, FeaturePage, Health, Info, JobList, JobOut, JobSummary, SearchHit, SearchRequest,
-                             SimilarFeature)
+                             FeatureList, FeaturePage, Health, Info, JobList, JobOut, JobSummary, SearchHit,
+                             SearchRequest, SimilarFeature)
 from service.settings import Settings
 from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch, Job
 
@@ -351,8 +351,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def similar(layer: int, index: int, top: int = Query(10, ge=1, le=100)) -> list[dict]:
         return await service.view.similar(known(Feature(layer, index)), top)
 
-    @v1.get("/features/{layer}/{index}", response_model=FeaturePage, summary="Dataset maxima, cached dreams (the service's and those made with "
-                                                  "`dreaming dream` on the bundle) and the comparison of a feature")
+    @v1.get("/features/{layer}/{index}", response_model=FeaturePage,
+            summary="Dataset maxima, cached dreams (the service's and those made with `dreaming dream` on the "
+                    "bundle) and the comparison of a feature")
     async def get_feature(layer: int, index: int, request: Request) -> FeaturePage:
         feature = known(Feature(layer, index))
         served = await in_thread(service.store.results_for, service.view.identity, str(feature))
