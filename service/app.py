@@ -176,10 +176,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def in_thread(method, *args):  # store calls never block the event loop
         return await asyncio.to_thread(method, *args)
 
-    def template_tokens(template: str) -> int:
-        return len(service.view.explorer.lm.tokenizer(template.replace("{prompt}", ""),
-                                                      add_special_tokens=False)["input_ids"])
-
     async def check_budget(config: DreamConfig, features: int) -> None:
         """422 before anything is queued when a request asks for more work than one job or batch may."""
         cost = config.cost()
@@ -191,7 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, f"batch too costly: {features} features × {cost:,} ({what}) = "
                                      f"{cost * features:,}, at most {limits.max_batch_cost:,} per batch")
         if config.template not in (None, "chat"):
-            tokens = await in_thread(template_tokens, config.template)
+            tokens = await in_thread(count_tokens, [config.template.replace("{prompt}", "")])
             if tokens > limits.max_template_tokens:
                 raise HTTPException(422, f"template too long: {tokens} tokens, at most "
                                          f"{limits.max_template_tokens}")

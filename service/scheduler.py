@@ -134,8 +134,8 @@ class Scheduler:
             except ActorUnavailableError:  # restarting
                 await asyncio.sleep(POLL_SECONDS)
             except RayActorError as error:  # dead for good, e.g. its constructor raised
-                log.error("worker %d cannot start: %s", worker.index, error, extra=about(worker))
-                self.describe[worker.index] = {"error": "the actor could not start (the service log says why)"}
+                log.error("worker %d is dead for good: %s", worker.index, error, extra=about(worker))
+                self.describe[worker.index] = {"error": "the actor is dead for good (the service log says why)"}
                 return False
 
     def longest_stored_run(self, feature: str, config: DreamConfig, dataset_max: float | None,
@@ -211,22 +211,12 @@ class Scheduler:
                         await self._poll(worker, jobs)
                 return call.result()
             except ActorUnavailableError:
-                if incarnation is None or await self._incarnation(worker) != incarnation:
+                back = await self._until_ready(worker)
+                if not back or self.describe[worker.index].get("incarnation") != incarnation:
                     raise
                 log.warning("worker %d was unavailable during a call but is back: collecting the call",
                             worker.index, extra=about(worker, jobs))
                 reply = worker.actor.collect.remote(call_id)
-
-    async def _incarnation(self, worker: Worker) -> str | None:
-        """The actor's incarnation once it answers again; None if it is dead for good."""
-        while True:
-            try:
-                self.describe[worker.index] = await worker.actor.describe.remote()
-                return self.describe[worker.index].get("incarnation")
-            except ActorUnavailableError:
-                await asyncio.sleep(POLL_SECONDS)
-            except RayActorError:
-                return None
 
     async def _poll(self, worker: Worker, jobs: list[Job]) -> None:
         try:
