@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dreaming.corpus import with_bos
+from dreaming.special_tokens import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.templates import template_ids
@@ -124,7 +124,7 @@ def measure_token_ids(lm: LanguageModel, transcoder: Transcoder, feature: Featur
     counted_from = counted_from or [1] * len(sequences)
     if len(counted_from) != len(sequences) or any(not 1 <= c < len(s) for c, s in zip(counted_from, sequences)):
         raise ValueError("counted_from must give, per sequence, a position in 1..len - 1")
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_token_id
+    pad_id = lm.pad_token_id
     results = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]

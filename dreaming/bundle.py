@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dreaming.atomic import write_text_atomically
 from dreaming.corpus import (
     Windows,
     build_default_corpus,
@@ -39,7 +40,7 @@ from dreaming.models import (
 )
 from dreaming.paths import dreaming_home
 from dreaming.train import TrainConfig, train_transcoder, transcoder_report
-from dreaming.transcoders import LazyEncoder, Transcoder, load_transcoder
+from dreaming.transcoders import LazyEncoder, Transcoder, load_transcoder, read_config
 
 MANIFEST = "bundle.json"
 # The default bundle's recipe; a default bundle of another version is moved aside and built again.
@@ -80,38 +81,83 @@ class Bundle:
             raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); build one with `dreaming default build`")
         return cls(directory, json.loads((directory / MANIFEST).read_text()))
 
+    @property
+    def transcoder_reference(self) -> str | Path:
+        """Where the transcoder is: the reference a bundle was created with (a path, a config.yaml, an hf:// URI),
+        else the bundle's own `transcoder/` directory (the default bundle's fitted one)."""
+        return (self.manifest.get("transcoder") or {}).get("reference") or self.directory / "transcoder"
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.bundle.corpus_path
+
+    @property
+    def windows_dir(self) -> Path:
+        return self.directory / "windows"
+
+    @property
+    def maxima_dir(self) -> Path:
+        return self.directory / "maxima"
+
+    @property
+    def dreams_dir(self) -> Path:
+        return self.directory / "dreams"
+
     def load_model(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LanguageModel:
         return load_model(self.manifest["model"], dtype=dtype, device=device)
 
     def load_transcoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transcoder:
-        return load_transcoder(self.directory / "transcoder", dtype=dtype, device=device)
+        return load_transcoder(self.transcoder_reference, dtype=dtype, device=device)
 
     def load_encoder(self, device: str = "cpu") -> LazyEncoder | Transcoder:
         """The encoder rows of the features asked for, read from disk on use (fp32): what dreaming and measuring
         a few features need; a topk transcoder (whose features depend on each other) is loaded whole."""
-        encoder = LazyEncoder(self.directory / "transcoder", device=device)
+        encoder = LazyEncoder(self.transcoder_reference, device=device)
         return self.load_transcoder(device=device) if encoder.config.activation == "topk" else encoder
 
     def windows(self) -> Windows:
-        return load_windows(self.directory / "windows")
+        return load_windows(self.windows_dir)
 
     @property
     def identity(self) -> str:
         """A fingerprint of the model and the transcoder: maxima and cached dreams are keyed by it."""
         if "_identity" not in self.__dict__:
-            self.__dict__["_identity"] = transcoder_identity(self.manifest["model_name"], self.directory / "transcoder")
+            self.__dict__["_identity"] = transcoder_identity(self.manifest["model_name"], self.transcoder_reference)
         return self.__dict__["_identity"]
 
     def maxima(self) -> Maxima | None:
         """The dataset maxima, or None when they have not been built; stale maxima are an error."""
-        if not (self.directory / "maxima" / "maxima.safetensors").exists():
+        if not (self.maxima_dir / "maxima.safetensors").exists():
             return None
-        return load_maxima(self.directory / "maxima", identity=self.identity)
+        return load_maxima(self.maxima_dir, identity=self.identity)
 
     def save_manifest(self) -> None:
-        partial = self.directory / (MANIFEST + ".partial")
-        partial.write_text(json.dumps(self.manifest, indent=2))
-        partial.replace(self.directory / MANIFEST)
+        write_text_atomically(self.directory / MANIFEST, json.dumps(self.manifest, indent=2))
+
+
+def bundle_info(bundle: Bundle) -> dict:
+    """What `dreaming info` and the service show of a bundle: model, transcoder (shape, hooks, evaluation), corpus,
+    maxima, build times."""
+    manifest = bundle.manifest
+    transcoder = read_config(bundle.transcoder_reference)
+    return {
+        "bundle": str(bundle.directory),
+        "model": {"name": manifest["model_name"], "source": manifest["model"]},
+        "transcoder": {
+            "kind": transcoder.kind,
+            "layers": transcoder.n_layers,
+            "features_per_layer": transcoder.d_transcoder,
+            "features": transcoder.n_layers * transcoder.d_transcoder,
+            "d_model": transcoder.d_model,
+            "activation": transcoder.activation,
+            "input_hook": transcoder.feature_input_hook,
+            "output_hook": transcoder.feature_output_hook,
+            "evaluation": manifest.get("transcoder_report", {}),  # varied_texts / heldout_windows: see train.evaluate_transcoder
+        },
+        "corpus": {**manifest.get("corpus", {}), "windows": manifest.get("windows")},
+        "maxima": manifest.get("maxima"),
+        "build_seconds": manifest.get("build_seconds", {}),
+    }
 
 
 def current_default_manifest(directory: Path) -> dict:
@@ -169,19 +215,19 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
         return lm
 
     def corpus():
-        stats = build_default_corpus(model().tokenizer, directory / "corpus.jsonl")
+        stats = build_default_corpus(model().tokenizer, bundle.corpus_path)
         manifest["corpus"] = {key: stats[key] for key in ("sha256", "documents", "chars", "tokens")}
 
-    step("corpus", (directory / "corpus.jsonl").exists() and "corpus" in manifest, corpus)
+    step("corpus", (bundle.corpus_path).exists() and "corpus" in manifest, corpus)
 
     def windows():
         tokenizer = model().tokenizer
-        cut = tokenize_windows(read_documents(str(directory / "corpus.jsonl")), tokenizer,
+        cut = tokenize_windows(read_documents(str(bundle.corpus_path)), tokenizer,
                                window_length=WINDOW_LENGTH, bos_token_id=model().bos_token_id, progress=progress)
-        save_windows(cut, directory / "windows")
+        save_windows(cut, bundle.windows_dir)
         manifest["windows"] = {"count": len(cut), "window_length": WINDOW_LENGTH, "tokens": int(cut.lengths.sum())}
 
-    step("windows", (directory / "windows").exists(), windows)
+    step("windows", bundle.windows_dir.exists(), windows)
 
     def transcoder():
         cut = bundle.windows()
@@ -196,10 +242,10 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
     def maxima():
         transcoder = bundle.load_transcoder(dtype=model().dtype, device=model().device)  # encoder in the pass's dtype
         built = build_maxima(model(), transcoder, bundle.windows(),
-                             directory / "maxima", bundle.identity, MaximaConfig(), progress=progress)
+                             bundle.maxima_dir, bundle.identity, MaximaConfig(), progress=progress)
         manifest["maxima"] = maxima_report(built)
 
-    step("maxima", (directory / "maxima" / "maxima.safetensors").exists() and "maxima" in manifest, maxima)
+    step("maxima", (bundle.maxima_dir / "maxima.safetensors").exists() and "maxima" in manifest, maxima)
     return bundle
 
 

@@ -53,33 +53,8 @@ def cmd_default_build(args) -> None:
     print_transcoder_report(bundle.manifest["transcoder_report"])
 
 
-def bundle_info(bundle) -> dict:
-    from dreaming.transcoders import read_config
-
-    manifest = bundle.manifest
-    transcoder = read_config(bundle.directory / "transcoder")
-    return {
-        "bundle": str(bundle.directory),
-        "model": {"name": manifest["model_name"], "source": manifest["model"]},
-        "transcoder": {
-            "kind": transcoder.kind,
-            "layers": transcoder.n_layers,
-            "features_per_layer": transcoder.d_transcoder,
-            "features": transcoder.n_layers * transcoder.d_transcoder,
-            "d_model": transcoder.d_model,
-            "activation": transcoder.activation,
-            "input_hook": transcoder.feature_input_hook,
-            "output_hook": transcoder.feature_output_hook,
-            "evaluation": manifest.get("transcoder_report", {}),  # varied_texts / heldout_windows: see train.evaluate_transcoder
-        },
-        "corpus": {**manifest.get("corpus", {}), "windows": manifest.get("windows")},
-        "maxima": manifest.get("maxima"),
-        "build_seconds": manifest.get("build_seconds", {}),
-    }
-
-
 def cmd_info(args) -> None:
-    from dreaming.bundle import Bundle
+    from dreaming.bundle import Bundle, bundle_info
 
     info = bundle_info(Bundle.open(args.bundle))
     if args.json:
@@ -201,7 +176,7 @@ def cmd_maxima_build(args) -> None:
             raise SystemExit("--sources builds the maxima of part of the corpus: give --out DIR, so they do not "
                              "replace the bundle's yardstick")
         windows = windows.of_sources(args.sources.split(","))
-    out = Path(args.out) if args.out else bundle.directory / "maxima"
+    out = Path(args.out) if args.out else bundle.maxima_dir
     if args.ray:
         import os
 
@@ -219,7 +194,7 @@ def cmd_maxima_build(args) -> None:
         maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out,
                               bundle.identity, config)
     report = {**maxima_report(maxima), "directory": str(out), **({"ray": sharded} if args.ray else {})}
-    if out == bundle.directory / "maxima":
+    if out == bundle.maxima_dir:
         bundle.manifest["maxima"] = maxima_report(maxima)
         bundle.save_manifest()
     if args.json:
@@ -237,14 +212,14 @@ def cmd_maxima_import(args) -> None:
     from dreaming.exports import import_neuronpedia
 
     bundle = Bundle.open(args.bundle)
-    out = Path(args.out) if args.out else bundle.directory / "maxima"
+    out = Path(args.out) if args.out else bundle.maxima_dir
     if (out / "maxima.safetensors").exists() and not args.replace:
         raise SystemExit(f"{out} already holds dataset maxima: pass --replace to overwrite them with the import, "
                          "or --out DIR to import elsewhere")
     maxima = import_neuronpedia(bundle, args.source, out)
     summary = maxima_report(maxima)
     report = {**summary, "directory": str(out), "imported": maxima.metadata["imported"]}
-    if out == bundle.directory / "maxima":
+    if out == bundle.maxima_dir:
         bundle.manifest["maxima"] = summary
         bundle.save_manifest()
     if args.json:
@@ -403,10 +378,10 @@ def run_dreams(args, features: list) -> list:
 
     config = config_from_args(DreamConfig, args)
     bundle = Bundle.open(args.bundle)
-    shape = read_config(bundle.directory / "transcoder")
+    shape = read_config(bundle.transcoder_reference)
     for feature in features:
         check_feature(feature, shape.n_layers, shape.d_transcoder)
-    cache = DreamCache(bundle.directory / "dreams")
+    cache = DreamCache(bundle.dreams_dir)
     maxima = bundle.maxima()
     maxes = {f: maxima.dataset_max(f) if maxima else None for f in features}  # the yardstick is part of the key
     bases = {}  # with --more: the cached run each feature's search continues from

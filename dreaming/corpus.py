@@ -36,6 +36,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from dreaming.atomic import atomic_directory, atomic_file
+from dreaming.special_tokens import bos_token_id as default_bos, pad_token_id as default_pad, with_bos
+
 # -----------------------------------------------------------------------------
 # documents: reading and writing
 
@@ -132,24 +135,15 @@ def write_documents(documents: Iterable[Document], path: str | os.PathLike) -> N
     """Write documents as JSONL {"text", "source"} (gzip-compressed when the name ends in .gz, with no time stamp,
     so the bytes depend only on the documents); atomic (a crash never leaves a partial file at `path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
+    with atomic_file(path) as scratch, open(scratch, "wb") as file:
         raw = gzip.GzipFile(filename="", fileobj=file, mode="wb", mtime=0) if path.suffix == ".gz" else file
         with io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as f:
             for doc in documents:
                 f.write(json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
 # token windows
-
-
-def with_bos(ids: list[int], bos_token_id: int) -> list[int]:
-    """The one BOS rule: a text is measured as BOS + its tokens, the BOS added only when it is not there already
-    (SmolLM2's chat documents start with <|im_start|>, which is its BOS)."""
-    return list(ids) if ids and ids[0] == bos_token_id else [bos_token_id, *ids]
 
 
 @dataclass
@@ -188,14 +182,10 @@ def tokenize_windows(
     """Cut each document (tokenised on its own, no special tokens added) into windows of window_length - 1
     tokens, each prefixed with BOS (the one BOS rule, `with_bos`: a document that starts with BOS keeps just one). A document's last partial window is kept if it has >= min_length tokens
     (BOS not counted). With max_tokens, stop before the total of valid tokens (BOS included) would pass it,
-    and stop reading documents. bos/pad ids default to the tokenizer's (bos else eos; pad else eos).
+    and stop reading documents. bos/pad ids default to the tokenizer's (dreaming.special_tokens).
     """
-    if bos_token_id is None:
-        bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if bos_token_id is None or pad_token_id is None:
-        raise ValueError("the tokenizer has no BOS/EOS/pad token: pass bos_token_id= and pad_token_id=")
+    bos_token_id = default_bos(tokenizer) if bos_token_id is None else bos_token_id
+    pad_token_id = default_pad(tokenizer) if pad_token_id is None else pad_token_id
     if not 1 <= min_length < window_length:
         raise ValueError(f"need 1 <= min_length < window_length, got {min_length} and {window_length}")
     step = window_length - 1
@@ -244,12 +234,10 @@ WINDOW_ARRAYS = ("tokens", "lengths", "document", "source")
 
 
 def save_windows(windows: Windows, directory: Path) -> None:
-    partial = directory.with_name(directory.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    for name in WINDOW_ARRAYS:
-        np.save(partial / f"{name}.npy", getattr(windows, name))
-    (partial / "sources.json").write_text(json.dumps(windows.sources))
-    partial.rename(directory)
+    with atomic_directory(directory) as scratch:
+        for name in WINDOW_ARRAYS:
+            np.save(scratch / f"{name}.npy", getattr(windows, name))
+        (scratch / "sources.json").write_text(json.dumps(windows.sources))
 
 
 def load_windows(directory: Path) -> Windows:

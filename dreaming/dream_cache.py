@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from dreaming.atomic import write_text_atomically
 from dreaming.epo import DreamConfig, DreamResult
 from dreaming.features import Feature, parse_feature
 
@@ -72,15 +71,7 @@ class DreamCache:
     def put(self, identity: str, result: DreamResult) -> Path:
         """Store a result under its own config and the dataset max it was scored against."""
         path = self.path(identity, parse_feature(result.feature), result.config, result.dataset_max)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(result.model_dump(mode="json"), file)
-            os.replace(partial, path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+        write_text_atomically(path, json.dumps(result.model_dump(mode="json")))
         return path
 
     def features(self, identity: str) -> set[str]:

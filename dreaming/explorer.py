@@ -35,7 +35,7 @@ class Explorer:
     def __init__(self, bundle: Bundle, device: str | None = None):
         self.bundle = bundle
         self.device = device or best_device()
-        self.transcoder_config = read_config(bundle.directory / "transcoder")
+        self.transcoder_config = read_config(bundle.transcoder_reference)
 
     @classmethod
     def open(cls, directory: str | Path | None = None, device: str | None = None) -> Explorer:
@@ -105,7 +105,7 @@ class Explorer:
         from dreaming.dream_cache import DreamCache
 
         feature = self.feature(feature)
-        cache = DreamCache(self.bundle.directory / "dreams")
+        cache = DreamCache(self.bundle.dreams_dir)
         cached = cache.for_feature(self.bundle.identity, feature, self.dataset_max(feature))
         return [c.result.model_dump(mode="json") for c in cached if c.current or not current_only]
 
@@ -113,7 +113,7 @@ class Explorer:
         """The features ("L/I") with a dream cached on disk for this bundle (current or stale)."""
         from dreaming.dream_cache import DreamCache
 
-        return DreamCache(self.bundle.directory / "dreams").features(self.bundle.identity)
+        return DreamCache(self.bundle.dreams_dir).features(self.bundle.identity)
 
     def compare(self, feature: Feature | str, top: int = 10, dreams: list[dict] | None = None,
                 length: int | None = None) -> dict:
@@ -128,13 +128,13 @@ class Explorer:
         dreams = self.dreams(feature) if dreams is None else dreams
         length = DreamConfig().prompt_length if length is None else length
         page = feature_page(self.lm, self.transcoder, self.require_maxima(), feature, dreams, top, length=length)
-        (page["output_tokens"],) = output_tokens(self.lm, self.bundle.directory / "transcoder", [feature])
+        (page["output_tokens"],) = output_tokens(self.lm, self.bundle.transcoder_reference, [feature])
         return page
 
     def similar(self, feature: Feature | str, top: int = 10) -> list[dict]:
         """The `top` features whose decoder directions are closest (cosine) to this one's (dreaming.similar), each
         with its density and dataset max when the bundle has maxima."""
-        found = similar_features(self.bundle.directory / "transcoder", self.feature(feature), top)
+        found = similar_features(self.bundle.transcoder_reference, self.feature(feature), top)
         if self.maxima is not None:
             for hit in found:
                 summary = self.maxima.summary(parse_feature(hit["feature"]))

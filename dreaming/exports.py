@@ -59,7 +59,6 @@ import gzip
 import itertools
 import json
 import re
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -72,6 +71,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
+
+from dreaming.atomic import atomic_directory
+from dreaming.special_tokens import bos_token_id, pad_token_id
 
 from dreaming.activation import TextActivation, measure_token_ids
 from dreaming.bundle import Bundle
@@ -199,7 +201,7 @@ def each_feature(explorer: Explorer, features: list[Feature] | None, desc: str, 
     with tqdm(total=len(features), desc=desc, unit="feature", disable=not progress) as bar:
         for start in range(0, len(features), OUTPUT_CHUNK):
             chunk = features[start : start + OUTPUT_CHUNK]
-            outputs = output_tokens(explorer.lm, explorer.bundle.directory / "transcoder", chunk, OUTPUT_TOKENS)
+            outputs = output_tokens(explorer.lm, explorer.bundle.transcoder_reference, chunk, OUTPUT_TOKENS)
             for feature, output in zip(chunk, outputs):
                 yield feature, output
                 bar.update()
@@ -447,7 +449,7 @@ def imported_examples(export_dir: Path, tokenizer, sources: SourceLayers, progre
                       ) -> tuple[dict[Feature, list[tuple[float, int, int]]], WindowTable, dict]:
     """Per feature its top examples [(value, window, position)], strongest first (ties in file order), at most one
     per window; the windows; and counts of what was read."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = bos_token_id(tokenizer)
     to_ids, table = TokenIds(tokenizer), WindowTable()
     found = defaultdict(list)  # feature -> [(marked top, value, window, position)]
     counts = {"examples": 0, "skipped_bos": 0}
@@ -500,7 +502,7 @@ def import_neuronpedia(bundle: Bundle, export_dir: str | Path, out_dir: str | Pa
     if not any(export_dir.rglob("activations/batch-*.jsonl.gz")):
         raise FileNotFoundError(f"no Neuronpedia activation batches (*/activations/batch-N.jsonl.gz) in {export_dir}")
     started = time.perf_counter()
-    config = read_config(bundle.directory / "transcoder")
+    config = read_config(bundle.transcoder_reference)
     L, F = config.n_layers, config.d_transcoder
     tokenizer = bundle_tokenizer(bundle)
     sources = SourceLayers(L, F)
@@ -513,7 +515,7 @@ def import_neuronpedia(bundle: Bundle, export_dir: str | Path, out_dir: str | Pa
             density[feature.layer, feature.index] = neuron.frac_nonzero
     if not neurons:
         unknown.append("density")
-    windows = table.windows(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    windows = table.windows(pad_token_id(tokenizer))
     arrays = {
         **top_arrays(top, L, F),
         "active_count": torch.full((L, F), -1, dtype=torch.int64),
@@ -528,12 +530,8 @@ def import_neuronpedia(bundle: Bundle, export_dir: str | Path, out_dir: str | Pa
                 "seconds": round(time.perf_counter() - started, 1), "tokens_per_second": 0.0,
                 "imported": {"format": "neuronpedia", "sources": sources.layers, "features": len(top), **counts,
                              "unknown": unknown}}
-    out_dir = Path(out_dir) if out_dir is not None else bundle.directory / "maxima"
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(arrays, str(partial / "maxima.safetensors"), metadata={"dreaming": json.dumps(metadata)})
-    save_windows(windows, partial / "windows")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else bundle.maxima_dir
+    with atomic_directory(out_dir) as scratch:
+        save_file(arrays, str(scratch / "maxima.safetensors"), metadata={"dreaming": json.dumps(metadata)})
+        save_windows(windows, scratch / "windows")
     return load_maxima(out_dir, identity=bundle.identity)

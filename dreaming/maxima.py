@@ -19,7 +19,6 @@ the window, and re-measuring an example's window reproduces its value.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+from dreaming.atomic import atomic_directory
 
 from dreaming.activation import layer_activations, measure_token_ids, token_pieces, tokenize_text
 from dreaming.corpus import Windows, load_windows, save_windows
@@ -367,14 +368,10 @@ def save_maxima(stats: MaximaAccumulator, windows: Windows, out_dir: str | Path,
                 "tokens": stats.tokens, "windows": len(windows), "top_k": config.top_k,
                 "interval_examples": config.interval_examples,
                 "seconds": round(seconds, 1), "tokens_per_second": round(stats.tokens / seconds, 1)}
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file({name: t.contiguous().cpu() for name, t in stats.arrays().items()}, str(partial / "maxima.safetensors"),
-              metadata={"dreaming": json.dumps(metadata)})
-    save_windows(windows, partial / "windows")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    with atomic_directory(out_dir) as scratch:
+        save_file({name: t.contiguous().cpu() for name, t in stats.arrays().items()},
+                  str(scratch / "maxima.safetensors"), metadata={"dreaming": json.dumps(metadata)})
+        save_windows(windows, scratch / "windows")
     return load_maxima(out_dir)
 
 

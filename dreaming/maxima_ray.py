@@ -33,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from dreaming.atomic import atomic_file
+
 from dreaming.bundle import Bundle
 from dreaming.corpus import Windows
 from dreaming.maxima import Maxima, MaximaAccumulator, MaximaConfig, accumulate, batch_count, save_maxima
@@ -102,10 +104,8 @@ def resume(checkpoint: Path, key: str, stats: MaximaAccumulator) -> tuple[list[i
 
 
 def save_checkpoint(checkpoint: Path, key: str, stats: MaximaAccumulator, done: list[int], seconds: float) -> None:
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    scratch = checkpoint.with_name(checkpoint.name + ".tmp")
-    save_file(stats.state(), str(scratch), metadata={"key": key, "done": json.dumps(done), "seconds": str(seconds)})
-    os.replace(scratch, checkpoint)
+    with atomic_file(checkpoint) as scratch:
+        save_file(stats.state(), str(scratch), metadata={"key": key, "done": json.dumps(done), "seconds": str(seconds)})
 
 
 def run_shards(start_actor, count: int, shards: list[tuple[int, int]], todo: list[int], merge) -> tuple[int, dict]:
@@ -171,7 +171,7 @@ def build_maxima_ray(bundle: Bundle, windows: Windows, out_dir: str | Path, conf
     lengths = np.asarray(windows.lengths, dtype=np.int64)
     shard_tokens = [int(lengths[first * config.batch_windows : stop * config.batch_windows].sum())
                     for first, stop in shards]
-    tc = read_config(bundle.directory / "transcoder")
+    tc = read_config(bundle.transcoder_reference)
     stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, "cpu",
                               config.interval_examples)
     key = pass_key(bundle.identity, windows, config, shards)

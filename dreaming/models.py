@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from dreaming.atomic import atomic_directory
 from dreaming.paths import dreaming_home
+from dreaming.special_tokens import bos_token_id, pad_token_id
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,8 +85,8 @@ class LanguageModel:
         if model_type not in FAMILIES:
             raise ValueError(f"unsupported architecture {model_type!r}; supported: {sorted(FAMILIES)}")
         self.family = FAMILIES[model_type]
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.tokenizer.pad_token_id is None:  # batched tokenizer calls need one; the id is pad_token_id's rule
+            self.tokenizer.pad_token_id = pad_token_id(self.tokenizer)
 
     @property
     def n_layers(self) -> int:
@@ -114,9 +114,12 @@ class LanguageModel:
 
     @property
     def bos_token_id(self) -> int:
-        """The token every window starts with (its position is never measured)."""
-        tok = self.tokenizer
-        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        """The token every text and window starts with (its position is never measured)."""
+        return bos_token_id(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int:
+        return pad_token_id(self.tokenizer)
 
     def hook_module(self, hook: str, layer: int) -> tuple[torch.nn.Module, str]:
         """The module to hook and whether the value is its 'input' or 'output'."""
@@ -200,18 +203,10 @@ def ensure_default_model(verbose: bool = True) -> Path:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    # A scratch directory of this process's own, renamed into place: a crash mid-save never leaves a half-written
-    # cache, and two processes converting at once (a service and its worker) do not collide.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".partial", dir=target.parent))
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)
-    except OSError:  # another process finished first: its copy is the same conversion
-        shutil.rmtree(partial, ignore_errors=True)
-        if not (target / "model.safetensors").exists():
-            raise
+    # Two processes converting at once (a service and its worker) each write a whole copy of the same conversion.
+    with atomic_directory(target) as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
     if verbose:
         print(f"converted {DEFAULT_GGUF} to {target} in {time.perf_counter() - started:.1f}s")
     return target

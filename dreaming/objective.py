@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from dreaming.corpus import with_bos
+from dreaming.special_tokens import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.templates import template_ids

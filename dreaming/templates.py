@@ -7,7 +7,7 @@ of the prefix alone, with the BOS rule of dreaming.corpus.with_bos.
 
 from __future__ import annotations
 
-from dreaming.corpus import with_bos
+from dreaming.special_tokens import with_bos
 from dreaming.models import LanguageModel
 
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dreaming.corpus import Windows, heldout_texts, with_bos
+from dreaming.corpus import Windows, heldout_texts
+from dreaming.special_tokens import with_bos
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel
 from dreaming.transcoders import SET, Transcoder, TranscoderConfig, save_transcoder
 
@@ -238,7 +239,7 @@ def evaluate_transcoder(lm: LanguageModel, transcoder: Transcoder, sequences: li
     ce_model, ce_replaced, n_predicted = 0.0, 0.0, 0
     ce_spliced = [0.0] * L
     transcoder = transcoder.float().to(device)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_token_id
+    pad_id = lm.pad_token_id
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together: less padding
     batches = [[sequences[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="evaluate transcoder", disable=not progress):

@@ -23,9 +23,7 @@ JumpReLU is x * (x > threshold); TopK keeps the k largest pre-activations per po
 from __future__ import annotations
 
 import operator
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,8 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from dreaming.atomic import atomic_directory
 
 CLT = "cross_layer_transcoder"
 SET = "transcoder_set"
@@ -276,12 +276,7 @@ def _cpu(t):
 def save_transcoder(transcoder: Transcoder, directory) -> None:
     """Write `transcoder` to `directory` in the circuit-tracer layout; replaces an existing one atomically."""
     c, t = transcoder.config, transcoder
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory) as tmp:
         for l in range(c.n_layers):
             W, b, bd, thr = _enc_names(c.kind, l)
             enc = {W: _cpu(t.W_enc[l]), b: _cpu(t.b_enc[l]), bd: _cpu(t.b_dec[l])}
@@ -296,16 +291,6 @@ def save_transcoder(transcoder: Transcoder, directory) -> None:
                     enc["W_skip"] = _cpu(t.W_skip[l])
                 save_file(enc, str(tmp / _enc_file(c.kind, l)))
         (tmp / "config.yaml").write_text(yaml.safe_dump(_config_yaml(c), sort_keys=False))
-        if directory.exists():  # swap by two renames: a crash in between leaves no transcoder, never half of one
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_transcoder(directory, dtype=torch.float32, device="cpu") -> Transcoder:

@@ -24,7 +24,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dreaming.activation import TextActivation
-from dreaming.cli import bundle_info
+from dreaming.bundle import bundle_info
 from dreaming.dream_cache import max_key
 from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature
