@@ -364,60 +364,31 @@ def cmd_compare(args) -> None:
 
 
 def run_dreams(args, features: list) -> list:
-    """Dream results for `features` under the config in `args`: from the bundle's cache, else computed (in
-    batches of --batch-size features sharing every forward pass) and cached."""
-    import torch
+    """Dream results for `features` under the config in `args`, through `Explorer.dream_many` (the one path of a
+    dream): from the bundle's cache, else computed (--batch-size features sharing every forward pass) and cached."""
     from tqdm import tqdm
 
-    from dreaming.bundle import Bundle
-    from dreaming.dream_cache import DreamCache
-    from dreaming.epo import DreamConfig, dream_many, longest_run
-    from dreaming.features import check_feature
-    from dreaming.models import best_device
-    from dreaming.transcoders import read_config
+    from dreaming.epo import DreamConfig
 
     config = config_from_args(DreamConfig, args)
-    bundle = Bundle.open(args.bundle)
-    shape = read_config(bundle.transcoder_reference)
-    for feature in features:
-        check_feature(feature, shape.n_layers, shape.d_transcoder)
-    cache = DreamCache(bundle.dreams_dir)
-    maxima = bundle.maxima()
-    maxes = {f: maxima.dataset_max(f) if maxima else None for f in features}  # the yardstick is part of the key
-    bases = {}  # with --more: the cached run each feature's search continues from
-    if args.more:
-        for feature in features:
-            current = [c.result for c in cache.for_feature(bundle.identity, feature, maxes[feature]) if c.current]
-            bases[feature] = longest_run(current, config)
-            if bases[feature] is None:
-                raise ValueError(f"nothing to continue for {feature}: no cached dream of this config (but its "
-                                 "iterations, seconds and plateau); dream it without --more first")
-    results = {f: None if args.no_cache or args.more else cache.get(bundle.identity, f, config, maxes[f])
-               for f in features}
-    todo = [f for f in features if results[f] is None]
-    if todo:
-        device = args.device or best_device()
-        lm = bundle.load_model(dtype=getattr(torch, config.dtype), device=device)
-        measure_lm = lm if config.dtype == "float32" else bundle.load_model(dtype=torch.float32, device=device)
-        transcoder = bundle.load_encoder(device=device)  # only the rows of the features dreamed
-        if maxima is None:
-            print("no dataset maxima in this bundle (dreaming maxima build): targets use the fallback scale",
-                  file=sys.stderr)
-        with tqdm(total=len(todo) * config.seeds * config.iterations, desc="dreaming", unit="it") as bar:
-            for start in range(0, len(todo), args.batch_size):
-                group, offset = todo[start : start + args.batch_size], bar.n
+    dreamer = explorer(args)
+    if dreamer.maxima is None:
+        print("no dataset maxima in this bundle (dreaming maxima build): targets use the fallback scale",
+              file=sys.stderr)
+    bar = None
 
-                def progress(done, total, best, offset=offset):
-                    bar.update(offset + done - bar.n)
-                    bar.set_postfix_str("" if best is None else f"best fluent {best:.0%} of max")
+    def progress(done: int, total: int, best) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc="dreaming", unit="it")
+        bar.update(done - bar.n)
+        bar.set_postfix_str("" if best is None else f"best fluent {best:.0%} of max")
 
-                contexts = [maxima.top_contexts(f) if maxima else None for f in group]
-                continued = [bases[f] for f in group] if args.more else None
-                for feature, result in zip(group, dream_many(lm, transcoder, group, config, [maxes[f] for f in group],
-                                                             progress, measure_lm, contexts, continued)):
-                    cache.put(bundle.identity, result)
-                    results[feature] = result
-    return [results[f] for f in features]
+    try:
+        return dreamer.dream_many(features, config, progress, more=args.more, read_cache=not args.no_cache,
+                                  features_per_call=args.batch_size)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def print_dream(result) -> None:
@@ -588,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("--top", type=int, default=10, help="how many features (default: 10)")
 
     from dreaming.epo import DreamConfig
+    from dreaming.explorer import FEATURES_PER_CALL
 
     for name, help, run in (("dream", "EPO for one feature: the Pareto frontier of activation vs. cross-entropy",
                              cmd_dream),
@@ -598,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--features", help="comma-separated feature ids, e.g. 12/345,3/7")
             command.add_argument("--features-file", help="a file of feature ids, one per line or comma-separated")
-        command.add_argument("--batch-size", type=int, default=8, help="features per shared batch (default: 8)")
+        command.add_argument("--batch-size", type=int, default=FEATURES_PER_CALL,
+                             help=f"features per shared batch (default: {FEATURES_PER_CALL})")
         command.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
         command.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
         command.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")

@@ -1,8 +1,9 @@
-"""Dream results on disk, keyed by (model + transcoder identity, feature, config, dataset max).
+"""Dream results on disk, and the one key of a dream: (engine version, model + transcoder identity, feature,
+config, dataset max), shared with the service's job store.
 
-Layout: `<directory>/<identity>/<layer>_<index>/<config key>-<max key>.json`, one DreamResult per file, where the
-config key is a hash of the canonical (sorted-keys) JSON of the config and the max key one of the dataset max the
-result was scored against (its yardstick: EPO's target is divided by it and every fraction_of_max is computed
+Layout: `<directory>/<identity>/<layer>_<index>/<dream key>-<max key>.json`, one DreamResult per file, where the
+dream key is `dream_key` (a result of an earlier engine version is never served as current) and the max key a hash
+of the dataset max the result was scored against (its yardstick: EPO's target is divided by it and every fraction_of_max is computed
 against it). Maxima rebuilt on another corpus change a feature's max, so a dream requested again is computed
 again, and the old one is kept but reported as stale (`for_feature`). A bundle keeps its cache in
 `<bundle>/dreams/`. Writes go to a temporary file renamed into place, so a reader never sees half a file; an
@@ -20,13 +21,20 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dreaming.atomic import write_text_atomically
-from dreaming.epo import DreamConfig, DreamResult
+from dreaming.epo import ENGINE_VERSION, DreamConfig, DreamResult
 from dreaming.features import Feature, parse_feature
 
 
-def config_key(config: DreamConfig) -> str:
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def dream_key(identity: str, feature: Feature | str, config: DreamConfig | dict, dataset_max: float | None) -> str:
+    """The cache key of a dream: the same bundle (identity), feature, fully defaulted config and yardstick, under
+    the same engine version, give the same key; a new engine version makes every request new work."""
+    config = config.model_dump(mode="json") if isinstance(config, DreamConfig) else config
+    key = canonical_json([ENGINE_VERSION, identity, str(feature), config, max_key(dataset_max)])
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def max_key(dataset_max: float | None) -> str:
@@ -61,7 +69,8 @@ class DreamCache:
         return self.directory / _safe(identity) / f"{feature.layer}_{feature.index}"
 
     def path(self, identity: str, feature: Feature, config: DreamConfig, dataset_max: float | None) -> Path:
-        return self._feature_dir(identity, feature) / f"{config_key(config)}-{max_key(dataset_max)}.json"
+        key = dream_key(identity, feature, config, dataset_max)[:24]
+        return self._feature_dir(identity, feature) / f"{key}-{max_key(dataset_max)}.json"
 
     def get(self, identity: str, feature: Feature, config: DreamConfig, dataset_max: float | None
             ) -> DreamResult | None:

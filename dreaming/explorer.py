@@ -6,9 +6,11 @@ similar features.
     explorer.search("How do I make a bomb?")
     explorer.compare("12/345")                     # dataset maxima beside the cached dreamed prompts
     explorer.similar("12/345")                     # the features with the closest decoder directions
+    explorer.dream_many(["12/345", "3/7"], DreamConfig())   # EPO, cached in the bundle
 
 Every figure is measured in fp32 by `dreaming.activation` (the one measurement function). The CLI and the
-HTTP service are thin layers over this class.
+HTTP service are thin layers over this class: `dream_many` is the one path of a dream, for `dreaming dream`/`batch`
+and for the service's Ray workers alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 
 from dreaming.activation import measure_in_template, measure_texts
 from dreaming.bundle import Bundle
+from dreaming.dream_cache import DreamCache
+from dreaming.epo import DreamConfig, DreamResult, Progress, dream_many, longest_run
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.maxima import Maxima, feature_page, search_features
 from dreaming.models import LanguageModel, best_device
@@ -29,6 +33,7 @@ from dreaming.similar import similar_features
 from dreaming.transcoders import Transcoder, read_config
 
 MAX_TEXTS = 64
+FEATURES_PER_CALL = 8  # features dreamed together, sharing every forward pass (the CLI's --batch-size)
 
 
 class Explorer:
@@ -48,6 +53,24 @@ class Explorer:
     @cached_property
     def transcoder(self) -> Transcoder:
         return self.bundle.load_transcoder(device=self.device)
+
+    @cached_property
+    def encoder(self):
+        """The encoder rows of the features dreamed, read from disk on use (never the decoders)."""
+        return self.bundle.load_encoder(device=self.device)
+
+    @cached_property
+    def cache(self) -> DreamCache:
+        return DreamCache(self.bundle.dreams_dir)
+
+    def search_model(self, dtype: str) -> LanguageModel:
+        """The model in a dream config's search dtype, loaded once (fp32 is the measuring model itself)."""
+        if dtype == "float32":
+            return self.lm
+        models = self.__dict__.setdefault("_search_models", {})
+        if dtype not in models:
+            models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
+        return models[dtype]
 
     @cached_property
     def maxima(self) -> Maxima | None:
@@ -102,18 +125,65 @@ class Explorer:
         """Dream results cached on disk for this feature (any configuration), as JSON dicts: those scored against
         the feature's dataset max now first, then stale ones (scored against another maxima build's max; each
         result's `dataset_max` says which), unless `current_only`. `compare` shows the stale ones apart."""
-        from dreaming.dream_cache import DreamCache
-
         feature = self.feature(feature)
-        cache = DreamCache(self.bundle.dreams_dir)
-        cached = cache.for_feature(self.bundle.identity, feature, self.dataset_max(feature))
+        cached = self.cache.for_feature(self.bundle.identity, feature, self.dataset_max(feature))
         return [c.result.model_dump(mode="json") for c in cached if c.current or not current_only]
 
     def features_with_dreams(self) -> set[str]:
         """The features ("L/I") with a dream cached on disk for this bundle (current or stale)."""
-        from dreaming.dream_cache import DreamCache
+        return self.cache.features(self.bundle.identity)
 
-        return DreamCache(self.bundle.dreams_dir).features(self.bundle.identity)
+    def dream_many(self, features: list[Feature | str], config: DreamConfig, progress: Progress | None = None, *,
+                   dataset_maxes: list[float | None] | None = None, more: bool = False,
+                   continue_from: list[DreamResult] | None = None, read_cache: bool = True, write_cache: bool = True,
+                   features_per_call: int = FEATURES_PER_CALL) -> list[DreamResult]:
+        """EPO results for `features` under `config`, one per feature, in order: the one path of a dream.
+
+        Each feature is scored against its dataset max now (or `dataset_maxes`: the yardsticks a service's jobs
+        were keyed with). Results are read from (`read_cache`) and written to (`write_cache`) the bundle's dream
+        cache, keyed by `dream_cache.dream_key` (engine version included); the service, whose job store is its
+        cache, passes False for both. The rest runs `features_per_call` features at a time, sharing every forward pass, searched in
+        `config.dtype` and re-measured in fp32. `more` continues each feature's longest cached run of this search
+        for `config.iterations` more (the result is the run of the summed length); `continue_from` gives the runs
+        to continue instead. `progress(done, total, best)` counts iterations over every call; a string it returns
+        stops the search (the result's `stopped`)."""
+        features = [self.feature(feature) for feature in features]
+        maxes = dataset_maxes if dataset_maxes is not None else [self.dataset_max(f) for f in features]
+        if len(maxes) != len(features):
+            raise ValueError(f"{len(features)} features but {len(maxes)} dataset maxima")
+        if more:
+            continue_from = [self._longest_cached_run(f, config, m) for f, m in zip(features, maxes)]
+        continue_from = continue_from or [None] * len(features)
+        results = {f: self.cache.get(self.bundle.identity, f, config, m) if read_cache and not any(continue_from) else None
+                   for f, m in zip(features, maxes)}
+        todo = [i for i, f in enumerate(features) if results[f] is None]
+        total, offset = len(todo) * config.seeds * config.iterations, 0
+
+        def overall(done: int, _: int, best: float | None) -> str | None:
+            return progress(offset + done, total, best) if progress is not None else None
+
+        for start in range(0, len(todo), features_per_call):
+            group = todo[start : start + features_per_call]
+            maxima = self.maxima
+            contexts = [maxima.top_contexts(features[i]) if maxima is not None else None for i in group]
+            dreamed = dream_many(self.search_model(config.dtype), self.encoder, [features[i] for i in group], config,
+                                 [maxes[i] for i in group], overall if progress else None, self.lm, contexts,
+                                 [continue_from[i] for i in group])
+            for result in dreamed:
+                if write_cache:
+                    self.cache.put(self.bundle.identity, result)
+                results[self.feature(result.feature)] = result
+            offset += len(group) * config.seeds * config.iterations
+        return [results[f] for f in features]
+
+    def _longest_cached_run(self, feature: Feature, config: DreamConfig, dataset_max: float | None) -> DreamResult:
+        """The cached run of `config`'s search, scored against `dataset_max`, that `more` continues."""
+        current = [c.result for c in self.cache.for_feature(self.bundle.identity, feature, dataset_max) if c.current]
+        base = longest_run(current, config)
+        if base is None:
+            raise ValueError(f"nothing to continue for {feature}: no cached dream of this config (but its "
+                             "iterations, seconds and plateau); dream it without --more first")
+        return base
 
     def compare(self, feature: Feature | str, top: int = 10, dreams: list[dict] | None = None,
                 length: int | None = None) -> dict:
@@ -122,8 +192,6 @@ class Explorer:
         Dreams scored against another dataset max than the feature's now are listed apart (`stale_dreams`).
         Each example also has `length_matched`: its last `length` tokens up to its max token measured alone
         (default: the default dream prompt length), to compare dreams with the data at equal context."""
-        from dreaming.epo import DreamConfig
-
         feature = self.feature(feature)
         dreams = self.dreams(feature) if dreams is None else dreams
         length = DreamConfig().prompt_length if length is None else length

@@ -16,7 +16,6 @@ implementing `Store`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -26,12 +25,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreaming.dream_cache import canonical_json, dream_key
+
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ENDED = (DONE, FAILED, CANCELLED)
-
-
-def canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def gave_up(max_attempts: int) -> str:
@@ -39,15 +36,7 @@ def gave_up(max_attempts: int) -> str:
             "each time): not tried again")
 
 
-def job_key(identity: str, feature: str, config: dict, dataset_max: float | None) -> str:
-    """The cache key of a dream: the same bundle, feature, (fully defaulted) config and dataset max (the yardstick
-    the dream is scored against; `dreaming.dream_cache.max_key`), under the same engine version, give the same
-    key; a new engine version makes every request new work."""
-    from dreaming.dream_cache import max_key
-    from dreaming.epo import ENGINE_VERSION
-
-    return hashlib.sha256(canonical_json([ENGINE_VERSION, identity, feature, config, max_key(dataset_max)])
-                          .encode()).hexdigest()
+job_key = dream_key  # a job is keyed as the library caches a dream: one key (engine version included)
 
 
 @dataclass

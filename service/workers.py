@@ -1,5 +1,5 @@
-"""Ray worker actors: each holds the bundle's model and transcoder once and dreams batches of features
-(the service sends the features' dataset maxima along, so workers never load the maxima).
+"""Ray worker actors: each holds the bundle's models once and dreams batches of features through the library's one
+path of a dream, `Explorer.dream_many` (the service sends the dataset maxima its jobs were keyed with).
 
 One actor per GPU of the cluster (`num_gpus=1` each); on a cluster without GPUs one CPU actor. An actor that
 dies is restarted by Ray (`max_restarts=-1`, its constructor reloads the model); the scheduler re-queues the
@@ -31,21 +31,20 @@ class DreamWorker:
     def __init__(self, bundle_dir: str | None, identity: str, step_delay: float = 0.0, deadline: float | None = None):
         import torch
 
-        from dreaming.bundle import Bundle
+        from dreaming.explorer import Explorer
         from dreaming.models import best_device
 
         self.device = best_device()
         if self.device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1; the CPU actor owns the CPU
-        self.bundle = Bundle.open(bundle_dir)
-        if self.bundle.identity != identity:
-            raise RuntimeError(f"this node's bundle {self.bundle.directory} is {self.bundle.identity}, the service "
+        self.explorer = Explorer.open(bundle_dir, device=self.device)
+        bundle = self.explorer.bundle
+        if bundle.identity != identity:
+            raise RuntimeError(f"this node's bundle {bundle.directory} is {bundle.identity}, the service "
                                f"serves {identity}: copy the same bundle to every node")
-        self.transcoder = self.bundle.load_encoder(device=self.device)  # the rows of the features it dreams
-        self.models = {"float32": self.bundle.load_model(device=self.device)}  # measures (and searches in fp32)
+        _ = self.explorer.lm  # the measuring model, loaded now: a worker is ready when it can dream
         self.step_delay = step_delay
         self.deadline = deadline  # seconds a call may search; then it stops, keeping its best (stopped="deadline")
-        self.maxima = None  # loaded at the first dream
         self._progress: dict | None = None
         self._cancel = threading.Event()  # set by `cancel`: the running call stops after its iteration
         self.incarnation = uuid.uuid4().hex  # new at every (re)start: a restarted actor has lost its calls
@@ -70,14 +69,6 @@ class DreamWorker:
         """The running call's latest progress: {done, total, best_fraction_of_max, seconds}, or None."""
         return self._progress
 
-    def model(self, dtype: str):
-        """The model in the search dtype of a config, loaded on first use and kept."""
-        import torch
-
-        if dtype not in self.models:
-            self.models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
-        return self.models[dtype]
-
     def dream(self, call_id: str, features: list[str], config: dict, dataset_maxes: list[float],
               previous: list[dict] | None = None) -> list[dict]:
         """Dream every feature under one config (continuing `previous` results, one per feature, when given);
@@ -95,14 +86,9 @@ class DreamWorker:
 
     def _dream(self, features: list[str], config: dict, dataset_maxes: list[float],
                previous: list[dict] | None) -> list[dict]:
-        from dreaming.epo import DreamConfig, DreamResult, dream_many
-        from dreaming.features import parse_feature
+        from dreaming.epo import DreamConfig, DreamResult
 
         config = DreamConfig(**config)
-        parsed = [parse_feature(feature) for feature in features]
-        if self.maxima is None:
-            self.maxima = self.bundle.maxima()  # the top dataset contexts: dataset seeds and novelty
-        contexts = [self.maxima.top_contexts(feature) if self.maxima else None for feature in parsed]
         continued = [DreamResult.model_validate(result) for result in previous] if previous else None
         started = time.perf_counter()
 
@@ -119,9 +105,10 @@ class DreamWorker:
         self._progress = {"done": 0, "total": None, "best_fraction_of_max": None, "seconds": 0.0}
         self._cancel.clear()
         try:
-            results = dream_many(self.model(config.dtype), self.transcoder, parsed, config, dataset_maxes,
-                                 progress=report, measure_lm=self.models["float32"], contexts=contexts,
-                                 continue_from=continued)
+            # the service's job store is its cache: the bundle's own dream cache is neither read nor written
+            results = self.explorer.dream_many(features, config, report, dataset_maxes=dataset_maxes,
+                                               continue_from=continued, read_cache=False, write_cache=False,
+                                               features_per_call=len(features))
         finally:
             self._progress = None
         return [result.model_dump(mode="json") for result in results]

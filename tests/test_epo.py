@@ -13,9 +13,10 @@ import torch
 from pydantic import ValidationError
 
 import dreaming.epo as epo
+import dreaming.explorer as explorer_module
 from dreaming.activation import measure_texts, measure_token_ids, tokenize_text
 from dreaming.cli import add_config_arguments, config_from_args
-from dreaming.dream_cache import DreamCache, config_key
+from dreaming.dream_cache import DreamCache, dream_key
 from dreaming.epo import (
     DreamConfig,
     DreamedPrompt,
@@ -365,7 +366,8 @@ def test_cache_round_trip(tmp_path, result):
     assert cache.for_feature("other", A, 0.5) == []
     assert cache.get("model+clt", A, CONFIG.model_copy(update={"seed": 3}), 0.5) is None
     # the key is canonical: the same config built in another field order has the same key
-    assert config_key(DreamConfig(**dict(reversed(list(CONFIG.model_dump().items()))))) == config_key(CONFIG)
+    assert dream_key("i", "1/2", DreamConfig(**dict(reversed(list(CONFIG.model_dump().items())))), 1.0) == dream_key(
+        "i", "1/2", CONFIG, 1.0)
     assert not list((tmp_path / "dreams").rglob("*.partial"))
 
 
@@ -382,7 +384,7 @@ def test_cli_dream_and_batch_are_cached_where_compare_reads(tiny_bundle, capsys,
     cached = DreamCache(tiny_bundle.directory / "dreams").for_feature(tiny_bundle.identity, Feature(1, 2),
                                                                       first["dataset_max"])
     assert [c.result.model_dump(mode="json") for c in cached] == [first]
-    monkeypatch.setattr(epo, "dream_many", lambda *a, **k: pytest.fail("a cached result must not be recomputed"))
+    monkeypatch.setattr(explorer_module, "dream_many", lambda *a, **k: pytest.fail("a cached result must not be recomputed"))
     main(["dream", "--feature", "1/2", *flags])
     assert json.loads(capsys.readouterr().out) == first
     monkeypatch.undo()

@@ -9,7 +9,7 @@ from conftest import make_tiny_transcoder, random_windows
 from dream_results import dream_result, dreamed_prompt
 from tiny_bundle import build_tiny_bundle
 
-from dreaming import epo
+from dreaming import explorer as explorer_module
 from dreaming.cli import main
 from dreaming.dream_cache import DreamCache, max_key
 from dreaming.epo import DreamConfig
@@ -89,7 +89,7 @@ def test_a_maxima_rebuild_makes_cached_dreams_stale_and_a_new_request_recomputes
         calls.append((features, config, maxes))
         return [result_for(explorer, ["red sun"], maxes[0])]
 
-    monkeypatch.setattr(epo, "dream_many", fake_dream_many)
+    monkeypatch.setattr(explorer_module, "dream_many", fake_dream_many)
     capsys.readouterr()
     main(["dream", "--bundle", str(bundle.directory), "--feature", str(FEATURE), *FLAGS, "--json"])
     fresh = json.loads(capsys.readouterr().out)

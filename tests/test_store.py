@@ -134,7 +134,7 @@ def test_a_stored_result_of_an_earlier_engine_is_never_continued(tmp_path):
 
 def test_a_new_engine_version_makes_a_new_key(monkeypatch):
     before = job_key("a", "1/2", CONFIG, MAX)
-    monkeypatch.setattr("dreaming.epo.ENGINE_VERSION", 10**6)
+    monkeypatch.setattr("dreaming.dream_cache.ENGINE_VERSION", 10**6)
     assert job_key("a", "1/2", CONFIG, MAX) != before
 
 
