@@ -26,7 +26,8 @@ from dreaming.bundle import Bundle
 from dreaming.dream_cache import DreamCache
 from dreaming.epo import DreamConfig, DreamResult, Progress, dream_many, longest_run
 from dreaming.features import Feature, check_feature, parse_feature
-from dreaming.maxima import Maxima, feature_page, search_features
+from dreaming.dashboard import feature_page
+from dreaming.maxima import Maxima, search_features
 from dreaming.models import LanguageModel, best_device
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features

@@ -1,4 +1,4 @@
-"""Dataset maxima for every feature, in one streaming pass over a corpus, and the dashboards built from them.
+"""Dataset maxima for every feature, in one streaming pass over a corpus; their examples rendered; search.
 
 One pass runs the corpus windows (fixed-length, independent sequences, BOS first) through the model and every
 layer's transcoder encoder, and keeps per feature, in fixed-size arrays whatever the corpus size:
@@ -32,12 +32,10 @@ from tqdm import tqdm
 
 from dreaming.atomic import atomic_directory
 
-from dreaming.activation import layer_activations, measure_token_ids, token_pieces, tokenize_text
+from dreaming.activation import layer_activations, token_pieces, tokenize_text
 from dreaming.corpus import Windows, load_windows, save_windows
-from dreaming.epo import is_novel
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
-from dreaming.objective import cross_entropy
 from dreaming.transcoders import Transcoder
 
 FORMAT_VERSION = 1
@@ -53,7 +51,6 @@ INTERVAL_EDGES = HISTOGRAM_EDGES[1::4]  # every 4th histogram edge: range = (his
 # up to 2**31 active tokens per feature)
 FRACTION_SCALE = 2**32
 DENSE_ABOVE = 0.1  # a feature active on more than this fraction of tokens counts as dense
-PAGE_BEFORE, PAGE_AFTER = 32, 8  # tokens a feature page shows around an example's max token
 
 
 @dataclass
@@ -392,64 +389,6 @@ def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
     return Maxima(load_file(str(path)), metadata, load_windows(directory / "windows"))
 
 
-def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
-                    top: int | None = None, context: int = 12, length: int | None = None,
-                    examples: list[tuple[float, int, int]] | None = None, after: int | None = None) -> list[dict]:
-    """The feature's top dataset examples (or the given (activation, window, position) `examples`), re-measured
-    from their windows (in `lm`'s dtype, fp32 encoder): source tag, activation, % of max, per-token values, and
-    the context around the example's token marked.
-
-    With `length`, each example also has `length_matched` (see `length_matched`): the data at a dream's context
-    length, to tell whether a dream beats the data at equal context and fluency. With `after`, only that many
-    tokens after the example's are measured (causal: the values up to them do not change), which is all a page
-    shows and much less work than whole windows."""
-    dataset_max = maxima.dataset_max(feature)
-    examples = maxima.top_examples(feature)[:top] if examples is None else examples
-    if not examples:
-        return []
-    windows = maxima.windows
-    contexts = maxima.contexts(examples)
-    if after is not None:
-        contexts = [(ids[: position + after + 1], position) for ids, position in contexts]
-    measured = measure_token_ids(lm, transcoder, feature, [ids for ids, _ in contexts], dataset_max)
-    matched = length_matched(lm, transcoder, feature, contexts, length, dataset_max) if length is not None else None
-    rendered = []
-    for i, ((stored, window, position), result) in enumerate(zip(examples, measured)):
-        lo, hi = max(1, position - context), min(len(result.pieces), position + 4)
-        pieces = result.pieces[lo:hi]
-        pieces[position - lo] = f"[[{pieces[position - lo]}]]"
-        rendered.append({
-            "source": windows.sources[int(windows.source[window])],
-            "window": window,
-            "document": int(windows.document[window]),
-            "position": position,
-            "stored_activation": stored,
-            "activation": result.token_activations[position],
-            "fraction_of_max": result.token_activations[position] / dataset_max,
-            "context": "".join(pieces),
-            "token_ids": result.token_ids,
-            "pieces": result.pieces,
-            "token_activations": result.token_activations,
-            **({"length_matched": matched[i]} if matched is not None else {}),
-        })
-    return rendered
-
-
-def length_matched(lm: LanguageModel, transcoder: Transcoder, feature: Feature,
-                   contexts: list[tuple[list[int], int]], length: int, dataset_max: float | None) -> list[dict]:
-    """Each context (window ids BOS first, max position) cut to its last `length` tokens up to and including the
-    max token, measured alone as `[BOS] + tokens`: {"tokens": n, "text", "activation" (max over the n tokens),
-    "fraction_of_max", "cross_entropy" (mean next-token CE of the n tokens after the BOS, fp32)}."""
-    if length < 1:
-        raise ValueError(f"length must be at least 1 token, got {length}")
-    cuts = [ids[max(1, position + 1 - length) : position + 1] for ids, position in contexts]
-    sequences = [[lm.bos_token_id, *cut] for cut in cuts]
-    measured = measure_token_ids(lm, transcoder, feature, sequences, dataset_max)
-    ces = cross_entropy(lm, sequences, 1, [len(cut) for cut in cuts])
-    return [{"tokens": len(cut), "text": m.text, "activation": m.activation, "fraction_of_max": m.fraction_of_max,
-             "cross_entropy": ce} for cut, m, ce in zip(cuts, measured, ces)]
-
-
 def search_features(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, text: str,
                     top: int = 20) -> list[dict]:
     """The features most active on `text`, ranked by fraction of their dataset max (dead features skipped)."""
@@ -480,86 +419,3 @@ def search_features(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, t
             "max_token": token_pieces(lm, [tokens[int(position[at])]])[0],
         })
     return found
-
-
-def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
-    return {"prompt": point["prompt"], "text": point["text"], "activation": point["activation"],
-            "fraction_of_max": fraction_of_max, "cross_entropy": point["cross_entropy"],
-            "origin": point.get("origin"), "longest_shared_run": point.get("longest_shared_run"),
-            "novel": is_novel(point.get("longest_shared_run")), "seed": result.get("seed"),
-            "token_ids": point["token_ids"], "counted_from": point["counted_from"]}
-
-
-def token_span(tokens: list[str], activations: list[float], start: int, stop: int) -> dict:
-    """Tokens [start, stop) of a measured text with their activations, as a page shades them."""
-    return {"tokens": tokens[start:stop], "activations": activations[start:stop]}
-
-
-def shade_dreams(lm: LanguageModel, transcoder: Transcoder, feature: Feature, dreams: list[dict]) -> None:
-    """Give each dreamed prompt (a `_dreamed` dict) the tokens from its prompt on, with their activations:
-    its token ids re-measured as recorded (one forward for all), so the shading reproduces its figures."""
-    unique = list({tuple(d["token_ids"]): d for d in dreams}.values())
-    if not unique:
-        return
-    measured = measure_token_ids(lm, transcoder, feature, [d["token_ids"] for d in unique],
-                                 counted_from=[d["counted_from"] for d in unique])
-    spans = {tuple(dream["token_ids"]): token_span(m.pieces, m.token_activations, m.counted_from, len(m.pieces))
-             for dream, m in zip(unique, measured)}
-    for dream in dreams:
-        dream.update(spans[tuple(dream["token_ids"])])
-        del dream["token_ids"]
-
-
-def page_examples(rendered: list[dict]) -> list[dict]:
-    """Rendered examples as a page shows them: the tokens around the example's token, not the whole window."""
-    for example in rendered:
-        del example["token_ids"]
-        pieces, start = example.pop("pieces"), max(1, example["position"] - PAGE_BEFORE)
-        stop = min(len(pieces), example["position"] + PAGE_AFTER + 1)
-        example.update(token_span(pieces, example.pop("token_activations"), start, stop),
-                       max_index=example["position"] - start)
-    return rendered
-
-
-def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feature: Feature,
-                 dreams: list[dict], top: int = 10, length: int | None = None) -> dict:
-    """The comparison: the feature's statistics and top dataset examples beside its dreamed prompts.
-
-    `dreams` are dream results as JSON dicts (see dreaming.epo.DreamResult). Those scored against the feature's
-    dataset max now are current: their frontier prompts are listed in `dreams` (activation, % of the dataset
-    max, cross-entropy, origin, longest run shared with the top dataset contexts), strongest first, and the union
-    of their `diverse` sets (one entry per token sequence) in `diverse`. Results scored against another dataset
-    max (an earlier maxima build) are never shown as current: their prompts are in `stale_dreams`, with the max
-    they were scored against (`scored_against`) and their own recorded fraction of it. With `length`, each
-    example has `length_matched` (see `render_examples`). `intervals`: a few examples from each activation range
-    (`Maxima.interval_examples`), rendered like the top ones.
-    """
-    from dreaming.dream_cache import same_yardstick
-
-    summary = maxima.summary(feature)
-    dataset_max = summary["dataset_max"]
-    current = [result for result in dreams if same_yardstick(result.get("dataset_max"), dataset_max)]
-    stale = [result for result in dreams if not same_yardstick(result.get("dataset_max"), dataset_max)]
-    dreamed = [_dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
-               for result in current for point in result.get("frontier", [])]
-    dreamed.sort(key=lambda d: d["activation"], reverse=True)
-    diverse = {}
-    for result in current:
-        for point in result.get("diverse") or []:
-            key = tuple(point["token_ids"])
-            if key not in diverse or point["activation"] > diverse[key]["activation"]:
-                diverse[key] = _dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
-    stale_dreamed = [{**_dreamed(point, result, point.get("fraction_of_max")),
-                      "scored_against": result.get("dataset_max")}
-                     for result in stale for point in result.get("frontier", [])]
-    stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
-    shade_dreams(lm, transcoder, feature, dreamed + list(diverse.values()) + stale_dreamed)
-    examples = page_examples(render_examples(lm, transcoder, maxima, feature, top=top, length=length,
-                                             after=PAGE_AFTER))
-    intervals = maxima.interval_examples(feature)  # rendered in one batch, then put back in their ranges
-    rendered = iter(page_examples(render_examples(lm, transcoder, maxima, feature, after=PAGE_AFTER,
-                                                  examples=[e for r in intervals for e in r["examples"]])))
-    intervals = [{**r, "examples": [next(rendered) for _ in r["examples"]]} for r in intervals]
-    return {**summary, "examples": examples, "intervals": intervals, "length": length, "dreams": dreamed,
-            "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True),
-            "stale_dreams": stale_dreamed}

@@ -39,7 +39,8 @@ from dreaming.activation import layer_activations
 from dreaming.bundle import default_bundle_dir
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
-from dreaming.maxima import DENSE_ABOVE, Maxima, render_examples
+from dreaming.dashboard import render_examples
+from dreaming.maxima import DENSE_ABOVE, Maxima
 from dreaming.output_tokens import output_directions, output_tokens
 from dreaming.similar import similar_features
 from dreaming.transcoders import decoder_rows, read_config

@@ -35,7 +35,8 @@ import torch
 
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
-from dreaming.maxima import build_maxima, load_maxima, render_examples
+from dreaming.dashboard import render_examples
+from dreaming.maxima import build_maxima, load_maxima
 
 HERE = Path(__file__).parent
 DREAMS = HERE / "results" / "epo_quality_v3.json"

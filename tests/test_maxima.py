@@ -12,6 +12,7 @@ import torch
 from conftest import make_tiny_transcoder, random_windows
 from dream_results import dream_result, dreamed_prompt
 from dreaming.activation import measure_texts, tokenize_text
+from dreaming.dashboard import feature_page, length_matched, render_examples
 from dreaming.epo import DreamConfig
 from dreaming.features import Feature, parse_feature, parse_features
 from dreaming.maxima import (
@@ -19,10 +20,7 @@ from dreaming.maxima import (
     INTERVAL_EDGES,
     MaximaConfig,
     build_maxima,
-    feature_page,
-    length_matched,
     load_maxima,
-    render_examples,
     search_features,
 )
 from dreaming.models import HOOK_MLP_IN
