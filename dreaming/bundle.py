@@ -89,7 +89,7 @@ class Bundle:
 
     @property
     def corpus_path(self) -> Path:
-        return self.bundle.corpus_path
+        return self.directory / "corpus.jsonl"
 
     @property
     def windows_dir(self) -> Path:

@@ -36,6 +36,7 @@ from dreaming.activation import layer_activations, measure_token_ids, token_piec
 from dreaming.corpus import Windows, load_windows, save_windows
 from dreaming.epo import is_novel
 from dreaming.features import Feature, check_feature
+from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import LanguageModel
 from dreaming.objective import cross_entropy
 from dreaming.transcoders import Transcoder
@@ -314,13 +315,15 @@ def batch_count(windows: Windows, config: MaximaConfig) -> int:
 
 
 def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, config: MaximaConfig, batches: range,
-               on_batch: Callable[[int], object] | None = None) -> MaximaAccumulator:
+               on_batch: Callable[[int], object] | None = None, stats: MaximaAccumulator | None = None
+               ) -> MaximaAccumulator:
     """The statistics of the given batches of `windows` (all of them, or one shard; see `batch_count`), through the
-    model and every layer's encoder; `on_batch(tokens)` after each batch."""
+    model and every layer's encoder, added to `stats` (default: empty); `on_batch(tokens)` after each batch."""
     tc = transcoder.config
     device = lm.device
-    stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device,
-                              config.interval_examples)
+    if stats is None:
+        stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device,
+                                  config.interval_examples)
     hook = tc.feature_input_hook
     for batch in batches:
         start = batch * config.batch_windows
@@ -349,14 +352,34 @@ def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, conf
 
 def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
                  identity: str, config: MaximaConfig | None = None, progress: bool = True) -> Maxima:
-    """One pass over `windows` through the model and every layer's encoder; writes `out_dir` atomically."""
+    """One pass over `windows` through the model and every layer's encoder; writes `out_dir` atomically.
+
+    The running statistics are checkpointed at most once a minute (dreaming/maxima_checkpoint.py): a new run of the
+    same pass after a kill resumes from them and writes the same maxima, bit for bit (seconds: over every run)."""
     config = config or MaximaConfig()
-    batches = range(batch_count(windows, config))
-    started = time.perf_counter()
-    with tqdm(total=int(np.asarray(windows.lengths).sum()), desc="maxima", unit="tok", unit_scale=True,
-              disable=not progress) as bar:
-        stats = accumulate(lm, transcoder, windows, config, batches, bar.update)
-    return save_maxima(stats, windows, out_dir, identity, lm.name, config, time.perf_counter() - started)
+    batches = batch_count(windows, config)
+    tc = transcoder.config
+    stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, lm.device,
+                              config.interval_examples)
+    checkpoint = Checkpoint(out_dir, pass_key(identity, windows, config, "single process"))
+    done, seconds_before = checkpoint.resume(stats)
+    done = done or 0  # batches finished
+    started = time.perf_counter() - seconds_before
+    lengths = np.asarray(windows.lengths, dtype=np.int64)
+
+    def after_batch(tokens: int) -> None:
+        nonlocal done
+        done += 1
+        bar.update(tokens)
+        if done < batches:
+            checkpoint.save_if_due(stats, done, time.perf_counter() - started)
+
+    with tqdm(total=int(lengths.sum()), initial=int(lengths[: done * config.batch_windows].sum()), desc="maxima",
+              unit="tok", unit_scale=True, disable=not progress) as bar:
+        accumulate(lm, transcoder, windows, config, range(done, batches), after_batch, stats)
+    maxima = save_maxima(stats, windows, out_dir, identity, lm.name, config, time.perf_counter() - started)
+    checkpoint.remove()
+    return maxima
 
 
 def save_maxima(stats: MaximaAccumulator, windows: Windows, out_dir: str | Path, identity: str, model: str,
