@@ -73,7 +73,7 @@ def check_inputs(model: str, transcoder: str, device: str) -> tuple[LanguageMode
     transcoder that does not fit the model or cannot be read."""
     try:
         lm = load_model(model, dtype=torch.bfloat16, device=device)
-    except OSError as error:  # from_pretrained: not a directory, not a hub id, no weights
+    except (OSError, ValueError) as error:  # from_pretrained: not a hub id, no weights, no tokenizer; unsupported
         raise ValueError(f"model {model}: {one_line(error)}") from None
     files = open_transcoder(transcoder)
     warnings = check_against_model(files, lm)

@@ -238,6 +238,8 @@ def resolve_model(name_or_path: str) -> tuple[str, str]:
             raise FileNotFoundError(f"GGUF model file {name_or_path} does not exist")
         return str(convert_gguf(path, gguf_model_dir(path))), path.stem
     if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{name_or_path} has no config.json: not a model directory (save_pretrained's)")
         return str(path), path.name
     return name_or_path, name_or_path
 

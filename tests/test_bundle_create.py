@@ -231,7 +231,7 @@ def test_bundle_flag_and_environment_on_every_family(model_dir, transcoder_dir, 
     assert run("activation", "--feature", "1/3", "--text", "the cat sat")[0]["token_ids"]
     assert run("maxima", "build", "--out", str(tmp_path / "again"), "--top-k", "3")["features"] == 72
     assert run("dream", "--feature", "1/3", "--iterations", "1", "--population", "4", "--children", "2",
-               "--prompt-length", "2", "--device", "cpu")["feature"] == "1/3"
+               "--prompt-length", "2", "--template", "the {prompt}", "--device", "cpu")["feature"] == "1/3"
     assert run("export", "--format", "neuronpedia", "--out", str(tmp_path / "export"), "--features", "1/3")
     elsewhere = tmp_path / "not-a-bundle"
     elsewhere.mkdir()
