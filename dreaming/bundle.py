@@ -110,11 +110,11 @@ class Bundle:
     def load_transcoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transcoder:
         return load_transcoder(self.transcoder_reference, dtype=dtype, device=device)
 
-    def load_encoder(self, device: str = "cpu") -> LazyEncoder | Transcoder:
-        """The encoder rows of the features asked for, read from disk on use (fp32): what dreaming and measuring
-        a few features need; a topk transcoder (whose features depend on each other) is loaded whole."""
-        encoder = LazyEncoder(self.transcoder_reference, device=device)
-        return self.load_transcoder(device=device) if encoder.config.activation == "topk" else encoder
+    def load_encoder(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LazyEncoder:
+        """The encoders, read from disk on use: the rows of the features asked for (what dreaming and measuring a
+        few features need), whole layers for topk and for every feature at once (the maxima pass), within a byte
+        budget; never the decoders."""
+        return LazyEncoder(self.transcoder_reference, dtype=dtype, device=device)
 
     def windows(self) -> Windows:
         return load_windows(self.windows_dir)

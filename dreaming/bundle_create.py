@@ -187,7 +187,7 @@ def create_bundle(model: str, transcoder: str, corpus: str, out: str | os.PathLi
             maxima, sharded = build_maxima_ray(bundle, bundle.windows(), bundle.maxima_dir, config, actors, progress)
             bundle.manifest.update(device=sharded["device"], ray=sharded)
         else:
-            maxima = build_maxima(lm, files.load(dtype=lm.dtype, device=lm.device), bundle.windows(),
+            maxima = build_maxima(lm, bundle.load_encoder(device=lm.device, dtype=lm.dtype), bundle.windows(),
                                   bundle.maxima_dir, bundle.identity, config, progress)
             bundle.manifest["device"] = str(lm.device)
         times["maxima"] = round(time.perf_counter() - started, 1)

@@ -245,7 +245,7 @@ def cmd_maxima_build(args) -> None:
         except RuntimeError as error:  # an actor that cannot start, a shard that keeps killing its actors
             raise SystemExit(f"error: {error}") from None
     else:
-        maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out,
+        maxima = build_maxima(lm, bundle.load_encoder(device=lm.device, dtype=lm.dtype), windows, out,
                               bundle.identity, config)
     report = {**maxima_report(maxima), "directory": str(out), **({"ray": sharded} if args.ray else {})}
     if out == bundle.maxima_dir:

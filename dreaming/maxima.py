@@ -39,7 +39,7 @@ from dreaming.features import Feature, check_feature
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import LanguageModel
 from dreaming.objective import cross_entropy
-from dreaming.transcoders import Transcoder
+from dreaming.transcoders import LazyEncoder, Transcoder
 
 FORMAT_VERSION = 1
 # Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];
@@ -314,11 +314,12 @@ def batch_count(windows: Windows, config: MaximaConfig) -> int:
     return -(-len(windows) // config.batch_windows)
 
 
-def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, config: MaximaConfig, batches: range,
-               on_batch: Callable[[int], object] | None = None, stats: MaximaAccumulator | None = None
-               ) -> MaximaAccumulator:
+def accumulate(lm: LanguageModel, transcoder: LazyEncoder | Transcoder, windows: Windows, config: MaximaConfig,
+               batches: range, on_batch: Callable[[int], object] | None = None,
+               stats: MaximaAccumulator | None = None) -> MaximaAccumulator:
     """The statistics of the given batches of `windows` (all of them, or one shard; see `batch_count`), through the
-    model and every layer's encoder, added to `stats` (default: empty); `on_batch(tokens)` after each batch."""
+    model and every layer's encoder (a LazyEncoder holds encoders only, within its byte budget), in the encoder's
+    dtype, added to `stats` (default: empty); `on_batch(tokens)` after each batch."""
     tc = transcoder.config
     device = lm.device
     if stats is None:
@@ -340,9 +341,9 @@ def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, conf
         with torch.no_grad():
             captured = lm.capture(tokens, [(hook, layer) for layer in range(tc.n_layers)])
             for layer in range(tc.n_layers):
-                # in the pass's dtype (bf16 on the default path): the statistics read these dense arrays several
-                # times, so half the bytes is most of their cost; only the active values are widened to fp32
-                acts = transcoder.encode(captured.pop((hook, layer)).to(transcoder.W_enc.dtype), layer)
+                # in the encoder's dtype (the pass's bf16 on the default path): the statistics read these dense arrays
+                # several times, so half the bytes is most of their cost; only the active values are widened to fp32
+                acts = transcoder.encode(captured.pop((hook, layer)), layer)
                 stats.add(layer, acts.masked_fill_(~keep.unsqueeze(-1), 0), window_ids, sources)
         stats.tokens += int(keep.sum())
         if on_batch is not None:
@@ -350,9 +351,10 @@ def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, conf
     return stats
 
 
-def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
+def build_maxima(lm: LanguageModel, transcoder: LazyEncoder | Transcoder, windows: Windows, out_dir: str | Path,
                  identity: str, config: MaximaConfig | None = None, progress: bool = True) -> Maxima:
-    """One pass over `windows` through the model and every layer's encoder; writes `out_dir` atomically.
+    """One pass over `windows` through the model and every layer's encoder (give it in the pass's dtype);
+    writes `out_dir` atomically.
 
     The running statistics are checkpointed at most once a minute (dreaming/maxima_checkpoint.py): a new run of the
     same pass after a kill resumes from them and writes the same maxima, bit for bit (seconds: over every run)."""

@@ -3,7 +3,7 @@ into shards, each run by an actor, the shards' statistics merged into exactly (b
 single-process pass writes.
 
 Owns
-  MaximaWorker       the actor: the bundle's model (bf16) and transcoder, loaded once, and the windows (from the
+  MaximaWorker       the actor: the bundle's model (bf16) and encoders, loaded once, and the windows (from the
                      object store); `shard` runs a range of batches and returns its statistics as CPU tensors
   build_maxima_ray   the driver: one actor per GPU of the cluster (else CPU actors), SHARDS_PER_ACTOR shards each,
                      a replacement for every actor that dies (its shard runs again; finished shards never do), a
@@ -53,7 +53,7 @@ class MaximaWorker:
             raise RuntimeError(f"this node's bundle {bundle.directory} is {bundle.identity}, the pass is over "
                                f"{identity}: copy the same bundle to every node")
         self.lm = bundle.load_model(dtype=torch.bfloat16, device=best_device())
-        self.transcoder = bundle.load_transcoder(dtype=self.lm.dtype, device=self.lm.device)
+        self.transcoder = bundle.load_encoder(device=self.lm.device, dtype=self.lm.dtype)  # encoders only
         self.windows, self.config, self.die_once = windows, config, die_once
 
     def describe(self) -> dict:

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from conftest import WORDS, make_tiny_transcoder
@@ -20,7 +19,7 @@ from dreaming.corpus import Document, read_documents, tokenize_windows, write_do
 from dreaming.explorer import Explorer
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import load_model
-from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig, load_transcoder, save_transcoder
+from dreaming.transcoders import CLT, SET, LazyEncoder, Transcoder, TranscoderConfig, save_transcoder
 
 MAXIMA = ["--top-k", "3", "--batch-windows", "4", "--window-length", "32"]
 CONFIG = MaximaConfig(top_k=3, batch_windows=4)
@@ -64,7 +63,7 @@ def direct_maxima(model_dir, transcoder_dir, corpus, identity, out):
     lm = load_model(str(model_dir), dtype=torch.bfloat16, device="cpu")
     windows = tokenize_windows(read_documents(str(corpus)), lm.tokenizer, window_length=32,
                                bos_token_id=lm.bos_token_id, progress=False)
-    build_maxima(lm, load_transcoder(transcoder_dir, dtype=torch.bfloat16), windows, out, identity, CONFIG,
+    build_maxima(lm, LazyEncoder(transcoder_dir, dtype=torch.bfloat16), windows, out, identity, CONFIG,
                  progress=False)
     return load_file(str(out / "maxima.safetensors"))
 
