@@ -260,3 +260,49 @@ def test_a_gguf_model_file(tmp_path, monkeypatch, corpus_file):
     assert bundle.manifest["model"] == str(gguf) and bundle.manifest["model_info"]["layers"] == 30
     assert [p.name for p in (tmp_path / "home" / "models").iterdir()][0].startswith(gguf.stem)
     assert bundle.maxima().shape == (30, 4)
+
+
+def sparsify_folder(directory, lm, features=16, k=4):
+    """EleutherAI sparsify's layout: one hookpoint folder per layer, cfg.json and sae.safetensors (topk)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(1)
+    for layer in range(lm.n_layers):
+        folder = directory / f"layers.{layer}.mlp"
+        folder.mkdir(parents=True)
+        (folder / "cfg.json").write_text(json.dumps({"d_in": lm.d_model, "num_latents": features, "k": k,
+                                                     "transcode": True}))
+        save_file({"encoder.weight": torch.randn(features, lm.d_model, generator=generator),
+                   "encoder.bias": torch.randn(features, generator=generator),
+                   "W_dec": torch.randn(features, lm.d_model, generator=generator), "b_dec": torch.zeros(lm.d_model)},
+                  str(folder / "sae.safetensors"))
+    return directory
+
+
+def yaml_list(directory, lm):
+    """A config.yaml whose `transcoders:` list names a per-layer set's files (relative to the yaml)."""
+    transcoder = make_tiny_transcoder(lm)
+    config = TranscoderConfig(SET, lm.n_layers, lm.d_model, 24, activation="jumprelu", model_name=lm.name)
+    per_layer = Transcoder(config)
+    with torch.no_grad():
+        per_layer.W_enc.copy_(transcoder.W_enc), per_layer.b_enc.copy_(transcoder.b_enc)
+        per_layer.threshold.copy_(transcoder.threshold)
+    save_transcoder(per_layer, directory / "weights")
+    (directory / "config.yaml").write_text(json.dumps({  # JSON is YAML
+        "model_kind": SET, "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
+        "transcoders": [f"weights/layer_{layer}.safetensors" for layer in range(lm.n_layers)]}))
+    return directory / "config.yaml"
+
+
+@pytest.mark.parametrize("layout", ["sparsify", "config.yaml list"])
+def test_other_transcoder_layouts(layout, tiny_lm, model_dir, corpus_file, tmp_path):
+    make = sparsify_folder if layout == "sparsify" else yaml_list
+    reference = make(tmp_path / "transcoder", tiny_lm)
+    out = tmp_path / "bundle"
+    create(model_dir, reference, corpus_file, out)
+    bundle = Bundle.open(out)
+    assert bundle.manifest["transcoder"]["layout"] == ("sparsify" if layout == "sparsify" else "circuit-tracer-set")
+    assert bundle.transcoder_reference == str(reference)
+    assert_same_arrays(out, direct_maxima(model_dir, reference, corpus_file, bundle.identity, tmp_path / "direct"))
+    explorer = Explorer.open(out, device="cpu")
+    assert explorer.activation("2/1", ["the cat sat on the mat"])[0]["token_ids"]
