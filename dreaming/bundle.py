@@ -78,7 +78,8 @@ class Bundle:
             return build_default_bundle()
         directory = Path(directory)
         if not (directory / MANIFEST).exists():
-            raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); build one with `dreaming default build`")
+            raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); make one with `dreaming bundle create` "
+                                    "or `dreaming default build`")
         return cls(directory, json.loads((directory / MANIFEST).read_text()))
 
     @property
@@ -89,7 +90,7 @@ class Bundle:
 
     @property
     def corpus_path(self) -> Path:
-        return self.bundle.corpus_path
+        return self.directory / "corpus.jsonl"
 
     @property
     def windows_dir(self) -> Path:
@@ -109,18 +110,22 @@ class Bundle:
     def load_transcoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transcoder:
         return load_transcoder(self.transcoder_reference, dtype=dtype, device=device)
 
-    def load_encoder(self, device: str = "cpu") -> LazyEncoder | Transcoder:
-        """The encoder rows of the features asked for, read from disk on use (fp32): what dreaming and measuring
-        a few features need; a topk transcoder (whose features depend on each other) is loaded whole."""
-        encoder = LazyEncoder(self.transcoder_reference, device=device)
-        return self.load_transcoder(device=device) if encoder.config.activation == "topk" else encoder
+    def load_encoder(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LazyEncoder:
+        """The encoders, read from disk on use: the rows of the features asked for (what dreaming and measuring a
+        few features need), whole layers for topk and for every feature at once (the maxima pass), within a byte
+        budget; never the decoders."""
+        return LazyEncoder(self.transcoder_reference, dtype=dtype, device=device)
 
     def windows(self) -> Windows:
         return load_windows(self.windows_dir)
 
     @property
     def identity(self) -> str:
-        """A fingerprint of the model and the transcoder: maxima and cached dreams are keyed by it."""
+        """A fingerprint of the model and the transcoder: maxima and cached dreams are keyed by it. A created bundle
+        records it (hashing a large transcoder on every open would be slow); the default bundle's is computed."""
+        recorded = (self.manifest.get("transcoder") or {}).get("identity")
+        if recorded:
+            return recorded
         if "_identity" not in self.__dict__:
             self.__dict__["_identity"] = transcoder_identity(self.manifest["model_name"], self.transcoder_reference)
         return self.__dict__["_identity"]
@@ -136,14 +141,17 @@ class Bundle:
 
 
 def bundle_info(bundle: Bundle) -> dict:
-    """What `dreaming info` and the service show of a bundle: model, transcoder (shape, hooks, evaluation), corpus,
-    maxima, build times."""
+    """What `dreaming info` and the service show of a bundle: model, transcoder (shape, hooks, where it is, its
+    evaluation when the bundle fitted it), corpus, maxima, build times, and how a created bundle was made."""
     manifest = bundle.manifest
     transcoder = read_config(bundle.transcoder_reference)
+    recorded = manifest.get("transcoder") or {}
     return {
         "bundle": str(bundle.directory),
-        "model": {"name": manifest["model_name"], "source": manifest["model"]},
+        "model": {"name": manifest["model_name"], "source": manifest["model"], **manifest.get("model_info", {})},
         "transcoder": {
+            "reference": str(bundle.transcoder_reference),
+            "layout": recorded.get("layout", "circuit-tracer"),
             "kind": transcoder.kind,
             "layers": transcoder.n_layers,
             "features_per_layer": transcoder.d_transcoder,
@@ -157,6 +165,7 @@ def bundle_info(bundle: Bundle) -> dict:
         "corpus": {**manifest.get("corpus", {}), "windows": manifest.get("windows")},
         "maxima": manifest.get("maxima"),
         "build_seconds": manifest.get("build_seconds", {}),
+        "created": {key: manifest[key] for key in ("created", "arguments", "device", "warnings") if key in manifest},
     }
 
 

@@ -40,6 +40,38 @@ def config_from_args(config_class, args: argparse.Namespace):
     return config_class(**{name: getattr(args, name) for name, *_ in _config_fields(config_class)})
 
 
+def add_bundle_argument(parser: argparse.ArgumentParser) -> None:
+    """--bundle, the same on every command that reads a bundle; `open_bundle` resolves it."""
+    parser.add_argument("--bundle", help="bundle directory (default: $DREAMING_BUNDLE, else the default bundle, "
+                        "built if missing)")
+
+
+def open_bundle(args):
+    """The bundle a command reads: --bundle, else $DREAMING_BUNDLE, else the default bundle (built when missing)."""
+    import os
+
+    from dreaming.bundle import Bundle
+
+    return Bundle.open(args.bundle or os.environ.get("DREAMING_BUNDLE") or None)
+
+
+def init_ray(address: str | None) -> None:
+    """Attach to the Ray cluster at `address`, else $RAY_ADDRESS, else start a local Ray (once per process)."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+
+
+def check_ray_arguments(args) -> None:
+    if args.ray and args.device:
+        raise SystemExit("--device is for the single-process pass: with --ray each actor uses its GPU (CPU without)")
+    if not args.ray and (args.actors or args.ray_address):
+        raise SystemExit("--actors and --ray-address go with --ray")
+
+
 def print_json(document) -> None:
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -53,17 +85,39 @@ def cmd_default_build(args) -> None:
     print_transcoder_report(bundle.manifest["transcoder_report"])
 
 
-def cmd_info(args) -> None:
-    from dreaming.bundle import Bundle, bundle_info
+def cmd_bundle_create(args) -> None:
+    from dreaming.bundle import bundle_info
+    from dreaming.bundle_create import create_bundle
+    from dreaming.maxima import MaximaConfig
 
-    info = bundle_info(Bundle.open(args.bundle))
+    check_ray_arguments(args)
+    if args.ray:
+        init_ray(args.ray_address)
+    try:
+        bundle = create_bundle(args.model, args.transcoder, args.corpus, args.out, tokens=args.tokens,
+                               window_length=args.window_length, config=config_from_args(MaximaConfig, args),
+                               device=args.device, use_ray=args.ray, actors=args.actors)
+    except RuntimeError as error:  # a Ray actor that cannot start, a shard that keeps killing its actors
+        raise SystemExit(f"error: {error}") from None
+    if args.json:
+        return print_json(bundle_info(bundle))
+    print(f"bundle ready in {bundle.directory}; step times: "
+          + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in bundle.manifest["build_seconds"].items()))
+    print(f"use it with --bundle {bundle.directory} (or DREAMING_BUNDLE={bundle.directory})")
+
+
+def cmd_info(args) -> None:
+    from dreaming.bundle import bundle_info
+
+    info = bundle_info(open_bundle(args))
     if args.json:
         return print_json(info)
     t, c, m = info["transcoder"], info["corpus"], info["maxima"]
     print(f"bundle       {info['bundle']}")
-    print(f"model        {info['model']['name']}")
+    print(f"model        {info['model']['name']} ({info['model']['source']})")
     print(f"transcoder   {t['kind']}: {t['layers']} layers × {t['features_per_layer']} features, {t['activation']}, "
           f"{t['input_hook']} -> {t['output_hook']}")
+    print(f"             {t['reference']} ({t['layout']} layout)")
     for name, label in (("varied_texts", "varied texts"), ("heldout_windows", "held-out windows")):
         report = t["evaluation"].get(name)
         if report:
@@ -80,12 +134,20 @@ def cmd_info(args) -> None:
               f"more than {m['dense_above']:.0%} of tokens ({m['dense'] / m['features']:.1%})")
     for source, tokens in sorted(c.get("tokens", {}).items(), key=lambda item: -item[1]):
         print(f"corpus       {source:<16} {c['documents'][source]:>6} documents {tokens:>10,} tokens")
+    if c.get("spec"):
+        budget = f", a budget of {c['token_budget']:,} tokens" if c.get("token_budget") else ""
+        print(f"             from {c['spec']}: {c['documents_read']:,} documents read{budget}")
     if c.get("windows"):
         print(f"             {c['windows']['count']:,} windows of {c['windows']['window_length']} tokens "
-              f"({c['windows']['tokens']:,} tokens), sha256 {c.get('sha256', '?')[:16]}")
+              f"({c['windows']['tokens']:,} tokens)" + (f", sha256 {c['sha256'][:16]}" if "sha256" in c else ""))
     print(f"maxima       {m['features']:,} features over {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s)"
           if m else "maxima       not built (`dreaming maxima build`)")
     print("build        " + ", ".join(f"{k} {v:.0f}s" for k, v in info["build_seconds"].items()))
+    created = info["created"]
+    if created:
+        print(f"created      {created['created']} on {created.get('device', '?')}")
+        for warning in created.get("warnings", []):
+            print(f"  warning    {warning}")
 
 
 def print_transcoder_report(report: dict) -> None:
@@ -152,17 +214,14 @@ def cmd_train_transcoder(args) -> None:
 def cmd_maxima_build(args) -> None:
     import torch
 
-    from dreaming.bundle import Bundle, maxima_report
+    from dreaming.bundle import maxima_report
     from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.maxima import MaximaConfig, build_maxima
     from dreaming.models import best_device
 
     config = config_from_args(MaximaConfig, args)
-    if args.ray and args.device:
-        raise SystemExit("--device is for the single-process pass: with --ray each actor uses its GPU (CPU without)")
-    if not args.ray and (args.actors or args.ray_address):
-        raise SystemExit("--actors and --ray-address go with --ray")
-    bundle = Bundle.open(args.bundle)
+    check_ray_arguments(args)
+    bundle = open_bundle(args)
     lm = None
     if not args.ray or args.corpus:  # with --ray the actors hold the model: here only --corpus's tokenizer needs it
         lm = bundle.load_model(dtype=torch.bfloat16, device="cpu" if args.ray else args.device or best_device())
@@ -178,20 +237,15 @@ def cmd_maxima_build(args) -> None:
         windows = windows.of_sources(args.sources.split(","))
     out = Path(args.out) if args.out else bundle.maxima_dir
     if args.ray:
-        import os
-
-        import ray
-
         from dreaming.maxima_ray import build_maxima_ray
 
-        if not ray.is_initialized():
-            ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        init_ray(args.ray_address)
         try:
             maxima, sharded = build_maxima_ray(bundle, windows, out, config, args.actors)
         except RuntimeError as error:  # an actor that cannot start, a shard that keeps killing its actors
             raise SystemExit(f"error: {error}") from None
     else:
-        maxima = build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), windows, out,
+        maxima = build_maxima(lm, bundle.load_encoder(device=lm.device, dtype=lm.dtype), windows, out,
                               bundle.identity, config)
     report = {**maxima_report(maxima), "directory": str(out), **({"ray": sharded} if args.ray else {})}
     if out == bundle.maxima_dir:
@@ -208,10 +262,10 @@ def cmd_maxima_build(args) -> None:
 
 
 def cmd_maxima_import(args) -> None:
-    from dreaming.bundle import Bundle, maxima_report
+    from dreaming.bundle import maxima_report
     from dreaming.exports import import_neuronpedia
 
-    bundle = Bundle.open(args.bundle)
+    bundle = open_bundle(args)
     out = Path(args.out) if args.out else bundle.maxima_dir
     if (out / "maxima.safetensors").exists() and not args.replace:
         raise SystemExit(f"{out} already holds dataset maxima: pass --replace to overwrite them with the import, "
@@ -251,7 +305,7 @@ def cmd_export(args) -> None:
 def explorer(args):
     from dreaming.explorer import Explorer
 
-    return Explorer.open(args.bundle, device=getattr(args, "device", None))
+    return Explorer(open_bundle(args), device=getattr(args, "device", None))
 
 
 def percent(fraction) -> str:
@@ -446,6 +500,7 @@ def cmd_serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dreaming.bundle import WINDOW_LENGTH
     from dreaming.corpus import WritingConfig
     from dreaming.maxima import MaximaConfig
     from dreaming.train import TrainConfig
@@ -458,9 +513,34 @@ def build_parser() -> argparse.ArgumentParser:
     default_commands.add_parser("build", help="build the default bundle (idempotent)").set_defaults(run=cmd_default_build)
 
     info = commands.add_parser("info", help="model, transcoder, corpus and maxima of a bundle")
-    info.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+    add_bundle_argument(info)
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=cmd_info)
+
+    bundle = commands.add_parser("bundle", help="bundles of any model and transcoder")
+    bundle_commands = bundle.add_subparsers(dest="bundle_command", required=True)
+    create = bundle_commands.add_parser(
+        "create", help="a bundle of a model, a transcoder and a corpus (see dreaming/bundle_create.py): checked "
+                       "first, built in OUT.partial, resumable, idempotent")
+    create.add_argument("--model", required=True, help="'default', a Hugging Face id (HF_HUB_OFFLINE=1: the local "
+                        "cache only), a local save_pretrained directory, or a GGUF file (converted once)")
+    create.add_argument("--transcoder", required=True, help="a circuit-tracer directory or config.yaml (CLT or "
+                        "per-layer set), hf://owner/repo[/sub][@rev], Gemma Scope npz, or EleutherAI sparsify "
+                        "folders; referenced, never copied")
+    create.add_argument("--corpus", required=True, help="corpus spec (.txt/.md/.jsonl/.parquet/dir/hf:NAME[:CONFIG])")
+    create.add_argument("--out", required=True, help="the bundle directory to create")
+    create.add_argument("--tokens", type=int, help="a budget of corpus tokens, BOS included (default: the whole "
+                        "corpus); the corpus is read only as far as it needs")
+    create.add_argument("--window-length", type=int, default=WINDOW_LENGTH,
+                        help=f"tokens per window, BOS included (default: {WINDOW_LENGTH})")
+    create.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    create.add_argument("--ray", action="store_true", help="shard the maxima pass over Ray actors (see `dreaming "
+                        "maxima build --ray`)")
+    create.add_argument("--actors", type=int, help="with --ray: how many actors (default: one per GPU)")
+    create.add_argument("--ray-address", help="with --ray: the Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    create.add_argument("--json", action="store_true", help="print the bundle's info as JSON")
+    add_config_arguments(create, MaximaConfig)
+    create.set_defaults(run=cmd_bundle_create)
 
     corpus = commands.add_parser("corpus", help="the default corpus")
     corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)
@@ -478,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="default", help="'default', a local directory or a Hugging Face id")
     train.add_argument("--corpus", help="corpus spec (.txt/.jsonl/.parquet/dir/hf:NAME); default: the default corpus")
     train.add_argument("--max-documents", type=int, help="read at most this many documents")
-    train.add_argument("--window-length", type=int, default=128)
+    train.add_argument("--window-length", type=int, default=WINDOW_LENGTH)
     train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     train.add_argument("--out", required=True, help="output directory (transcoder/, report.json)")
     train.add_argument("--json", action="store_true")
@@ -488,10 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     maxima = commands.add_parser("maxima", help="dataset maxima of every feature")
     maxima_commands = maxima.add_subparsers(dest="maxima_command", required=True)
     build = maxima_commands.add_parser("build", help="one streaming pass over a corpus (default: the bundle's windows)")
-    build.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+    add_bundle_argument(build)
     build.add_argument("--corpus", help="corpus spec (.txt/.jsonl/.parquet/dir/hf:NAME); default: the bundle's windows")
     build.add_argument("--max-documents", type=int, help="read at most this many documents of --corpus")
-    build.add_argument("--window-length", type=int, default=128, help="tokens per window of --corpus (BOS included)")
+    build.add_argument("--window-length", type=int, default=WINDOW_LENGTH,
+                       help="tokens per window of --corpus (BOS included)")
     build.add_argument("--sources", help="only the windows of these corpus sources, comma-separated (a dashboard of "
                        "part of the corpus; needs --out)")
     build.add_argument("--out", help="output directory (default: <bundle>/maxima, the maxima the bundle uses)")
@@ -511,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "activation batches): the yardstick of a published transcoder")
     imported.add_argument("--from", dest="source", required=True,
                           help="the export directory (holding */activations/batch-N.jsonl.gz)")
-    imported.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+    add_bundle_argument(imported)
     imported.add_argument("--out", help="output directory (default: <bundle>/maxima, the maxima the bundle uses)")
     imported.add_argument("--replace", action="store_true", help="overwrite the maxima already at the destination")
     imported.add_argument("--json", action="store_true")
@@ -524,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--features", help="comma-separated feature ids, e.g. 12/345,3/7 (default: every feature)")
     export.add_argument("--scan", help="circuit-tracer: the metadata.scan of the graphs that show these features "
                         "(default: dreaming-<bundle identity>)")
-    export.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+    add_bundle_argument(export)
     export.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     export.add_argument("--json", action="store_true")
     export.set_defaults(run=cmd_export)
@@ -533,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help)
         if feature:
             command.add_argument("--feature", required=True, help="feature id LAYER/INDEX, e.g. 12/345")
-        command.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+        add_bundle_argument(command)
         command.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
         command.add_argument("--json", action="store_true")
         command.set_defaults(run=run)
@@ -572,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--features-file", help="a file of feature ids, one per line or comma-separated")
         command.add_argument("--batch-size", type=int, default=FEATURES_PER_CALL,
                              help=f"features per shared batch (default: {FEATURES_PER_CALL})")
-        command.add_argument("--bundle", help="bundle directory (default: the default bundle, built if missing)")
+        add_bundle_argument(command)
         command.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
         command.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
         command.add_argument("--more", action="store_true", help="continue the cached dream of this config (the one "

@@ -30,13 +30,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dreaming.atomic import atomic_directory
-
 from dreaming.activation import layer_activations, token_pieces, tokenize_text
+from dreaming.atomic import atomic_directory
 from dreaming.corpus import Windows, load_windows, save_windows
 from dreaming.features import Feature, check_feature
+from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import LanguageModel
-from dreaming.transcoders import Transcoder
+from dreaming.transcoders import LazyEncoder, Transcoder
 
 FORMAT_VERSION = 1
 # Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];
@@ -310,14 +310,17 @@ def batch_count(windows: Windows, config: MaximaConfig) -> int:
     return -(-len(windows) // config.batch_windows)
 
 
-def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, config: MaximaConfig, batches: range,
-               on_batch: Callable[[int], object] | None = None) -> MaximaAccumulator:
+def accumulate(lm: LanguageModel, transcoder: LazyEncoder | Transcoder, windows: Windows, config: MaximaConfig,
+               batches: range, on_batch: Callable[[int], object] | None = None,
+               stats: MaximaAccumulator | None = None) -> MaximaAccumulator:
     """The statistics of the given batches of `windows` (all of them, or one shard; see `batch_count`), through the
-    model and every layer's encoder; `on_batch(tokens)` after each batch."""
+    model and every layer's encoder (a LazyEncoder holds encoders only, within its byte budget), in the encoder's
+    dtype, added to `stats` (default: empty); `on_batch(tokens)` after each batch."""
     tc = transcoder.config
     device = lm.device
-    stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device,
-                              config.interval_examples)
+    if stats is None:
+        stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, device,
+                                  config.interval_examples)
     hook = tc.feature_input_hook
     for batch in batches:
         start = batch * config.batch_windows
@@ -334,9 +337,9 @@ def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, conf
         with torch.no_grad():
             captured = lm.capture(tokens, [(hook, layer) for layer in range(tc.n_layers)])
             for layer in range(tc.n_layers):
-                # in the pass's dtype (bf16 on the default path): the statistics read these dense arrays several
-                # times, so half the bytes is most of their cost; only the active values are widened to fp32
-                acts = transcoder.encode(captured.pop((hook, layer)).to(transcoder.W_enc.dtype), layer)
+                # in the encoder's dtype (the pass's bf16 on the default path): the statistics read these dense arrays
+                # several times, so half the bytes is most of their cost; only the active values are widened to fp32
+                acts = transcoder.encode(captured.pop((hook, layer)), layer)
                 stats.add(layer, acts.masked_fill_(~keep.unsqueeze(-1), 0), window_ids, sources)
         stats.tokens += int(keep.sum())
         if on_batch is not None:
@@ -344,16 +347,37 @@ def accumulate(lm: LanguageModel, transcoder: Transcoder, windows: Windows, conf
     return stats
 
 
-def build_maxima(lm: LanguageModel, transcoder: Transcoder, windows: Windows, out_dir: str | Path,
+def build_maxima(lm: LanguageModel, transcoder: LazyEncoder | Transcoder, windows: Windows, out_dir: str | Path,
                  identity: str, config: MaximaConfig | None = None, progress: bool = True) -> Maxima:
-    """One pass over `windows` through the model and every layer's encoder; writes `out_dir` atomically."""
+    """One pass over `windows` through the model and every layer's encoder (give it in the pass's dtype);
+    writes `out_dir` atomically.
+
+    The running statistics are checkpointed at most once a minute (dreaming/maxima_checkpoint.py): a new run of the
+    same pass after a kill resumes from them and writes the same maxima, bit for bit (seconds: over every run)."""
     config = config or MaximaConfig()
-    batches = range(batch_count(windows, config))
-    started = time.perf_counter()
-    with tqdm(total=int(np.asarray(windows.lengths).sum()), desc="maxima", unit="tok", unit_scale=True,
-              disable=not progress) as bar:
-        stats = accumulate(lm, transcoder, windows, config, batches, bar.update)
-    return save_maxima(stats, windows, out_dir, identity, lm.name, config, time.perf_counter() - started)
+    batches = batch_count(windows, config)
+    tc = transcoder.config
+    stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, lm.device,
+                              config.interval_examples)
+    checkpoint = Checkpoint(out_dir, pass_key(identity, windows, config, "single process"))
+    done, seconds_before = checkpoint.resume(stats)
+    done = done or 0  # batches finished
+    started = time.perf_counter() - seconds_before
+    lengths = np.asarray(windows.lengths, dtype=np.int64)
+
+    def after_batch(tokens: int) -> None:
+        nonlocal done
+        done += 1
+        bar.update(tokens)
+        if done < batches:
+            checkpoint.save_if_due(stats, done, time.perf_counter() - started)
+
+    with tqdm(total=int(lengths.sum()), initial=int(lengths[: done * config.batch_windows].sum()), desc="maxima",
+              unit="tok", unit_scale=True, disable=not progress) as bar:
+        accumulate(lm, transcoder, windows, config, range(done, batches), after_batch, stats)
+    maxima = save_maxima(stats, windows, out_dir, identity, lm.name, config, time.perf_counter() - started)
+    checkpoint.remove()
+    return maxima
 
 
 def save_maxima(stats: MaximaAccumulator, windows: Windows, out_dir: str | Path, identity: str, model: str,

@@ -3,11 +3,12 @@ into shards, each run by an actor, the shards' statistics merged into exactly (b
 single-process pass writes.
 
 Owns
-  MaximaWorker       the actor: the bundle's model (bf16) and transcoder, loaded once, and the windows (from the
+  MaximaWorker       the actor: the bundle's model (bf16) and encoders, loaded once, and the windows (from the
                      object store); `shard` runs a range of batches and returns its statistics as CPU tensors
   build_maxima_ray   the driver: one actor per GPU of the cluster (else CPU actors), SHARDS_PER_ACTOR shards each,
                      a replacement for every actor that dies (its shard runs again; finished shards never do), a
-                     checkpoint of the merged shards in `<out>.partial/` that a new run of the same pass resumes from
+                     checkpoint of the merged shards (dreaming/maxima_checkpoint.py) that a new run of the same pass
+                     resumes from
 
 Shards are whole batches (batch b: windows [b * batch_windows, (b + 1) * batch_windows)), so every forward pass is
 the single-process pass's own: on the same kind of device (a GPU model, or CPUs) the same bits. Every node needs
@@ -16,35 +17,28 @@ the bundle at the same path. The caller initialises Ray.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import time
 from collections import Counter, deque
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-
-from dreaming.atomic import atomic_file
 
 from dreaming.bundle import Bundle
 from dreaming.corpus import Windows
 from dreaming.maxima import Maxima, MaximaAccumulator, MaximaConfig, accumulate, batch_count, save_maxima
+from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import best_device
 from dreaming.transcoders import read_config
 
 SHARDS_PER_ACTOR = 4  # the work balances across actors, and a shard lost with its actor is small
 CPU_ACTORS = 2  # actors on a cluster without GPUs (each gets an equal share of the cluster's CPUs)
 SHARD_ATTEMPTS = 3  # a shard whose actor dies this many times (out of memory, say) ends the build
-CHECKPOINT_SECONDS = 60.0  # the merged shards are saved at most this often (a save is the size of the maxima)
 
 
 class MaximaWorker:
@@ -59,7 +53,7 @@ class MaximaWorker:
             raise RuntimeError(f"this node's bundle {bundle.directory} is {bundle.identity}, the pass is over "
                                f"{identity}: copy the same bundle to every node")
         self.lm = bundle.load_model(dtype=torch.bfloat16, device=best_device())
-        self.transcoder = bundle.load_transcoder(dtype=self.lm.dtype, device=self.lm.device)
+        self.transcoder = bundle.load_encoder(device=self.lm.device, dtype=self.lm.dtype)  # encoders only
         self.windows, self.config, self.die_once = windows, config, die_once
 
     def describe(self) -> dict:
@@ -80,32 +74,6 @@ class MaximaWorker:
 
 
 RemoteMaximaWorker = ray.remote(max_restarts=0, max_task_retries=0)(MaximaWorker)
-
-
-def pass_key(identity: str, windows: Windows, config: MaximaConfig, shards: list[tuple[int, int]]) -> str:
-    """A fingerprint of everything a shard's statistics depend on: a checkpoint of another pass is never resumed."""
-    digest = hashlib.sha256(json.dumps([identity, asdict(config), shards, windows.sources]).encode())
-    for array in (windows.tokens, windows.lengths, windows.source):
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
-
-
-def resume(checkpoint: Path, key: str, stats: MaximaAccumulator) -> tuple[list[int], float]:
-    """Merge a checkpoint of this pass into `stats`: (the shards it holds, the seconds they took); ([], 0.0) when
-    there is none, or it is of another pass."""
-    if not checkpoint.exists():
-        return [], 0.0
-    with safe_open(str(checkpoint), framework="pt") as f:
-        metadata = f.metadata()
-    if metadata["key"] != key:
-        return [], 0.0
-    stats.merge(load_file(str(checkpoint)))
-    return json.loads(metadata["done"]), float(metadata["seconds"])
-
-
-def save_checkpoint(checkpoint: Path, key: str, stats: MaximaAccumulator, done: list[int], seconds: float) -> None:
-    with atomic_file(checkpoint) as scratch:
-        save_file(stats.state(), str(scratch), metadata={"key": key, "done": json.dumps(done), "seconds": str(seconds)})
 
 
 def run_shards(start_actor, count: int, shards: list[tuple[int, int]], todo: list[int], merge) -> tuple[int, dict]:
@@ -174,26 +142,24 @@ def build_maxima_ray(bundle: Bundle, windows: Windows, out_dir: str | Path, conf
     tc = read_config(bundle.transcoder_reference)
     stats = MaximaAccumulator(tc.n_layers, tc.d_transcoder, len(windows.sources), config.top_k, "cpu",
                               config.interval_examples)
-    key = pass_key(bundle.identity, windows, config, shards)
-    checkpoint = Path(out_dir).with_name(Path(out_dir).name + ".partial") / "checkpoint.safetensors"
-    done, seconds_before = resume(checkpoint, key, stats)
+    checkpoint = Checkpoint(out_dir, pass_key(bundle.identity, windows, config, shards))
+    done, seconds_before = checkpoint.resume(stats)
+    done = done or []  # the shards finished
     resumed = len(done)
     windows_ref = ray.put(windows)
     options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus // count}
-    started, saved = time.perf_counter() - seconds_before, time.monotonic()
+    started = time.perf_counter() - seconds_before
 
     def start_actor():
         return RemoteMaximaWorker.options(**options).remote(str(bundle.directory), bundle.identity, windows_ref,
                                                             config, die_once)
 
     def merge(index: int, state: dict) -> None:
-        nonlocal saved
         stats.merge(state)
         done.append(index)
         bar.update(shard_tokens[index])
-        if len(done) < len(shards) and time.monotonic() - saved >= CHECKPOINT_SECONDS:
-            save_checkpoint(checkpoint, key, stats, done, time.perf_counter() - started)
-            saved = time.monotonic()
+        if len(done) < len(shards):
+            checkpoint.save_if_due(stats, done, time.perf_counter() - started)
 
     with tqdm(total=int(lengths.sum()), initial=sum(shard_tokens[index] for index in done), desc="maxima",
               unit="tok", unit_scale=True, disable=not progress) as bar:
@@ -201,5 +167,6 @@ def build_maxima_ray(bundle: Bundle, windows: Windows, out_dir: str | Path, conf
         replaced, described = run_shards(start_actor, count, shards, todo, merge)
     maxima = save_maxima(stats, windows, out_dir, bundle.identity, described["model"], config,
                          time.perf_counter() - started)
+    checkpoint.remove()
     return maxima, {"actors": count, "device": described["device"], "shards": len(shards),
                     "shards_resumed": resumed, "actors_replaced": replaced}

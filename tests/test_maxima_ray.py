@@ -12,11 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_tiny_transcoder, random_windows
-from dreaming import maxima_ray
+from dreaming import maxima_checkpoint
 from dreaming.bundle import MANIFEST, Bundle
 from dreaming.cli import main
 from dreaming.maxima import MaximaAccumulator, MaximaConfig, accumulate, batch_count, build_maxima
-from dreaming.maxima_ray import build_maxima_ray, pass_key, resume
+from dreaming.maxima_checkpoint import Checkpoint, pass_key
+from dreaming.maxima_ray import build_maxima_ray
 
 CONFIG = MaximaConfig(top_k=4, batch_windows=2)  # 24 windows: 12 batches, 6 shards of 2 batches over 2 actors
 TIMINGS = ("seconds", "tokens_per_second")
@@ -99,6 +100,7 @@ def test_ray_build_through_the_cli_equals_the_single_pass(ray_session, bundle, s
     assert report["ray"] == {"actors": 2, "device": "cpu", "shards": 6, "shards_resumed": 0, "actors_replaced": 0}
     assert report["directory"] == str(out) and not (tmp_path / "maxima.partial").exists()
     assert_same_maxima(out, single)
+    assert not (tmp_path / "maxima.partial").exists()  # nothing left to resume
 
 
 def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_runs_again(ray_session, bundle, single, tmp_path):
@@ -115,7 +117,7 @@ class DriverDied(Exception):
 
 def test_a_new_run_resumes_from_the_checkpoint_of_a_driver_that_died(ray_session, bundle, single, tmp_path,
                                                                      monkeypatch):
-    monkeypatch.setattr(maxima_ray, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every shard
+    monkeypatch.setattr(maxima_checkpoint, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every shard
     merge, merged = MaximaAccumulator.merge, []
 
     def merge_then_die(self, state):
@@ -129,12 +131,12 @@ def test_a_new_run_resumes_from_the_checkpoint_of_a_driver_that_died(ray_session
     with pytest.raises(DriverDied):
         build_maxima_ray(bundle, bundle.windows(), out, CONFIG, actors=2, progress=False)
     monkeypatch.setattr(MaximaAccumulator, "merge", merge)
-    checkpoint = tmp_path / "maxima.partial" / "checkpoint.safetensors"
+    assert (tmp_path / "maxima.partial" / "checkpoint.safetensors").exists()
     shards = [(b, b + 2) for b in range(0, 12, 2)]
     fresh = MaximaAccumulator(3, 24, 2, 3, "cpu")
     for config, windows in ((MaximaConfig(top_k=3, batch_windows=2), bundle.windows()),
                             (CONFIG, bundle.windows().of_sources(["even"]))):  # another pass: never resumed
-        assert resume(checkpoint, pass_key(bundle.identity, windows, config, shards), fresh) == ([], 0.0)
+        assert Checkpoint(out, pass_key(bundle.identity, windows, config, shards)).resume(fresh) == (None, 0.0)
 
     _, report = build_maxima_ray(bundle, bundle.windows(), out, CONFIG, actors=2, progress=False)
     assert report["shards_resumed"] == 3 and report["actors_replaced"] == 0
