@@ -355,7 +355,8 @@ def test_activations_equal_the_files_and_circuit_tracer(models, tmp_path, hub, f
             # the rest of the files, as loaded: decoders, output biases, skip connections
             p = case.layers[layer]
             np.testing.assert_array_equal(whole.W_dec[layer].numpy(), p["W_dec"])
-            np.testing.assert_array_equal(files.decoder_rows(layer, 2, 5).numpy(), p["W_dec"][2:5].reshape(3, -1, c.d_model))
+            np.testing.assert_array_equal(files.decoder_rows(layer, 2, 5).numpy(),
+                                          p["W_dec"][2:5].reshape(3, -1, c.d_model))  # [rows, output layers, d]
             np.testing.assert_array_equal(whole.b_dec[layer].numpy(), p["b_dec"])
             assert (whole.W_skip is not None) == ("W_skip" in p)
             if whole.W_skip is not None:
@@ -387,7 +388,8 @@ def test_lazy_encoder_equals_loading_whole_within_any_budget(tmp_path, activatio
     layers = random_layers(8, seed=20)
     for l, p in enumerate(layers):
         set_file(tmp_path / "set" / f"layer_{l}.safetensors", p, threshold=activation == "jumprelu")
-    write_yaml(tmp_path / "set" / "config.yaml", model_kind=SET, activation=activation, k=K if activation == "topk" else None)
+    write_yaml(tmp_path / "set" / "config.yaml", model_kind=SET, activation=activation,
+               k=K if activation == "topk" else None)
     whole = load_transcoder(tmp_path / "set")
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
     one_layer = F * 8 * 4 + F * 4 + (F * 4 if activation == "jumprelu" else 0)  # fp32 bytes of W, b, threshold
