@@ -532,7 +532,7 @@ def _open_list(reference: str, config: Path, meta: dict, hub: tuple[str, str, st
                ) -> TranscoderFiles:
     """A config.yaml whose `transcoders:` lists one file per layer; `hub` (repo, folder of the yaml, revision)
     when the yaml came from a hub repo (its relative entries are files of that repo)."""
-    where = _uri(*hub[:2], hub[2]) + "/config.yaml" if hub else str(config)
+    where = _uri(hub[0], f"{hub[1]}/config.yaml" if hub[1] else "config.yaml", hub[2]) if hub else str(config)
     entries = meta.get("transcoders")
     if not (isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries)):
         raise ValueError(f"{where}: transcoders: should list one file per layer (paths or hf:// URIs)")

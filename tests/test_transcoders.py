@@ -148,6 +148,14 @@ def test_lazy_encoder_reads_only_the_requested_rows(tmp_path, kind):
         assert torch.allclose(lazy.encode(x, layer, idx), t.encode(x, layer)[..., idx], atol=1e-6)
 
 
+def test_lazy_encoder_encodes_topk_features(tmp_path):
+    """A topk feature depends on its whole layer: LazyEncoder reads that layer's encoder and picks the columns."""
+    topk = random_transcoder(T.SET, activation="topk", k=3)
+    save_transcoder(topk, tmp_path / "topk")
+    x = random_inputs()[0]
+    assert torch.equal(LazyEncoder(tmp_path / "topk").encode(x, 0, [1, 5]), topk.encode(x, 0)[..., [1, 5]])
+
+
 def test_lazy_encoder_single_feature_equals_full_encode(tmp_path):
     t = random_transcoder(T.SET, activation="relu")
     save_transcoder(t, tmp_path / "tc")
@@ -281,11 +289,6 @@ def test_errors_name_what_was_wrong(tmp_path):
     os.remove(tmp_path / "clt" / "W_dec_2.safetensors")
     with pytest.raises(FileNotFoundError, match="W_dec_2"):
         load_transcoder(tmp_path / "clt")
-
-    topk = random_transcoder(T.SET, activation="topk", k=3)  # encoded whole layer (the top k needs them all)
-    save_transcoder(topk, tmp_path / "topk")
-    x = random_inputs()[0]
-    assert torch.equal(LazyEncoder(tmp_path / "topk").encode(x, 0, [1, 5]), topk.encode(x, 0)[..., [1, 5]])
 
 
 def test_config_validation():
