@@ -1,8 +1,9 @@
-"""Ray worker actors: each holds the bundle's model and transcoder once and dreams batches of features
-(the service sends the features' dataset maxima along, so workers never load the maxima).
+"""Ray worker actors: each opens every served bundle, holds the model and encoder of each bundle it has dreamed
+(loaded at that bundle's first job and kept) and dreams batches of features of one bundle per call (the service
+sends the bundle identity and the features' dataset maxima along).
 
 One actor per GPU of the cluster (`num_gpus=1` each); on a cluster without GPUs one CPU actor. An actor that
-dies is restarted by Ray (`max_restarts=-1`, its constructor reloads the model); the scheduler re-queues the
+dies is restarted by Ray (`max_restarts=-1`, its constructor opens the bundles again); the scheduler re-queues the
 jobs it held. Actors are threaded (`max_concurrency=4`) so `progress()`, `cancel()` and `collect()` answer while
 `dream()` runs. Each construction draws a new `incarnation`, and each call has an id whose results the actor
 keeps: when Ray says an actor is unavailable (not dead: a network blip, or a restart), the scheduler asks it
@@ -25,27 +26,59 @@ import ray
 from service.settings import Settings
 
 
+class ServedBundle:
+    """One bundle inside a worker: opened (its identity checked against the service's) when the actor starts; its
+    encoder and models loaded at its first job and kept, so a worker holds only the models of bundles it dreamed."""
+
+    def __init__(self, directory: str | None, identity: str, device: str):
+        from dreaming.bundle import Bundle
+
+        self.bundle, self.device = Bundle.open(directory), device
+        if self.bundle.identity != identity:
+            raise RuntimeError(f"this node's bundle {self.bundle.directory} is {self.bundle.identity}, the service "
+                               f"serves {identity}: copy the same bundle to every node")
+        self.transcoder = None  # the encoder rows of the features it dreams
+        self.models: dict[str, object] = {}  # search dtype -> the model; "float32" also measures
+        self.maxima = None  # the top dataset contexts: dataset seeds and novelty
+
+    def load(self) -> None:
+        """The encoder, the fp32 model and the maxima, once."""
+        if self.transcoder is None:
+            self.transcoder = self.bundle.load_encoder(device=self.device)
+            self.maxima = self.bundle.maxima()
+            self.model("float32")
+
+    def model(self, dtype: str):
+        """The model in the search dtype of a config, loaded on first use and kept."""
+        import torch
+
+        if dtype not in self.models:
+            self.models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
+        return self.models[dtype]
+
+    def held_bytes(self) -> int:
+        """Bytes of the parameters and buffers this bundle's loaded models and encoder hold."""
+        modules = [lm.model for lm in list(self.models.values())] + ([self.transcoder] if self.transcoder is not None else [])
+        return sum(tensor.numel() * tensor.element_size() for module in modules
+                   for tensor in [*module.parameters(), *module.buffers()])
+
+
 class DreamWorker:
     """The actor's body; `RemoteDreamWorker` is the actor class."""
 
-    def __init__(self, bundle_dir: str | None, identity: str, step_delay: float = 0.0, deadline: float | None = None):
+    def __init__(self, bundles: dict[str, str | None], step_delay: float = 0.0, deadline: float | None = None):
+        """`bundles`: identity -> directory of every served bundle (None: this node's default bundle)."""
         import torch
 
-        from dreaming.bundle import Bundle
         from dreaming.models import best_device
 
         self.device = best_device()
         if self.device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1; the CPU actor owns the CPU
-        self.bundle = Bundle.open(bundle_dir)
-        if self.bundle.identity != identity:
-            raise RuntimeError(f"this node's bundle {self.bundle.directory} is {self.bundle.identity}, the service "
-                               f"serves {identity}: copy the same bundle to every node")
-        self.transcoder = self.bundle.load_encoder(device=self.device)  # the rows of the features it dreams
-        self.models = {"float32": self.bundle.load_model(device=self.device)}  # measures (and searches in fp32)
+        self.bundles = {identity: ServedBundle(directory, identity, self.device)
+                        for identity, directory in bundles.items()}
         self.step_delay = step_delay
         self.deadline = deadline  # seconds a call may search; then it stops, keeping its best (stopped="deadline")
-        self.maxima = None  # loaded at the first dream
         self._progress: dict | None = None
         self._cancel = threading.Event()  # set by `cancel`: the running call stops after its iteration
         self.incarnation = uuid.uuid4().hex  # new at every (re)start: a restarted actor has lost its calls
@@ -55,7 +88,9 @@ class DreamWorker:
         """What the service shows of this actor (device) and what it checks (incarnation); pid and node for logs
         and tests, never shown by the API."""
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": self.device,
-                "gpu_ids": ray.get_gpu_ids(), "incarnation": self.incarnation}
+                "gpu_ids": ray.get_gpu_ids(), "incarnation": self.incarnation, "rss_bytes": resident_bytes(),
+                "loaded": {identity: served.held_bytes() for identity, served in self.bundles.items()
+                           if served.transcoder is not None}}
 
     def collect(self, call_id: str) -> list[dict]:
         """The results of call `call_id` of this incarnation, waiting for it to finish (KeyError if unknown)."""
@@ -70,39 +105,30 @@ class DreamWorker:
         """The running call's latest progress: {done, total, best_fraction_of_max, seconds}, or None."""
         return self._progress
 
-    def model(self, dtype: str):
-        """The model in the search dtype of a config, loaded on first use and kept."""
-        import torch
-
-        if dtype not in self.models:
-            self.models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
-        return self.models[dtype]
-
-    def dream(self, call_id: str, features: list[str], config: dict, dataset_maxes: list[float],
+    def dream(self, call_id: str, identity: str, features: list[str], config: dict, dataset_maxes: list[float],
               previous: list[dict] | None = None) -> list[dict]:
-        """Dream every feature under one config (continuing `previous` results, one per feature, when given);
-        one JSON result per feature, in order. The results are also kept under `call_id` for `collect`, in case
-        the caller loses this call's reply."""
+        """Dream every feature of the bundle `identity` under one config (continuing `previous` results, one per
+        feature, when given); one JSON result per feature, in order. The results are also kept under `call_id` for
+        `collect`, in case the caller loses this call's reply."""
         outcome = Future()
         self._calls = {call_id: outcome}  # only the latest call can be collected
         try:
-            results = self._dream(features, config, dataset_maxes, previous)
+            results = self._dream(self.bundles[identity], features, config, dataset_maxes, previous)
         except BaseException as error:
             outcome.set_exception(error)
             raise
         outcome.set_result(results)
         return results
 
-    def _dream(self, features: list[str], config: dict, dataset_maxes: list[float],
+    def _dream(self, served: ServedBundle, features: list[str], config: dict, dataset_maxes: list[float],
                previous: list[dict] | None) -> list[dict]:
         from dreaming.epo import DreamConfig, DreamResult, dream_many
         from dreaming.features import parse_feature
 
         config = DreamConfig(**config)
         parsed = [parse_feature(feature) for feature in features]
-        if self.maxima is None:
-            self.maxima = self.bundle.maxima()  # the top dataset contexts: dataset seeds and novelty
-        contexts = [self.maxima.top_contexts(feature) if self.maxima else None for feature in parsed]
+        served.load()
+        contexts = [served.maxima.top_contexts(feature) if served.maxima else None for feature in parsed]
         continued = [DreamResult.model_validate(result) for result in previous] if previous else None
         started = time.perf_counter()
 
@@ -119,8 +145,8 @@ class DreamWorker:
         self._progress = {"done": 0, "total": None, "best_fraction_of_max": None, "seconds": 0.0}
         self._cancel.clear()
         try:
-            results = dream_many(self.model(config.dtype), self.transcoder, parsed, config, dataset_maxes,
-                                 progress=report, measure_lm=self.models["float32"], contexts=contexts,
+            results = dream_many(served.model(config.dtype), served.transcoder, parsed, config, dataset_maxes,
+                                 progress=report, measure_lm=served.model("float32"), contexts=contexts,
                                  continue_from=continued)
         finally:
             self._progress = None
@@ -152,21 +178,31 @@ class Worker:
     name: str  # the actor's name in NAMESPACE
 
 
-def start_worker(settings: Settings, bundle_dir: str | None, identity: str, index: int, gpus: int) -> Worker:
-    """A new worker actor for slot `index` (a GPU actor when `gpus`), named uniquely in the cluster."""
+def start_worker(settings: Settings, bundles: dict[str, str | None], index: int, gpus: int) -> Worker:
+    """A new worker actor for slot `index` (a GPU actor when `gpus`) serving `bundles` (identity -> directory),
+    named uniquely in the cluster."""
     name = f"dreaming-worker-{index}-{uuid.uuid4().hex[:8]}"
     actor = RemoteDreamWorker.options(num_gpus=gpus, num_cpus=1, name=name, namespace=NAMESPACE).remote(
-        bundle_dir, identity, settings.worker_step_delay, settings.job_deadline)
+        bundles, settings.worker_step_delay, settings.job_deadline)
     return Worker(index, actor, gpus, name)
 
 
-def start_workers(settings: Settings, bundle_dir: str | None, identity: str) -> list[Worker]:
+def start_workers(settings: Settings, bundles: dict[str, str | None]) -> list[Worker]:
     """One actor per GPU (`settings.gpu_workers`, default the cluster's GPU count), else one CPU actor."""
     gpus = settings.gpu_workers
     if gpus is None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-    return [start_worker(settings, bundle_dir, identity, index, 1) for index in range(gpus)] or [
-        start_worker(settings, bundle_dir, identity, 0, 0)]
+    return [start_worker(settings, bundles, index, 1) for index in range(gpus)] or [
+        start_worker(settings, bundles, 0, 0)]
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (RSS), from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def stop_workers(workers: list[Worker]) -> None:
