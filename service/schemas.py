@@ -261,7 +261,7 @@ class BundleOut(BaseModel):
     default: bool  # the bundle of the routes without /bundles/{name} (the first served)
     identity: str  # of its model and transcoder
     model: str
-    transcoder: str  # its kind, e.g. cross_layer
+    transcoder: str  # its kind, e.g. cross_layer_transcoder
     layers: int
     features_per_layer: int
     maxima_tokens: int | None  # tokens of the corpus its dataset maxima were taken over (None: no maxima)

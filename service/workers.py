@@ -37,7 +37,7 @@ class ServedBundle:
         if self.bundle.identity != identity:
             raise RuntimeError(f"this node's bundle {self.bundle.directory} is {self.bundle.identity}, the service "
                                f"serves {identity}: copy the same bundle to every node")
-        self.transcoder = None  # the encoder rows of the features it dreams
+        self.transcoder = None  # reads the encoder rows of the features it dreams
         self.models: dict[str, object] = {}  # search dtype -> the model; "float32" also measures
         self.maxima = None  # the top dataset contexts: dataset seeds and novelty
 
@@ -57,10 +57,10 @@ class ServedBundle:
         return self.models[dtype]
 
     def held_bytes(self) -> int:
-        """Bytes of the parameters and buffers this bundle's loaded models and encoder hold."""
-        modules = [lm.model for lm in list(self.models.values())] + ([self.transcoder] if self.transcoder is not None else [])
-        return sum(tensor.numel() * tensor.element_size() for module in modules
-                   for tensor in [*module.parameters(), *module.buffers()])
+        """Bytes of the parameters and buffers of this bundle's loaded models (the encoder reads the rows it needs
+        from disk: it holds next to nothing)."""
+        return sum(tensor.numel() * tensor.element_size() for lm in list(self.models.values())
+                   for tensor in [*lm.model.parameters(), *lm.model.buffers()])
 
 
 class DreamWorker:
