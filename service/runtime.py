@@ -1,5 +1,5 @@
-"""The running service: the store, the served bundles (one `BundleView` each, by name; the first is the default), Ray, the worker actors and the scheduler, started and
-stopped together (FastAPI's lifespan calls `start` and `stop`).
+"""The running service: the store, the served bundles (one `BundleView` each, by name; the first is the default),
+Ray, the worker actors and the scheduler, started and stopped together (FastAPI's lifespan calls `start` and `stop`).
 
 At start-up every job left running by a previous process goes back to the queue, so a restart resumes
 interrupted work; jobs already done keep their stored results and are never run again.

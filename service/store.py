@@ -203,7 +203,8 @@ CREATE TABLE IF NOT EXISTS batch_jobs (
 """
 
 JOB_COLUMNS = ", ".join(f"jobs.{name}" for name in (
-    "id", "key", "identity", "feature", "config", "dataset_max", "status", "attempts", "progress", "error", "created", "updated"))
+    "id", "key", "identity", "feature", "config", "dataset_max",
+    "status", "attempts", "progress", "error", "created", "updated"))
 
 
 class SQLiteStore(Store):

@@ -37,7 +37,8 @@ def test_the_bundles_are_listed_the_first_being_the_default(client, bundles):
     for entry in listed:
         bundle = bundles[entry["name"]]
         assert entry["identity"] == bundle.identity and entry["model"] == bundle.manifest["model_name"]
-        assert entry["transcoder"] == "cross_layer_transcoder" and entry["maxima_tokens"] == bundle.manifest["maxima"]["tokens"]
+        assert entry["transcoder"] == "cross_layer_transcoder"
+        assert entry["maxima_tokens"] == bundle.manifest["maxima"]["tokens"]
         assert (entry["layers"], entry["features_per_layer"]) == tuple(bundle.maxima().shape)
         info = client.get(f"/v1/bundles/{entry['name']}/info").json()
         assert info["name"] == entry["name"] and info["identity"] == bundle.identity
@@ -81,7 +82,8 @@ def test_a_dream_and_a_batch_on_each_bundle_complete_with_their_own_results(clie
         done = poll_job(client, f"/v1/bundles/{name}/jobs/{jobs[name]}")
         assert done["status"] == "done", done
         assert done["result"]["feature"] == "1/5"
-        assert done["result"]["dataset_max"] == done["dataset_max"] == pytest.approx(bundle.maxima().dataset_max(Feature(1, 5)))
+        dataset_max = bundle.maxima().dataset_max(Feature(1, 5))
+        assert done["result"]["dataset_max"] == done["dataset_max"] == pytest.approx(dataset_max)
         best = max(done["result"]["frontier"], key=lambda point: point["activation"])
         (direct,) = Explorer.open(bundle.directory, device="cpu").activation("1/5", [best["text"]])
         assert direct["activation"] == pytest.approx(best["activation"], rel=1e-4, abs=1e-5)  # its own model
@@ -116,7 +118,8 @@ def test_unscoped_routes_mean_the_first_bundle(client):
 
 def test_unknown_bundles_and_other_bundles_jobs_are_not_found(client):
     unknown = client.get("/v1/bundles/nope/features")
-    assert unknown.status_code == 404 and unknown.json()["detail"] == "unknown bundle 'nope': this server serves llama, gpt2"
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"] == "unknown bundle 'nope': this server serves llama, gpt2"
     assert client.post("/v1/bundles/nope/dreams", json={"feature": "1/2"}).status_code == 404
     job = client.post("/v1/bundles/gpt2/dreams", json={"feature": "0/3", "config": TINY_CONFIG}).json()
     batch = client.post("/v1/bundles/gpt2/batches", json={"features": ["0/4"], "config": TINY_CONFIG}).json()
@@ -128,3 +131,19 @@ def test_unknown_bundles_and_other_bundles_jobs_are_not_found(client):
             assert missing.status_code == 404 and "of bundle 'llama'" in missing.json()["detail"], path
     assert client.delete(f"/v1/jobs/{job['job_id']}").status_code == 404
     assert client.delete(f"/v1/batches/{batch['batch_id']}").status_code == 404
+
+
+def test_the_bundle_list_and_its_one_line_errors(tmp_path, monkeypatch):
+    from dreaming.cli import main
+    from service.settings import parse_bundles
+
+    assert parse_bundles(f"{tmp_path}/a, b={tmp_path}/c") == (("a", f"{tmp_path}/a"), ("b", f"{tmp_path}/c"))
+    assert parse_bundles(None) == parse_bundles("") == (("default", None),)
+    monkeypatch.delenv("DREAMING_BUNDLE", raising=False)
+    with pytest.raises(SystemExit, match=r"^error: bundle names must be unique, but a is served twice"):
+        main(["serve", "--bundle", str(tmp_path / "a"), "--bundle", f"a={tmp_path}/b"])
+    with pytest.raises(SystemExit, match=r"^error: bundle name 'a b' .* is not URL-safe"):
+        main(["serve", "--bundle", str(tmp_path / "a b")])
+    monkeypatch.setenv("DREAMING_BUNDLE", f"x={tmp_path}/a,x={tmp_path}/b")
+    with pytest.raises(SystemExit, match="served twice"):
+        main(["serve"])

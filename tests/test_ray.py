@@ -29,7 +29,8 @@ def local_ray():
 
 
 def test_cpu_only_cluster_gets_one_cpu_worker_that_dreams(local_ray, tiny_bundle, tmp_path):
-    workers = start_workers(Settings(database=tmp_path / "jobs.sqlite"), {tiny_bundle.identity: str(tiny_bundle.directory)})
+    settings = Settings(database=tmp_path / "jobs.sqlite")
+    workers = start_workers(settings, {tiny_bundle.identity: str(tiny_bundle.directory)})
     try:
         assert [worker.gpus for worker in workers] == [0]
         actor = workers[0].actor
@@ -45,7 +46,8 @@ def test_cpu_only_cluster_gets_one_cpu_worker_that_dreams(local_ray, tiny_bundle
 
 
 def test_worker_refuses_a_bundle_with_another_identity(local_ray, tiny_bundle, tmp_path):
-    [worker] = start_workers(Settings(database=tmp_path / "jobs.sqlite"), {"some-other-bundle": str(tiny_bundle.directory)})
+    settings = Settings(database=tmp_path / "jobs.sqlite")
+    [worker] = start_workers(settings, {"some-other-bundle": str(tiny_bundle.directory)})
     with pytest.raises(RayActorError, match="copy the same bundle to every node"):
         ray.get(worker.actor.describe.remote(), timeout=120)
 
@@ -58,7 +60,8 @@ def test_one_worker_per_gpu_on_a_two_node_cluster(tiny_bundle, tmp_path):
     try:
         cluster.wait_for_nodes()
         assert ray.cluster_resources()["GPU"] == 2
-        workers = start_workers(Settings(database=tmp_path / "jobs.sqlite"), {tiny_bundle.identity: str(tiny_bundle.directory)})
+        settings = Settings(database=tmp_path / "jobs.sqlite")
+        workers = start_workers(settings, {tiny_bundle.identity: str(tiny_bundle.directory)})
         described = ray.get([worker.actor.describe.remote() for worker in workers], timeout=180)
         assert [worker.gpus for worker in workers] == [1, 1]
         assert {d["node"] for d in described} == {gpu_node.node_id}
