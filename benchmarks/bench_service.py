@@ -39,12 +39,15 @@ def live_features(bundle: Bundle, count: int) -> list[str]:
     return chosen
 
 
-def start_server(bundle_dir: str, scratch: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "DREAMING_DB": f"{scratch}/jobs.sqlite", "DREAMING_FEATURES_PER_CALL": "16"}
+def start_server(bundle_dirs: list[str], scratch: str, port: int, **env: str) -> subprocess.Popen:
+    """`dreaming serve` of the bundles (`--bundle` each) on loopback with a fresh job database and no API key; returns
+    once a worker is ready."""
+    env = {**os.environ, "DREAMING_DB": f"{scratch}/jobs.sqlite", "DREAMING_FEATURES_PER_CALL": "16", **env}
     env.pop("DREAMING_API_KEY", None)
     log = open(Path(scratch) / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "dreaming.cli", "serve", "--bundle", bundle_dir,
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([sys.executable, "-m", "dreaming.cli", "serve",
+                               *(f"--bundle={bundle}" for bundle in bundle_dirs), "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -124,7 +127,7 @@ def main():
     config = {"iterations": args.iterations, **({"template": args.template} if args.template else {})}
     print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory() as scratch:
-        server = start_server(str(bundle.directory), scratch, port)
+        server = start_server([str(bundle.directory)], scratch, port)
         try:
             with httpx.Client(base_url=url, timeout=600) as client:
                 info = client.get("/v1/info").json()

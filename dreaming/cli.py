@@ -493,9 +493,12 @@ def cmd_serve(args) -> None:
 
     import uvicorn
 
+    # The service (service/) is started here, the one command that does: the library never imports it.
+    from service.settings import parse_bundles
+
     if args.bundle:
-        os.environ["DREAMING_BUNDLE"] = str(Path(args.bundle).resolve())
-    # The service (service/) is started by name: the library never imports it.
+        os.environ["DREAMING_BUNDLE"] = ",".join(args.bundle)
+    parse_bundles(os.environ.get("DREAMING_BUNDLE"))  # a bad bundle list is a one-line error before anything starts
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port)
 
 
@@ -665,7 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="the HTTP service (OpenAPI at /docs); settings in service/settings.py")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--bundle", help="bundle directory to serve (default: $DREAMING_BUNDLE, else the default bundle)")
+    serve.add_argument("--bundle", action="append", help="a bundle to serve: DIR (named after the directory) or "
+                       "NAME=DIR; repeat for several, the first being the default (default: $DREAMING_BUNDLE, "
+                       "comma-separated, else the default bundle)")
     serve.set_defaults(run=cmd_serve)
     return parser
 

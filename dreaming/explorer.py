@@ -64,6 +64,11 @@ class Explorer:
     def cache(self) -> DreamCache:
         return DreamCache(self.bundle.dreams_dir)
 
+    def loaded_models(self) -> list[LanguageModel]:
+        """The models this explorer has loaded so far (the measuring model, and search models of other dtypes)."""
+        return [*([self.__dict__["lm"]] if "lm" in self.__dict__ else []),
+                *self.__dict__.get("_search_models", {}).values()]
+
     def search_model(self, dtype: str) -> LanguageModel:
         """The model in a dream config's search dtype, loaded once (fp32 is the measuring model itself)."""
         if dtype == "float32":

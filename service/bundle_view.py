@@ -1,5 +1,5 @@
-"""The served bundle as the web process sees it: the library's `Explorer` on the CPU (the web process never
-touches a GPU), feature ids checked against it, and the light, interactive calls (activations of user texts,
+"""A served bundle as the web process sees it (one view per bundle): the library's `Explorer` on the CPU (the web
+process never touches a GPU), feature ids checked against it, and the light, interactive calls (activations of user texts,
 feature search, feature pages).
 
 Dreams run in the Ray workers. These calls are short; they run one at a time (the model's capture hooks are
@@ -61,7 +61,8 @@ class ModelThread:
 
 
 class BundleView:
-    def __init__(self, bundle_dir: str | None, max_waiting: int = 8):
+    def __init__(self, name: str, bundle_dir: str | None, max_waiting: int = 8):
+        self.name = name  # as served: the {bundle} of /v1/bundles/{bundle}/...
         self.explorer = Explorer.open(bundle_dir, device="cpu")
         self.bundle = self.explorer.bundle
         self.identity = self.bundle.identity
@@ -83,8 +84,12 @@ class BundleView:
         except ValueError as error:
             raise UnknownFeature(str(error)) from None
 
-    def dataset_max(self, feature: str) -> float:
+    def dataset_max(self, feature: str) -> float | None:
         return self.maxima.dataset_max(parse_feature(feature))
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """How many tokens the texts are, together (the model's tokenizer, without special tokens)."""
+        return sum(map(len, self.explorer.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]))
 
     async def _on_model_thread(self, call, *args, **kwargs):
         return await self._model_thread.run(call, *args, **kwargs)

@@ -32,7 +32,7 @@ class ServiceCollector:
         loops.add_metric([], len(service.scheduler.loop_errors) if service.scheduler else 0)
         yield loops
         waiting = GaugeMetricFamily("dreaming_interactive_waiting", "Interactive calls waiting for or using the model")
-        waiting.add_metric([], service.view.waiting if service.view else 0)
+        waiting.add_metric([], sum(view.waiting for view in service.views.values()))
         yield waiting
 
 

@@ -4,6 +4,9 @@ step, nothing from a CDN), which call the JSON API under /v1 from the browser.
     /                               search a text for its most active features; browse every feature
     /features/{layer}/{index}       a feature's dashboard: dataset maxima beside its dreams
     /batch                          dream a list of features and follow the batch
+
+Each page is about one served bundle: `?bundle=NAME` in its address (the default bundle when absent), which its
+links and API calls carry (service/web/common.js); the home page has a picker when several are served.
 """
 
 from __future__ import annotations

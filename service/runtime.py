@@ -1,5 +1,5 @@
-"""The running service: the store, the served bundle, Ray, the worker actors and the scheduler, started and
-stopped together (FastAPI's lifespan calls `start` and `stop`).
+"""The running service: the store, the served bundles (one `BundleView` each, by name; the first is the default),
+Ray, the worker actors and the scheduler, started and stopped together (FastAPI's lifespan calls `start` and `stop`).
 
 At start-up every job left running by a previous process goes back to the queue, so a restart resumes
 interrupted work; jobs already done keep their stored results and are never run again.
@@ -26,7 +26,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store: Store | None = None
-        self.view: BundleView | None = None
+        self.views: dict[str, BundleView] = {}  # name -> view, in the order served: the first is the default
         self.workers: list[Worker] = []
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task] = []
@@ -35,18 +35,25 @@ class Service:
 
     async def start(self) -> None:
         settings = self.settings
-        self.view = await asyncio.to_thread(BundleView, settings.bundle, settings.limits.max_interactive_waiting)
+        for name, directory in settings.bundles:
+            self.views[name] = await asyncio.to_thread(BundleView, name, directory,
+                                                        settings.limits.max_interactive_waiting)
+        same = [name for name, view in self.views.items()
+                if [other.identity for other in self.views.values()].count(view.identity) > 1]
+        if same:  # their jobs, results and workers' models would be one: serve one of them
+            raise ValueError(f"bundles {', '.join(same)} have the same model and transcoder: serve one of them")
         self.store = SQLiteStore(settings.database)
         resumed = self.store.recover(settings.max_attempts)
         if resumed:
             log.info("resuming %d interrupted jobs", resumed)
         self._started_ray = connect_ray(settings.ray_address)
-        # None: each node opens its own default bundle; the identity check makes sure it is the same one
-        self.workers = start_workers(settings, settings.bundle, self.view.identity)
-        self.scheduler = Scheduler(self.store, self.workers, self.view.identity, self.view.dataset_max,
+        self.workers = start_workers(settings, self.worker_bundles())
+        self.scheduler = Scheduler(self.store, self.workers,
+                                   {view.identity: view.dataset_max for view in self.views.values()},
                                    settings.features_per_call, settings.max_attempts, self.metrics.call_seconds,
                                    self.replace_worker)
-        self._tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self.view.warm_up())]
+        self._tasks = [asyncio.create_task(self.scheduler.run()),
+                       *(asyncio.create_task(view.warm_up()) for view in self.views.values())]
         if settings.gpu_workers is None:
             self._tasks.append(asyncio.create_task(self.watch_gpus()))
 
@@ -59,12 +66,17 @@ class Service:
             ray.shutdown()
         if self.store is not None:
             self.store.close()
-        if self.view is not None:
-            self.view.close()
+        for view in self.views.values():
+            view.close()
+
+    def worker_bundles(self) -> dict[str, str | None]:
+        """What a worker actor opens: identity -> directory of each served bundle (None: each node opens its own
+        default bundle; the actor's identity check makes sure it is the same one)."""
+        return {view.identity: directory for view, (_, directory) in zip(self.views.values(), self.settings.bundles)}
 
     def replace_worker(self, dead: Worker) -> Worker:
         """A new actor in the slot of one that is dead for good (killed, or its constructor raised)."""
-        worker = start_worker(self.settings, self.settings.bundle, self.view.identity, dead.index, dead.gpus)
+        worker = start_worker(self.settings, self.worker_bundles(), dead.index, dead.gpus)
         self.workers[self.workers.index(dead)] = worker
         return worker
 
@@ -75,7 +87,7 @@ class Service:
             await asyncio.sleep(self.settings.gpu_check_seconds)
             gpus = int((await asyncio.to_thread(ray.cluster_resources)).get("GPU", 0))
             for _ in range(gpus - sum(worker.gpus for worker in self.workers)):
-                worker = start_worker(self.settings, self.settings.bundle, self.view.identity, len(self.workers), 1)
+                worker = start_worker(self.settings, self.worker_bundles(), len(self.workers), 1)
                 log.info("a GPU joined the cluster: worker %d starts", worker.index, extra={"worker": worker.index})
                 self.workers.append(worker)
                 self.scheduler.add(worker)

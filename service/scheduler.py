@@ -1,9 +1,9 @@
 """The scheduler: an asyncio task per worker actor that takes queued jobs from the store and dreams them.
 
-Each loop claims up to `features_per_call` queued jobs with one identical config (small requests and the jobs of
-batches too big for one call take turns, so a large batch does not hold up a single request), sends them to its actor in
-one `dream` call, polls the actor's progress into the store while the call runs, and stores the results. A job
-whose search was stored before for fewer iterations (`more`) continues the longest such run for the difference,
+Each loop claims up to `features_per_call` queued jobs of one bundle with one identical config (the served bundles
+take turns, and so do small requests and the jobs of batches too big for one call, so a large batch does not hold up
+a single request), sends them to its actor in one `dream` call with the bundle's identity, polls the actor's progress
+into the store while the call runs, and stores the results. A job whose search was stored before for fewer iterations (`more`) continues the longest such run for the difference,
 which gives the result of one run of the job's length.
 If the actor dies (Ray restarts it) the jobs go back to the queue; a job whose worker died
 `max_attempts` times, or that the engine rejected, fails with the error. A job cancelled while running stops its
@@ -36,14 +36,16 @@ CHECK_IDLE_EVERY = 5.0  # seconds between two checks that an idle actor is alive
 
 
 class Scheduler:
-    def __init__(self, store: Store, workers: list[Worker], identity: str, dataset_max: Callable[[str], float],
+    def __init__(self, store: Store, workers: list[Worker], dataset_max: dict[str, Callable[[str], float | None]],
                  features_per_call: int, max_attempts: int, call_seconds=None,
                  replace: Callable[[Worker], Worker] | None = None):
-        self.store, self.workers, self.identity, self.dataset_max = store, workers, identity, dataset_max
+        """`dataset_max`: per served bundle identity, a feature's dataset max (the yardstick sent with a call)."""
+        self.store, self.workers, self.dataset_max = store, workers, dataset_max
         self.features_per_call, self.max_attempts = features_per_call, max_attempts
         self.call_seconds = call_seconds  # a Prometheus histogram (labelled by outcome), or None
         self.replace = replace  # starts a new actor in the slot of one that is dead for good
         self._bulk_turn = False
+        self._bundle_turn = 0  # the bundle whose queue is looked at first by the next claim
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task] = []
         self.describe: dict[int, dict] = {}  # worker index -> what its actor last said about itself
@@ -98,8 +100,7 @@ class Scheduler:
             checked = time.monotonic()
             while True:
                 self._bulk_turn = not self._bulk_turn  # a big batch and single requests take turns
-                jobs = await asyncio.to_thread(self.store.claim, self.identity, self.features_per_call,
-                                               self.max_attempts, self._bulk_turn)
+                jobs = await asyncio.to_thread(self._claim, self._bulk_turn)
                 self.loop_errors.pop(worker.index, None)  # the store answers: the loop is healthy again
                 if not jobs:
                     if time.monotonic() - checked > CHECK_IDLE_EVERY:  # an idle actor may have died meanwhile
@@ -125,6 +126,19 @@ class Scheduler:
                         await asyncio.to_thread(self.store.fail, job, f"internal error ({type(error).__name__}); "
                                                                       "the service log has the details")
 
+    def _claim(self, bulk_first: bool) -> list[Job]:
+        """One call's jobs, of one bundle: the bundles take turns (the first to look at moves on past the one that
+        gave jobs), so a long queue of one bundle never starves another."""
+        identities = list(self.dataset_max)
+        first = self._bundle_turn
+        for turn in range(len(identities)):
+            at = (first + turn) % len(identities)
+            jobs = self.store.claim(identities[at], self.features_per_call, self.max_attempts, bulk_first)
+            if jobs:
+                self._bundle_turn = (at + 1) % len(identities)
+                return jobs
+        return []
+
     async def _until_ready(self, worker: Worker) -> bool:
         """Wait until the actor answers (its constructor ran, after a start or a restart); False if it never will."""
         while True:
@@ -138,11 +152,12 @@ class Scheduler:
                 self.describe[worker.index] = {"error": "the actor is dead for good (the service log says why)"}
                 return False
 
-    def longest_stored_run(self, feature: str, config: DreamConfig, dataset_max: float | None,
+    def longest_stored_run(self, identity: str, feature: str, config: DreamConfig, dataset_max: float | None,
                            below: int | None = None) -> DreamResult | None:
-        """The stored result of `config`'s search (scored against `dataset_max`) that ran longest."""
+        """The stored result of `config`'s search of a feature of bundle `identity` (scored against `dataset_max`)
+        that ran longest."""
         results = []
-        for stored in self.store.results_for(self.identity, feature):
+        for stored in self.store.results_for(identity, feature):
             try:  # a result of an earlier engine version has other fields: it cannot be continued
                 result = DreamResult.model_validate(stored)
             except ValidationError:
@@ -152,19 +167,22 @@ class Scheduler:
         return longest_run(results, config, below)
 
     async def _run(self, worker: Worker, jobs: list[Job]) -> bool:
-        """One engine call for `jobs`; False when the actor died during it."""
-        features = [job.feature for job in jobs]
+        """One engine call for `jobs` (of one bundle and one config); False when the actor died during it."""
+        identity, features = jobs[0].identity, [job.feature for job in jobs]
         log.info("worker %d: dreaming %s", worker.index, ",".join(features), extra=about(worker, jobs))
-        maxes = [self.dataset_max(feature) for feature in features]
+        # each job is scored against the yardstick it was keyed with (a job stored before jobs kept it: the max now)
+        maxes = [job.dataset_max if job.dataset_max is not None else self.dataset_max[identity](job.feature)
+                 for job in jobs]
         config = DreamConfig(**jobs[0].config)
-        bases = [await asyncio.to_thread(self.longest_stored_run, feature, config, dataset_max, config.iterations)
-                 for feature, dataset_max in zip(features, maxes)]
+        bases = [await asyncio.to_thread(self.longest_stored_run, identity, feature, config, dataset_max,
+                                         config.iterations) for feature, dataset_max in zip(features, maxes)]
         previous = None
         if all(bases) and len({base.config.iterations for base in bases}) == 1:  # continue them all
             previous = [base.model_dump(mode="json") for base in bases]
             config = config.model_copy(update={"iterations": config.iterations - bases[0].config.iterations})
         call_id, incarnation = uuid.uuid4().hex, self.describe.get(worker.index, {}).get("incarnation")
-        reply = worker.actor.dream.remote(call_id, features, config.model_dump(mode="json"), maxes, previous)
+        reply = worker.actor.dream.remote(call_id, identity, features, config.model_dump(mode="json"), maxes,
+                                          previous)
         started = time.monotonic()
 
         def took(outcome: str) -> None:

@@ -60,6 +60,7 @@ class Progress(BaseModel):
 class JobOut(BaseModel):
     job_id: str
     feature: str
+    dataset_max: float | None = None  # the feature's dataset max the dream is scored against (its yardstick)
     status: str  # queued | running | done | failed | cancelled
     attempts: int  # times a worker was given this job (> 1 after a worker died)
     progress: Progress | None = None
@@ -78,6 +79,7 @@ class JobSummary(BaseModel):
     """A job without its result: what a batch's table shows."""
     job_id: str
     feature: str
+    dataset_max: float | None = None
     status: str
     attempts: int
     progress: Progress | None = None
@@ -242,6 +244,7 @@ class Health(BaseModel):
 
 class Info(BaseModel):
     bundle: dict  # what `dreaming info` shows of the bundle, without its path on the server
+    name: str  # the bundle's name on this server
     identity: str
     workers: list[WorkerInfo]
     features_per_call: int
@@ -250,3 +253,15 @@ class Info(BaseModel):
     key_on_reads: bool
     dream_config: dict  # the defaults
     dream_config_schema: dict
+
+
+class BundleOut(BaseModel):
+    """A served bundle (GET /v1/bundles): its routes are under /v1/bundles/{name}."""
+    name: str
+    default: bool  # the bundle of the routes without /bundles/{name} (the first served)
+    identity: str  # of its model and transcoder
+    model: str
+    transcoder: str  # its kind, e.g. cross_layer_transcoder
+    layers: int
+    features_per_layer: int
+    maxima_tokens: int | None  # tokens of the corpus its dataset maxima were taken over (None: no maxima)

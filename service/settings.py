@@ -2,7 +2,9 @@
 
     DREAMING_HOME              the library's home (models, the default bundle) and the service's database
     DREAMING_DB                the job database (default `$DREAMING_HOME/service/jobs.sqlite`)
-    DREAMING_BUNDLE            the bundle directory to serve (default: the default bundle, built if missing)
+    DREAMING_BUNDLE            the bundles to serve, comma-separated, each a directory (named after the directory)
+                               or NAME=DIR; the first is the default one (default: the default bundle, built if
+                               missing, named "default"); `dreaming serve --bundle` sets it
     DREAMING_API_KEY           when set, POST endpoints need `Authorization: Bearer <key>` or `X-API-Key: <key>`
     DREAMING_KEY_ON_READS      with a key set, "1" makes every GET need it too (but /v1/health)
     RAY_ADDRESS                attach to this Ray cluster; unset: start a local Ray
@@ -23,6 +25,7 @@ The limits of a dream configuration itself (prompt length, iterations, populatio
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -50,6 +53,33 @@ class Limits:
                       if f"DREAMING_{f.name.upper()}" in os.environ})
 
 
+DEFAULT_BUNDLE_NAME = "default"  # the name of the default bundle, served when none is named
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # URL-safe: a name is a path segment of the API
+
+
+def parse_bundles(text: str | None) -> tuple[tuple[str, str | None], ...]:
+    """The served bundles as (name, directory) pairs from `DREAMING_BUNDLE`'s syntax: comma-separated, each a
+    directory (named after its last component) or NAME=DIR; directories made absolute. Empty: the default bundle
+    (directory None). ValueError, in one line, on a name that is not URL-safe or served twice."""
+    bundles = []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, _, directory = item.partition("=")
+        if not directory or not BUNDLE_NAME.fullmatch(name):  # no NAME= (a directory may hold a "=")
+            name, directory = None, item
+        directory = str(Path(directory).expanduser().resolve())
+        bundles.append((name or Path(directory).name, directory))
+    for name, directory in bundles:
+        if not BUNDLE_NAME.fullmatch(name):
+            raise ValueError(f"bundle name {name!r} (of {directory}) is not URL-safe: use letters, digits, '.', '_' "
+                             "and '-' (at most 64, not starting with '.', '_' or '-'), e.g. --bundle NAME=DIR")
+    names = [name for name, _ in bundles]
+    if len(set(names)) < len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"bundle names must be unique, but {', '.join(twice)} is served twice: name them with "
+                         "--bundle NAME=DIR")
+    return tuple(bundles) or ((DEFAULT_BUNDLE_NAME, None),)
+
+
 def _optional_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None
@@ -58,7 +88,7 @@ def _optional_int(name: str) -> int | None:
 @dataclass(frozen=True)
 class Settings:
     database: Path
-    bundle: str | None = None
+    bundles: tuple[tuple[str, str | None], ...] = ((DEFAULT_BUNDLE_NAME, None),)  # (name, directory): parse_bundles
     api_key: str | None = None
     key_on_reads: bool = False
     ray_address: str | None = None
@@ -74,7 +104,7 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             database=Path(os.environ.get("DREAMING_DB") or dreaming_home() / "service" / "jobs.sqlite"),
-            bundle=os.environ.get("DREAMING_BUNDLE") or None,
+            bundles=parse_bundles(os.environ.get("DREAMING_BUNDLE")),
             api_key=os.environ.get("DREAMING_API_KEY") or None,
             key_on_reads=os.environ.get("DREAMING_KEY_ON_READS", "").lower() in ("1", "true", "yes"),
             ray_address=os.environ.get("RAY_ADDRESS") or None,

@@ -3,7 +3,9 @@
 A job is one dream: (bundle identity, feature, canonical config, the feature's dataset max). Its `key` is a hash
 of those four, unique in the jobs table, so identical requests coalesce into one job by a database constraint, and a
 result is stored once per key. The dataset max is in the key because it is the dream's yardstick (EPO's target is
-divided by it): after the maxima are rebuilt the same request is a new job, and the old result is shown as stale.
+divided by it): after the maxima are rebuilt the same request is a new job, and the old result is shown as stale;
+a job also keeps its dataset max in a column of its own. One store serves several bundles: every listing, claim and
+result lookup is of one bundle identity, and a batch (whose jobs share a bundle) keeps its bundle's identity.
 Job states: queued -> running -> done | failed | cancelled (a client's DELETE; a queued job at once, a running one
 when its worker stops, keeping its partial result); a running job goes back to queued when its worker dies (`requeue`)
 or the service restarts (`recover`). A result and its job's "done" are written in one transaction, and only by the
@@ -43,8 +45,10 @@ job_key = dream_key  # a job is keyed as the library caches a dream: one key (en
 class Job:
     id: str
     key: str
+    identity: str  # the bundle's (model and transcoder)
     feature: str
     config: dict
+    dataset_max: float | None  # the yardstick the dream is scored against (None: a dead feature, or an old job)
     status: str
     attempts: int = 0  # how many times a worker was given this job
     progress: dict = field(default_factory=dict)
@@ -57,6 +61,7 @@ class Job:
 @dataclass
 class Batch:
     id: str
+    identity: str  # the bundle of its jobs
     job_ids: list[str]
     created: float
 
@@ -140,8 +145,8 @@ class Store(ABC):
         """(how many, a page of them newest first, without results) of this bundle's jobs, of one status or all."""
 
     @abstractmethod
-    def list_batches(self, offset: int, limit: int) -> tuple[int, list[Batch]]:
-        """(how many, a page of them newest first) of the batches."""
+    def list_batches(self, identity: str, offset: int, limit: int) -> tuple[int, list[Batch]]:
+        """(how many, a page of them newest first) of this bundle's batches."""
 
     @abstractmethod
     def counts(self) -> dict[str, int]:
@@ -158,6 +163,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     identity TEXT NOT NULL,
     feature TEXT NOT NULL,
     config TEXT NOT NULL,
+    dataset_max REAL,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     progress TEXT NOT NULL DEFAULT '{}',
@@ -176,7 +182,7 @@ CREATE TABLE IF NOT EXISTS results (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS results_feature ON results (identity, feature, created);
-CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, created REAL NOT NULL, identity TEXT);
 CREATE TABLE IF NOT EXISTS batch_jobs (
     batch_id TEXT NOT NULL,
     position INTEGER NOT NULL,
@@ -186,7 +192,8 @@ CREATE TABLE IF NOT EXISTS batch_jobs (
 """
 
 JOB_COLUMNS = ", ".join(f"jobs.{name}" for name in (
-    "id", "key", "feature", "config", "status", "attempts", "progress", "error", "created", "updated"))
+    "id", "key", "identity", "feature", "config", "dataset_max",
+    "status", "attempts", "progress", "error", "created", "updated"))
 
 
 class SQLiteStore(Store):
@@ -200,16 +207,27 @@ class SQLiteStore(Store):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a database made by an earlier version lacks."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "cancel" not in columns:  # a database made before cancellation
+        if "cancel" not in columns:  # made before cancellation
             self._db.execute("ALTER TABLE jobs ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0")
+        if "dataset_max" not in columns:  # made before jobs kept their yardstick (it is only in their key): NULL
+            self._db.execute("ALTER TABLE jobs ADD COLUMN dataset_max REAL")
+        if "identity" not in {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}:  # one bundle
+            self._db.execute("ALTER TABLE batches ADD COLUMN identity TEXT")
+            self._db.execute("UPDATE batches SET identity = (SELECT jobs.identity FROM batch_jobs JOIN jobs ON "
+                             "jobs.id = batch_jobs.job_id WHERE batch_jobs.batch_id = batches.id LIMIT 1)")
 
     def _transaction(self):
         return _Transaction(self._db, self._lock)
 
     def _row_to_job(self, row, result: str | None = None) -> Job:
-        id_, key, feature, config, status, attempts, progress, error, created, updated = row
-        return Job(id=id_, key=key, feature=feature, config=json.loads(config), status=status, attempts=attempts,
+        id_, key, identity, feature, config, dataset_max, status, attempts, progress, error, created, updated = row
+        return Job(id=id_, key=key, identity=identity, feature=feature, config=json.loads(config),
+                   dataset_max=dataset_max, status=status, attempts=attempts,
                    progress=json.loads(progress), error=error, result=json.loads(result) if result else None,
                    created=created, updated=updated)
 
@@ -221,9 +239,9 @@ class SQLiteStore(Store):
 
     def _submit(self, db, identity: str, feature: str, config: dict, dataset_max: float | None, now: float) -> str:
         key = job_key(identity, feature, config, dataset_max)
-        db.execute("INSERT INTO jobs (id, key, identity, feature, config, status, created, updated) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                   (uuid.uuid4().hex, key, identity, feature, canonical_json(config), QUEUED, now, now))
+        db.execute("INSERT INTO jobs (id, key, identity, feature, config, dataset_max, status, created, updated) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                   (uuid.uuid4().hex, key, identity, feature, canonical_json(config), dataset_max, QUEUED, now, now))
         db.execute("UPDATE jobs SET status = ?, error = NULL, progress = '{}', cancel = 0, updated = ? "
                    "WHERE key = ? AND status IN (?, ?)", (QUEUED, now, key, FAILED, CANCELLED))
         return db.execute("SELECT id FROM jobs WHERE key = ?", (key,)).fetchone()[0]
@@ -241,10 +259,10 @@ class SQLiteStore(Store):
             job_ids = [self._submit(db, identity, feature, config, dataset_max, now)
                        for feature, dataset_max in zip(features, dataset_maxes)]
             batch_id = uuid.uuid4().hex
-            db.execute("INSERT INTO batches (id, created) VALUES (?, ?)", (batch_id, now))
+            db.execute("INSERT INTO batches (id, created, identity) VALUES (?, ?, ?)", (batch_id, now, identity))
             db.executemany("INSERT INTO batch_jobs (batch_id, position, job_id) VALUES (?, ?, ?)",
                            [(batch_id, position, job_id) for position, job_id in enumerate(job_ids)])
-        return Batch(batch_id, job_ids, now)
+        return Batch(batch_id, identity, job_ids, now)
 
     def job(self, job_id):
         with self._transaction() as db:
@@ -259,11 +277,11 @@ class SQLiteStore(Store):
 
     def batch(self, batch_id):
         with self._transaction() as db:
-            created = db.execute("SELECT created FROM batches WHERE id = ?", (batch_id,)).fetchone()
-            if created is None:
+            found = db.execute("SELECT created, identity FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if found is None:
                 return None
             rows = db.execute("SELECT job_id FROM batch_jobs WHERE batch_id = ? ORDER BY position", (batch_id,))
-            return Batch(batch_id, [row[0] for row in rows], created[0])
+            return Batch(batch_id, found[1], [row[0] for row in rows], found[0])
 
     def claim(self, identity, limit, max_attempts=None, bulk_first=False):
         now = time.time()
@@ -304,9 +322,8 @@ class SQLiteStore(Store):
     def _store_result(self, db, job: Job, result: dict, now: float) -> None:
         """The job's result under its key: a later one (the same request run to its end) replaces an earlier one
         (a cancelled run's partial result)."""
-        identity = db.execute("SELECT identity FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
         db.execute("INSERT OR REPLACE INTO results (key, identity, feature, job_id, result, created) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (job.key, identity, job.feature, job.id, json.dumps(result), now))
+                   "VALUES (?, ?, ?, ?, ?, ?)", (job.key, job.identity, job.feature, job.id, json.dumps(result), now))
 
     def fail(self, job, error):
         with self._transaction() as db:
@@ -372,11 +389,11 @@ class SQLiteStore(Store):
                               "LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return total, [self._row_to_job(row) for row in rows]
 
-    def list_batches(self, offset, limit):
+    def list_batches(self, identity, offset, limit):
         with self._transaction() as db:
-            total = db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
-            ids = [row[0] for row in db.execute("SELECT id FROM batches ORDER BY created DESC, rowid DESC "
-                                                "LIMIT ? OFFSET ?", (limit, offset))]
+            total = db.execute("SELECT COUNT(*) FROM batches WHERE identity = ?", (identity,)).fetchone()[0]
+            ids = [row[0] for row in db.execute("SELECT id FROM batches WHERE identity = ? ORDER BY created DESC, "
+                                                "rowid DESC LIMIT ? OFFSET ?", (identity, limit, offset))]
         return total, [self.batch(batch_id) for batch_id in ids]
 
     def counts(self):

@@ -105,3 +105,14 @@ def tiny_bundle(tmp_path_factory, tiny_tokenizer):
     lm = make_tiny_lm(tiny_tokenizer)
     windows = random_windows(24, 16, len(tiny_tokenizer))
     return build_tiny_bundle(tmp_path_factory.mktemp("bundle"), lm, make_tiny_transcoder(lm), windows)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_bundle(tmp_path_factory, tiny_tokenizer):
+    """A second bundle, of another model and shape (tiny GPT-2, 2 layers, 16 features per layer), to serve beside
+    `tiny_bundle`."""
+    from tiny_bundle import build_tiny_bundle
+
+    lm = make_tiny_lm(tiny_tokenizer, "gpt2", n_layers=2, seed=1)
+    windows = random_windows(24, 16, len(tiny_tokenizer), seed=1)
+    return build_tiny_bundle(tmp_path_factory.mktemp("gpt2-bundle"), lm, make_tiny_transcoder(lm, 16, seed=1), windows)

@@ -31,11 +31,14 @@ def local_ray():
         ray.shutdown()
 
 
+Bundles = Path | str | list[Path | str]  # what `dreaming serve --bundle` takes: DIR or NAME=DIR, one or several
+
+
 @contextmanager
-def serving(bundle_dir: Path, home: Path, **env: str):
-    """A started `dreaming serve` on the bundle, in a local Ray of its own, stopped at the end."""
+def serving(bundles: Bundles, home: Path, **env: str):
+    """A started `dreaming serve` on the bundles, in a local Ray of its own, stopped at the end."""
     with local_ray() as address:
-        server = Server(bundle_dir, home, address, **env).start()
+        server = Server(bundles, home, address, **env).start()
         try:
             yield server
         finally:
@@ -69,10 +72,12 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m dreaming.cli serve` on a free loopback port, with its own environment and log file."""
+    """`python -m dreaming.cli serve` on a free loopback port, with its own environment and log file; `bundles`
+    as `--bundle` takes them (the first is the default one)."""
 
-    def __init__(self, bundle_dir: Path, home: Path, ray_address: str, **env: str):
-        self.bundle_dir, self.home, self.ray_address, self.env = bundle_dir, home, ray_address, env
+    def __init__(self, bundles: Bundles, home: Path, ray_address: str, **env: str):
+        self.bundles = list(bundles) if isinstance(bundles, list) else [bundles]
+        self.home, self.ray_address, self.env = home, ray_address, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -83,8 +88,8 @@ class Server:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.home / f"server-{self.port}.log", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dreaming.cli", "serve", "--bundle", str(self.bundle_dir), "--port", str(self.port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "dreaming.cli", "serve", *(f"--bundle={bundle}" for bundle in self.bundles),
+             "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._ready)
         return self
 

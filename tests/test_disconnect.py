@@ -11,7 +11,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from serving import free_port, wait_for
 
-from service.app import unless_disconnected
+from service.routes.common import unless_disconnected
 from service.bundle_view import ModelThread
 
 

@@ -1,5 +1,6 @@
 """The web pages in a real headless Chromium (Playwright driving Debian's `chromium`, offline), against a real
-`dreaming serve` on the tiny bundle with its Ray worker: what the pages show must be what the API returns."""
+`dreaming serve` on the tiny bundle (the default) and a second one with its Ray worker: what the pages show must be
+what the API returns."""
 
 import csv
 import io
@@ -18,8 +19,9 @@ DREAM_SETTINGS = {name: value for name, value in TINY_CONFIG.items() if name != 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    with serving(tiny_bundle.directory, tmp_path_factory.mktemp("home"), DREAMING_FEATURES_PER_CALL="2") as server:
+def server(tiny_bundle, tiny_gpt2_bundle, tmp_path_factory):
+    with serving([tiny_bundle.directory, f"second={tiny_gpt2_bundle.directory}"], tmp_path_factory.mktemp("home"),
+                 DREAMING_FEATURES_PER_CALL="2") as server:
         yield server
 
 
@@ -116,6 +118,35 @@ def test_search_then_feature_page_shows_the_api_values(tab, client):
     similar = client.get(f"/v1/features/{found[0]['feature']}/similar?top=10").json()
     assert page.eval_on_selector_all("#similar-table a.feature", "links => links.map(a => a.textContent)") == \
         [entry["feature"] for entry in similar]
+    assert tab.errors == []
+
+
+def test_the_second_bundle_picked_on_the_home_page_is_carried_to_its_feature_page(tab, client):
+    page = tab.open("/")
+    assert page.is_visible("#bundle-picker")
+    page.select_option("#bundle-picker", "second")
+    page.wait_for_url("**/?bundle=second")
+    page.wait_for_selector("body[data-ready=true]")
+    listing = client.get("/v1/bundles/second/features", params={"live": "true", "limit": 50}).json()
+    assert page.eval_on_selector_all("#browse-table a.feature", "links => links.map(a => a.textContent)") == \
+        [row["feature"] for row in listing["features"]]
+    page.fill("#search-text", "the dog ran on the mat")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#search-results tbody a.feature")
+    found = client.post("/v1/bundles/second/search", json={"text": "the dog ran on the mat", "top": 20}).json()
+    assert found != client.post("/v1/search", json={"text": "the dog ran on the mat", "top": 20}).json()
+    rows = page.eval_on_selector_all("#search-results tbody tr", "rows => rows.map(r => r.innerText.split('\\t'))")
+    assert [row[0] for row in rows] == [hit["feature"] for hit in found]
+
+    page.click("#search-results tbody a.feature >> nth=0")
+    page.wait_for_url(f"**/features/{found[0]['feature']}?bundle=second")
+    page.wait_for_selector("body[data-ready=true]")
+    feature = client.get(f"/v1/bundles/second/features/{found[0]['feature']}").json()
+    assert len(page.query_selector_all("#examples-table tr.example")) == len(feature["examples"]) > 0
+    for i, example in enumerate(feature["examples"]):
+        shaded = tab.tokens(f"#examples-table tr.example >> nth={i}")
+        assert shaded == [(shown(text), value) for text, value in zip(example["tokens"], example["activations"])]
+    assert page.get_attribute("header a.brand", "href") == "/?bundle=second"
     assert tab.errors == []
 
 
@@ -265,6 +296,7 @@ def test_with_the_key_required_on_reads_the_pages_ask_for_it_first(browser, serv
         tab.page.wait_for_selector("body[data-ready=true]")
         assert tab.page.query_selector_all("#browse-table a.feature")
         assert all("401" in error for error in tab.errors)  # the first read, refused before the key was given
+        assert tab.page.is_hidden("#bundle-choice")  # one bundle served: no picker
         tab.close()
     finally:
         guarded.stop()

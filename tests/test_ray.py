@@ -29,14 +29,15 @@ def local_ray():
 
 
 def test_cpu_only_cluster_gets_one_cpu_worker_that_dreams(local_ray, tiny_bundle, tmp_path):
-    workers = start_workers(Settings(database=tmp_path / "jobs.sqlite"), str(tiny_bundle.directory), tiny_bundle.identity)
+    settings = Settings(database=tmp_path / "jobs.sqlite")
+    workers = start_workers(settings, {tiny_bundle.identity: str(tiny_bundle.directory)})
     try:
         assert [worker.gpus for worker in workers] == [0]
         actor = workers[0].actor
         assert ray.get(actor.describe.remote())["device"] == "cpu"
         maxima = tiny_bundle.maxima()
         maxes = [maxima.dataset_max(parse_feature(feature)) for feature in ("1/2", "2/5")]
-        results = ray.get(actor.dream.remote("call-1", ["1/2", "2/5"], TINY_CONFIG, maxes))
+        results = ray.get(actor.dream.remote("call-1", tiny_bundle.identity, ["1/2", "2/5"], TINY_CONFIG, maxes))
         assert ray.get(actor.collect.remote("call-1")) == results  # kept for a caller that lost the reply
         assert [result["feature"] for result in results] == ["1/2", "2/5"]
         assert all(result["frontier"] and result["dataset_max"] == m for result, m in zip(results, maxes))
@@ -45,7 +46,8 @@ def test_cpu_only_cluster_gets_one_cpu_worker_that_dreams(local_ray, tiny_bundle
 
 
 def test_worker_refuses_a_bundle_with_another_identity(local_ray, tiny_bundle, tmp_path):
-    [worker] = start_workers(Settings(database=tmp_path / "jobs.sqlite"), str(tiny_bundle.directory), "some-other-bundle")
+    settings = Settings(database=tmp_path / "jobs.sqlite")
+    [worker] = start_workers(settings, {"some-other-bundle": str(tiny_bundle.directory)})
     with pytest.raises(RayActorError, match="copy the same bundle to every node"):
         ray.get(worker.actor.describe.remote(), timeout=120)
 
@@ -58,7 +60,8 @@ def test_one_worker_per_gpu_on_a_two_node_cluster(tiny_bundle, tmp_path):
     try:
         cluster.wait_for_nodes()
         assert ray.cluster_resources()["GPU"] == 2
-        workers = start_workers(Settings(database=tmp_path / "jobs.sqlite"), str(tiny_bundle.directory), tiny_bundle.identity)
+        settings = Settings(database=tmp_path / "jobs.sqlite")
+        workers = start_workers(settings, {tiny_bundle.identity: str(tiny_bundle.directory)})
         described = ray.get([worker.actor.describe.remote() for worker in workers], timeout=180)
         assert [worker.gpus for worker in workers] == [1, 1]
         assert {d["node"] for d in described} == {gpu_node.node_id}

@@ -37,7 +37,7 @@ class ReadyActor:
 def test_a_worker_loop_that_raises_recovers(monkeypatch):
     monkeypatch.setattr(scheduler_module, "POLL_SECONDS", 0.01)
     store = FlakyStore(failures=3)
-    scheduler = Scheduler(store, [Worker(0, ReadyActor(), 0, "test")], "id", lambda feature: 1.0, 2, 3)
+    scheduler = Scheduler(store, [Worker(0, ReadyActor(), 0, "test")], {"id": lambda feature: 1.0}, 2, 3)
     seen_errors = []
 
     async def run_until_recovered():
@@ -117,7 +117,7 @@ class BlinkingActor:
 
         class dream:  # noqa: N801
             @staticmethod
-            def remote(call_id, features, config, maxes, previous):
+            def remote(call_id, identity, features, config, maxes, previous):
                 actor.dream_calls.append(call_id)
                 if actor.restarted:
                     actor.incarnation = "second"
@@ -139,8 +139,8 @@ class BlinkingActor:
 
 def serve_one_job(actor, monkeypatch) -> OneJobStore:
     monkeypatch.setattr(scheduler_module, "POLL_SECONDS", 0.01)
-    store = OneJobStore(Job("j1", "key", "0/1", DreamConfig(iterations=2).model_dump(mode="json"), "queued"))
-    scheduler = Scheduler(store, [Worker(0, actor, 0, "test")], "id", lambda feature: 1.0, 2, 3)
+    store = OneJobStore(Job("j1", "key", "id", "0/1", DreamConfig(iterations=2).model_dump(mode="json"), 1.0, "queued"))
+    scheduler = Scheduler(store, [Worker(0, actor, 0, "test")], {"id": lambda feature: 1.0}, 2, 3)
 
     async def until_settled():
         task = asyncio.create_task(scheduler.run())

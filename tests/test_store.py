@@ -128,8 +128,8 @@ def test_a_stored_result_of_an_earlier_engine_is_never_continued(tmp_path):
     [claimed] = store.claim("id", 1)
     store.complete(claimed, {"feature": "1/1", "config": config.model_dump(mode="json"), "dataset_max": MAX,
                              "frontier": [{"prompt": "old", "activation": 1.0}]})  # no state, old fields
-    scheduler = Scheduler(store, [], "id", lambda feature: MAX, features_per_call=1, max_attempts=3)
-    assert scheduler.longest_stored_run("1/1", config, MAX) is None
+    scheduler = Scheduler(store, [], {"id": lambda feature: MAX}, features_per_call=1, max_attempts=3)
+    assert scheduler.longest_stored_run("id", "1/1", config, MAX) is None
 
 
 def test_a_new_engine_version_makes_a_new_key(monkeypatch):
@@ -236,7 +236,7 @@ def test_jobs_and_batches_are_listed_newest_first_page_by_page(tmp_path):
     assert [job.id for _, page in pages for job in page] == ids[::-1]
     assert store.list_jobs("id", RUNNING, 0, 10) == (1, [store.job(claimed.id)])
     batches = [store.submit_batch("id", ["2/1", "2/2"], CONFIG, [MAX, MAX]).id for _ in range(3)]
-    total, page = store.list_batches(1, 5)
+    total, page = store.list_batches("id", 1, 5)
     assert total == 3 and [batch.id for batch in page] == batches[::-1][1:] and len(page[0].job_ids) == 2
 
 

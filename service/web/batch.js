@@ -14,8 +14,8 @@ function showBatch(batch) {
   const c = batch.counts;
   $("batch-status").textContent = `${batch.status}: ${c.done} done, ${c.running} running, ${c.queued} queued, ` +
     `${c.failed} failed, ${c.cancelled} cancelled`;
-  $("download-json").href = `/v1/batches/${batch.batch_id}/results?format=json`;
-  $("download-csv").href = `/v1/batches/${batch.batch_id}/results?format=csv`;
+  $("download-json").href = scoped(`/v1/batches/${batch.batch_id}/results?format=json`);
+  $("download-csv").href = scoped(`/v1/batches/${batch.batch_id}/results?format=csv`);
   $("batch-table").querySelector("tbody").replaceChildren(...batch.jobs.map((job) => el("tr", {"data-status": job.status},
     el("td", {}, featureLink(job.feature)), el("td", {class: `status-${job.status}`}, progressText(job)),
     el("td", {class: "num"}, percent(job.best_fluent_fraction_of_max)),
@@ -48,7 +48,7 @@ async function submit(event) {
   try {
     const batch = await api("/v1/batches", {method: "POST",
       body: {features, config: dreamConfig("batch-config", {iterations: Number($("batch-iterations").value)})}});
-    history.replaceState(null, "", `/batch?id=${batch.batch_id}`);
+    history.replaceState(null, "", pageUrl(`/batch?id=${batch.batch_id}`));
     await followBatch(batch.batch_id);
   } finally {
     $("batch-button").disabled = false;

@@ -1,8 +1,10 @@
-// What every page shares: calls to the JSON API (with the API key when the server asks for one), following a
-// job or batch as server-sent events, shading tokens by activation, and small formatting helpers.
+// What every page shares: the bundle the page is about (?bundle=NAME in its address, carried by every link and API
+// call; absent: the server's default bundle), calls to the JSON API (with the API key when the server asks for
+// one), following a job or batch as server-sent events, shading tokens by activation, and small formatting helpers.
 "use strict";
 
 const KEY_STORE = "dreaming-api-key";
+const BUNDLE = new URLSearchParams(location.search).get("bundle"); // null: the default bundle
 let keyRequired = false; // the server's answer (GET /v1/info): do its POST endpoints need the key?
 
 // The element with this id; pages fail loudly if their HTML lacks one.
@@ -30,9 +32,22 @@ function number(value, digits = 3) {
   return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
 }
 
+// A page's address in this page's bundle: `path` with ?bundle=NAME added when the page has one.
+function pageUrl(path) {
+  if (!BUNDLE) return path;
+  const url = new URL(path, location.origin);
+  url.searchParams.set("bundle", BUNDLE);
+  return url.pathname + url.search;
+}
+
+// An API path (/v1/...) of this page's bundle: under /v1/bundles/NAME/ when the page has one.
+function scoped(path) {
+  return BUNDLE ? `/v1/bundles/${encodeURIComponent(BUNDLE)}${path.slice("/v1".length)}` : path;
+}
+
 function featureLink(feature) {
   const [layer, index] = feature.split("/");
-  return el("a", {href: `/features/${layer}/${index}`, class: "feature"}, feature);
+  return el("a", {href: pageUrl(`/features/${layer}/${index}`), class: "feature"}, feature);
 }
 
 function showError(message) {
@@ -77,9 +92,11 @@ function forgetKey() {
   $("key-state").textContent = "";
 }
 
-// A JSON call to the API; asks for the key first when the call needs one and none is saved, and again on 401.
-// Errors carry the API's `detail`.
-async function api(path, {method = "GET", body} = {}) {
+// A JSON call to the API, about this page's bundle (`scope`: false for a path about the server, e.g. /v1/bundles);
+// asks for the key first when the call needs one and none is saved, and again on 401. Errors carry the API's
+// `detail`.
+async function api(path, {method = "GET", body, scope = true} = {}) {
+  if (scope) path = scoped(path);
   if (method !== "GET" && keyRequired && !apiKey()) {
     await askForKey("This server needs an API key to search, test prompts and dream: enter it to go on.");
     showKeyState();
@@ -146,6 +163,7 @@ function dreamConfig(id, fields) {
 // Follow a server-sent-event stream (fetch, so the key header goes with it): onUpdate(data) per `update` event,
 // until the server ends the stream. Resolves with the last update.
 async function follow(path, onUpdate) {
+  path = scoped(path);
   const response = await fetch(path, {headers: headers({Accept: "text/event-stream"})});
   if (!response.ok) {
     const payload = await response.json().catch(() => null);
@@ -200,8 +218,8 @@ function shadeTokens(tokens, activations, scale, marked = null) {
 // The frame every page has, put before its <main>: navigation, the key state, the key form and the error line.
 function pageFrame() {
   const header = el("header", {},
-    el("a", {href: "/", class: "brand"}, "dreaming"),
-    el("nav", {}, el("a", {href: "/"}, "Search & browse"), el("a", {href: "/batch"}, "Batch"),
+    el("a", {href: pageUrl("/"), class: "brand"}, "dreaming"),
+    el("nav", {}, el("a", {href: pageUrl("/")}, "Search & browse"), el("a", {href: pageUrl("/batch")}, "Batch"),
       el("a", {href: "/docs"}, "API")),
     el("span", {id: "key-state"}));
   const keyForm = el("form", {id: "key-form", class: "panel inline", hidden: ""},

@@ -206,7 +206,7 @@ async function start() {
   const flat = Number(LAYER) * perLayer + Number(INDEX);
   const link = (id, at) => {
     if (at < 0 || at >= info.bundle.transcoder.features) return $(id).removeAttribute("href");
-    $(id).href = `/features/${Math.floor(at / perLayer)}/${at % perLayer}`;
+    $(id).href = pageUrl(`/features/${Math.floor(at / perLayer)}/${at % perLayer}`);
   };
   link("previous-feature", flat - 1);
   link("next-feature", flat + 1);

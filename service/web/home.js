@@ -1,4 +1,5 @@
-// The home page: the features most active on a text (POST /v1/search) and a paginated listing (GET /v1/features).
+// The home page: a bundle picker when the server serves several (GET /v1/bundles), the features most active on a
+// text (POST /v1/search) and a paginated listing (GET /v1/features).
 "use strict";
 
 const PAGE_SIZE = 50;
@@ -35,9 +36,20 @@ async function browse() {
   $("browse-next").disabled = last >= listing.total;
 }
 
+// The picker of the served bundles, shown when there are several: picking one opens this page in it.
+async function bundlePicker() {
+  const bundles = await api("/v1/bundles", {scope: false});
+  const picker = $("bundle-picker");
+  picker.replaceChildren(...bundles.map((bundle) => el("option", {value: bundle.name},
+    `${bundle.name}: ${bundle.model}, ${bundle.layers} layers × ${bundle.features_per_layer} features`)));
+  picker.value = BUNDLE || bundles[0].name;
+  picker.addEventListener("change", () => { location.href = `/?bundle=${encodeURIComponent(picker.value)}`; });
+  $("bundle-choice").hidden = bundles.length < 2;
+}
+
 async function start() {
   pageFrame();
-  const info = await serverInfo();
+  const [info] = await Promise.all([serverInfo(), bundlePicker()]);
   const tc = info.bundle.transcoder;
   const maxima = info.bundle.maxima;
   $("bundle").textContent = `${info.bundle.model.name} · ${tc.kind.replaceAll("_", " ")}: ${tc.layers} layers × ` +
