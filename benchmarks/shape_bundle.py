@@ -27,7 +27,8 @@ from dreaming.bundle import Bundle, MANIFEST, default_bundle_dir, maxima_report 
 from dreaming.corpus import load_windows, save_windows  # noqa: E402
 from dreaming.maxima import MaximaConfig, build_maxima  # noqa: E402
 from dreaming.models import LanguageModel, best_device, ensure_default_model  # noqa: E402
-from dreaming.transcoders import Transcoder, TranscoderConfig, read_config, save_transcoder  # noqa: E402
+from dreaming.transcoders import Transcoder, TranscoderConfig, save_transcoder  # noqa: E402
+from dreaming.transcoder_files import read_config
 
 MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja"]

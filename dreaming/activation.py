@@ -19,7 +19,8 @@ from dreaming.special_tokens import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.templates import template_ids
-from dreaming.transcoders import LazyEncoder, Transcoder
+from dreaming.transcoders import Transcoder
+from dreaming.transcoder_files import LazyEncoder
 
 MAX_TEXT_TOKENS = 1024
 

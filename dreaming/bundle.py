@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ from dreaming.models import (
 )
 from dreaming.paths import dreaming_home
 from dreaming.train import TrainConfig, train_transcoder, transcoder_report
-from dreaming.transcoders import LazyEncoder, Transcoder, load_transcoder, read_config
+from dreaming.transcoders import Transcoder
+from dreaming.transcoder_files import LazyEncoder, load_transcoder, read_config
 
 MANIFEST = "bundle.json"
 # The default bundle's recipe; a default bundle of another version is moved aside and built again.
@@ -60,6 +62,33 @@ def transcoder_identity(model_name: str, transcoder_dir: Path) -> str:
                 while chunk := f.read(1 << 22):
                     digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+DEFAULT_BUNDLE_NAME = "default"  # the name of the default bundle, served when none is named
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # URL-safe: a name is a path segment of the API
+
+
+def parse_bundles(text: str | None) -> tuple[tuple[str, str | None], ...]:
+    """The served bundles as (name, directory) pairs from the syntax of `--bundle` lists and `$DREAMING_BUNDLE`: comma-separated, each a
+    directory (named after its last component) or NAME=DIR; directories made absolute. Empty: the default bundle
+    (directory None). ValueError, in one line, on a name that is not URL-safe or served twice."""
+    bundles = []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, _, directory = item.partition("=")
+        if not directory or not BUNDLE_NAME.fullmatch(name):  # no NAME= (a directory may hold a "=")
+            name, directory = None, item
+        directory = str(Path(directory).expanduser().resolve())
+        bundles.append((name or Path(directory).name, directory))
+    for name, directory in bundles:
+        if not BUNDLE_NAME.fullmatch(name):
+            raise ValueError(f"bundle name {name!r} (of {directory}) is not URL-safe: use letters, digits, '.', '_' "
+                             "and '-' (at most 64, not starting with '.', '_' or '-'), e.g. --bundle NAME=DIR")
+    names = [name for name, _ in bundles]
+    if len(set(names)) < len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"bundle names must be unique, but {', '.join(twice)} is served twice: name them with "
+                         "--bundle NAME=DIR")
+    return tuple(bundles) or ((DEFAULT_BUNDLE_NAME, None),)
 
 
 def default_bundle_dir() -> Path:

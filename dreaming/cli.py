@@ -47,12 +47,13 @@ def add_bundle_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def open_bundle(args):
-    """The bundle a command reads: --bundle, else $DREAMING_BUNDLE, else the default bundle (built when missing)."""
+    """The bundle a command reads: --bundle, else $DREAMING_BUNDLE (the first, when it lists several as `dreaming
+    serve` reads it), else the default bundle (built when missing)."""
     import os
 
-    from dreaming.bundle import Bundle
+    from dreaming.bundle import Bundle, parse_bundles
 
-    return Bundle.open(args.bundle or os.environ.get("DREAMING_BUNDLE") or None)
+    return Bundle.open(args.bundle or parse_bundles(os.environ.get("DREAMING_BUNDLE"))[0][1])
 
 
 def init_ray(address: str | None) -> None:
@@ -493,12 +494,12 @@ def cmd_serve(args) -> None:
 
     import uvicorn
 
-    # The service (service/) is started here, the one command that does: the library never imports it.
-    from service.settings import parse_bundles
+    from dreaming.bundle import parse_bundles
 
     if args.bundle:
         os.environ["DREAMING_BUNDLE"] = ",".join(args.bundle)
     parse_bundles(os.environ.get("DREAMING_BUNDLE"))  # a bad bundle list is a one-line error before anything starts
+    # The service (service/) is started by name: the library never imports it.
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port)
 
 

@@ -58,7 +58,8 @@ from dreaming.objective import (
     make_target,
 )
 from dreaming.templates import chat_template, split_template
-from dreaming.transcoders import LazyEncoder, Transcoder
+from dreaming.transcoders import Transcoder
+from dreaming.transcoder_files import LazyEncoder
 
 FLUENT_CE = 5.0  # a prompt is "fluent" at cross-entropy <= 5 nats inside its template (reference.md)
 FLUENT_MARGIN = 0.3  # bf16 vs fp32 cross-entropy differences are well below this

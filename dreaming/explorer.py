@@ -31,7 +31,8 @@ from dreaming.maxima import Maxima, search_features
 from dreaming.models import LanguageModel, best_device
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
-from dreaming.transcoders import Transcoder, read_config
+from dreaming.transcoders import Transcoder
+from dreaming.transcoder_files import read_config
 
 MAX_TEXTS = 64
 FEATURES_PER_CALL = 8  # features dreamed together, sharing every forward pass (the CLI's --batch-size)

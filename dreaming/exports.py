@@ -83,7 +83,8 @@ from dreaming.features import Feature, check_feature
 from dreaming.maxima import FORMAT_VERSION, HISTOGRAM_EDGES, Maxima, load_maxima
 from dreaming.models import LanguageModel, ensure_default_model
 from dreaming.output_tokens import output_tokens
-from dreaming.transcoders import LazyEncoder, Transcoder, read_config
+from dreaming.transcoders import Transcoder
+from dreaming.transcoder_files import LazyEncoder, read_config
 
 TOP_GROUP, DREAMS_GROUP = "top activations", "dreams"
 MAX_DREAMS = 20  # dreamed prompts per feature in the circuit-tracer file

@@ -36,7 +36,8 @@ from dreaming.corpus import Windows, load_windows, save_windows
 from dreaming.features import Feature, check_feature
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import LanguageModel
-from dreaming.transcoders import LazyEncoder, Transcoder
+from dreaming.transcoders import Transcoder
+from dreaming.transcoder_files import LazyEncoder
 
 FORMAT_VERSION = 1
 # Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];

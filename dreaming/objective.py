@@ -34,7 +34,8 @@ from dreaming.special_tokens import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.templates import template_ids
-from dreaming.transcoders import LazyEncoder, Transcoder
+from dreaming.transcoders import Transcoder
+from dreaming.transcoder_files import LazyEncoder
 
 POSITIONS = ("last", "max")
 MIN_CHUNK = 32  # children per forward pass at least (see Scorer.score_children)

@@ -44,12 +44,14 @@ import yaml
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import SafetensorError, safe_open
 
-from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig, _dec_file, _dec_name, _enc_file, _enc_names
+from dreaming.transcoders import (CLT, SET, Transcoder, TranscoderConfig, _dec_file, _dec_name, _enc_file, _enc_names,
+                                  activate)
 
 LAYOUTS = ("circuit-tracer-clt", "circuit-tracer-set", "gemma-scope", "sparsify")
 LEGACY = {"gemma": "mwhanna/gemma-scope-transcoders", "llama": "mntss/transcoder-Llama-3.2-1B"}  # circuit-tracer's
 SPARSIFY_HOOKPOINT = re.compile(r"(?:.+\.)?(?:layers|h)\.(\d+)\.mlp")  # its transcoders read an MLP's input
 HASH_CHUNK_BYTES = 1 << 26  # identity() reads tensors this much at a time
+ENCODER_CACHE_BYTES = 4 << 30  # LazyEncoder: whole layers' encoders kept resident up to this many bytes
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -628,3 +630,86 @@ def _open_hub(reference: str, repo_id: str, folder: str, revision: str | None) -
         return _File.local(local / name) if (local / name).exists() else _File.remote(repo_id, prefix + name, revision)
 
     return TranscoderFiles(reference, _LAYOUT[kind], _directory_layers(local, kind, file), _yaml_meta(meta), where)
+
+
+# ---------------------------------------------------------------------------------- readers of any reference
+
+
+def load_transcoder(reference, dtype=torch.float32, device="cpu") -> Transcoder:
+    """Load a transcoder whole, decoders included (any reference `open_transcoder` takes: a circuit-tracer
+    directory, config.yaml, hf:// repo, sparsify folders ...)."""
+    return open_transcoder(reference).load(dtype, device)
+
+
+def read_config(reference) -> TranscoderConfig:
+    """The config of a transcoder (any reference `open_transcoder` takes), from its config file and headers."""
+    return open_transcoder(reference).config
+
+
+def load_gemma_scope(
+    npz_paths,
+    feature_input_hook="mlp.hook_in",
+    feature_output_hook="mlp.hook_out",
+    model_name=None,
+    dtype=torch.float32,
+    device="cpu",
+) -> Transcoder:
+    """A JumpReLU per-layer set from Gemma Scope params.npz files: {layer: path} or a list in layer order."""
+    paths = dict(npz_paths) if isinstance(npz_paths, dict) else dict(enumerate(npz_paths))
+    n = len(paths)
+    if n == 0 or sorted(paths) != list(range(n)):
+        raise ValueError(f"Gemma Scope transcoders needed for layers 0..{n - 1}, got layers {sorted(paths)}")
+    meta = {"feature_input_hook": feature_input_hook, "feature_output_hook": feature_output_hook,
+            "model_name": model_name}
+    return open_layer_files([paths[l] for l in range(n)], meta).load(dtype, device)
+
+
+def decoder_rows(transcoder, config: TranscoderConfig | None, layer: int, lo: int, hi: int) -> torch.Tensor:
+    """The decoders of features lo..hi-1 of `layer` in fp32: [rows, output layers, d_model], output layers
+    layer..n_layers - 1 for a CLT, just `layer` for a set. `transcoder`: a reference or an open TranscoderFiles (open
+    it once to read many ranges); `config` is not needed (the files' own is used)."""
+    files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
+    return files.decoder_rows(layer, lo, hi)
+
+
+class LazyEncoder:
+    """A transcoder's encoders read from its files on demand (any reference `open_transcoder` takes, or an open
+    TranscoderFiles): the rows of chosen features (one row costs one row), or a whole layer's encoder (a topk
+    feature depends on every feature of its layer; `encode` with no indices gives them all). Whole layers stay
+    resident while those read so far fit `cache_bytes`; beyond, a layer is read again on each use, so memory stays
+    bounded whatever the transcoder's size. Decoders are never read."""
+
+    def __init__(self, transcoder, dtype=torch.float32, device="cpu", cache_bytes: int = ENCODER_CACHE_BYTES):
+        self.files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
+        self.config = self.files.config
+        self.dtype, self.device, self.cache_bytes = dtype, device, cache_bytes
+        self.resident = {}  # layer -> (W [F, d_model], b [F], threshold [F] or None)
+
+    def rows(self, layer, indices):
+        """(W [n, d_model], b [n], threshold [n] or None) for features `indices` (any order, repeats ok)."""
+        return self.files.encoder_rows(layer, indices, self.dtype, self.device)
+
+    def encoder(self, layer):
+        """(W [F, d_model], b [F], threshold [F] or None): every feature of `layer`, kept if it fits the budget."""
+        layer = check_layer(layer, self.config.n_layers)
+        if layer in self.resident:
+            return self.resident[layer]
+        weights = self.files.encoder(layer, self.dtype, self.device)
+        held = sum(t.numel() * t.element_size() for w in self.resident.values() for t in w if t is not None)
+        if held + sum(t.numel() * t.element_size() for t in weights if t is not None) <= self.cache_bytes:
+            self.resident[layer] = weights
+        return weights
+
+    def encode(self, x, layer, indices=None):
+        """x [..., d_model] -> activations [..., F] of every feature of `layer`, or [..., n] of just `indices`
+        (their rows only, but for topk: the whole layer, to know the top k)."""
+        c = self.config
+        x = x.to(device=self.device, dtype=self.dtype)
+        if indices is None or c.activation == "topk":
+            W, b, threshold = self.encoder(layer)
+            acts = activate(x @ W.T + b, c.activation, threshold, c.k)  # [..., F]
+            if indices is None:
+                return acts
+            return acts[..., torch.tensor(check_indices(indices, c.d_transcoder, layer), device=acts.device)]
+        W, b, threshold = self.rows(layer, indices)
+        return activate(x @ W.T + b, c.activation, threshold)  # [..., n]

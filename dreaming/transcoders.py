@@ -38,7 +38,6 @@ CLT = "cross_layer_transcoder"
 SET = "transcoder_set"
 KINDS = (CLT, SET)
 ACTIVATIONS = ("relu", "jumprelu", "topk")
-ENCODER_CACHE_BYTES = 4 << 30  # LazyEncoder: whole layers' encoders kept resident up to this many bytes
 
 
 @dataclass
@@ -225,100 +224,3 @@ def save_transcoder(transcoder: Transcoder, directory) -> None:
                     enc["W_skip"] = _cpu(t.W_skip[l])
                 save_file(enc, str(tmp / _enc_file(c.kind, l)))
         (tmp / "config.yaml").write_text(yaml.safe_dump(_config_yaml(c), sort_keys=False))
-
-
-def load_transcoder(reference, dtype=torch.float32, device="cpu") -> Transcoder:
-    """Load a transcoder whole, decoders included (any reference `open_transcoder` takes: a circuit-tracer
-    directory, config.yaml, hf:// repo, sparsify folders ...)."""
-    from dreaming.transcoder_files import open_transcoder
-
-    return open_transcoder(reference).load(dtype, device)
-
-
-def read_config(reference) -> TranscoderConfig:
-    """The config of a transcoder (any reference `open_transcoder` takes), from its config file and headers."""
-    from dreaming.transcoder_files import open_transcoder
-
-    return open_transcoder(reference).config
-
-
-def load_gemma_scope(
-    npz_paths,
-    feature_input_hook="mlp.hook_in",
-    feature_output_hook="mlp.hook_out",
-    model_name=None,
-    dtype=torch.float32,
-    device="cpu",
-) -> Transcoder:
-    """A JumpReLU per-layer set from Gemma Scope params.npz files: {layer: path} or a list in layer order."""
-    from dreaming.transcoder_files import open_layer_files
-
-    paths = dict(npz_paths) if isinstance(npz_paths, dict) else dict(enumerate(npz_paths))
-    n = len(paths)
-    if n == 0 or sorted(paths) != list(range(n)):
-        raise ValueError(f"Gemma Scope transcoders needed for layers 0..{n - 1}, got layers {sorted(paths)}")
-    meta = {"feature_input_hook": feature_input_hook, "feature_output_hook": feature_output_hook,
-            "model_name": model_name}
-    return open_layer_files([paths[l] for l in range(n)], meta).load(dtype, device)
-
-
-# --------------------------------------------------------------------------------------------- lazy rows
-
-
-def decoder_rows(transcoder, config: TranscoderConfig | None, layer: int, lo: int, hi: int) -> torch.Tensor:
-    """The decoders of features lo..hi-1 of `layer` in fp32: [rows, output layers, d_model], output layers
-    layer..n_layers - 1 for a CLT, just `layer` for a set. `transcoder`: a reference or an open TranscoderFiles (open
-    it once to read many ranges); `config` is not needed (the files' own is used)."""
-    from dreaming.transcoder_files import TranscoderFiles, open_transcoder
-
-    files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
-    return files.decoder_rows(layer, lo, hi)
-
-
-class LazyEncoder:
-    """A transcoder's encoders read from its files on demand (any reference `open_transcoder` takes, or an open
-    TranscoderFiles): the rows of chosen features (one row costs one row), or a whole layer's encoder (a topk
-    feature depends on every feature of its layer; `encode` with no indices gives them all). Whole layers stay
-    resident while those read so far fit `cache_bytes`; beyond, a layer is read again on each use, so memory stays
-    bounded whatever the transcoder's size. Decoders are never read."""
-
-    def __init__(self, transcoder, dtype=torch.float32, device="cpu", cache_bytes: int = ENCODER_CACHE_BYTES):
-        from dreaming.transcoder_files import TranscoderFiles, open_transcoder
-
-        self.files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
-        self.config = self.files.config
-        self.dtype, self.device, self.cache_bytes = dtype, device, cache_bytes
-        self.resident = {}  # layer -> (W [F, d_model], b [F], threshold [F] or None)
-
-    def rows(self, layer, indices):
-        """(W [n, d_model], b [n], threshold [n] or None) for features `indices` (any order, repeats ok)."""
-        return self.files.encoder_rows(layer, indices, self.dtype, self.device)
-
-    def encoder(self, layer):
-        """(W [F, d_model], b [F], threshold [F] or None): every feature of `layer`, kept if it fits the budget."""
-        from dreaming.transcoder_files import check_layer
-
-        layer = check_layer(layer, self.config.n_layers)
-        if layer in self.resident:
-            return self.resident[layer]
-        weights = self.files.encoder(layer, self.dtype, self.device)
-        held = sum(t.numel() * t.element_size() for w in self.resident.values() for t in w if t is not None)
-        if held + sum(t.numel() * t.element_size() for t in weights if t is not None) <= self.cache_bytes:
-            self.resident[layer] = weights
-        return weights
-
-    def encode(self, x, layer, indices=None):
-        """x [..., d_model] -> activations [..., F] of every feature of `layer`, or [..., n] of just `indices`
-        (their rows only, but for topk: the whole layer, to know the top k)."""
-        from dreaming.transcoder_files import check_indices
-
-        c = self.config
-        x = x.to(device=self.device, dtype=self.dtype)
-        if indices is None or c.activation == "topk":
-            W, b, threshold = self.encoder(layer)
-            acts = activate(x @ W.T + b, c.activation, threshold, c.k)  # [..., F]
-            if indices is None:
-                return acts
-            return acts[..., torch.tensor(check_indices(indices, c.d_transcoder, layer), device=acts.device)]
-        W, b, threshold = self.rows(layer, indices)
-        return activate(x @ W.T + b, c.activation, threshold)  # [..., n]

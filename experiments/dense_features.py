@@ -43,7 +43,7 @@ from dreaming.dashboard import render_examples
 from dreaming.maxima import DENSE_ABOVE, Maxima
 from dreaming.output_tokens import output_directions, output_tokens
 from dreaming.similar import similar_features
-from dreaming.transcoders import decoder_rows, read_config
+from dreaming.transcoder_files import decoder_rows, read_config
 
 DENSEST = 10
 EXAMPLES = 4  # top dataset examples shown per feature

@@ -25,10 +25,10 @@ The limits of a dream configuration itself (prompt length, iterations, populatio
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from dreaming.bundle import DEFAULT_BUNDLE_NAME, parse_bundles
 from dreaming.paths import dreaming_home
 
 
@@ -51,33 +51,6 @@ class Limits:
     def from_env(cls) -> Limits:
         return cls(**{f.name: int(os.environ[f"DREAMING_{f.name.upper()}"]) for f in fields(cls)
                       if f"DREAMING_{f.name.upper()}" in os.environ})
-
-
-DEFAULT_BUNDLE_NAME = "default"  # the name of the default bundle, served when none is named
-BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # URL-safe: a name is a path segment of the API
-
-
-def parse_bundles(text: str | None) -> tuple[tuple[str, str | None], ...]:
-    """The served bundles as (name, directory) pairs from `DREAMING_BUNDLE`'s syntax: comma-separated, each a
-    directory (named after its last component) or NAME=DIR; directories made absolute. Empty: the default bundle
-    (directory None). ValueError, in one line, on a name that is not URL-safe or served twice."""
-    bundles = []
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        name, _, directory = item.partition("=")
-        if not directory or not BUNDLE_NAME.fullmatch(name):  # no NAME= (a directory may hold a "=")
-            name, directory = None, item
-        directory = str(Path(directory).expanduser().resolve())
-        bundles.append((name or Path(directory).name, directory))
-    for name, directory in bundles:
-        if not BUNDLE_NAME.fullmatch(name):
-            raise ValueError(f"bundle name {name!r} (of {directory}) is not URL-safe: use letters, digits, '.', '_' "
-                             "and '-' (at most 64, not starting with '.', '_' or '-'), e.g. --bundle NAME=DIR")
-    names = [name for name, _ in bundles]
-    if len(set(names)) < len(names):
-        twice = sorted({name for name in names if names.count(name) > 1})
-        raise ValueError(f"bundle names must be unique, but {', '.join(twice)} is served twice: name them with "
-                         "--bundle NAME=DIR")
-    return tuple(bundles) or ((DEFAULT_BUNDLE_NAME, None),)
 
 
 def _optional_int(name: str) -> int | None:

@@ -34,13 +34,8 @@ def test_changing_an_encoder_tensor_changes_the_bundle_identity_and_refuses_its_
 
     from dreaming.bundle import Bundle
     from dreaming.maxima import FORMAT_VERSION
-    from dreaming.transcoders import (
-        CLT,
-        Transcoder,
-        TranscoderConfig,
-        load_transcoder,
-        save_transcoder,
-    )
+    from dreaming.transcoders import CLT, Transcoder, TranscoderConfig, save_transcoder
+    from dreaming.transcoder_files import load_transcoder
 
     directory = tmp_path / "bundle"
     save_transcoder(Transcoder(TranscoderConfig(CLT, 2, 8, 16, activation="jumprelu")), directory / "transcoder")

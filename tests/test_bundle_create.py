@@ -19,7 +19,8 @@ from dreaming.corpus import Document, read_documents, tokenize_windows, write_do
 from dreaming.explorer import Explorer
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import load_model
-from dreaming.transcoders import CLT, SET, LazyEncoder, Transcoder, TranscoderConfig, save_transcoder
+from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig, save_transcoder
+from dreaming.transcoder_files import LazyEncoder
 
 MAXIMA = ["--top-k", "3", "--batch-windows", "4", "--window-length", "32"]
 CONFIG = MaximaConfig(top_k=3, batch_windows=4)

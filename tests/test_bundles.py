@@ -135,7 +135,7 @@ def test_unknown_bundles_and_other_bundles_jobs_are_not_found(client):
 
 def test_the_bundle_list_and_its_one_line_errors(tmp_path, monkeypatch):
     from dreaming.cli import main
-    from service.settings import parse_bundles
+    from dreaming.bundle import parse_bundles
 
     assert parse_bundles(f"{tmp_path}/a, b={tmp_path}/c") == (("a", f"{tmp_path}/a"), ("b", f"{tmp_path}/c"))
     assert parse_bundles(None) == parse_bundles("") == (("default", None),)

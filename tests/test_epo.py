@@ -408,7 +408,8 @@ def test_cli_dream_and_batch_are_cached_where_compare_reads(tiny_bundle, capsys,
 def test_dreaming_reads_only_the_encoder_rows_it_needs(lm64, transcoder, result, tmp_path, monkeypatch):
     """A LazyEncoder (the rows of the dreamed feature, read from disk) gives the same dream as the whole
     transcoder in memory, and nothing encodes every feature."""
-    from dreaming.transcoders import LazyEncoder, Transcoder, save_transcoder
+    from dreaming.transcoders import Transcoder, save_transcoder
+    from dreaming.transcoder_files import LazyEncoder
 
     save_transcoder(transcoder, tmp_path / "tc")
     lazy = LazyEncoder(tmp_path / "tc", dtype=torch.float64)

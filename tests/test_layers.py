@@ -24,9 +24,14 @@ RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
 
 
 def imports(path: Path) -> set[str]:
-    """The top-level packages and `dreaming.X` modules a file imports, anywhere in it."""
+    """The top-level packages and `dreaming.X` modules a file imports, anywhere in it (but for type checkers alone)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for inner in ast.walk(node)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] if node.module != "dreaming" else [f"dreaming.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):

@@ -9,7 +9,8 @@ import torch
 from dreaming.cli import main
 from dreaming.features import parse_feature
 from dreaming.similar import similar_features
-from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig, load_transcoder, read_config, save_transcoder
+from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig, save_transcoder
+from dreaming.transcoder_files import load_transcoder, read_config
 
 N_LAYERS, D_MODEL, FEATURES = 3, 8, 24
 ZERO = ["0/5", "2/0", "2/23"]  # features whose decoders are all zeros

@@ -22,7 +22,8 @@ from dreaming.maxima import MaximaConfig, accumulate, batch_count
 from dreaming.models import canonical_hook, load_model
 from dreaming.similar import similar_features
 from dreaming.transcoder_files import check_against_model, open_transcoder
-from dreaming.transcoders import CLT, SET, LazyEncoder, load_transcoder, save_transcoder
+from dreaming.transcoders import CLT, SET, save_transcoder
+from dreaming.transcoder_files import LazyEncoder, load_transcoder
 
 ARCHITECTURES = ["llama", "gemma2", "qwen3", "gpt2"]
 N_LAYERS, F, K = 3, 16, 4  # layers (the tiny models'), features per layer, k of the topk transcoders

@@ -8,14 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from dreaming import transcoders as T
-from dreaming.transcoders import (
-    LazyEncoder,
-    Transcoder,
-    TranscoderConfig,
-    load_gemma_scope,
-    load_transcoder,
-    save_transcoder,
-)
+from dreaming.transcoders import Transcoder, TranscoderConfig, save_transcoder
+from dreaming.transcoder_files import LazyEncoder, load_gemma_scope, load_transcoder
 
 N, D, F = 3, 8, 16  # layers, d_model, features
 
@@ -310,7 +304,7 @@ def test_identity_covers_every_encoder_tensor(tmp_path):
     first = transcoder_identity("m", tmp_path / "t")
     assert transcoder_identity("m", tmp_path / "t") == first and transcoder_identity("other", tmp_path / "t") != first
     for name in ("threshold", "b_enc"):
-        changed = T.load_transcoder(tmp_path / "t")
+        changed = load_transcoder(tmp_path / "t")
         with torch.no_grad():
             getattr(changed, name)[1, -1] += 0.5
         T.save_transcoder(changed, tmp_path / name)
