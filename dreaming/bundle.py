@@ -278,8 +278,8 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
     step("transcoder", (directory / "transcoder").exists() and "transcoder_report" in manifest, transcoder)
 
     def maxima():
-        transcoder = bundle.load_transcoder(dtype=model().dtype, device=model().device)  # encoder in the pass's dtype
-        built = build_maxima(model(), transcoder, bundle.windows(),
+        encoder = bundle.load_encoder(device=model().device, dtype=model().dtype)  # encoders only, in the pass's dtype
+        built = build_maxima(model(), encoder, bundle.windows(),
                              bundle.maxima_dir, bundle.identity, MaximaConfig(), progress=progress)
         manifest["maxima"] = maxima_report(built)
 

@@ -106,7 +106,7 @@ def test_a_maxima_rebuild_makes_cached_dreams_stale_and_a_new_request_recomputes
 
 
 def test_the_service_keeps_a_current_and_a_stale_result_of_one_config_apart():
-    from service.app import merge_dreams
+    from service.routes.features import merge_dreams
 
     config = CONFIG.model_dump(mode="json")
     served = [{"config": config, "dataset_max": 1.5, "n": 1}]
