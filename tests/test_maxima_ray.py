@@ -18,6 +18,7 @@ from dreaming.cli import main
 from dreaming.maxima import MaximaAccumulator, MaximaConfig, accumulate, batch_count, build_maxima
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.maxima_ray import build_maxima_ray
+from dreaming.transcoders import save_transcoder
 
 CONFIG = MaximaConfig(top_k=4, batch_windows=2)  # 24 windows: 12 batches, 6 shards of 2 batches over 2 actors
 TIMINGS = ("seconds", "tokens_per_second")
@@ -152,3 +153,22 @@ def test_actors_that_cannot_start_or_cannot_be_placed_are_clear_errors(ray_sessi
     (broken / MANIFEST).write_text(json.dumps({**manifest, "model": str(tmp_path / "no-model")}))
     with pytest.raises(RuntimeError, match="could not start"):
         build_maxima_ray(Bundle.open(broken), bundle.windows(), tmp_path / "maxima", CONFIG, actors=2, progress=False)
+
+
+def test_bundle_create_with_ray_equals_the_single_process_pass(ray_session, tiny_lm, tmp_path, capsys):
+    """`dreaming bundle create --ray`: the sharded pass over 2 actors gives the single-process pass's maxima."""
+    from test_bundle_create import assert_same_arrays, create, direct_maxima, write_corpus
+
+    model_dir, transcoder_dir = tmp_path / "tiny-llama", tmp_path / "clt"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    save_transcoder(make_tiny_transcoder(tiny_lm), transcoder_dir)
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 40)
+    capsys.readouterr()
+    create(model_dir, transcoder_dir, corpus, tmp_path / "bundle", "--ray", "--actors", "2", "--json")
+    info = json.loads(capsys.readouterr().out)
+    assert info["maxima"]["features"] == 72 and not (tmp_path / "bundle.partial").exists()
+    manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert manifest["ray"]["actors"] == 2 and manifest["device"] == "cpu"
+    assert_same_arrays(tmp_path / "bundle", direct_maxima(model_dir, transcoder_dir, corpus,
+                                                          manifest["transcoder"]["identity"], tmp_path / "direct"))
