@@ -18,8 +18,7 @@ import httpx
 import ray
 from bench_service import live_features, start_server
 
-from dreaming.bundle import Bundle
-from dreaming.bundle import parse_bundles
+from dreaming.bundle import Bundle, parse_bundles
 from service.workers import NAMESPACE
 
 MB = 1024**2

@@ -1,17 +1,13 @@
-"""Transcoders in the field's file formats, independent of any model.
+"""The transcoder itself, independent of any model, and the layout it is written in.
 
 Owns:
   TranscoderConfig / Transcoder  a cross-layer transcoder (CLT) or a per-layer transcoder set, one module
                                  for both: encode one layer, decode every layer's output
   activate                       relu / jumprelu / topk of pre-activations
   save_transcoder                the circuit-tracer directory layout (+ config.yaml), written atomically
-  load_transcoder / read_config  any transcoder reference (dreaming/transcoder_files.py reads every layout the
-                                 field publishes: circuit-tracer, Gemma Scope, sparsify, Hugging Face repos), whole
-                                 or just its config
-  load_gemma_scope               a per-layer set from Gemma Scope params.npz files
-  LazyEncoder                    encoders read from disk on demand: a few features' rows, or whole layers kept
-                                 within a byte budget (topk, every feature at once); never the decoders
-  decoder_rows                   the decoders of a range of features, read from disk without loading the file
+  _enc_file, _enc_names, ...     the layout's file and tensor names, which the readers use too
+Reading, of this layout and of every other the field publishes, is dreaming/transcoder_files.py's (load_transcoder,
+read_config, LazyEncoder, decoder_rows, load_gemma_scope).
 
 Written (see docs/reference.md, "Transcoders on disk"):
   CLT  W_enc_{l}.safetensors: W_enc_{l} [F, d_model], b_enc_{l} [F], b_dec_{l} [d_model], threshold_{l} [F]?
