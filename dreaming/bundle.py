@@ -38,6 +38,7 @@ from dreaming.models import (
     default_model_dir,
     ensure_default_model,
     load_model,
+    shared_model,
 )
 from dreaming.paths import dreaming_home
 from dreaming.train import TrainConfig, train_transcoder, transcoder_report
@@ -134,7 +135,7 @@ class Bundle:
         return self.directory / "dreams"
 
     def load_model(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LanguageModel:
-        return load_model(self.manifest["model"], dtype=dtype, device=device)
+        return shared_model(self.manifest["model"], dtype=dtype, device=device)
 
     def load_transcoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transcoder:
         return load_transcoder(self.transcoder_reference, dtype=dtype, device=device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,3 +259,18 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return LanguageModel(model=model, tokenizer=tokenizer, name=name)
+
+
+_shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (model, dtype, device) -> LanguageModel
+
+
+def shared_model(name_or_path: str, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> LanguageModel:
+    """`load_model`, but loaded once per process while anything holds it: bundles of one model (a CLT and a
+    per-layer set of it, say) served by one worker share its weights rather than hold a copy each. Safe because
+    nothing in dreaming changes a loaded model (its parameters are frozen; hooks are added and removed per call)."""
+    key = (str(name_or_path), dtype, str(torch.device(device)))
+    lm = _shared.get(key)
+    if lm is None:
+        lm = _shared[key] = load_model(name_or_path, dtype=dtype, device=device)
+    return lm

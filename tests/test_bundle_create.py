@@ -307,3 +307,24 @@ def test_other_transcoder_layouts(layout, tiny_lm, model_dir, corpus_file, tmp_p
     assert_same_arrays(out, direct_maxima(model_dir, reference, corpus_file, bundle.identity, tmp_path / "direct"))
     explorer = Explorer.open(out, device="cpu")
     assert explorer.activation("2/1", ["the cat sat on the mat"])[0]["token_ids"]
+
+
+def test_bundles_of_one_model_share_its_weights_in_a_process(model_dir, transcoder_dir, corpus_file, tmp_path):
+    """A worker serving two bundles of one model (two corpora here; a CLT and a per-layer set in practice) holds
+    one copy of each dtype of the model, not one per bundle; a model nobody holds any more is freed."""
+    import gc
+
+    create(model_dir, transcoder_dir, corpus_file, tmp_path / "a")
+    create(model_dir, transcoder_dir, write_corpus(tmp_path / "other.jsonl", 12, words=40), tmp_path / "b")
+    first, second = Explorer.open(tmp_path / "a", device="cpu"), Explorer.open(tmp_path / "b", device="cpu")
+    assert first.bundle.identity == second.bundle.identity and first.maxima.metadata != second.maxima.metadata
+    assert first.lm is second.lm and first.search_model("bfloat16") is second.search_model("bfloat16")
+    assert first.lm is not first.search_model("bfloat16")
+    (a,), (b,) = first.activation("1/3", ["the cat sat"]), second.activation("1/3", ["the cat sat"])
+    assert a["activation"] == b["activation"]
+    from dreaming import models
+
+    assert [key for key in models._shared.keys() if key[0] == str(model_dir)]
+    del first, second
+    gc.collect()
+    assert not [key for key in models._shared.keys() if key[0] == str(model_dir)]  # freed with its last holder
