@@ -284,11 +284,13 @@ def test_api_key_as_bearer_token_and_gets_without_key(server):
         assert client.get("/v1/health").status_code == 200
 
 
-def test_info_and_openapi(client):
+def test_info_and_openapi(client, tiny_bundle):
     info = client.get("/v1/info").json()
     assert info["bundle"]["transcoder"]["layers"] == 3 and info["api_key_required"] is True
     assert "bundle" not in info["bundle"]  # no server path in an answer
     assert info["bundle"]["model"]["source"] == "model" and "/" not in json.dumps(info["bundle"]["model"])
+    assert info["bundle"]["transcoder"]["reference"] == "transcoder"
+    assert str(tiny_bundle.directory.parent) not in json.dumps(info)  # nothing of the server's disk
     assert [set(worker) <= {"index", "gpus", "name", "state", "device", "error"} for worker in info["workers"]] == [True]
     assert info["limits"]["max_batch_features"] == 8 and info["dream_config"]["iterations"] >= 1
     openapi = client.get("/openapi.json").json()
@@ -331,3 +333,13 @@ def test_prometheus_metrics(client):
         assert f'dreaming_jobs{{status="{status}"}} {float(count)}' in text
     assert 'dreaming_workers{state="ready"} 1.0' in text and "dreaming_interactive_waiting 0.0" in text
     assert 'dreaming_call_seconds_count{outcome="iterations"}' in text  # the dreams of the earlier tests
+
+
+def test_answers_cut_server_paths_to_their_last_part_but_keep_hub_references():
+    from service.routes.ops import without_paths
+
+    shown = without_paths({"reference": "/srv/bundles/clt", "hub": "hf://owner/repo/sub@main", "list": ["/a/b.yaml"],
+                           "warning": "/srv/t/config.yaml: made for 'x', used with 'y'", "layers": 3})
+    assert shown == {"reference": "clt", "hub": "hf://owner/repo/sub@main", "list": ["b.yaml"],
+                     "warning": "config.yaml: made for 'x', used with 'y'", "layers": 3}
+

@@ -3,6 +3,7 @@ for probes, and Prometheus metrics."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
@@ -17,12 +18,25 @@ from service.runtime import Service
 from service.schemas import BundleOut, Health, Info
 
 
+LOCAL_PATH = re.compile(r"(?<![\w:/.~])/[^\s'\",:]*")  # an absolute path in a text (not the // of hf:// or a URL)
+
+
+def without_paths(value):
+    """`value` with every absolute path on the server's disk cut to its last part, in keys' values and in texts
+    (a warning names its file): an answer says what a bundle is, never where it lives."""
+    if isinstance(value, dict):
+        return {key: without_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_paths(item) for item in value]
+    if isinstance(value, str):
+        return LOCAL_PATH.sub(lambda match: Path(match.group()).name, value)
+    return value
+
+
 def public_info(view: BundleView) -> dict:
-    """What `dreaming info` shows of the bundle, without where it or its model lives on the server's disk."""
-    info = {name: value for name, value in bundle_info(view.bundle).items() if name != "bundle"}
-    source = info["model"]["source"]
-    info["model"]["source"] = Path(source).name if Path(source).is_absolute() else source
-    return info
+    """What `dreaming info` shows of the bundle, without where it, its model, transcoder or corpus live on the
+    server's disk."""
+    return without_paths({name: value for name, value in bundle_info(view.bundle).items() if name != "bundle"})
 
 
 def router(service: Service, bundle) -> APIRouter:
