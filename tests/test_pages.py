@@ -147,6 +147,7 @@ def test_the_second_bundle_picked_on_the_home_page_is_carried_to_its_feature_pag
         shaded = tab.tokens(f"#examples-table tr.example >> nth={i}")
         assert shaded == [(shown(text), value) for text, value in zip(example["tokens"], example["activations"])]
     assert page.get_attribute("header a.brand", "href") == "/?bundle=second"
+    assert page.inner_text("#feature-bundle") == "of bundle second" and "(second)" in page.title()
     assert tab.errors == []
 
 

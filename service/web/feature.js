@@ -20,7 +20,8 @@ function stat(label, value) {
 
 function renderStats() {
   $("feature-id").textContent = FEATURE;
-  document.title = `dreaming: feature ${FEATURE}`;
+  $("feature-bundle").textContent = BUNDLE ? `of bundle ${BUNDLE}` : "";
+  document.title = `dreaming: feature ${FEATURE}` + (BUNDLE ? ` (${BUNDLE})` : "");
   $("stats").replaceChildren(stat("dataset max", number(page.dataset_max)), stat("density", percent(page.density)),
     stat("mean when active", number(page.mean_when_active)), stat("tokens in the maxima pass", page.tokens.toLocaleString()),
     stat("best fluent dream", page.diverse.length ? percent(page.diverse[0].fraction_of_max) : "–"));
