@@ -664,14 +664,6 @@ def load_gemma_scope(
     return open_layer_files([paths[l] for l in range(n)], meta).load(dtype, device)
 
 
-def decoder_rows(transcoder, config: TranscoderConfig | None, layer: int, lo: int, hi: int) -> torch.Tensor:
-    """The decoders of features lo..hi-1 of `layer` in fp32: [rows, output layers, d_model], output layers
-    layer..n_layers - 1 for a CLT, just `layer` for a set. `transcoder`: a reference or an open TranscoderFiles (open
-    it once to read many ranges); `config` is not needed (the files' own is used)."""
-    files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
-    return files.decoder_rows(layer, lo, hi)
-
-
 class LazyEncoder:
     """A transcoder's encoders read from its files on demand (any reference `open_transcoder` takes, or an open
     TranscoderFiles): the rows of chosen features (one row costs one row), or a whole layer's encoder (a topk

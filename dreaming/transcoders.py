@@ -7,7 +7,7 @@ Owns:
   save_transcoder                the circuit-tracer directory layout (+ config.yaml), written atomically
   _enc_file, _enc_names, ...     the layout's file and tensor names, which the readers use too
 Reading, of this layout and of every other the field publishes, is dreaming/transcoder_files.py's (load_transcoder,
-read_config, LazyEncoder, decoder_rows, load_gemma_scope).
+read_config, LazyEncoder, TranscoderFiles.decoder_rows, load_gemma_scope).
 
 Written (see docs/reference.md, "Transcoders on disk"):
   CLT  W_enc_{l}.safetensors: W_enc_{l} [F, d_model], b_enc_{l} [F], b_dec_{l} [d_model], threshold_{l} [F]?

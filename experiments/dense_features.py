@@ -43,7 +43,7 @@ from dreaming.dashboard import render_examples
 from dreaming.maxima import DENSE_ABOVE, Maxima
 from dreaming.output_tokens import output_directions, output_tokens
 from dreaming.similar import similar_features
-from dreaming.transcoder_files import decoder_rows, read_config
+from dreaming.transcoder_files import open_transcoder, read_config
 
 DENSEST = 10
 EXAMPLES = 4  # top dataset examples shown per feature
@@ -87,10 +87,10 @@ def lowest_partner(transcoder_dir: Path, feature: Feature) -> tuple[Feature, flo
 def unit_decoders(transcoder_dir: Path, features: list[Feature]) -> torch.Tensor:
     """[n, n_layers * d_model]: each feature's decoder at the output layers it writes to (zeros at the others),
     concatenated and normalised: what dreaming.similar compares."""
-    config = read_config(transcoder_dir)
-    vectors = torch.zeros(len(features), config.n_layers, config.d_model)
+    files = open_transcoder(transcoder_dir)
+    vectors = torch.zeros(len(features), files.config.n_layers, files.config.d_model)
     for row, f in zip(vectors, features):
-        decoder = decoder_rows(transcoder_dir, config, f.layer, f.index, f.index + 1)[0]  # [output layers, d_model]
+        decoder = files.decoder_rows(f.layer, f.index, f.index + 1)[0]  # [output layers, d_model]
         row[f.layer : f.layer + len(decoder)] = decoder
     return normalize(vectors.flatten(1), dim=1)
 
