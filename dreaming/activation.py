@@ -64,7 +64,7 @@ def measured_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return keep & attention_mask.bool() if attention_mask is not None else keep
 
 
-def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torch.Tensor,
+def layer_activations(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, layers: list[int] | None = None,
                       ) -> dict[int, torch.Tensor]:
     """Every feature of each layer in `layers` (default all): {layer: [batch, pos, F] fp32}.
@@ -79,8 +79,7 @@ def layer_activations(lm: LanguageModel, transcoder: Transcoder, input_ids: torc
     with torch.no_grad():
         captured = lm.capture(input_ids, [(hook, layer) for layer in layers], attention_mask=attention_mask)
         for layer in layers:
-            x = captured[(hook, layer)].to(transcoder.W_enc.dtype)  # [batch, pos, d_model]
-            acts = transcoder.encode(x, layer).float()  # [batch, pos, F]
+            acts = transcoder.encode(captured[(hook, layer)], layer).float()  # [batch, pos, F], in its own dtype
             out[layer] = acts * keep.unsqueeze(-1)
     return out
 
@@ -116,8 +115,8 @@ def _pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return input_ids.to(device), mask.to(device)
 
 
-def measure_token_ids(lm: LanguageModel, transcoder: Transcoder, feature: Feature, sequences: list[list[int]],
-                      dataset_max: float | None = None, texts: list[str] | None = None,
+def measure_token_ids(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, feature: Feature,
+                      sequences: list[list[int]], dataset_max: float | None = None, texts: list[str] | None = None,
                       counted_from: list[int] | None = None, batch_size: int = 16) -> list[TextActivation]:
     """Measure token sequences (each BOS first); `texts` only labels them (default: the decoded ids);
     `counted_from` is each sequence's first counted position (default 1: all but the BOS)."""
@@ -145,7 +144,7 @@ def measure_token_ids(lm: LanguageModel, transcoder: Transcoder, feature: Featur
     return results
 
 
-def measure_texts(lm: LanguageModel, transcoder: Transcoder, feature: Feature, texts: list[str],
+def measure_texts(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, feature: Feature, texts: list[str],
                   dataset_max: float | None = None) -> list[TextActivation]:
     """The activation of `feature` on each text, per token and at its max, as a fraction of the dataset max."""
     if not texts:
@@ -154,7 +153,7 @@ def measure_texts(lm: LanguageModel, transcoder: Transcoder, feature: Feature, t
     return measure_token_ids(lm, transcoder, feature, sequences, dataset_max, texts=list(texts))
 
 
-def measure_in_template(lm: LanguageModel, transcoder: Transcoder, feature: Feature, prompts: list[str],
+def measure_in_template(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, feature: Feature, prompts: list[str],
                         template: str, dataset_max: float | None = None) -> list[TextActivation]:
     """Each prompt measured inside `template` (one `{prompt}` slot) as a dream is: the text `prefix + prompt +
     suffix`, tokenised like any text; only the prompt and what follows it count (`counted_from` = the length of

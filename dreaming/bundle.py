@@ -70,9 +70,9 @@ BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # URL-safe: a name
 
 
 def parse_bundles(text: str | None) -> tuple[tuple[str, str | None], ...]:
-    """The served bundles as (name, directory) pairs from the syntax of `--bundle` lists and `$DREAMING_BUNDLE`: comma-separated, each a
-    directory (named after its last component) or NAME=DIR; directories made absolute. Empty: the default bundle
-    (directory None). ValueError, in one line, on a name that is not URL-safe or served twice."""
+    """The served bundles as (name, directory) pairs from the syntax of `--bundle` lists and `$DREAMING_BUNDLE`:
+    comma-separated, each a directory (named after its last component) or NAME=DIR; directories made absolute. Empty:
+    the default bundle (directory None). ValueError, in one line, on a name that is not URL-safe or served twice."""
     bundles = []
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         name, _, directory = item.partition("=")
@@ -108,8 +108,8 @@ class Bundle:
             return build_default_bundle()
         directory = Path(directory)
         if not (directory / MANIFEST).exists():
-            raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); make one with `dreaming bundle create` "
-                                    "or `dreaming default build`")
+            raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); make one with "
+                                    "`dreaming bundle create` or `dreaming default build`")
         return cls(directory, json.loads((directory / MANIFEST).read_text()))
 
     @property
@@ -190,7 +190,8 @@ def bundle_info(bundle: Bundle) -> dict:
             "activation": transcoder.activation,
             "input_hook": transcoder.feature_input_hook,
             "output_hook": transcoder.feature_output_hook,
-            "evaluation": manifest.get("transcoder_report", {}),  # varied_texts / heldout_windows: see train.evaluate_transcoder
+            # varied_texts / heldout_windows: see train.evaluate_transcoder
+            "evaluation": manifest.get("transcoder_report", {}),
         },
         "corpus": {**manifest.get("corpus", {}), "windows": manifest.get("windows")},
         "maxima": manifest.get("maxima"),

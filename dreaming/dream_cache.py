@@ -3,9 +3,9 @@ config, dataset max), shared with the service's job store.
 
 Layout: `<directory>/<identity>/<layer>_<index>/<dream key>-<max key>.json`, one DreamResult per file, where the
 dream key is `dream_key` (a result of an earlier engine version is never served as current) and the max key a hash
-of the dataset max the result was scored against (its yardstick: EPO's target is divided by it and every fraction_of_max is computed
-against it). Maxima rebuilt on another corpus change a feature's max, so a dream requested again is computed
-again, and the old one is kept but reported as stale (`for_feature`). A bundle keeps its cache in
+of the dataset max the result was scored against (its yardstick: EPO's target is divided by it and every
+fraction_of_max is computed against it). Maxima rebuilt on another corpus change a feature's max, so a dream
+requested again is computed again, and the old one is kept but reported as stale (`for_feature`). A bundle keeps its cache in
 `<bundle>/dreams/`. Writes go to a temporary file renamed into place, so a reader never sees half a file; an
 unreadable file counts as missing.
 """

@@ -32,7 +32,7 @@ from dreaming.models import LanguageModel, best_device
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import read_config
+from dreaming.transcoder_files import LazyEncoder, read_config
 
 MAX_TEXTS = 64
 FEATURES_PER_CALL = 8  # features dreamed together, sharing every forward pass (the CLI's --batch-size)
@@ -54,11 +54,13 @@ class Explorer:
 
     @cached_property
     def transcoder(self) -> Transcoder:
+        """The whole transcoder, decoders included (studies that reconstruct); measuring uses `encoder`."""
         return self.bundle.load_transcoder(device=self.device)
 
     @cached_property
-    def encoder(self):
-        """The encoder rows of the features dreamed, read from disk on use (never the decoders)."""
+    def encoder(self) -> LazyEncoder:
+        """The encoders, read from disk on use (fp32): the rows of the features measured or dreamed, whole layers
+        for a search; never the decoders, so a large transcoder stays cheap."""
         return self.bundle.load_encoder(device=self.device)
 
     @cached_property
@@ -118,15 +120,15 @@ class Explorer:
             raise ValueError(f"too many texts: {len(texts)}, at most {MAX_TEXTS} per call")
         template = self.template(template)
         if template is None:
-            results = measure_texts(self.lm, self.transcoder, feature, texts, self.dataset_max(feature))
+            results = measure_texts(self.lm, self.encoder, feature, texts, self.dataset_max(feature))
         else:
-            results = measure_in_template(self.lm, self.transcoder, feature, texts, template,
+            results = measure_in_template(self.lm, self.encoder, feature, texts, template,
                                           self.dataset_max(feature))
         return [asdict(result) for result in results]
 
     def search(self, text: str, top: int = 20) -> list[dict]:
         """The features most active on `text`, ranked by fraction of their dataset max, with density."""
-        return search_features(self.lm, self.transcoder, self.require_maxima(), text, top)
+        return search_features(self.lm, self.encoder, self.require_maxima(), text, top)
 
     def dreams(self, feature: Feature | str, current_only: bool = False) -> list[dict]:
         """Dream results cached on disk for this feature (any configuration), as JSON dicts: those scored against
@@ -149,8 +151,8 @@ class Explorer:
         Each feature is scored against its dataset max now (or `dataset_maxes`: the yardsticks a service's jobs
         were keyed with). Results are read from (`read_cache`) and written to (`write_cache`) the bundle's dream
         cache, keyed by `dream_cache.dream_key` (engine version included); the service, whose job store is its
-        cache, passes False for both. The rest runs `features_per_call` features at a time, sharing every forward pass, searched in
-        `config.dtype` and re-measured in fp32. `more` continues each feature's longest cached run of this search
+        cache, passes False for both. The rest runs `features_per_call` features at a time, sharing every forward
+        pass, searched in `config.dtype` and re-measured in fp32. `more` continues each feature's longest cached run of this search
         for `config.iterations` more (the result is the run of the summed length); `continue_from` gives the runs
         to continue instead. `progress(done, total, best)` counts iterations over every call; a string it returns
         stops the search (the result's `stopped`)."""
@@ -161,7 +163,8 @@ class Explorer:
         if more:
             continue_from = [self._longest_cached_run(f, config, m) for f, m in zip(features, maxes)]
         continue_from = continue_from or [None] * len(features)
-        results = {f: self.cache.get(self.bundle.identity, f, config, m) if read_cache and not any(continue_from) else None
+        lookup = read_cache and not any(continue_from)
+        results = {f: self.cache.get(self.bundle.identity, f, config, m) if lookup else None
                    for f, m in zip(features, maxes)}
         todo = [i for i, f in enumerate(features) if results[f] is None]
         total, offset = len(todo) * config.seeds * config.iterations, 0
@@ -202,7 +205,7 @@ class Explorer:
         feature = self.feature(feature)
         dreams = self.dreams(feature) if dreams is None else dreams
         length = DreamConfig().prompt_length if length is None else length
-        page = feature_page(self.lm, self.transcoder, self.require_maxima(), feature, dreams, top, length=length)
+        page = feature_page(self.lm, self.encoder, self.require_maxima(), feature, dreams, top, length=length)
         (page["output_tokens"],) = output_tokens(self.lm, self.bundle.transcoder_reference, [feature])
         return page
 

@@ -414,7 +414,7 @@ def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
     return Maxima(load_file(str(path)), metadata, load_windows(directory / "windows"))
 
 
-def search_features(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, text: str,
+def search_features(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, maxima: Maxima, text: str,
                     top: int = 20) -> list[dict]:
     """The features most active on `text`, ranked by fraction of their dataset max (dead features skipped)."""
     if not 1 <= top <= 1000:

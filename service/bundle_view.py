@@ -96,7 +96,7 @@ class BundleView:
 
     def _load(self) -> None:
         _ = self.explorer.lm  # a cached property: loads the model once
-        self.explorer.transcoder.requires_grad_(False)
+        _ = self.explorer.encoder  # opens the transcoder's files (its encoders are read on use)
 
     async def warm_up(self) -> None:
         """Load the model and transcoder now rather than on the first request."""

@@ -328,3 +328,20 @@ def test_bundles_of_one_model_share_its_weights_in_a_process(model_dir, transcod
     del first, second
     gc.collect()
     assert not [key for key in models._shared.keys() if key[0] == str(model_dir)]  # freed with its last holder
+
+
+def test_measuring_searching_and_dreaming_never_load_the_whole_transcoder(model_dir, transcoder_dir, corpus_file,
+                                                                          tmp_path, monkeypatch):
+    """A large transcoder stays cheap: the explorer reads encoder rows (whole layers' encoders for a search), and
+    never loads the transcoder whole, decoders included."""
+    from dreaming.epo import DreamConfig
+    from dreaming.transcoder_files import TranscoderFiles
+
+    create(model_dir, transcoder_dir, corpus_file, tmp_path / "bundle")
+    monkeypatch.setattr(TranscoderFiles, "load", lambda *a, **k: pytest.fail("the whole transcoder was loaded"))
+    explorer = Explorer.open(tmp_path / "bundle", device="cpu")
+    assert explorer.search("the cat sat on the mat", 3)
+    assert explorer.activation("2/5", ["the dog ran"])[0]["token_ids"]
+    config = DreamConfig(iterations=2, population=2, children=2, prompt_length=3, topk=4, template="{prompt}")
+    (result,) = explorer.dream_many(["2/5"], config, write_cache=False)
+    assert result.feature == "2/5" and result.frontier
