@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from serving import API_KEY, serving
 
-EXAMPLES = 40  # per operation and phase: with ~25 operations, well over 1,000 requests
+EXAMPLES = 40  # per operation and phase: with 38 operations (scoped and unscoped), over 3,000 requests
 
 
 def test_no_generated_request_gets_a_server_error(tiny_bundle, tmp_path):
