@@ -169,8 +169,8 @@ class Explorer:
         todo = [i for i, f in enumerate(features) if results[f] is None]
         total, offset = len(todo) * config.seeds * config.iterations, 0
 
-        def overall(done: int, _: int, best: float | None) -> str | None:
-            return progress(offset + done, total, best) if progress is not None else None
+        def overall(done: int, _: int, best: float | None) -> str | None:  # a call's progress, counted over all
+            return progress(offset + done, total, best)
 
         for start in range(0, len(todo), features_per_call):
             group = todo[start : start + features_per_call]
@@ -179,10 +179,10 @@ class Explorer:
             dreamed = dream_many(self.search_model(config.dtype), self.encoder, [features[i] for i in group], config,
                                  [maxes[i] for i in group], overall if progress else None, self.lm, contexts,
                                  [continue_from[i] for i in group])
-            for result in dreamed:
+            for i, result in zip(group, dreamed):
                 if write_cache:
                     self.cache.put(self.bundle.identity, result)
-                results[self.feature(result.feature)] = result
+                results[features[i]] = result
             offset += len(group) * config.seeds * config.iterations
         return [results[f] for f in features]
 

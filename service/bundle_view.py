@@ -1,6 +1,6 @@
 """A served bundle as the web process sees it (one view per bundle): the library's `Explorer` on the CPU (the web
-process never touches a GPU), feature ids checked against it, and the light, interactive calls (activations of user texts,
-feature search, feature pages).
+process never touches a GPU), feature ids checked against it, and the light, interactive calls (activations of user
+texts, feature search, feature pages).
 
 Dreams run in the Ray workers. These calls are short; they run one at a time (the model's capture hooks are
 not re-entrant) on a thread of their own, so neither the event loop nor the store's threads wait for them, with a

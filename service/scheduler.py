@@ -3,8 +3,8 @@
 Each loop claims up to `features_per_call` queued jobs of one bundle with one identical config (the served bundles
 take turns, and so do small requests and the jobs of batches too big for one call, so a large batch does not hold up
 a single request), sends them to its actor in one `dream` call with the bundle's identity, polls the actor's progress
-into the store while the call runs, and stores the results. A job whose search was stored before for fewer iterations (`more`) continues the longest such run for the difference,
-which gives the result of one run of the job's length.
+into the store while the call runs, and stores the results. A job whose search was stored before for fewer iterations
+(`more`) continues the longest such run for the difference, which gives the result of one run of the job's length.
 If the actor dies (Ray restarts it) the jobs go back to the queue; a job whose worker died
 `max_attempts` times, or that the engine rejected, fails with the error. A job cancelled while running stops its
 call (the features of a call run in lockstep): it ends cancelled with its partial result, and the call's other
