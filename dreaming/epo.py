@@ -229,6 +229,9 @@ class DreamResult(BaseModel):
     scale_note: str | None  # how the target was scaled when no dataset max was known
     frontier: list[DreamedPrompt]  # Pareto frontier (activation up, cross-entropy down), sorted by cross-entropy
     best_fluent: DreamedPrompt | None  # highest activation with cross_entropy <= FLUENT_CE
+    # the most active fluent prompt that is novel (shares no run of NOVEL_BELOW tokens with the feature's top
+    # dataset contexts); None when there is none or no contexts were given
+    best_novel: DreamedPrompt | None = None
     diverse: list[DreamedPrompt]  # up to DIVERSE fluent prompts, pairwise token Jaccard <= 0.5, most active first
     iterations: int  # iterations run in all (a continued dream counts those before it)
     stopped: str  # why the search stopped: "iterations", "seconds", "plateau", or the reason its progress
@@ -267,6 +270,11 @@ def pareto_front(prompts: list[DreamedPrompt]) -> list[DreamedPrompt]:
 def best_fluent(prompts: list[DreamedPrompt]) -> DreamedPrompt | None:
     fluent = [p for p in prompts if p.cross_entropy <= FLUENT_CE]
     return max(fluent, key=lambda p: p.activation) if fluent else None
+
+
+def best_novel(prompts: list[DreamedPrompt]) -> DreamedPrompt | None:
+    """The most active fluent prompt that shares no run of NOVEL_BELOW tokens with the top dataset contexts."""
+    return best_fluent([p for p in prompts if is_novel(p.longest_shared_run)])
 
 
 def jaccard(a: list[int], b: list[int]) -> float:
@@ -717,6 +725,7 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
             feature=str(feature), model=lm.name, config=config.model_copy(update={"iterations": length}),
             seed=config.seed, seeds=seeds, seconds=0.0, dataset_max=dataset_max if scales[i][1] is None else None,
             scale_note=scales[i][1], frontier=pareto_front(prompts), best_fluent=best_fluent(prompts),
+            best_novel=best_novel(prompts),
             diverse=diverse_set(prompts, len(scorer.suffix_ids)), iterations=done, stopped=stopped,
             timings={"search_seconds": search_seconds, "measure_seconds": time.perf_counter() - measured,
                      "seconds_per_iteration": search_seconds / max(1, steps), "batch_tasks": len(task_targets)},
