@@ -33,16 +33,16 @@ from dreaming.bundle import Bundle, default_bundle_dir
 from dreaming.models import best_device
 from dreaming.epo import (
     DreamConfig,
+    Search,
+    TaskState,
     _allowed,
     dream,
     dream_many,
     gcg_config,
     initial_prompts,
-    make_children,
     previous_config,
     random_search_config,
-    Pool,
-    TaskState,
+    task_generator,
 )
 from dreaming.objective import Scorer, make_target
 from dreaming.templates import chat_template
@@ -143,20 +143,17 @@ def overhead(lm, transcoder, feature, dataset_max, config):
     """2. children scoring vs. a plain forward of the same tokens"""
     scorer = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
                     [make_target(transcoder, feature, dataset_max)], config.position)
-    allowed = _allowed(lm)
-    M, W = config.population, config.length_range[1]
-    task = TaskState(torch.Generator().manual_seed(0))
-    prompts, origins = initial_prompts(scorer, config, allowed, task.generator, [])
+    M = config.population
+    search = Search(scorer, config, [0], [TaskState(task_generator(0, feature))])  # one task's real population
+    search.start([[]])
+    search.expand()
+    children, parent, changed = search.propose()
     device = lm.device
-    ids = torch.zeros(M, W, dtype=torch.long, device=device)
-    for m, prompt in enumerate(prompts):
-        ids[m, : len(prompt)] = torch.tensor(prompt)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids, lengths = search.members.ids.to(device), search.members.lengths.to(device)
     rows = torch.zeros(M, dtype=torch.long, device=device)
-    scores = scorer.score(ids, lengths, rows)
-    members = Pool(ids, lengths, scores.f, scores.ce, scores.smooth, torch.tensor(origins, device=device))
-    expansion = scorer.expand(ids, lengths, rows, config.lambdas(), allowed, config.topk, 32)
-    children, parent, changed = make_children(members, expansion, config, [task], allowed.nonzero()[:, 0])
+    expansion, allowed = search.expansion, search.allowed.to(device)
+    children.ids, children.lengths, parent, changed = (children.ids.to(device), children.lengths.to(device),
+                                                       parent.to(device), changed.to(device))
     child_rows = rows[parent]
     s = len(scorer.suffix_ids)
     tokens = [row[:n] + scorer.suffix_ids for row, n in zip(children.ids.tolist(), children.lengths.tolist())]
@@ -192,7 +189,9 @@ def methods(args, lm, measure_lm, transcoder, maxima, features, config):
     for candidate in features:
         s_ = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
                     [make_target(transcoder, candidate, maxima.dataset_max(candidate))], config.position)
-        prompts, _ = initial_prompts(s_, config, allowed, torch.Generator().manual_seed(config.seed), [])
+        starts = initial_prompts(s_, config.model_copy(update={"init": "sample"}), allowed,
+                                 [TaskState(task_generator(config.seed, candidate))], [0], [[]])[0]
+        prompts = [prompt for prompt, _ in starts]
         padded = torch.zeros(len(prompts), W, dtype=torch.long)
         for m, prompt in enumerate(prompts):
             padded[m, : len(prompt)] = torch.tensor(prompt)

@@ -1,39 +1,46 @@
 """EPO, evolutionary prompt optimisation ("fluent dreaming", Thompson et al. 2024), for transcoder features.
 
-One search ("task") is one (feature, seed). Its population has M slots with fluency weights λ_1..λ_M. Each
-iteration:
-  1. every `restart_every` iterations (not at iteration 0: the starting prompts would collapse into one) every
-     slot restarts from the member that is best under a λ drawn uniformly from [restart_lambda_min,
-     restart_lambda_max];
-  2. expand the members that changed: the token gradient of each one's own L_λ = f − λ·CE (objective.py), the
-     model's own top tokens at every position, and the KV cache its children start from (an unchanged member
-     keeps what it had);
-  3. r children per member, each one move: swap one token or (insert_delete, off by default) insert one or
-     delete one, the length within prompt_length ± length_slack; a new token is drawn from the gradient's top-k
-     there or, with probability model_proposals (off by default), from the model's own top tokens there (or
-     uniformly for random search); children whose text does not re-tokenise to their ids are dropped;
-  4. score the children from their parents' KV cache (objective.Scorer.score_children);
-  5. select: slot m takes the argmax of L_{λ_m} over members and children, distinct prompts per slot (`distinct`),
-     so the population is a buffer of the best different prompts, not M copies of one.
+One search ("task") is one (feature, seed), with its own random generator seeded by both, so its result does not
+depend on what it is batched with and two features never start alike. Its population has M slots with fluency
+weights λ_1..λ_M. Many tasks (features × seeds) run in lockstep and share every forward and backward pass
+(`dream_many`). `Search.run` is the loop, one method per step:
+  start    M starting prompts per task (`init`): the most active, pairwise different of `scan` prompts sampled
+           from the model inside the template and scored for the feature in one pass ("scan", which reads
+           nothing from the dataset); "dataset" (the default) also seeds a quarter of the slots with the tokens
+           leading to the feature's top dataset examples. Every prompt keeps its origin, the start it grew from.
+  restart  every `restart_every` iterations (not at iteration 0, which would collapse the starts into one), the
+           slots of each lineage restart from its best member under a λ drawn from [restart_lambda_min,
+           restart_lambda_max];
+  expand   the members that changed: the token gradient of each one's own L_λ = f − λ·CE (objective.py), the
+           model's own top tokens at every position, and the KV cache its children start from;
+  propose  r children per member, one move each: swap a token or (insert_delete, off by default) insert or delete
+           one, within prompt_length ± length_slack; a new token comes from the gradient's top-k there or, with
+           probability model_proposals, from the model's own top tokens (uniform for random search); children
+           whose text does not re-tokenise to their ids are dropped;
+  score    the children, each from its parent's KV cache (objective.Scorer.score_children);
+  select   slot m takes the argmax of L_{λ_m} over members and children, the slots choosing in turn among
+           prompts that differ from those taken (`distinct`) and whose lineage holds less than `lineage_share` of
+           the slots (the dataset's starts count as one lineage), so other starts keep searching and the result
+           holds prompts that owe nothing to the data; then record what is worth re-measuring and the best so far;
+  stop     after `iterations`, when `seconds` are spent, when no task's best fluent target has improved for
+           `plateau` iterations, or when the caller's progress callback says so.
 Selection and restarts use the exact max over positions (what is reported); only the gradient uses the smooth
-max. f is the feature's pre-activation divided by its dataset max, so λ means the same for every feature. Many
-tasks (features × seeds) run in lockstep and share every forward and backward pass (`dream_many`); each has its
-own random generator, so its result does not depend on what it is batched with.
+max. f is the feature's pre-activation divided by its dataset max, so λ means the same for every feature. The
+search state lives on the host (a Pool per population, small); only ids go to the device, and the scores and the
+expansion's proposals come back once each per iteration.
 
-Starting prompts (`init`): sampled from the model after the template's prefix, uniform random tokens, or a mix;
-"dataset" (the default) also seeds a quarter of the slots with the tokens leading to the feature's top dataset
-examples. Every prompt keeps its origin. The defaults are what won experiments/results/epo_ablation.md. The search keeps, per task, its Pareto frontier (activation vs. cross-entropy), its most active
-near-fluent prompts and a diverse set of them; these are re-measured in fp32 from the text with
-dreaming.activation (the one measurement function), and the result holds the frontier, the best fluent prompt and
-up to DIVERSE fluent prompts that differ pairwise (token Jaccard <= MAX_JACCARD), each with its origin and its
-longest run of tokens shared with the feature's top dataset contexts (novelty).
-
-A search stops after `iterations`, when `seconds` are spent, or when the best fluent target has not improved for
-`plateau` iterations; its state is kept in the result, so `dream --more` continues it exactly.
+Each task keeps its Pareto frontier (activation vs. cross-entropy), its most active near-fluent prompts, as many
+novel ones (no run of NOVEL_BELOW tokens shared with the feature's top dataset contexts), the best of every start
+and a diverse set. These are re-measured in fp32 from the text with dreaming.activation (the one measurement
+function); the result holds the frontier, the best fluent prompt, the best novel fluent prompt and up to DIVERSE
+fluent prompts that differ pairwise (token Jaccard <= MAX_JACCARD) spread over basins (different starts), each with
+its origin and its longest run of tokens shared with the top contexts. Its state is kept in the result, so
+`dream --more` continues it exactly.
 
 GCG is the special case population = 1, λ = 0 (`gcg_config`); random single-token search replaces the
 gradient's top-k by uniform tokens (`random_search_config`); `paper_config` and `previous_config` are the paper's
-settings and this engine's defaults before the changes above (experiments/epo_quality.py compares them).
+settings and this engine's defaults before the changes of v3 (experiments/epo_quality.py compares them). What
+each default won is in experiments/results/ (epo_ablation.md, epo_quality.md).
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ DIVERSE = 8  # prompts in a result's diverse set
 MAX_JACCARD = 0.5  # two prompts differ when the Jaccard similarity of their token sets is at most this
 # The version of the search: a change that makes the same config give other results bumps it, so services keyed
 # on it (service/store.py's job key) do not serve results an earlier engine computed as if they were current.
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 NOVEL_BELOW = 4  # a prompt is novel when it shares no run of this many tokens with the top dataset contexts
 PLATEAU_GAIN = 0.005  # an improvement of the best fluent target smaller than this (of max) is no improvement
 MODEL_TOPK = 32  # tokens proposed from the model are drawn uniformly among its top MODEL_TOPK at the position
@@ -77,7 +84,7 @@ PAPER = dict(lambda_min=0.1, lambda_max=10.0, restart_lambda_min=0.667, restart_
 # the engine's defaults before restarts stopped collapsing the start, selection used the exact max and the
 # moves, model proposals, distinct slots and mixed starts came in: the ablation's baseline
 PREVIOUS = dict(restart_at_start=True, selection="smooth", length_slack=0, insert_delete=0.0, model_proposals=0.0,
-                distinct="none", init="sample")
+                distinct="none", init="sample", lineage_share=1.0)
 
 # progress(done, total, best fluent fraction of max so far) after every iteration; a string it returns stops the
 # search after that iteration and becomes the result's `stopped` (e.g. "cancelled", "deadline": the caller's reason)
@@ -122,10 +129,17 @@ class DreamConfig(BaseModel):
     restart_lambda_min: float = Field(0.05, ge=0, le=1000, description="restarts rank members under λ drawn "
                                       "uniformly from [restart_lambda_min, restart_lambda_max]")
     restart_lambda_max: float = Field(0.3, ge=0, le=1000, description="see restart_lambda_min")
-    init: Literal["sample", "random", "mixed", "dataset"] = Field(
-        "dataset", description="starting prompts: sampled from the model after the template's prefix, uniform random "
-        "tokens (the paper), a mix (3 sampled : 1 random), or the mix with a quarter of the slots seeded by the "
-        "tokens leading to the feature's top dataset examples")
+    init: Literal["scan", "dataset", "sample", "random", "mixed"] = Field(
+        "dataset", description="starting prompts. 'scan': the most active, pairwise different of `scan` prompts "
+        "sampled from the model after the template's prefix and scored for the feature; reads nothing from the "
+        "dataset maxima. 'dataset': the scan, with a quarter of the slots seeded by the tokens leading to the "
+        "feature's top dataset examples. 'sample': prompts sampled from the model, unscored; 'random': uniform "
+        "random tokens (the paper); 'mixed': 3 sampled : 1 random")
+    scan: int = Field(256, ge=1, le=4096, description="prompts sampled from the model per task for the sampled "
+                      "starts (init scan and dataset score the feature on all of them, in one pass)")
+    lineage_share: float = Field(0.5, gt=0, le=1, description="the most slots one lineage (the prompts grown "
+                                 "from one start; the dataset's starts count as one) may hold, as a share of the "
+                                 "population, so other starts keep searching; 1: no cap (the earlier engine)")
     proposal: Literal["gradient", "random"] = Field("gradient", description="children's tokens: top-k of the "
                                                     "token gradient (EPO, GCG) or uniform (random search)")
     seeds: int = Field(1, ge=1, le=64, description="independent runs (seed, seed + 1, ...) merged into one result")
@@ -227,6 +241,9 @@ class DreamResult(BaseModel):
     seconds: float  # wall time of the run that produced it (a batch's total for dream_many)
     dataset_max: float | None  # the yardstick every fraction_of_max was computed against
     scale_note: str | None  # how the target was scaled when no dataset max was known
+    # what the fractions of max compare with, when it is not a prompt inside the requested template: e.g. a feature
+    # whose dataset max is at a text's first token, dreamed with the prompt first (set by the explorer)
+    yardstick: str | None = None
     frontier: list[DreamedPrompt]  # Pareto frontier (activation up, cross-entropy down), sorted by cross-entropy
     best_fluent: DreamedPrompt | None  # highest activation with cross_entropy <= FLUENT_CE
     # the most active fluent prompt that is novel (shares no run of NOVEL_BELOW tokens with the feature's top
@@ -295,10 +312,24 @@ def differing(rows: list[list[int]], limit: int) -> list[int]:
 
 def diverse_set(prompts: list[DreamedPrompt], suffix_length: int) -> list[DreamedPrompt]:
     """Up to DIVERSE fluent prompts, most active first, pairwise different (token Jaccard <= MAX_JACCARD of their
-    prompt tokens: token_ids past counted_from, less the template's `suffix_length` last ones)."""
+    prompt tokens: token_ids past counted_from, less the template's `suffix_length` last ones), and spread over
+    basins (the starts their searches grew from, `origin`): at most DIVERSE // 2 from one start while prompts of
+    other starts qualify, so the set is not paraphrases of one sentence when the search found more."""
     fluent = sorted((p for p in prompts if p.cross_entropy <= FLUENT_CE), key=lambda p: -p.activation)
     tokens = [p.token_ids[p.counted_from : len(p.token_ids) - suffix_length] for p in fluent]
-    return [fluent[i] for i in differing(tokens, DIVERSE)]
+    taken: list[int] = []
+    for per_basin in (DIVERSE // 2, DIVERSE):
+        for i, prompt in enumerate(fluent):
+            if (len(taken) < DIVERSE and i not in taken
+                    and sum(fluent[j].origin == prompt.origin for j in taken) < per_basin
+                    and all(jaccard(tokens[i], tokens[j]) <= MAX_JACCARD for j in taken)):
+                taken.append(i)
+    return [fluent[i] for i in sorted(taken)]
+
+
+def basins(prompts: list[DreamedPrompt]) -> int:
+    """How many different starts (origins) the prompts grew from."""
+    return len({p.origin for p in prompts})
 
 
 def longest_shared_run(prompt: list[int], contexts: list[list[int]]) -> int:
@@ -318,17 +349,40 @@ def longest_shared_run(prompt: list[int], contexts: list[list[int]]) -> int:
 
 # ------------------------------------------------------------------------------------------------ search state
 
-SAMPLED, RANDOM = -1, -2  # origin codes; i >= 0 is "seeded from dataset example #i"
+# Origin codes: i >= 0 is "dataset #i" (seeded from the feature's i-th top example); SAMPLED - j is "sampled #j"
+# (the j-th start drawn from the model: for init "scan", the j-th most active of the scan); RANDOM: uniform tokens
+RANDOM, SAMPLED = -1, -2
+DATASET_LINEAGE = 0  # the dataset's starts count as one lineage when capping the slots a lineage holds
 
 
 def origin_name(code: int) -> str:
-    return {SAMPLED: "sampled", RANDOM: "random"}.get(code, f"dataset #{code}")
+    if code >= 0:
+        return f"dataset #{code}"
+    return "random" if code == RANDOM else f"sampled #{SAMPLED - code}"
+
+
+def lineage(code: int) -> int:
+    """The lineage a prompt of origin `code` belongs to for the slot cap: its start, or the dataset's starts."""
+    return DATASET_LINEAGE if code >= 0 else code
+
+
+def context_ngrams(contexts: list[list[int]] | None) -> set[tuple[int, ...]] | None:
+    """Every run of NOVEL_BELOW tokens of the contexts (None: no contexts, novelty unknown)."""
+    if contexts is None:
+        return None
+    return {tuple(c[i : i + NOVEL_BELOW]) for c in contexts for i in range(len(c) - NOVEL_BELOW + 1)}
+
+
+def novel_row(row: list[int] | tuple[int, ...], ngrams: set | None) -> bool:
+    """Does the row share no run of NOVEL_BELOW tokens with the contexts of `ngrams`? (False when unknown.)"""
+    return ngrams is not None and not any(tuple(row[i : i + NOVEL_BELOW]) in ngrams
+                                          for i in range(len(row) - NOVEL_BELOW + 1))
 
 
 @dataclass
 class Pool:
-    """Prompts of one or more tasks, as rows: ids [N, W] right-padded, lengths [N], exact f, CE, smooth f [N]
-    (search dtype) and origin codes [N]."""
+    """Prompts of one or more tasks, as rows on the host: ids [N, W] right-padded, lengths [N], exact f, CE and
+    smooth f [N] (float64), origin codes [N] and whether each is novel [N]. Only ids travel to the device."""
 
     ids: torch.Tensor
     lengths: torch.Tensor
@@ -336,10 +390,10 @@ class Pool:
     ce: torch.Tensor
     smooth: torch.Tensor
     origin: torch.Tensor
+    novel: torch.Tensor
 
     def __getitem__(self, index) -> "Pool":
-        return Pool(self.ids[index], self.lengths[index], self.f[index], self.ce[index], self.smooth[index],
-                    self.origin[index])
+        return Pool(*(getattr(self, name)[index] for name in Pool.__dataclass_fields__))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -355,53 +409,76 @@ class Pool:
         return [tuple(row[:n]) for row, n in zip(self.ids.tolist(), self.lengths.tolist())]
 
     def to_json(self) -> dict:
-        return {"ids": [list(row) for row in self.rows()], "f": self.f.tolist(), "ce": self.ce.tolist(), "smooth": self.smooth.tolist(),
-                "origin": self.origin.tolist()}
+        return {"ids": [list(row) for row in self.rows()], "f": self.f.tolist(), "ce": self.ce.tolist(),
+                "smooth": self.smooth.tolist(), "origin": self.origin.tolist(), "novel": self.novel.tolist()}
 
     @staticmethod
-    def from_json(state: dict, width: int, dtype, device) -> "Pool":
+    def from_json(state: dict, width: int) -> "Pool":
         ids = torch.zeros(len(state["ids"]), width, dtype=torch.long)
         for i, row in enumerate(state["ids"]):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        number = lambda key: torch.tensor(state[key], dtype=dtype, device=device)  # noqa: E731
-        return Pool(ids.to(device), torch.tensor([len(r) for r in state["ids"]], device=device), number("f"),
-                    number("ce"), number("smooth"), torch.tensor(state["origin"], device=device))
+        number = lambda key: torch.tensor(state[key], dtype=torch.float64)  # noqa: E731
+        return Pool(ids, torch.tensor([len(r) for r in state["ids"]], dtype=torch.long), number("f"), number("ce"),
+                    number("smooth"), torch.tensor(state["origin"], dtype=torch.long),
+                    torch.tensor(state["novel"], dtype=torch.bool))
 
 
 @dataclass
 class Kept:
-    """A task's prompts worth re-measuring: its running frontier, its KEEP_ACTIVE most active near-fluent prompts
-    and up to KEEP_DIVERSE most active near-fluent ones that differ pairwise."""
+    """A task's prompts worth re-measuring: its running frontier, its KEEP_ACTIVE most active near-fluent prompts,
+    as many novel ones, the most active near-fluent prompt of every start, and up to KEEP_DIVERSE most active
+    near-fluent ones that differ pairwise."""
 
     pool: Pool
 
     def add(self, new: Pool) -> None:
         pool = self.pool.cat(new)
         first = list({row: i for i, row in reversed(list(enumerate(pool.rows())))}.values())
-        pool = pool[torch.tensor(sorted(first), dtype=torch.long, device=pool.ids.device)]
+        pool = pool[torch.tensor(sorted(first), dtype=torch.long)]
         order = torch.argsort(pool.ce, stable=True)
         running = torch.cummax(pool.f[order], 0).values
-        keep = torch.zeros(len(pool), dtype=torch.bool, device=pool.ids.device)
+        keep = torch.zeros(len(pool), dtype=torch.bool)
         keep[order[0]] = True  # a point is on the front if it beats every lower-CE one
         keep[order[1:]] = pool.f[order[1:]] > running[:-1]
         near = (pool.ce <= FLUENT_CE + FLUENT_MARGIN).nonzero()[:, 0]
         near = near[torch.argsort(pool.f[near], descending=True, stable=True)]
         keep[near[:KEEP_ACTIVE]] = True
+        keep[near[pool.novel[near]][:KEEP_ACTIVE]] = True
+        origins = pool.origin[near].tolist()
+        keep[near[[origins.index(code) for code in set(origins)]]] = True
         rows = pool.rows()
         keep[near[differing([rows[i] for i in near.tolist()], KEEP_DIVERSE)]] = True
         self.pool = pool[keep]
 
 
+def task_generator(seed: int, feature: Feature) -> torch.Generator:
+    """The random stream of the task (feature, seed): seeded by both, so two features never start alike."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + feature.layer * 7_919 * 65_536 + feature.index) % 2**63)
+
+
 @dataclass
 class TaskState:
-    """What one task carries from iteration to iteration, and what `dream --more` restores."""
+    """What one task (a feature and a seed) carries from iteration to iteration, and what `dream --more` restores."""
 
     generator: torch.Generator
+    ngrams: set | None = None  # the runs of NOVEL_BELOW tokens of the feature's top contexts (None: none given)
     iteration: int = 0  # iterations done
     kept: Kept | None = None
     best: list[float] = field(default_factory=list)  # per iteration: best target so far
     best_fluent: list[float] = field(default_factory=list)  # per iteration: best with CE <= FLUENT_CE (NaN: none)
     since_gain: int = 0  # iterations since the best fluent target last improved by PLATEAU_GAIN
+
+    def record(self) -> None:
+        """One iteration done: its best and best fluent target, and the plateau count."""
+        kept = self.kept.pool
+        fluent = kept.f[kept.ce <= FLUENT_CE]
+        self.best.append(float(kept.f.max()))
+        self.best_fluent.append(float(fluent.max()) if len(fluent) else math.nan)
+        before = [v for v in self.best_fluent[:-1] if not math.isnan(v)]
+        gained = not math.isnan(self.best_fluent[-1]) and (not before or self.best_fluent[-1] >= max(before)
+                                                            + PLATEAU_GAIN)
+        self.since_gain = 0 if gained else self.since_gain + 1
+        self.iteration += 1
 
     def to_json(self, members: Pool) -> dict:
         state = self.generator.get_state().numpy().tobytes()
@@ -410,13 +487,13 @@ class TaskState:
                 "best_fluent": [None if math.isnan(v) else v for v in self.best_fluent], "since_gain": self.since_gain}
 
     @staticmethod
-    def from_json(state: dict, width: int, dtype, device) -> tuple["TaskState", Pool]:
+    def from_json(state: dict, width: int, ngrams: set | None) -> tuple["TaskState", Pool]:
         generator = torch.Generator()
         generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["generator"])), dtype=torch.uint8))
-        task = TaskState(generator, state["iteration"], Kept(Pool.from_json(state["kept"], width, dtype, device)),
+        task = TaskState(generator, ngrams, state["iteration"], Kept(Pool.from_json(state["kept"], width)),
                          list(state["best"]), [math.nan if v is None else v for v in state["best_fluent"]],
                          state["since_gain"])
-        return task, Pool.from_json(state["members"], width, dtype, device)
+        return task, Pool.from_json(state["members"], width)
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -447,78 +524,128 @@ def seed_prompts(scorer: Scorer, contexts: list[tuple[list[int], int]], length: 
     return seeds
 
 
-def initial_prompts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, generator: torch.Generator,
-                    seeds: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[int]]:
-    """M starting prompts whose text round-trips, and their origin codes: dataset seeds (init "dataset": a quarter
-    of the slots, strongest example first), then sampled and random ones (init "mixed" and "dataset": 3 : 1)."""
-    M, n = config.population, config.prompt_length
+def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, tasks: list[TaskState],
+                   task_targets: list[int], counts: list[int]) -> list[list[tuple[list[int], int]]]:
+    """Per task, `counts[t]` starting prompts sampled from the model after the template's prefix, with their origin
+    codes. Every task draws `config.scan` prompts (its own uniform numbers, from its own generator) and all are
+    sampled in one batched pass on the device. Init "scan"/"dataset" score the task's feature on all of them in one
+    pass and take the most active that differ pairwise (fluent ones first); "sample"/"mixed" take them as drawn.
+    Prompts whose text does not round-trip are dropped; a task with too few left draws again."""
+    n = config.prompt_length
+    starts: list[list[tuple[list[int], int]]] = [[] for _ in tasks]
+    needed = [t for t, count in enumerate(counts) if count]
+    for _ in range(20):
+        if not needed:
+            return starts
+        uniforms = [torch.rand(max(config.scan, 2 * counts[t]), n, generator=tasks[t].generator, dtype=torch.float64)
+                    for t in needed]
+        ids = scorer.sample(torch.cat(uniforms), allowed).cpu()  # [sum of draws, n]
+        ok = scorer.round_trips(ids, torch.full((len(ids),), n)).tolist()
+        drawn = [[row for row, good in zip(part.tolist(), ok[at : at + len(part)]) if good]
+                 for part, at in zip(ids.split([len(u) for u in uniforms]), _offsets(uniforms))]
+        if config.init in ("scan", "dataset") and any(drawn):
+            rows = torch.tensor([task_targets[t] for t, mine in zip(needed, drawn) for _ in mine], dtype=torch.long)
+            flat = torch.tensor([row for mine in drawn for row in mine], dtype=torch.long).view(-1, n)
+            scores = scorer.score(flat.to(scorer.lm.device), torch.full((len(flat),), n, device=scorer.lm.device),
+                                  rows.to(scorer.lm.device))
+            f, ce = scores.f.cpu().double().split([len(m) for m in drawn]), scores.ce.cpu().split([len(m) for m in drawn])
+            drawn = [[mine[i] for i in sorted(range(len(mine)), key=lambda i: (float(c[i]) > FLUENT_CE, -float(v[i])))]
+                     for mine, v, c in zip(drawn, f, ce)]
+            drawn = [[mine[i] for i in differing(mine, len(mine))] for mine in drawn]
+        for t, mine in zip(needed, drawn):
+            have = len(starts[t])
+            starts[t] += [(row, SAMPLED - (have + j)) for j, row in enumerate(mine[: counts[t] - have])]
+        needed = [t for t in needed if len(starts[t]) < counts[t]]
+    raise ValueError("could not draw starting prompts whose text re-tokenises to the same ids in this template; "
+                     "with a BPE tokenizer the text before {prompt} must not end with a space (the optimised tokens "
+                     "carry their own): write '\\n\\nHuman:{prompt}', not '\\n\\nHuman: {prompt}'")
+
+
+def _offsets(parts: list[torch.Tensor]) -> list[int]:
+    offsets, at = [], 0
+    for part in parts:
+        offsets.append(at)
+        at += len(part)
+    return offsets
+
+
+def random_starts(scorer: Scorer, config: DreamConfig, allowed_ids: torch.Tensor, generator: torch.Generator,
+                  count: int) -> list[tuple[list[int], int]]:
+    """`count` prompts of uniform random allowed tokens whose text round-trips (the paper's start)."""
+    n, drawn = config.prompt_length, []
+    for _ in range(100):
+        if len(drawn) >= count:
+            return [(row, RANDOM) for row in drawn[:count]]
+        ids = allowed_ids[torch.randint(len(allowed_ids), (count, n), generator=generator)]
+        drawn.extend(ids[scorer.round_trips(ids, torch.full((len(ids),), n))].tolist())
+    raise ValueError("could not draw random starting prompts whose text re-tokenises to the same ids")
+
+
+def initial_prompts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, tasks: list[TaskState],
+                    task_targets: list[int], dataset_seeds: list[list[tuple[list[int], int]]]
+                    ) -> list[list[tuple[list[int], int]]]:
+    """Per task, M starting prompts whose text round-trips, with their origin codes: dataset seeds (init "dataset":
+    a quarter of the slots, strongest example first), then sampled ones and (init "random", "mixed": all, 1 in 4)
+    uniform random ones."""
+    M = config.population
+    seeded = [seeds[: max(1, M // 4)] if config.init == "dataset" else [] for seeds in dataset_seeds]
+    random_counts = [{"random": M - len(s), "mixed": (M - len(s)) // 4}.get(config.init, 0) for s in seeded]
+    sampled = sampled_starts(scorer, config, allowed, tasks, task_targets,
+                             [M - len(s) - r for s, r in zip(seeded, random_counts)])
     allowed_ids = allowed.nonzero()[:, 0]
-    prompts, origins = [], []
-    if config.init == "dataset":
-        for tokens, i in seeds[: max(1, M // 4)]:
-            prompts.append(tokens)
-            origins.append(i)
-    rest = M - len(prompts)
-    random_count = {"sample": 0, "random": rest}.get(config.init, rest // 4)
-    for kind, count in ((SAMPLED, rest - random_count), (RANDOM, random_count)):
-        drawn = []
-        for _ in range(100):
-            if len(drawn) >= count:
-                break
-            if kind == SAMPLED:
-                ids = scorer.sample(count, n, allowed, generator).cpu()
-            else:
-                ids = allowed_ids[torch.randint(len(allowed_ids), (count, n), generator=generator)]
-            drawn.extend(ids[scorer.round_trips(ids, torch.full((len(ids),), n))].tolist())
-        if len(drawn) < count:
-            raise ValueError("could not draw starting prompts whose text re-tokenises to the same ids in this "
-                             "template; with a BPE tokenizer the text before {prompt} must not end with a space (the "
-                             "optimised tokens carry their own): write '\\n\\nHuman:{prompt}', not "
-                             "'\\n\\nHuman: {prompt}'")
-        prompts += drawn[:count]
-        origins += [kind] * count
-    return prompts, origins
+    return [[(tokens, i) for tokens, i in seeded[t]] + sampled[t]
+            + random_starts(scorer, config, allowed_ids, task.generator, random_counts[t]) * bool(random_counts[t])
+            for t, task in enumerate(tasks)]
 
 
 def select(pool: Pool, lambdas: torch.Tensor, config: DreamConfig) -> torch.Tensor:
-    """[M] index into `pool` of each slot's new member: the argmax of f − λ_m·CE, or (config.distinct) the best
-    prompt that differs from the ones earlier slots took; a slot finding none that differs enough ("jaccard")
-    takes the best one not taken, and finding none at all, its argmax."""
+    """[M] index into `pool` of each slot's new member. Slots choose in turn, each the argmax of f − λ_m·CE among
+    the prompts whose lineage holds fewer than `config.lineage_share` of the slots (so a strong start cannot take
+    over the population: the others keep searching), and (`config.distinct`) that differ from the prompts earlier
+    slots took; a slot finding none that differs enough ("jaccard") takes the best one not taken, finding none at
+    all its argmax."""
+    M = len(lambdas)
     f = pool.f if config.selection == "exact" else pool.smooth
-    objective = f[None] - lambdas[:, None].to(f.dtype) * pool.ce[None]  # [M, P]
-    if config.distinct == "none":
+    objective = f[None] - lambdas[:, None] * pool.ce[None]  # [M, P]
+    if config.distinct == "none" and config.lineage_share >= 1:
         return objective.argmax(dim=1)
+    cap = max(1, int(config.lineage_share * M))
     rows = pool.rows()
     sets = [set(row) for row in rows]
+    lineages = [lineage(code) for code in pool.origin.tolist()]
     chosen: list[int] = []
+    held: dict[int, int] = {}
 
     def differs(candidate: int) -> bool:
         return all(len(sets[candidate] & sets[j]) <= MAX_JACCARD * len(sets[candidate] | sets[j]) for j in chosen)
 
-    for m in range(len(lambdas)):
+    for m in range(M):
         order = torch.argsort(objective[m], descending=True, stable=True).tolist()
-        new = [i for i in order if all(rows[i] != rows[j] for j in chosen)]
-        different = (next((i for i in new if differs(i)), None) if config.distinct == "jaccard" else None)
-        chosen.append(different if different is not None else new[0] if new else order[0])
-    return torch.tensor(chosen, device=pool.ids.device)
+        order = [i for i in order if held.get(lineages[i], 0) < cap] or order
+        new = [i for i in order if all(rows[i] != rows[j] for j in chosen)] if config.distinct != "none" else order
+        different = next((i for i in new if differs(i)), None) if config.distinct == "jaccard" else None
+        pick = different if different is not None else new[0] if new else order[0]
+        chosen.append(pick)
+        held[lineages[pick]] = held.get(lineages[pick], 0) + 1
+    return torch.tensor(chosen)
 
 
 def restart_index(members: Pool, lam: float, config: DreamConfig) -> int:
-    """The member every slot restarts from: the best under the drawn λ."""
+    """The member a restart copies: the best under the drawn λ."""
     f = members.f if config.selection == "exact" else members.smooth
     return int(torch.argmax(f - lam * members.ce))
 
 
-def make_children(members: Pool, expansion: Expansion, config: DreamConfig, tasks: list[TaskState],
-                  allowed_ids: torch.Tensor) -> tuple[Pool, torch.Tensor, torch.Tensor]:
+def make_children(members: Pool, gradient_top: torch.Tensor, model_top: torch.Tensor, config: DreamConfig,
+                  tasks: list[TaskState], allowed_ids: torch.Tensor) -> tuple[Pool, torch.Tensor, torch.Tensor]:
     """(children, index of each one's parent among the members, first prompt position where it differs from its
-    parent): r per member, one move each, drawn from the member's task's generator."""
+    parent): r per member, one move each, drawn from the member's task's generator. `gradient_top` [N, W, k] and
+    `model_top` [N, W + 1, k_model] are the expansion's proposals, on the host."""
     M, r, W = config.population, config.children, members.ids.shape[1]
     lo, hi = config.length_range
     k = min(config.topk, len(allowed_ids))
-    ids, lengths, parents, changed = [], [], [], []
+    ids, lengths, parents, changed, novel = [], [], [], [], []
     members_ids, members_lengths = members.ids.tolist(), members.lengths.tolist()
-    gradient_top, model_top = expansion.gradient_top.cpu(), expansion.model_top.cpu()
     for member in range(len(members)):
         g = tasks[member // M].generator
         move, where, pick, source = (torch.rand(r, generator=g), torch.rand(r, generator=g),
@@ -546,105 +673,164 @@ def make_children(members: Pool, expansion: Expansion, config: DreamConfig, task
             lengths.append(len(child))
             parents.append(member)
             changed.append(p)
-    device = members.ids.device
-    parents = torch.tensor(parents, device=device)
-    pool = Pool(torch.tensor(ids, device=device), torch.tensor(lengths, device=device), members.f[parents],
-                members.ce[parents], members.smooth[parents], members.origin[parents])
-    return pool, parents, torch.tensor(changed, device=device)
+            novel.append(novel_row(child, tasks[member // M].ngrams))
+    parents = torch.tensor(parents, dtype=torch.long)
+    pool = Pool(torch.tensor(ids, dtype=torch.long).view(-1, W), torch.tensor(lengths, dtype=torch.long),
+                members.f[parents], members.ce[parents], members.smooth[parents], members.origin[parents],
+                torch.tensor(novel, dtype=torch.bool))
+    return pool, parents, torch.tensor(changed, dtype=torch.long)
 
 
-def search(scorer: Scorer, config: DreamConfig, task_targets: list[int], tasks: list[TaskState],
-           members: Pool | None, dataset_seeds: list[list[tuple[list[int], int]]],
-           progress: Progress | None = None, reported: list[bool] | None = None) -> tuple[Pool, str]:
-    """Run EPO for every task (target index, TaskState) in lockstep, from `members` (a continued search) or from
-    starting prompts; return the final members and why the search stopped. `progress` gets the best fluent
-    target so far over the tasks marked in `reported` (default: all)."""
-    started = time.perf_counter()
-    lm, device = scorer.lm, scorer.lm.device
-    M, T, W = config.population, len(task_targets), config.length_range[1]
-    allowed = _allowed(lm).to(device)
-    allowed_ids = allowed.nonzero()[:, 0].cpu()
-    lambdas = config.lambdas().to(device)  # [M]
-    rows = torch.tensor(task_targets, device=device).repeat_interleave(M)  # [T * M] target of each member
-    if members is None:
-        ids = torch.zeros(T * M, W, dtype=torch.long)
-        lengths, origins = [], []
-        for t, task in enumerate(tasks):
-            prompts, codes = initial_prompts(scorer, config, allowed.cpu(), task.generator, dataset_seeds[t])
-            for m, prompt in enumerate(prompts):
-                ids[t * M + m, : len(prompt)] = torch.tensor(prompt)
-            lengths += [len(p) for p in prompts]
-            origins += codes
-        ids, lengths = ids.to(device), torch.tensor(lengths, device=device)
-        scores = scorer.score(ids, lengths, rows)
-        members = Pool(ids, lengths, scores.f, scores.ce, scores.smooth, torch.tensor(origins, device=device))
-        for t, task in enumerate(tasks):
-            task.kept = Kept(members[t * M : (t + 1) * M][:0])
-            task.kept.add(members[t * M : (t + 1) * M])
-    fresh = torch.ones(T * M, dtype=torch.bool, device=device)
+def _host(scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores brought to the host once, as float64: (f, CE, smooth f)."""
+    both = torch.stack([scores.f, scores.ce, scores.smooth]).to("cpu", torch.float64)
+    return both[0], both[1], both[2]
+
+
+@dataclass
+class Search:
+    """Every task of one call searched in lockstep. The members of all tasks are one Pool on the host, task
+    after task ([T * M] rows); their expansion (gradient and model proposals, KV caches) lives on the device.
+    `run` is the loop; each step below is one method."""
+
+    scorer: Scorer
+    config: DreamConfig
+    task_targets: list[int]  # [T] the target (index into scorer.targets) of each task
+    tasks: list[TaskState]
+    members: Pool | None = None  # a continued search's members; None: start afresh
     expansion: Expansion | None = None
-    total, stopped = config.iterations * T, "iterations"
-    for step in range(config.iterations):
-        # 1. restarts
-        for t, task in enumerate(tasks):
-            if (task.iteration == 0 and config.restart_at_start) or (
-                    task.iteration > 0 and config.restart_every and task.iteration % config.restart_every == 0):
-                lo, hi = config.restart_lambda_min, config.restart_lambda_max
-                lam = lo + (hi - lo) * torch.rand((), generator=task.generator, dtype=torch.float64).item()
-                mine = slice(t * M, (t + 1) * M)
-                best = t * M + restart_index(members[mine], lam, config)
-                members.put(mine, members[[best] * M])
-                fresh[mine] = True
-                fresh[best] = False
-        # 2. expand the members that changed
-        if expansion is None:
-            fresh[:] = True
-        if fresh.any():
-            index = fresh.nonzero()[:, 0]
-            new = scorer.expand(members.ids[index], members.lengths[index], rows[index], lambdas.repeat(T)[index],
-                                allowed, min(config.topk, len(allowed_ids)) if config.proposal == "gradient" else 0,
-                                min(MODEL_TOPK, len(allowed_ids)))
-            expansion = new if expansion is None or len(index) == T * M else expansion.put(index, new)
-            fresh[:] = False
-        # 3. children, 4. scored from their parents' KV cache
-        children, parent, changed = make_children(members, expansion, config, tasks, allowed_ids)
-        ok = scorer.round_trips(children.ids, children.lengths).to(device)
-        children, parent, changed = children[ok], parent[ok], changed[ok]
-        scores = scorer.score_children(children.ids, children.lengths, rows[parent], parent, changed,
-                                       expansion.parents)
-        children.f, children.ce, children.smooth = scores.f, scores.ce, scores.smooth
-        # 5. select, per task
+    proposals: tuple[torch.Tensor, torch.Tensor] | None = None  # the expansion's gradient_top, model_top on the host
+
+    def __post_init__(self):
+        M, T = self.config.population, len(self.tasks)
+        self.device = self.scorer.lm.device
+        self.allowed = _allowed(self.scorer.lm)  # [vocab] bool
+        self.allowed_ids = self.allowed.nonzero()[:, 0]
+        self.lambdas = self.config.lambdas()  # [M]
+        self.rows = torch.tensor(self.task_targets, dtype=torch.long).repeat_interleave(M)  # [T * M] target per member
+        self.fresh = torch.ones(T * M, dtype=torch.bool)  # members whose expansion is out of date
+
+    def run(self, dataset_seeds: list[list[tuple[list[int], int]]], progress: Progress | None = None,
+            reported: list[bool] | None = None) -> str:
+        """Search for config.iterations (or until a stop); returns why it stopped."""
+        started = time.perf_counter()
+        if self.members is None:
+            self.start(dataset_seeds)
+        for step in range(self.config.iterations):
+            self.restart()
+            self.expand()
+            children, parent, changed = self.propose()
+            self.score(children, parent, changed)
+            self.select_and_record(children, parent)
+            stopped = self.stop(step, started, progress, reported)
+            if stopped:
+                return stopped
+        return "iterations"
+
+    def start(self, dataset_seeds: list[list[tuple[list[int], int]]]) -> None:
+        """Every task's M starting prompts (init), scored; the first prompts its Kept holds."""
+        M, W = self.config.population, self.config.length_range[1]
+        starts = [s for mine in initial_prompts(self.scorer, self.config, self.allowed, self.tasks, self.task_targets,
+                                                 dataset_seeds) for s in mine]
+        ids = torch.zeros(len(starts), W, dtype=torch.long)
+        for i, (prompt, _) in enumerate(starts):
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+        lengths = torch.tensor([len(prompt) for prompt, _ in starts], dtype=torch.long)
+        f, ce, smooth = _host(self.scorer.score(ids.to(self.device), lengths.to(self.device), self.rows.to(self.device)))
+        novel = [novel_row(prompt, self.tasks[i // M].ngrams) for i, (prompt, _) in enumerate(starts)]
+        self.members = Pool(ids, lengths, f, ce, smooth, torch.tensor([code for _, code in starts], dtype=torch.long),
+                            torch.tensor(novel, dtype=torch.bool))
+        for t, task in enumerate(self.tasks):
+            mine = self.members[t * M : (t + 1) * M]
+            task.kept = Kept(mine[:0])
+            task.kept.add(mine)
+
+    def restart(self) -> None:
+        """Every restart_every iterations (and at iteration 0 with restart_at_start), under a λ drawn uniformly from
+        [restart_lambda_min, restart_lambda_max]: the slots of each lineage restart from its best member (every
+        slot from the best member when lineages are not capped, lineage_share = 1)."""
+        c, M = self.config, self.config.population
+        for t, task in enumerate(self.tasks):
+            if not ((task.iteration == 0 and c.restart_at_start)
+                    or (task.iteration > 0 and c.restart_every and task.iteration % c.restart_every == 0)):
+                continue
+            lo, hi = c.restart_lambda_min, c.restart_lambda_max
+            lam = lo + (hi - lo) * torch.rand((), generator=task.generator, dtype=torch.float64).item()
+            mine = self.members[torch.arange(t * M, (t + 1) * M)]  # a copy
+            groups: dict[int, list[int]] = {}
+            for slot, code in enumerate(mine.origin.tolist()):
+                groups.setdefault(0 if c.lineage_share >= 1 else lineage(code), []).append(slot)
+            for slots in groups.values():
+                best = slots[restart_index(mine[slots], lam, c)]
+                self.members.put([t * M + s for s in slots], mine[[best] * len(slots)])
+                self.fresh[torch.tensor([t * M + s for s in slots if s != best], dtype=torch.long)] = True
+
+    def expand(self) -> None:
+        """The gradient pass over the members that changed (all of them at first): what their children are drawn
+        from and scored against; an unchanged member keeps its expansion."""
+        if self.expansion is None:
+            self.fresh[:] = True
+        if not self.fresh.any():
+            return
+        c, d, T = self.config, self.device, len(self.tasks)
+        index = self.fresh.nonzero()[:, 0]
+        new = self.scorer.expand(self.members.ids[index].to(d), self.members.lengths[index].to(d),
+                                 self.rows[index].to(d), self.lambdas.repeat(T)[index].to(d), self.allowed.to(d),
+                                 min(c.topk, len(self.allowed_ids)) if c.proposal == "gradient" else 0,
+                                 min(MODEL_TOPK, len(self.allowed_ids)))
+        gradient_top, model_top = new.gradient_top.cpu(), new.model_top.cpu()
+        if self.expansion is None or len(index) == len(self.members):
+            self.expansion, self.proposals = new, (gradient_top, model_top)
+        else:
+            self.expansion.put(index.to(d), new)
+            self.proposals[0][index], self.proposals[1][index] = gradient_top, model_top
+        self.fresh[:] = False
+
+    def propose(self) -> tuple[Pool, torch.Tensor, torch.Tensor]:
+        """r children per member, one move each (make_children); those whose text does not round-trip are
+        dropped. Returns (children, each one's parent member, the first position where it differs)."""
+        children, parent, changed = make_children(self.members, *self.proposals, self.config, self.tasks,
+                                                  self.allowed_ids)
+        ok = self.scorer.round_trips(children.ids, children.lengths)
+        return children[ok], parent[ok], changed[ok]
+
+    def score(self, children: Pool, parent: torch.Tensor, changed: torch.Tensor) -> None:
+        """The children's scores, each child run from its parent's KV cache."""
+        d = self.device
+        scores = self.scorer.score_children(children.ids.to(d), children.lengths.to(d), self.rows[parent].to(d),
+                                            parent.to(d), changed.to(d), self.expansion.parents)
+        children.f, children.ce, children.smooth = _host(scores)
+
+    def select_and_record(self, children: Pool, parent: torch.Tensor) -> None:
+        """Per task: each slot takes its new member from the members and the children (select), the children worth
+        re-measuring are kept, and the iteration's best targets are recorded."""
+        M = self.config.population
         child_task = parent // M
-        for t, task in enumerate(tasks):
+        for t, task in enumerate(self.tasks):
             mine = slice(t * M, (t + 1) * M)
-            pool = members[mine].cat(children[child_task == t])
-            chosen = select(pool, lambdas, config)
-            fresh[mine] = chosen != torch.arange(M, device=device)  # a slot that kept its member keeps its expansion
-            members.put(mine, pool[chosen])
-            task.kept.add(children[child_task == t])
-            kept = task.kept.pool
-            fluent = kept.f[kept.ce <= FLUENT_CE]
-            task.best.append(float(kept.f.max()))
-            task.best_fluent.append(float(fluent.max()) if len(fluent) else math.nan)
-            before = [v for v in task.best_fluent[:-1] if not math.isnan(v)]
-            gained = not math.isnan(task.best_fluent[-1]) and (not before or task.best_fluent[-1] >= max(before)
-                                                                + PLATEAU_GAIN)
-            task.since_gain = 0 if gained else task.since_gain + 1
-            task.iteration += 1
+            theirs = children[child_task == t]
+            pool = self.members[mine].cat(theirs)
+            chosen = select(pool, self.lambdas, self.config)
+            self.fresh[mine] = chosen != torch.arange(M)  # a slot that kept its member keeps its expansion
+            self.members.put(mine, pool[chosen])
+            task.kept.add(theirs)
+            task.record()
+
+    def stop(self, step: int, started: float, progress: Progress | None, reported: list[bool] | None) -> str | None:
+        """Why to stop after this iteration, if at all: the progress callback's reason, a plateau of every task,
+        or the seconds budget spent."""
+        c, tasks = self.config, self.tasks
         if progress is not None:
             fluent = [task.best_fluent[-1] for t, task in enumerate(tasks)
                       if (reported is None or reported[t]) and not math.isnan(task.best_fluent[-1])]
-            stop = progress((step + 1) * T, total, max(fluent) if fluent else None)
-            if stop:
-                stopped = stop
-                break
-        if config.plateau and all(task.since_gain >= config.plateau for task in tasks):
-            stopped = "plateau"
-            break
-        if config.seconds is not None and time.perf_counter() - started >= config.seconds:
-            stopped = "seconds"
-            break
-    return members, stopped
+            stopped = progress((step + 1) * len(tasks), c.iterations * len(tasks), max(fluent) if fluent else None)
+            if stopped:
+                return stopped
+        if c.plateau and all(task.since_gain >= c.plateau for task in tasks):
+            return "plateau"
+        if c.seconds is not None and time.perf_counter() - started >= c.seconds:
+            return "seconds"
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ dream
@@ -698,12 +884,16 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
     scorer = Scorer(lm, transcoder.config.feature_input_hook, template, targets, config.position)
     seeds = [config.seed + j for j in range(config.seeds)]
     task_targets = [i for i in range(len(features)) for _ in seeds]
-    tasks, members = _tasks(scorer, config, features, task_targets, seeds, continue_from)
+    shared = [[ids[1:] for ids, _ in c] if c else None for c in contexts]  # top contexts, BOS left out
+    ngrams = [context_ngrams(shared[i]) for i in task_targets]
+    tasks, members = _tasks(config, features, task_targets, seeds, ngrams, continue_from)
     before = tasks[0].iteration
     dataset_seeds = [seed_prompts(scorer, contexts[i] or [], config.prompt_length) if config.init == "dataset"
                      else [] for i in task_targets]
     reported = [scales[i][1] is None for i in task_targets]  # progress shows fractions of the dataset max only
-    members, stopped = search(scorer, config, task_targets, tasks, members, dataset_seeds, progress, reported)
+    search = Search(scorer, config, task_targets, tasks, members)
+    stopped = search.run(dataset_seeds, progress, reported)
+    members = search.members
     search_seconds = time.perf_counter() - started
     results = []
     M = config.population
@@ -714,9 +904,8 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
         for pool in (tasks[t].kept.pool for t in mine):
             for row, code in zip(pool.rows(), pool.origin.tolist()):
                 origins.setdefault(row, code)
-        shared = [ids[1:] for ids, _ in contexts[i]] if contexts[i] else None
         prompts = remeasure(scorer, measure_lm, transcoder, feature, list(origins.items()),
-                            dataset_max if scales[i][1] is None else None, shared)
+                            dataset_max if scales[i][1] is None else None, shared[i])
         done, steps = tasks[mine[0]].iteration, tasks[mine[0]].iteration - before
         previous = continue_from[i]
         # a continued dream is the run of the summed length, and is cached as that
@@ -736,14 +925,16 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
     return [result.model_copy(update={"seconds": seconds}) for result in results]
 
 
-def _tasks(scorer: Scorer, config: DreamConfig, features: list[Feature], task_targets: list[int], seeds: list[int],
-           continue_from: list[DreamResult | None]) -> tuple[list[TaskState], Pool | None]:
-    """Every task's state: fresh (a generator seeded with its seed), or restored from the result it continues."""
+def _tasks(config: DreamConfig, features: list[Feature], task_targets: list[int], seeds: list[int],
+           ngrams: list[set | None], continue_from: list[DreamResult | None]) -> tuple[list[TaskState], Pool | None]:
+    """Every task's state: fresh (a generator seeded by its seed and feature), or restored from the result it
+    continues."""
     if not any(continue_from):
-        return [TaskState(torch.Generator().manual_seed(seeds[t % len(seeds)])) for t in range(len(task_targets))], None
+        return [TaskState(task_generator(seeds[t % len(seeds)], features[i]), ngrams[t])
+                for t, i in enumerate(task_targets)], None
     if not all(continue_from):
         raise ValueError("continue either every feature of a call or none")
-    device, W = scorer.lm.device, config.length_range[1]
+    W = config.length_range[1]
     tasks, pools = [], []
     for i, (feature, previous) in enumerate(zip(features, continue_from)):
         if previous.feature != str(feature) or previous.state is None:
@@ -752,7 +943,7 @@ def _tasks(scorer: Scorer, config: DreamConfig, features: list[Feature], task_ta
             raise ValueError(f"{feature}: a dream continues under its own config (only iterations, seconds and "
                              "plateau may change)")
         for state in previous.state["tasks"]:
-            task, pool = TaskState.from_json(state, W, scorer.dtype, device)
+            task, pool = TaskState.from_json(state, W, ngrams[len(tasks)])
             tasks.append(task)
             pools.append(pool)
     members = pools[0]

@@ -22,8 +22,10 @@ def _uniforms(seed: int, key: int, n: int) -> torch.Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
-def _pick(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """Inverse-CDF sampling over the top-k tokens of each row: logits [batch, vocab], uniforms [batch]."""
+def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Inverse-CDF sampling over the top-k tokens of each row: logits [batch, vocab], uniforms [batch] in [0, 1).
+    A row's token depends only on its own logits and uniform number, so it is the same in any batch; nothing
+    leaves the logits' device."""
     top_k = min(top_k, logits.shape[-1])
     values, indices = logits.float().topk(top_k, dim=-1)  # [batch, k], sorted, largest first
     probs = torch.softmax(values.double() / temperature, dim=-1)
@@ -49,7 +51,7 @@ def _sample_batch(model, prompts: list[list[int]], uniforms: torch.Tensor, max_n
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     eos_ids = torch.tensor(sorted(eos), device=device)
     for step in range(max_new_tokens):
-        token = _pick(logits, uniforms[:, step].to(device), temperature, top_k)
+        token = pick_tokens(logits, uniforms[:, step].to(device), temperature, top_k)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         new = torch.cat([new, token[:, None]], dim=1)
         done |= torch.isin(token, eos_ids)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from dreaming.generate import pick_tokens
 from dreaming.special_tokens import with_bos
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
@@ -328,20 +329,29 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------ sampling, texts
 
-    def sample(self, count: int, length: int, allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """[count, length] prompts sampled from the model itself after the prefix (temperature 1, allowed only)."""
+    def sample(self, uniforms: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0,
+               top_k: int = 64) -> torch.Tensor:
+        """[B, length] prompts sampled from the model after the prefix, token by token with the KV cache, on the
+        model's device: row i's token at step j is drawn by inverse CDF over the allowed top-k of its own logits
+        with uniforms[i, j] ([B, length], in [0, 1)), so a row's prompt depends only on its own numbers and not
+        on the batch it is drawn in. Rows run `batch_size` × 4 at a time."""
         lm, vocab = self.lm, self.embedding.shape[0]
-        cache = DynamicCache(self._prefix(count), config=lm.model.config)
-        logprobs = self.first_logprobs.expand(count, -1)  # [count, vocab]
-        ids = []
+        blocked = ~allowed[:vocab].to(lm.device)
+        parts = []
         with torch.no_grad():
-            for _ in range(length):
-                probs = logprobs.float().exp() * allowed[:vocab].to(logprobs.device)
-                token = torch.multinomial(probs.cpu(), 1, generator=generator).to(lm.device)  # [count, 1]
-                ids.append(token)
-                out = lm.model(input_ids=token, use_cache=True, **{self.cache_argument: cache})
-                logprobs = out.logits[:, -1].float().log_softmax(-1)
-        return torch.cat(ids, dim=1)
+            for rows in uniforms.split(4 * self.batch_size):
+                rows = rows.to(lm.device)
+                cache = DynamicCache(self._prefix(len(rows)), config=lm.model.config)
+                logits = self.first_logprobs.expand(len(rows), -1)  # [b, vocab]
+                ids = []
+                for step in range(rows.shape[1]):
+                    token = pick_tokens(logits.masked_fill(blocked, -torch.inf), rows[:, step], temperature, top_k)
+                    ids.append(token)
+                    if step + 1 < rows.shape[1]:
+                        out = lm.model(input_ids=token[:, None], use_cache=True, **{self.cache_argument: cache})
+                        logits = out.logits[:, -1]
+                parts.append(torch.stack(ids, dim=1))
+        return torch.cat(parts) if parts else torch.zeros(0, uniforms.shape[1], dtype=torch.long, device=lm.device)
 
     def text(self, prompt_ids: list[int]) -> tuple[str, str]:
         """(prompt text, full text) of prompt ids."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.epo import FLUENT_CE, DreamConfig, dream, is_novel, paper_config, previous_config
+from dreaming.epo import DreamConfig, basins, dream, paper_config, previous_config
 from dreaming.features import Feature
 from dreaming.maxima import DENSE_ABOVE
 
@@ -72,20 +72,24 @@ def configs(names: list[str], base: DreamConfig) -> dict[str, DreamConfig]:
 
 
 def figures(result) -> dict:
-    """The study's figures of one result: best fluent, strong diverse prompts, best novel fluent prompt."""
-    fluent = [p for p in result.frontier + result.diverse + ([result.best_fluent] if result.best_fluent else [])
-              if p.cross_entropy <= FLUENT_CE]
-    novel = [p for p in fluent if is_novel(p.longest_shared_run)]
-    best_novel = max(novel, key=lambda p: p.activation, default=None)
+    """The study's figures of one result: best fluent, strong diverse prompts and the basins (starts) they came
+    from, best novel fluent prompt."""
+    strong = [p for p in result.diverse if (p.fraction_of_max or 0) >= 0.8]
     return {"best_fluent": result.best_fluent and result.best_fluent.model_dump(mode="json"),
-            "diverse_at_80": sum(1 for p in result.diverse if (p.fraction_of_max or 0) >= 0.8),
-            "best_novel": best_novel and best_novel.model_dump(mode="json"),
+            "diverse_at_80": len(strong), "basins_at_80": basins(strong),
+            "best_novel": result.best_novel and result.best_novel.model_dump(mode="json"),
             "best_any": max((p.fraction_of_max for p in result.frontier), default=None)}
+
+
+def strong_and_varied(row: dict) -> bool:
+    """>= 3 fluent prompts of the diverse set at >= 80% of the max, from >= 2 basins."""
+    return row.get("diverse_at_80", 0) >= 3 and row.get("basins_at_80", 0) >= 2
 
 
 def markdown(rows: list[dict], names: list[str]) -> str:
     header = "| feature | density | dataset max | " + " | ".join(
-        f"{n}: best fluent % (CE) | {n}: diverse >= 80% | {n}: best novel % | {n}: s" for n in names) + " |"
+        f"{n}: best fluent % (CE), origin | {n}: diverse >= 80% (basins) | {n}: best novel % | {n}: s" for n in names)
+        + " |"
     lines = [header, "|" + "---|" * (3 + 4 * len(names))]
     for feature in dict.fromkeys(r["feature"] for r in rows):
         mine = {r["config_name"]: r for r in rows if r["feature"] == feature}
@@ -94,8 +98,9 @@ def markdown(rows: list[dict], names: list[str]) -> str:
         for n in names:
             r = mine.get(n)
             best, novel = r and r["best_fluent"], r and r.get("best_novel")
-            cells += [f"{best['fraction_of_max']:.0%} ({best['cross_entropy']:.2f})" if best else ("—" if r else ""),
-                      str(r.get("diverse_at_80", "")) if r else "",
+            cells += [f"{best['fraction_of_max']:.0%} ({best['cross_entropy']:.2f}), {best['origin']}" if best
+                      else ("—" if r else ""),
+                      f"{r.get('diverse_at_80', '')} ({r.get('basins_at_80', '?')})" if r else "",
                       f"{novel['fraction_of_max']:.0%}" if novel else ("—" if r else ""),
                       f"{r['seconds']:.0f}" if r else ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -104,12 +109,14 @@ def markdown(rows: list[dict], names: list[str]) -> str:
         done = [r for r in rows if r["config_name"] == n]
         hits = sum(1 for r in done if r["best_fluent"] and r["best_fluent"]["fraction_of_max"] >= 1.0)
         diverse = sum(1 for r in done if r.get("diverse_at_80", 0) >= 3)
+        varied = sum(1 for r in done if strong_and_varied(r))
         novel = sum(1 for r in done if r.get("best_novel") and r["best_novel"]["fraction_of_max"] >= 1.0)
         fractions = sorted(r["best_fluent"]["fraction_of_max"] if r["best_fluent"] else 0.0 for r in done)
         median = fractions[len(fractions) // 2] if fractions else float("nan")
-        lines.append(f"- {n}: {hits}/{len(done)} with a fluent prompt at >= 100% of the dataset max; {diverse}/"
-                     f"{len(done)} with >= 3 diverse fluent prompts at >= 80%; {novel}/{len(done)} with a novel "
-                     f"fluent prompt at >= 100%; median best fluent {median:.0%}")
+        lines.append(f"- {n}: {hits}/{len(done)} with a fluent prompt at >= 100% of the dataset max; {novel}/"
+                     f"{len(done)} with a novel fluent prompt at >= 100%; {diverse}/{len(done)} with >= 3 diverse "
+                     f"fluent prompts at >= 80%, {varied}/{len(done)} of them from >= 2 basins; median best fluent "
+                     f"{median:.0%}")
     return "\n".join(lines) + "\n"
 
 

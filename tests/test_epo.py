@@ -34,7 +34,7 @@ from test_objective import tiny_transcoder
 
 CONFIG = DreamConfig(prompt_length=4, length_slack=2, template="the {prompt} sat on", iterations=6, population=3,
                      children=4, topk=5, restart_every=3, lambda_min=0.05, lambda_max=1.0, restart_lambda_min=0.1,
-                     restart_lambda_max=0.5, insert_delete=0.4, model_proposals=0.3, dtype="float32")
+                     restart_lambda_max=0.5, insert_delete=0.4, model_proposals=0.3, scan=16, dtype="float32")
 A, B = Feature(1, 2), Feature(2, 5)
 # top dataset contexts of A: (window ids, BOS first; max position)
 CONTEXTS = [([1, 4, 7, 8, 9, 10, 11], 4), ([1, 12, 13, 14, 15], 3)]
@@ -69,7 +69,7 @@ def test_outputs_round_trip_and_are_remeasured_from_the_text(lm64, transcoder, r
         assert p.activation == pytest.approx(max(counted), abs=1e-12)
         assert p.template_activation == pytest.approx(max(measured.token_activations[1 : p.counted_from]), abs=1e-12)
         assert p.fraction_of_max == pytest.approx(p.activation / 0.5)
-        assert p.origin in ("sampled", "random") or p.origin.startswith("dataset #")
+        assert p.origin == "random" or p.origin.startswith(("sampled #", "dataset #"))
         assert p.longest_shared_run == longest_shared_run(tokenize_text(lm64, p.prompt)[1:], [c[1:] for c, _ in CONTEXTS])
     ces = [p.cross_entropy for p in result.frontier]
     assert ces == sorted(ces)
@@ -130,9 +130,10 @@ def test_gcg_is_the_special_case_m1_lambda0(lm64, transcoder):
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
     allowed = allowed_tokens(lm64)
     k = min(config.topk, int(allowed.sum()))
-    g = torch.Generator().manual_seed(config.seed)
-    prompts, _ = epo.initial_prompts(s, config, allowed, g, [])  # the engine's draws, in its order
-    ids, n, r, row = torch.tensor(prompts[0]), 4, config.children, torch.tensor([0])
+    task = epo.TaskState(epo.task_generator(config.seed, A))
+    ((prompt, _),) = epo.initial_prompts(s, config, allowed, [task], [0], [[]])[0]  # the engine's draws, in order
+    g = task.generator
+    ids, n, r, row = torch.tensor(prompt), 4, config.children, torch.tensor([0])
     trajectory, best = [], -math.inf
     for _ in range(config.iterations):
         grad = s.gradient(ids[None], torch.tensor([n]), row, torch.zeros(1))[1][0]  # [n, vocab]
@@ -174,7 +175,7 @@ def test_restarts_use_the_drawn_lambda_and_not_the_start(lm64, transcoder, monke
 
     monkeypatch.setattr(epo, "restart_index", spy)
     config = CONFIG.model_copy(update={"iterations": 7, "restart_every": 2, "restart_lambda_min": 0.2,
-                                       "restart_lambda_max": 5.0, "restart_at_start": at_start})
+                                       "restart_lambda_max": 5.0, "restart_at_start": at_start, "lineage_share": 1.0})
     dream(lm64, transcoder, A, config, 0.5)
     assert len(seen) == (4 if at_start else 3)  # iterations 2, 4, 6 (and 0 only when asked)
     assert len({lam for lam, *_ in seen}) == len(seen)  # drawn each time, not a constant
@@ -193,7 +194,7 @@ def test_no_collapse_at_the_start(lm64, transcoder):
         return [sum(x != y for x, y in zip(a, b)) for a in members(result) for b in members(result)]
 
     now = dream(lm64, transcoder, A, config, 0.5)
-    before = dream(lm64, transcoder, A, config.model_copy(update={"restart_at_start": True}), 0.5)
+    before = dream(lm64, transcoder, A, config.model_copy(update={"restart_at_start": True, "lineage_share": 1.0}), 0.5)
     assert max(distances(before)) <= 2  # each member at most one token from the one they all restarted from
     assert max(distances(now)) > 2 and len({tuple(ids) for ids in members(now)}) == 4
 
@@ -218,9 +219,9 @@ def test_moves_keep_the_length_range_and_the_round_trip(lm64, transcoder, monkey
 
 def test_children_all_rejected_by_the_round_trip_do_not_crash(lm64, transcoder, monkeypatch):
     original = Scorer.round_trips
-    population = CONFIG.population
+    children = CONFIG.population * CONFIG.children  # one iteration's children; the starts are drawn apart
     monkeypatch.setattr(Scorer, "round_trips", lambda self, ids, lengths: original(self, ids, lengths)
-                        if len(ids) <= population else torch.zeros(len(ids), dtype=torch.bool))
+                        if len(ids) != children else torch.zeros(len(ids), dtype=torch.bool))
     out = dream(lm64, transcoder, A, CONFIG, 0.5)
     assert out.frontier and out.iterations == CONFIG.iterations
 
@@ -230,8 +231,11 @@ def test_dataset_seeds_and_origins(lm64, transcoder):
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
     seeds = epo.seed_prompts(s, CONTEXTS, config.prompt_length)
     assert seeds == [([4, 7, 8, 9], 0), ([12, 13, 14], 1)]  # the tokens up to each max token, BOS left out
-    prompts, origins = epo.initial_prompts(s, config, allowed_tokens(lm64), torch.Generator().manual_seed(0), seeds)
-    assert prompts[0] == [4, 7, 8, 9] and origins == [0, epo.SAMPLED, epo.SAMPLED, epo.SAMPLED]
+    starts = epo.initial_prompts(s, config, allowed_tokens(lm64), [epo.TaskState(epo.task_generator(0, A))], [0],
+                                 [seeds])[0]
+    assert starts[0] == ([4, 7, 8, 9], 0) and [code for _, code in starts] == [0, epo.SAMPLED, epo.SAMPLED - 1,
+                                                                                 epo.SAMPLED - 2]
+    assert [epo.origin_name(code) for _, code in starts] == ["dataset #0", "sampled #0", "sampled #1", "sampled #2"]
     out = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
     assert "dataset #0" in {p.origin for p in out.frontier + out.diverse} | {
         epo.origin_name(code) for code in out.state["tasks"][0]["kept"]["origin"]}
@@ -415,3 +419,139 @@ def test_dreaming_reads_only_the_encoder_rows_it_needs(lm64, transcoder, result,
     lazy = LazyEncoder(tmp_path / "tc", dtype=torch.float64)
     monkeypatch.setattr(Transcoder, "encode", lambda *a, **k: pytest.fail("the whole encoder was used"))
     assert figures(dream(lm64, lazy, A, CONFIG, 0.5, contexts=CONTEXTS)) == figures(result)
+
+
+# ------------------------------------------------------------------------------------------ starts, novelty, basins
+
+
+def test_the_dataset_free_init_reads_nothing_from_the_maxima(lm64, transcoder, monkeypatch):
+    """init "scan": the search (members, history) is the same with the feature's top contexts, with other
+    contexts and with none; only novelty, which is measured against them, differs. Init "dataset" does read them."""
+    config = CONFIG.model_copy(update={"init": "scan"})
+    monkeypatch.setattr(epo, "seed_prompts", lambda *a: pytest.fail("init scan read the dataset's examples"))
+    runs = [dream(lm64, transcoder, A, config, 0.5, contexts=contexts)
+            for contexts in (CONTEXTS, [([1, 20, 21, 22, 23, 24], 2)], None)]
+    for run in runs[1:]:
+        assert members(run) == members(runs[0]) and run.history == runs[0].history
+    assert {p.origin.split(" #")[0] for run in runs for p in run.frontier} == {"sampled"}
+    monkeypatch.undo()
+    seeded = dream(lm64, transcoder, A, config.model_copy(update={"init": "dataset"}), 0.5, contexts=CONTEXTS)
+    assert members(seeded) != members(runs[0])
+
+
+def test_starts_differ_between_features_and_are_reproducible_under_a_seed(lm64, transcoder):
+    config = CONFIG.model_copy(update={"init": "scan", "population": 4})
+    s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5), make_target(transcoder, B, 0.5)])
+
+    def starts(feature, target, seed=0):
+        task = epo.TaskState(epo.task_generator(seed, feature))
+        return epo.initial_prompts(s, config, allowed_tokens(lm64), [task], [target], [[]])[0]
+
+    a = starts(A, 0)
+    assert a == starts(A, 0)  # reproducible
+    assert not {tuple(p) for p, _ in a} & {tuple(p) for p, _ in starts(B, 1)}  # another feature: other sentences
+    assert a != starts(A, 0, seed=1)
+    # the scan's choice: the most active of the draws, pairwise different (token Jaccard <= 0.5)
+    scores = s.score(torch.tensor([p for p, _ in a]), torch.full((4,), 4), torch.zeros(4, dtype=torch.long))
+    for i, (p, _) in enumerate(a):
+        assert all(epo.jaccard(p, q) <= epo.MAX_JACCARD for q, _ in a[:i])
+    fluent = (scores.ce <= epo.FLUENT_CE).tolist()
+    ranked = [(not ok, -v) for ok, v in zip(fluent, scores.f.tolist())]
+    assert ranked == sorted(ranked)
+    # and they are what a task dreaming A and B together starts from
+    together = epo.initial_prompts(s, config, allowed_tokens(lm64), [epo.TaskState(epo.task_generator(0, A)),
+                                   epo.TaskState(epo.task_generator(0, B))], [0, 1], [[], []])
+    assert together == [a, starts(B, 1)]
+
+
+def test_batched_sampling_equals_one_at_a_time(lm64, transcoder):
+    s = Scorer(lm64, "mlp.hook_in", CONFIG.template, [make_target(transcoder, A, 0.5)], batch_size=2)
+    allowed = allowed_tokens(lm64)
+    uniforms = torch.rand(11, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    batched = s.sample(uniforms, allowed)  # in chunks of 4 * batch_size = 8 rows
+    alone = torch.cat([s.sample(uniforms[i : i + 1], allowed) for i in range(len(uniforms))])
+    assert torch.equal(batched, alone) and bool(allowed[batched].all())
+    assert len({tuple(row) for row in batched.tolist()}) > 1
+
+
+def test_sampling_follows_the_model_distribution(lm64, transcoder):
+    """The first sampled token, drawn by inverse CDF over the top-k, against the model's own distribution after
+    the prefix: the empirical frequencies of 4,000 draws within 0.03 of the renormalised top-k probabilities."""
+    s = Scorer(lm64, "mlp.hook_in", CONFIG.template, [make_target(transcoder, A, 0.5)])
+    allowed = allowed_tokens(lm64)
+    uniforms = torch.rand(4000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    drawn = s.sample(uniforms, allowed, top_k=5)[:, 0]
+    logprobs = s.first_logprobs.masked_fill(~allowed, -torch.inf)
+    top = logprobs.topk(5)
+    expected = torch.softmax(top.values, -1)
+    for token, p in zip(top.indices.tolist(), expected.tolist()):
+        assert (drawn == token).double().mean().item() == pytest.approx(p, abs=0.03)
+    assert set(drawn.tolist()) <= set(top.indices.tolist())
+
+
+def brute_shared_run(prompt: list[int], contexts: list[list[int]]) -> int:
+    return max((j - i for i in range(len(prompt)) for j in range(i + 1, len(prompt) + 1)
+                if any(prompt[i:j] == c[a : a + j - i] for c in contexts for a in range(len(c)))), default=0)
+
+
+def test_best_novel_agrees_with_a_brute_force_shared_run_check(lm64, transcoder):
+    config = CONFIG.model_copy(update={"init": "dataset", "iterations": 8})
+    out = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
+    contexts = [c[1:] for c, _ in CONTEXTS]
+    everything = out.frontier + out.diverse + [out.best_fluent] + ([out.best_novel] if out.best_novel else [])
+    novel = [p for p in everything if p.cross_entropy <= epo.FLUENT_CE
+             and brute_shared_run(p.token_ids[p.counted_from : -2], contexts) < epo.NOVEL_BELOW]
+    assert novel and out.best_novel is not None
+    assert brute_shared_run(out.best_novel.token_ids[out.best_novel.counted_from : -2], contexts) < epo.NOVEL_BELOW
+    assert out.best_novel.activation == max(p.activation for p in novel)
+    # the search's own check (runs of NOVEL_BELOW tokens) is the brute force's, on random rows
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        row = torch.randint(4, (7,), generator=g).tolist()
+        ctx = [torch.randint(4, (9,), generator=g).tolist() for _ in range(2)]
+        assert epo.novel_row(row, epo.context_ngrams(ctx)) == (brute_shared_run(row, ctx) < epo.NOVEL_BELOW)
+    assert epo.novel_row([1, 2, 3, 4], None) is False  # no contexts: novelty unknown
+
+
+def test_no_lineage_takes_more_than_its_share_of_the_slots(lm64, transcoder, monkeypatch):
+    """Every selection leaves each lineage (one start's descendants; the dataset's starts as one) at most
+    lineage_share of the slots while others remain; restarts keep each slot in its lineage."""
+    config = CONFIG.model_copy(update={"init": "dataset", "population": 4, "iterations": 8, "restart_every": 3,
+                                       "lineage_share": 0.5})
+    seen = []
+    original = epo.select
+
+    def spy(pool, lambdas, config_):
+        chosen = original(pool, lambdas, config_)
+        lineages = [epo.lineage(code) for code in pool.origin[chosen].tolist()]
+        if len({epo.lineage(code) for code in pool.origin.tolist()}) > 1:
+            seen.append(max(lineages.count(x) for x in lineages))
+        return chosen
+
+    monkeypatch.setattr(epo, "select", spy)
+    dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
+    assert seen and max(seen) <= 2
+    monkeypatch.undo()
+    pool = epo.Pool(torch.tensor([[5], [6], [7], [8]]), torch.ones(4, dtype=torch.long),
+                    torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                    torch.zeros(4, dtype=torch.float64), torch.tensor([0, 1, epo.SAMPLED, epo.SAMPLED - 1]),
+                    torch.zeros(4, dtype=torch.bool))
+    two = config.model_copy(update={"population": 2})
+    # the dataset's examples #0 and #1 are one lineage: the second slot goes to a sampled start
+    assert original(pool, two.lambdas(), two).tolist() == [0, 2]
+    assert original(pool, two.lambdas(), two.model_copy(update={"lineage_share": 1.0})).tolist() == [0, 1]
+
+
+def test_the_diverse_set_spans_basins():
+    def p(activation, tokens, origin):
+        return DreamedPrompt(prompt="x", text="x", token_ids=[1, *tokens, 2, 3], counted_from=1,
+                             activation=activation, fraction_of_max=activation, template_activation=0.0,
+                             cross_entropy=3.0, origin=origin, longest_shared_run=None)
+
+    one = [p(2.0 - i / 10, [10 * i + j for j in range(3)], "dataset #0") for i in range(10)]
+    other = [p(1.0 - i / 10, [200 + 10 * i + j for j in range(3)], "sampled #0") for i in range(2)]
+    chosen = epo.diverse_set(one + other, 2)
+    assert len(chosen) == epo.DIVERSE and epo.basins(chosen) == 2
+    assert [q.activation for q in chosen] == sorted((q.activation for q in chosen), reverse=True)
+    assert sum(q.origin == "dataset #0" for q in chosen) == epo.DIVERSE - 2  # the rest filled from the strong one
+    assert epo.diverse_set(one, 2) == one[: epo.DIVERSE]  # one basin: as before, the most active different
