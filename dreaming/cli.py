@@ -133,6 +133,8 @@ def cmd_info(args) -> None:
     if m:
         print(f"  over the corpus   {m['dead']:,} dead ({m['dead'] / m['features']:.1%}), {m['dense']:,} active on "
               f"more than {m['dense_above']:.0%} of tokens ({m['dense'] / m['features']:.1%})")
+        if "first_token" in m:  # maxima built before positional features were counted lack it
+            print(f"  {'':<17} {m['first_token']:,} positional: their top example is a text's first token")
     for source, tokens in sorted(c.get("tokens", {}).items(), key=lambda item: -item[1]):
         print(f"corpus       {source:<16} {c['documents'][source]:>6} documents {tokens:>10,} tokens")
     if c.get("spec"):
@@ -256,7 +258,8 @@ def cmd_maxima_build(args) -> None:
         return print_json(report)
     print(f"maxima of {report['features']:,} features over {report['tokens']:,} tokens in {report['seconds']:.0f}s "
           f"({report['tokens_per_second']:,.0f} tokens/s): {report['dead']:,} dead, {report['dense']:,} dense "
-          f"(active on > {report['dense_above']:.0%} of tokens); saved {out}")
+          f"(active on > {report['dense_above']:.0%} of tokens), {report['first_token']:,} positional (top example at "
+          f"a text's first token); saved {out}")
     if args.ray:
         print(f"over {sharded['actors']} Ray actors ({sharded['device']}): {sharded['shards']} shards, "
               f"{sharded['shards_resumed']} resumed from a checkpoint, {sharded['actors_replaced']} actors replaced")
