@@ -333,14 +333,22 @@ def cmd_activation(args) -> None:
             print(f"    {token!r:<24} {value:8.3f} {'█' * round(20 * value / top):<20}{where}")
 
 
+SEARCH_ORDERS = {
+    "content": "ranked by % of max; positional features, which fire on a text's first token, are listed last "
+               "(marked first-token; --order fraction ranks by % of max alone)",
+    "fraction": "ranked by % of max alone; first-token marks a positional feature at the text's first token",
+}
+
+
 def cmd_search(args) -> None:
-    found = explorer(args).search(args.text, args.top)
+    found = explorer(args).search(args.text, args.top, args.order)
     if args.json:
         return print_json(found)
+    print(SEARCH_ORDERS[args.order])
     print(f"{'feature':>10} {'% of max':>9} {'activation':>10} {'density':>9}  max token")
     for hit in found:
         print(f"{hit['feature']:>10} {percent(hit['fraction_of_max'])} {hit['activation']:10.3f} "
-              f"{hit['density']:9.2e}  {hit['max_token']!r}")
+              f"{hit['density']:9.2e}  {hit['max_token']!r}" + ("  first-token" if hit["positional"] else ""))
 
 
 def cmd_similar(args) -> None:
@@ -509,7 +517,7 @@ def cmd_serve(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from dreaming.bundle import WINDOW_LENGTH
     from dreaming.corpus import WritingConfig
-    from dreaming.maxima import MaximaConfig
+    from dreaming.maxima import SEARCH_ORDER, MaximaConfig
     from dreaming.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="dreaming", description=__doc__)
@@ -637,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                               cmd_search, feature=False)
     search.add_argument("--text", required=True)
     search.add_argument("--top", type=int, default=20, help="how many features (default: 20)")
+    search.add_argument("--order", choices=list(SEARCH_ORDERS), default=SEARCH_ORDER,
+                        help="content: positional features at the text's first token after every other hit; "
+                        f"fraction: by %% of max alone (default: {SEARCH_ORDER})")
     compare = explorer_command("compare", "top dataset examples beside the cached dreamed prompts", cmd_compare,
                                feature=True)
     compare.add_argument("--top", type=int, default=10, help="dataset examples shown (default: 10)")

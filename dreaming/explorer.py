@@ -27,7 +27,7 @@ from dreaming.dream_cache import DreamCache
 from dreaming.epo import DreamConfig, DreamResult, Progress, dream_many, longest_run
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.dashboard import feature_page
-from dreaming.maxima import Maxima, search_features
+from dreaming.maxima import SEARCH_ORDER, Maxima, SearchOrder, search_features
 from dreaming.models import LanguageModel, best_device
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
@@ -126,9 +126,10 @@ class Explorer:
                                           self.dataset_max(feature))
         return [asdict(result) for result in results]
 
-    def search(self, text: str, top: int = 20) -> list[dict]:
-        """The features most active on `text`, ranked by fraction of their dataset max, with density."""
-        return search_features(self.lm, self.encoder, self.require_maxima(), text, top)
+    def search(self, text: str, top: int = 20, order: SearchOrder = SEARCH_ORDER) -> list[dict]:
+        """The features most active on `text`, ranked by fraction of their dataset max, with density; by default
+        positional hits (a first-token feature at the text's first token) after content hits (`search_features`)."""
+        return search_features(self.lm, self.encoder, self.require_maxima(), text, top, order)
 
     def dreams(self, feature: Feature | str, current_only: bool = False) -> list[dict]:
         """Dream results cached on disk for this feature (any configuration), as JSON dicts: those scored against

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -449,8 +449,8 @@ def search_features(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, max
     hit by fraction of max alone."""
     if not 1 <= top <= 1000:
         raise ValueError(f"top must be in 1..1000, got {top}")
-    if order not in ("content", "fraction"):
-        raise ValueError(f"order must be 'content' or 'fraction', got {order!r}")
+    if order not in get_args(SearchOrder):
+        raise ValueError(f"order must be one of {', '.join(get_args(SearchOrder))}, got {order!r}")
     ids = tokenize_text(lm, text)
     input_ids = torch.tensor([ids], device=lm.device)
     by_layer = layer_activations(lm, transcoder, input_ids)

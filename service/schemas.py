@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dreaming.epo import DreamConfig, DreamResult
+from dreaming.maxima import SEARCH_ORDER, SearchOrder
 from dreaming.templates import split_template
 
 
@@ -47,6 +48,9 @@ class ActivationsRequest(Strict):
 class SearchRequest(Strict):
     text: str = Field(min_length=1, examples=["def main():"])
     top: int = Field(20, ge=1)
+    order: SearchOrder = Field(SEARCH_ORDER, description="content: positional hits (a feature whose top dataset "
+                               "example is a text's first token, at this text's first token) rank after every "
+                               "other hit; fraction: by fraction of max alone")
 
 
 class Progress(BaseModel):
@@ -102,6 +106,7 @@ class FeatureStats(BaseModel):
     mean_when_active: float
     dead: bool
     dense: bool
+    first_token: bool  # positional: its top dataset example is a text's first token (fires there whatever follows)
 
 
 class FeatureRow(FeatureStats):
@@ -145,10 +150,13 @@ class BatchList(BaseModel):
 class SearchHit(BaseModel):
     feature: str
     activation: float  # the feature's max over the text's tokens
-    fraction_of_max: float  # of its dataset max: the ranking
+    fraction_of_max: float  # of its dataset max: the ranking (content first unless the request's order is fraction)
     dataset_max: float
     density: float
     max_token: str  # the token where it is highest, as display text
+    max_position: int  # its position (1: the text's first token, after the BOS)
+    first_token: bool  # the feature is positional: its top dataset example is a text's first token
+    positional: bool  # a positional feature at this text's first token: ranked after the content hits
 
 
 class TokenSpan(BaseModel):
