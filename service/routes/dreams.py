@@ -136,7 +136,8 @@ def router(service: Service, bundle, keyed: list) -> APIRouter:
                  summary="Dream one feature: the cached result at once, else a job to poll")
     async def submit_dream(request: DreamRequest, view: BundleView = Depends(bundle)) -> JobOut:
         feature = feature_or_error(view, request.feature)
-        dataset_max, config = view.dataset_max(str(feature)), request.config
+        # a job is keyed and run under the config the feature is dreamed under (a positional feature's own template)
+        dataset_max, config = view.dataset_max(str(feature)), view.explorer.dream_config(feature, request.config)
         if request.more:  # the job of the longer run; the scheduler continues the stored one
             base = await in_thread(service.scheduler.longest_stored_run, view.identity, str(feature), config,
                                    dataset_max)
@@ -196,7 +197,8 @@ def router(service: Service, bundle, keyed: list) -> APIRouter:
         features = list(dict.fromkeys(str(feature_or_error(view, text)) for text in request.features))
         await check_budget(view, request.config, len(features))
         batch = await in_thread(service.store.submit_batch, view.identity, features,
-                                request.config.model_dump(mode="json"),
+                                [view.explorer.dream_config(feature, request.config).model_dump(mode="json")
+                                 for feature in features],
                                 [view.dataset_max(feature) for feature in features])
         service.scheduler.wake()
         return await batch_out(batch)
