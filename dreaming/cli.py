@@ -385,6 +385,10 @@ def cmd_compare(args) -> None:
     print(f"feature {page['feature']}: dataset max {page['dataset_max']:.3f} over {page['tokens']:,} tokens, "
           f"density {page['density']:.2e}, mean when active {page['mean_when_active']:.3f}")
     print(f"max per source: {sources}")
+    if page["first_token"]:
+        print(f"positional: fires on a text's first token (its top dataset example is there, as are "
+              f"{page['first_token_share']:.0%} of its top examples); a prompt reaches that max only with nothing "
+              "before it, so it is dreamed in the bare template '{prompt}' rather than the chat template")
     cut = f"cut to {page['length']} tok: % of max"
     print(f"\n{'% of max':>9} {'source':<12} {cut:>25} {'CE':>5}  dataset example (max token in [[ ]])")
     for example in page["examples"]:
@@ -413,6 +417,13 @@ def cmd_compare(args) -> None:
                         dream["longest_shared_run"], dream["prompt"]))
     if not page["dreams"]:
         print("          (none cached: `dreaming dream --feature " + page["feature"] + "`)")
+    for yardstick in sorted({dream["yardstick"] for dream in page["dreams"] if dream["yardstick"]}):
+        print(f"yardstick: {yardstick}")
+    for name in ("best_fluent", "best_novel") if page["dreams"] else ():
+        best = page[name]
+        print(f"{name.replace('_', ' ')}: " + ("none" if best is None else
+              f"{percent(best['fraction_of_max']).strip()} of dataset max, CE {best['cross_entropy']:.2f}, origin "
+              f"{best['origin']}, shared run {shared(best['longest_shared_run'])}, {best['prompt']!r}"))
     if page["diverse"]:
         print("\ndiverse (fluent, pairwise different, most active first)")
         print(DREAM_HEADER)
@@ -458,17 +469,25 @@ def run_dreams(args, features: list) -> list:
 
 
 def print_dream(result) -> None:
-    fluent = result.best_fluent
+    from dreaming.epo import NOVEL_BELOW
+
+    fluent, novel = result.best_fluent, result.best_novel
     print(f"feature {result.feature}: {len(result.frontier)} prompts on the frontier, {result.iterations} iterations "
           f"(stopped: {result.stopped}), {result.seconds:.0f}s"
           + (f" ({result.scale_note})" if result.scale_note else ""))
+    if result.yardstick:
+        print(f"yardstick: {result.yardstick} (template {result.config.template!r})")
     print(f"{'% of max':>9} {'activation':>10} {'CE':>5}  {'origin':<11} {'shared':>6}  prompt")
     for p in result.frontier:
-        mark = " *" if fluent is not None and p.token_ids == fluent.token_ids else ""
+        mark = "".join(f" {sign}" for sign, best in (("*", fluent), ("+", novel))
+                       if best is not None and p.token_ids == best.token_ids)
         print(f"{percent(p.fraction_of_max)} {p.activation:10.3f} {p.cross_entropy:5.2f}  {p.origin:<11} "
               f"{shared(p.longest_shared_run):>6}  {p.prompt!r}{mark}")
     print("best fluent (CE <= 5, marked *): " + ("none" if fluent is None else
           f"{percent(fluent.fraction_of_max).strip()} of dataset max, {fluent.text!r}"))
+    print(f"best novel (fluent, sharing no run of {NOVEL_BELOW} tokens with the top dataset contexts, marked + on the "
+          "frontier): " + ("none" if novel is None else f"{percent(novel.fraction_of_max).strip()} of dataset max, "
+                           f"shared run {novel.longest_shared_run}, origin {novel.origin}, {novel.text!r}"))
     print("shared: the longest run of tokens shared with the feature's top dataset contexts (- without maxima)")
     if result.diverse:
         print(f"diverse ({len(result.diverse)} fluent, pairwise different, most active first)")

@@ -89,7 +89,14 @@ class JobSummary(BaseModel):
     progress: Progress | None = None
     error: str | None = None
     best_fluent_fraction_of_max: float | None = None  # of the result, when done
+    best_fluent_activation: float | None = None
+    best_fluent_cross_entropy: float | None = None
     best_fluent_prompt: str | None = None
+    best_novel_fraction_of_max: float | None = None  # the same of its best novel prompt
+    best_novel_activation: float | None = None
+    best_novel_cross_entropy: float | None = None
+    best_novel_prompt: str | None = None
+    yardstick: str | None = None  # a positional feature's (DreamResult.yardstick)
 
 
 class BatchSummary(BaseModel):
@@ -205,6 +212,7 @@ class DreamedPrompt(TokenSpan):
     novel: bool
     seed: int | None
     counted_from: int
+    yardstick: str | None = None  # a positional feature's: what its dataset max is (DreamResult.yardstick)
     scored_against: float | None = None  # stale dreams only: the dataset max of the build they were scored against
 
 
@@ -221,6 +229,7 @@ class OutputTokens(BaseModel):
 
 class FeaturePage(FeatureStats):
     """A feature's statistics and top dataset examples beside its dreamed prompts (GET /features/L/I)."""
+    first_token_share: float  # of its top dataset examples, those at a text's first token
     source_max: dict[str, float]
     histogram: Histogram
     tokens: int  # of the maxima corpus
@@ -229,6 +238,8 @@ class FeaturePage(FeatureStats):
     length: int | None  # the dream length the examples' length_matched figures use
     dreams: list[DreamedPrompt]  # the frontier prompts of current dreams, strongest first
     diverse: list[DreamedPrompt]
+    best_fluent: DreamedPrompt | None  # the most active of the current dreams' best fluent prompts
+    best_novel: DreamedPrompt | None  # and of their best novel ones (no run of 4 tokens shared with the data)
     stale_dreams: list[DreamedPrompt]  # scored against another maxima build's max
     output_tokens: OutputTokens
 
