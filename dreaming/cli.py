@@ -359,7 +359,8 @@ def cmd_similar(args) -> None:
     print(f"{'feature':>10} {'cosine':>7}" + (f" {'density':>9} {'dataset max':>11}" if with_maxima else ""))
     for hit in found:
         print(f"{hit['feature']:>10} {hit['cosine']:7.3f}"
-              + (f" {hit['density']:9.2e} {hit['dataset_max']:11.3f}" if with_maxima else ""))
+              + (f" {hit['density']:9.2e} {hit['dataset_max']:11.3f}" if with_maxima else "")
+              + ("  first-token (positional)" if hit.get("first_token") else ""))
     if not found:
         print(f"(none: {args.feature} has an all-zero decoder, or no other feature writes to its layers)")
 

@@ -250,10 +250,11 @@ class Explorer:
 
     def similar(self, feature: Feature | str, top: int = 10) -> list[dict]:
         """The `top` features whose decoder directions are closest (cosine) to this one's (dreaming.similar), each
-        with its density and dataset max when the bundle has maxima."""
+        with its density, dataset max and whether it is positional (`first_token`) when the bundle has maxima."""
         found = similar_features(self.bundle.transcoder_reference, self.feature(feature), top)
         if self.maxima is not None:
             for hit in found:
                 summary = self.maxima.summary(parse_feature(hit["feature"]))
-                hit.update(density=summary["density"], dataset_max=summary["dataset_max"])
+                hit.update(density=summary["density"], dataset_max=summary["dataset_max"],
+                           first_token=summary["first_token"])
         return found

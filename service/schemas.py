@@ -132,6 +132,7 @@ class SimilarFeature(BaseModel):
     cosine: float  # of the normalised decoder vectors, concatenated over every output layer
     dataset_max: float
     density: float
+    first_token: bool  # positional: its top dataset example is a text's first token
 
 
 class JobList(BaseModel):

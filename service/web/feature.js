@@ -210,7 +210,8 @@ async function dream(event) {
 
 async function similar() {
   const found = await api(`/v1/features/${LAYER}/${INDEX}/similar?top=10`);
-  fillTable("similar-table", found.map((s) => el("tr", {}, el("td", {}, featureLink(s.feature)),
+  fillTable("similar-table", found.map((s) => el("tr", {}, el("td", {}, featureLink(s.feature), " ",
+    s.first_token ? firstTokenBadge() : ""),
     el("td", {class: "num"}, number(s.cosine)), el("td", {class: "num"}, number(s.dataset_max)),
     el("td", {class: "num"}, percent(s.density)))), "No other feature has a decoder.", 4);
 }
