@@ -389,7 +389,7 @@ def cmd_compare(args) -> None:
     if page["first_token"]:
         print(f"positional: fires on a text's first token (its top dataset example is there, as are "
               f"{page['first_token_share']:.0%} of its top examples); a prompt reaches that max only with nothing "
-              "before it, so it is dreamed in the bare template '{prompt}' rather than the chat template")
+              "before it, so asked for in the chat template it is dreamed in the bare template '{prompt}'")
     cut = f"cut to {page['length']} tok: % of max"
     print(f"\n{'% of max':>9} {'source':<12} {cut:>25} {'CE':>5}  dataset example (max token in [[ ]])")
     for example in page["examples"]:

@@ -132,11 +132,12 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
     dataset max now are current: their frontier prompts are listed in `dreams` (activation, % of the dataset
     max, cross-entropy, origin, longest run shared with the top dataset contexts, the yardstick of a positional
     feature's dream), strongest first, the union of their `diverse` sets (one entry per token sequence) in
-    `diverse`, and the most active of their best fluent and best novel prompts in `best_fluent`, `best_novel`. Results scored against another dataset
-    max (an earlier maxima build) are never shown as current: their prompts are in `stale_dreams`, with the max
-    they were scored against (`scored_against`) and their own recorded fraction of it. With `length`, each
-    example has `length_matched` (see `render_examples`). `intervals`: a few examples from each activation range
-    (`Maxima.interval_examples`), rendered like the top ones.
+    `diverse`, and the most active of their best fluent and best novel prompts in `best_fluent`, `best_novel`.
+    Results scored against another dataset max (an earlier maxima build) are never shown as current: their
+    prompts are in `stale_dreams`, with the max they were scored against (`scored_against`) and their own
+    recorded fraction of it. With `length`, each example has `length_matched` (see `render_examples`).
+    `intervals`: a few examples from each activation range (`Maxima.interval_examples`), rendered like the top
+    ones.
     """
     summary = maxima.summary(feature)
     dataset_max = summary["dataset_max"]

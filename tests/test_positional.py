@@ -18,15 +18,14 @@ def maxima(tiny_bundle):
 def test_the_rule_against_a_brute_force_reading_of_the_arrays(maxima):
     layers, per_layer = maxima.shape
     brute = []
-    for layer in range(layers):
-        for index in range(per_layer):
-            examples = maxima.top_examples(Feature(layer, index))  # strongest first; a dead feature has none
-            if examples and examples[0][2] == 1:
-                brute.append(Feature(layer, index))
-            summary = maxima.summary(Feature(layer, index))
-            assert summary["first_token"] == maxima.first_token(Feature(layer, index)) == (Feature(layer, index) in brute)
-            at_first = [position for _, _, position in examples].count(1)
-            assert summary["first_token_share"] == (at_first / len(examples) if examples else 0.0)
+    for feature in (Feature(layer, index) for layer in range(layers) for index in range(per_layer)):
+        examples = maxima.top_examples(feature)  # strongest first; a dead feature has none
+        positional = bool(examples) and examples[0][2] == 1
+        brute += [feature] if positional else []
+        summary = maxima.summary(feature)
+        assert summary["first_token"] == maxima.first_token(feature) == positional
+        at_first = [position for _, _, position in examples].count(1)
+        assert summary["first_token_share"] == (at_first / len(examples) if examples else 0.0)
     assert brute == POSITIONAL
     assert maxima_report(maxima)["first_token"] == len(brute)
 
@@ -200,6 +199,9 @@ def test_compare_the_cli_and_exports_flag_the_feature_and_show_the_best_and_the_
     assert page["best_novel"]["prompt"] == "dog ran on" and page["best_novel"]["novel"]
     assert page["best_novel"]["tokens"] and page["best_novel"]["activations"]  # shaded like every dream
     assert not explorer.compare("1/3", top=2)["first_token"]
+    similar = explorer.similar("1/3", top=23)
+    assert [hit["first_token"] for hit in similar] == [hit["feature"] in ("1/2", "2/4") for hit in similar]
+    assert any(hit["first_token"] for hit in similar)
     main(["compare", "--bundle", str(own_bundle.directory), "--feature", "1/2", "--top", "2"])
     text = capsys.readouterr().out
     assert "positional: fires on a text's first token" in text and f"yardstick: {REACHABLE_YARDSTICK}" in text

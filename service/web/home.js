@@ -16,7 +16,8 @@ async function search(event) {
   body.replaceChildren(...found.map((hit) => el("tr", {class: hit.positional ? "positional" : null},
     el("td", {}, featureLink(hit.feature)), el("td", {class: "num"}, percent(hit.fraction_of_max)),
     el("td", {class: "num"}, number(hit.activation)), el("td", {class: "num"}, percent(hit.density)),
-    el("td", {}, el("span", {class: "tokens"}, tokenText(hit.max_token))), el("td", {}, hit.first_token ? firstTokenBadge() : ""))));
+    el("td", {}, el("span", {class: "tokens"}, tokenText(hit.max_token))),
+    el("td", {}, hit.first_token ? firstTokenBadge() : ""))));
   if (!found.length) body.append(el("tr", {}, el("td", {colspan: 6, class: "muted"}, "No feature is active on this text.")));
   $("search-note").textContent = SEARCH_ORDERS[order];
   $("search-note").hidden = false;
@@ -38,7 +39,8 @@ async function browse() {
   $("browse-table").querySelector("tbody").replaceChildren(...listing.features.map((row) => el("tr", {},
     el("td", {}, featureLink(row.feature)), el("td", {class: "num"}, number(row.dataset_max)),
     el("td", {class: "num"}, percent(row.density)), el("td", {class: "num"}, number(row.mean_when_active)),
-    el("td", {}, row.has_dreams ? el("span", {class: "tag"}, "dreamed") : "", row.first_token ? firstTokenBadge() : ""))));
+    el("td", {}, row.has_dreams ? el("span", {class: "tag"}, "dreamed") : "",
+      row.first_token ? firstTokenBadge() : ""))));
   const last = Math.min(offset + PAGE_SIZE, listing.total);
   $("browse-range").textContent = listing.total ? `${offset + 1}–${last} of ${listing.total}` : "no feature matches";
   $("browse-previous").disabled = offset === 0;
