@@ -226,7 +226,6 @@ class DreamResult(BaseModel):
     seeds: list[int]
     seconds: float  # wall time of the run that produced it (a batch's total for dream_many)
     dataset_max: float | None  # the yardstick every fraction_of_max was computed against
-    yardstick: str | None = None  # what that max is when it is not a max at any position (a positional feature's)
     scale_note: str | None  # how the target was scaled when no dataset max was known
     frontier: list[DreamedPrompt]  # Pareto frontier (activation up, cross-entropy down), sorted by cross-entropy
     best_fluent: DreamedPrompt | None  # highest activation with cross_entropy <= FLUENT_CE
