@@ -290,9 +290,11 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
 
 
 def maxima_report(maxima: Maxima) -> dict:
-    """What `dreaming info` shows of the maxima: tokens, speed, dead and dense feature counts."""
+    """What `dreaming info` shows of the maxima: tokens, speed, dead, dense and positional (first-token) feature
+    counts."""
     active = maxima.arrays["active_count"]
     return {"tokens": maxima.metadata["tokens"], "windows": maxima.metadata["windows"],
             "seconds": maxima.metadata["seconds"], "tokens_per_second": maxima.metadata["tokens_per_second"],
             "features": int(active.numel()), "dead": int((active == 0).sum()),
-            "dense": int((maxima.arrays["density"] > DENSE_ABOVE).sum()), "dense_above": DENSE_ABOVE}
+            "dense": int((maxima.arrays["density"] > DENSE_ABOVE).sum()), "dense_above": DENSE_ABOVE,
+            "first_token": int(maxima.first_token_features.sum())}

@@ -133,6 +133,8 @@ def cmd_info(args) -> None:
     if m:
         print(f"  over the corpus   {m['dead']:,} dead ({m['dead'] / m['features']:.1%}), {m['dense']:,} active on "
               f"more than {m['dense_above']:.0%} of tokens ({m['dense'] / m['features']:.1%})")
+        if "first_token" in m:  # maxima built before positional features were counted lack it
+            print(f"  {'':<17} {m['first_token']:,} positional: their top example is a text's first token")
     for source, tokens in sorted(c.get("tokens", {}).items(), key=lambda item: -item[1]):
         print(f"corpus       {source:<16} {c['documents'][source]:>6} documents {tokens:>10,} tokens")
     if c.get("spec"):
@@ -256,7 +258,8 @@ def cmd_maxima_build(args) -> None:
         return print_json(report)
     print(f"maxima of {report['features']:,} features over {report['tokens']:,} tokens in {report['seconds']:.0f}s "
           f"({report['tokens_per_second']:,.0f} tokens/s): {report['dead']:,} dead, {report['dense']:,} dense "
-          f"(active on > {report['dense_above']:.0%} of tokens); saved {out}")
+          f"(active on > {report['dense_above']:.0%} of tokens), {report['first_token']:,} positional (top example at "
+          f"a text's first token); saved {out}")
     if args.ray:
         print(f"over {sharded['actors']} Ray actors ({sharded['device']}): {sharded['shards']} shards, "
               f"{sharded['shards_resumed']} resumed from a checkpoint, {sharded['actors_replaced']} actors replaced")
@@ -330,14 +333,22 @@ def cmd_activation(args) -> None:
             print(f"    {token!r:<24} {value:8.3f} {'█' * round(20 * value / top):<20}{where}")
 
 
+SEARCH_ORDERS = {
+    "content": "ranked by % of max; positional features, which fire on a text's first token, are listed last "
+               "(marked first-token; --order fraction ranks by % of max alone)",
+    "fraction": "ranked by % of max alone; first-token marks a positional feature at the text's first token",
+}
+
+
 def cmd_search(args) -> None:
-    found = explorer(args).search(args.text, args.top)
+    found = explorer(args).search(args.text, args.top, args.order)
     if args.json:
         return print_json(found)
+    print(SEARCH_ORDERS[args.order])
     print(f"{'feature':>10} {'% of max':>9} {'activation':>10} {'density':>9}  max token")
     for hit in found:
         print(f"{hit['feature']:>10} {percent(hit['fraction_of_max'])} {hit['activation']:10.3f} "
-              f"{hit['density']:9.2e}  {hit['max_token']!r}")
+              f"{hit['density']:9.2e}  {hit['max_token']!r}" + ("  first-token" if hit["positional"] else ""))
 
 
 def cmd_similar(args) -> None:
@@ -348,7 +359,8 @@ def cmd_similar(args) -> None:
     print(f"{'feature':>10} {'cosine':>7}" + (f" {'density':>9} {'dataset max':>11}" if with_maxima else ""))
     for hit in found:
         print(f"{hit['feature']:>10} {hit['cosine']:7.3f}"
-              + (f" {hit['density']:9.2e} {hit['dataset_max']:11.3f}" if with_maxima else ""))
+              + (f" {hit['density']:9.2e} {hit['dataset_max']:11.3f}" if with_maxima else "")
+              + ("  first-token (positional)" if hit.get("first_token") else ""))
     if not found:
         print(f"(none: {args.feature} has an all-zero decoder, or no other feature writes to its layers)")
 
@@ -374,6 +386,10 @@ def cmd_compare(args) -> None:
     print(f"feature {page['feature']}: dataset max {page['dataset_max']:.3f} over {page['tokens']:,} tokens, "
           f"density {page['density']:.2e}, mean when active {page['mean_when_active']:.3f}")
     print(f"max per source: {sources}")
+    if page["first_token"]:
+        print(f"positional: fires on a text's first token (its top dataset example is there, as are "
+              f"{page['first_token_share']:.0%} of its top examples); a prompt reaches that max only with nothing "
+              "before it, so asked for in the chat template it is dreamed in the bare template '{prompt}'")
     cut = f"cut to {page['length']} tok: % of max"
     print(f"\n{'% of max':>9} {'source':<12} {cut:>25} {'CE':>5}  dataset example (max token in [[ ]])")
     for example in page["examples"]:
@@ -402,6 +418,13 @@ def cmd_compare(args) -> None:
                         dream["longest_shared_run"], dream["prompt"]))
     if not page["dreams"]:
         print("          (none cached: `dreaming dream --feature " + page["feature"] + "`)")
+    for yardstick in sorted({dream["yardstick"] for dream in page["dreams"] if dream["yardstick"]}):
+        print(f"yardstick: {yardstick}")
+    for name in ("best_fluent", "best_novel") if page["dreams"] else ():
+        best = page[name]
+        print(f"{name.replace('_', ' ')}: " + ("none" if best is None else
+              f"{percent(best['fraction_of_max']).strip()} of dataset max, CE {best['cross_entropy']:.2f}, origin "
+              f"{best['origin']}, shared run {shared(best['longest_shared_run'])}, {best['prompt']!r}"))
     if page["diverse"]:
         print("\ndiverse (fluent, pairwise different, most active first)")
         print(DREAM_HEADER)
@@ -447,17 +470,25 @@ def run_dreams(args, features: list) -> list:
 
 
 def print_dream(result) -> None:
-    fluent = result.best_fluent
+    from dreaming.epo import NOVEL_BELOW
+
+    fluent, novel = result.best_fluent, result.best_novel
     print(f"feature {result.feature}: {len(result.frontier)} prompts on the frontier, {result.iterations} iterations "
           f"(stopped: {result.stopped}), {result.seconds:.0f}s"
           + (f" ({result.scale_note})" if result.scale_note else ""))
+    if result.yardstick:
+        print(f"yardstick: {result.yardstick} (template {result.config.template!r})")
     print(f"{'% of max':>9} {'activation':>10} {'CE':>5}  {'origin':<11} {'shared':>6}  prompt")
     for p in result.frontier:
-        mark = " *" if fluent is not None and p.token_ids == fluent.token_ids else ""
+        mark = "".join(f" {sign}" for sign, best in (("*", fluent), ("+", novel))
+                       if best is not None and p.token_ids == best.token_ids)
         print(f"{percent(p.fraction_of_max)} {p.activation:10.3f} {p.cross_entropy:5.2f}  {p.origin:<11} "
               f"{shared(p.longest_shared_run):>6}  {p.prompt!r}{mark}")
     print("best fluent (CE <= 5, marked *): " + ("none" if fluent is None else
           f"{percent(fluent.fraction_of_max).strip()} of dataset max, {fluent.text!r}"))
+    print(f"best novel (fluent, sharing no run of {NOVEL_BELOW} tokens with the top dataset contexts, marked + on the "
+          "frontier): " + ("none" if novel is None else f"{percent(novel.fraction_of_max).strip()} of dataset max, "
+                           f"shared run {novel.longest_shared_run}, origin {novel.origin}, {novel.text!r}"))
     print("shared: the longest run of tokens shared with the feature's top dataset contexts (- without maxima)")
     if result.diverse:
         print(f"diverse ({len(result.diverse)} fluent, pairwise different, most active first)")
@@ -506,7 +537,7 @@ def cmd_serve(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from dreaming.bundle import WINDOW_LENGTH
     from dreaming.corpus import WritingConfig
-    from dreaming.maxima import MaximaConfig
+    from dreaming.maxima import SEARCH_ORDER, MaximaConfig
     from dreaming.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="dreaming", description=__doc__)
@@ -634,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                               cmd_search, feature=False)
     search.add_argument("--text", required=True)
     search.add_argument("--top", type=int, default=20, help="how many features (default: 20)")
+    search.add_argument("--order", choices=list(SEARCH_ORDERS), default=SEARCH_ORDER,
+                        help="content: positional features at the text's first token after every other hit; "
+                        f"fraction: by %% of max alone (default: {SEARCH_ORDER})")
     compare = explorer_command("compare", "top dataset examples beside the cached dreamed prompts", cmd_compare,
                                feature=True)
     compare.add_argument("--top", type=int, default=10, help="dataset examples shown (default: 10)")

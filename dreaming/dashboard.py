@@ -80,7 +80,17 @@ def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
             "fraction_of_max": fraction_of_max, "cross_entropy": point["cross_entropy"],
             "origin": point.get("origin"), "longest_shared_run": point.get("longest_shared_run"),
             "novel": is_novel(point.get("longest_shared_run")), "seed": result.get("seed"),
-            "token_ids": point["token_ids"], "counted_from": point["counted_from"]}
+            "yardstick": result.get("yardstick"), "token_ids": point["token_ids"],
+            "counted_from": point["counted_from"]}
+
+
+def _best(results: list[dict], name: str, dataset_max: float) -> dict | None:
+    """The most active of the results' `name` prompts ("best_fluent" or "best_novel"), as `_dreamed` gives it."""
+    found = [(result[name], result) for result in results if result.get(name)]
+    if not found:
+        return None
+    point, result = max(found, key=lambda found: found[0]["activation"])
+    return _dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
 
 
 def token_span(tokens: list[str], activations: list[float], start: int, stop: int) -> dict:
@@ -120,12 +130,14 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
 
     `dreams` are dream results as JSON dicts (see dreaming.epo.DreamResult). Those scored against the feature's
     dataset max now are current: their frontier prompts are listed in `dreams` (activation, % of the dataset
-    max, cross-entropy, origin, longest run shared with the top dataset contexts), strongest first, and the union
-    of their `diverse` sets (one entry per token sequence) in `diverse`. Results scored against another dataset
-    max (an earlier maxima build) are never shown as current: their prompts are in `stale_dreams`, with the max
-    they were scored against (`scored_against`) and their own recorded fraction of it. With `length`, each
-    example has `length_matched` (see `render_examples`). `intervals`: a few examples from each activation range
-    (`Maxima.interval_examples`), rendered like the top ones.
+    max, cross-entropy, origin, longest run shared with the top dataset contexts, the yardstick of a positional
+    feature's dream), strongest first, the union of their `diverse` sets (one entry per token sequence) in
+    `diverse`, and the most active of their best fluent and best novel prompts in `best_fluent`, `best_novel`.
+    Results scored against another dataset max (an earlier maxima build) are never shown as current: their
+    prompts are in `stale_dreams`, with the max they were scored against (`scored_against`) and their own
+    recorded fraction of it. With `length`, each example has `length_matched` (see `render_examples`).
+    `intervals`: a few examples from each activation range (`Maxima.interval_examples`), rendered like the top
+    ones.
     """
     summary = maxima.summary(feature)
     dataset_max = summary["dataset_max"]
@@ -144,7 +156,9 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
                       "scored_against": result.get("dataset_max")}
                      for result in stale for point in result.get("frontier", [])]
     stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
-    shade_dreams(lm, transcoder, feature, dreamed + list(diverse.values()) + stale_dreamed)
+    best = {name: _best(current, name, dataset_max) for name in ("best_fluent", "best_novel")}
+    shade_dreams(lm, transcoder, feature, dreamed + list(diverse.values()) + stale_dreamed
+                 + [dream for dream in best.values() if dream is not None])
     examples = page_examples(render_examples(lm, transcoder, maxima, feature, top=top, length=length,
                                              after=PAGE_AFTER))
     intervals = maxima.interval_examples(feature)  # rendered in one batch, then put back in their ranges
@@ -152,5 +166,5 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
                                                   examples=[e for r in intervals for e in r["examples"]])))
     intervals = [{**r, "examples": [next(rendered) for _ in r["examples"]]} for r in intervals]
     return {**summary, "examples": examples, "intervals": intervals, "length": length, "dreams": dreamed,
-            "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True),
+            "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True), **best,
             "stale_dreams": stale_dreamed}

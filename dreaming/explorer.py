@@ -6,7 +6,8 @@ similar features.
     explorer.search("How do I make a bomb?")
     explorer.compare("12/345")                     # dataset maxima beside the cached dreamed prompts
     explorer.similar("12/345")                     # the features with the closest decoder directions
-    explorer.dream_many(["12/345", "3/7"], DreamConfig())   # EPO, cached in the bundle
+    explorer.dream_many(["12/345", "3/7"], DreamConfig())   # EPO, cached in the bundle (a positional feature
+                                                            # in the bare template: dream_config)
 
 Every figure is measured in fp32 by `dreaming.activation` (the one measurement function). The CLI and the
 HTTP service are thin layers over this class: `dream_many` is the one path of a dream, for `dreaming dream`/`batch`
@@ -27,15 +28,24 @@ from dreaming.dream_cache import DreamCache
 from dreaming.epo import DreamConfig, DreamResult, Progress, dream_many, longest_run
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.dashboard import feature_page
-from dreaming.maxima import Maxima, search_features
+from dreaming.maxima import SEARCH_ORDER, Maxima, SearchOrder, search_features
 from dreaming.models import LanguageModel, best_device
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
+from dreaming.templates import split_template
 from dreaming.transcoders import Transcoder
 from dreaming.transcoder_files import LazyEncoder, read_config
 
 MAX_TEXTS = 64
 FEATURES_PER_CALL = 8  # features dreamed together, sharing every forward pass (the CLI's --batch-size)
+# A positional feature (Maxima.first_token) asked for in the model's chat template is dreamed in this one instead:
+# the prompt's first token is then a text's first token, where its dataset max was reached.
+FIRST_TOKEN_TEMPLATE = "{prompt}"
+# The yardstick of a positional feature's dream (DreamResult.yardstick): a max at a text's first token, which a
+# prompt reaches only when the template puts nothing before it.
+REACHABLE_YARDSTICK = "dataset max at a text's first token: dreamed with the prompt first, nothing before it"
+UNREACHABLE_YARDSTICK = ("dataset max at a text's first token: out of reach here, where the template puts text "
+                         "before the prompt")
 
 
 class Explorer:
@@ -101,7 +111,7 @@ class Explorer:
 
     def template(self, template: str | None) -> str | None:
         """A template as given (one `{prompt}` slot, checked), or "chat" for the model's chat template."""
-        from dreaming.templates import chat_template, split_template
+        from dreaming.templates import chat_template
 
         if template is None:
             return None
@@ -126,9 +136,10 @@ class Explorer:
                                           self.dataset_max(feature))
         return [asdict(result) for result in results]
 
-    def search(self, text: str, top: int = 20) -> list[dict]:
-        """The features most active on `text`, ranked by fraction of their dataset max, with density."""
-        return search_features(self.lm, self.encoder, self.require_maxima(), text, top)
+    def search(self, text: str, top: int = 20, order: SearchOrder = SEARCH_ORDER) -> list[dict]:
+        """The features most active on `text`, ranked by fraction of their dataset max, with density; by default
+        positional hits (a first-token feature at the text's first token) after content hits (`search_features`)."""
+        return search_features(self.lm, self.encoder, self.require_maxima(), text, top, order)
 
     def dreams(self, feature: Feature | str, current_only: bool = False) -> list[dict]:
         """Dream results cached on disk for this feature (any configuration), as JSON dicts: those scored against
@@ -142,44 +153,72 @@ class Explorer:
         """The features ("L/I") with a dream cached on disk for this bundle (current or stale)."""
         return self.cache.features(self.bundle.identity)
 
+    def dream_config(self, feature: Feature | str, config: DreamConfig) -> DreamConfig:
+        """The config a feature is dreamed under: `config`, but a positional feature (Maxima.first_token) asked for
+        in the model's chat template (template None) is dreamed in FIRST_TOKEN_TEMPLATE, where a prompt can reach
+        its max. Dreams are cached and keyed (dream_cache.dream_key) under this config."""
+        feature = self.feature(feature)
+        if config.template is None and self.maxima is not None and self.maxima.first_token(feature):
+            return config.model_copy(update={"template": FIRST_TOKEN_TEMPLATE})
+        return config
+
+    def yardstick(self, feature: Feature | str, config: DreamConfig) -> str | None:
+        """What a dream of `feature` under `config` (as dreamed: see `dream_config`) is scored against, when that is
+        not a max any prompt can reach: for a positional feature, a max at a text's first token, reachable only
+        when the template puts nothing before the prompt. None for every other feature."""
+        feature = self.feature(feature)
+        if self.maxima is None or not self.maxima.first_token(feature):
+            return None
+        prompt_first = config.template is not None and split_template(config.template)[0] == ""
+        return REACHABLE_YARDSTICK if prompt_first else UNREACHABLE_YARDSTICK
+
     def dream_many(self, features: list[Feature | str], config: DreamConfig, progress: Progress | None = None, *,
                    dataset_maxes: list[float | None] | None = None, more: bool = False,
                    continue_from: list[DreamResult] | None = None, read_cache: bool = True, write_cache: bool = True,
                    features_per_call: int = FEATURES_PER_CALL) -> list[DreamResult]:
         """EPO results for `features` under `config`, one per feature, in order: the one path of a dream.
 
-        Each feature is scored against its dataset max now (or `dataset_maxes`: the yardsticks a service's jobs
-        were keyed with). Results are read from (`read_cache`) and written to (`write_cache`) the bundle's dream
-        cache, keyed by `dream_cache.dream_key` (engine version included); the service, whose job store is its
-        cache, passes False for both. The rest runs `features_per_call` features at a time, sharing every forward
-        pass, searched in `config.dtype` and re-measured in fp32. `more` continues each feature's longest cached run of this search
+        Each feature is dreamed under `dream_config(feature, config)` (a positional feature in the bare template,
+        when `config` asks for the chat template) and scored against its dataset max now (or `dataset_maxes`: the
+        yardsticks a service's jobs were keyed with); the result's `yardstick` says what that max is for a
+        positional feature. Results are read from (`read_cache`) and written to (`write_cache`) the bundle's dream
+        cache, keyed by `dream_cache.dream_key` of that config (engine version included); the service, whose job
+        store is its cache, passes False for both. The rest runs `features_per_call` features of one config at a
+        time (the engine takes one config per call), sharing every forward pass, searched in `config.dtype` and
+        re-measured in fp32. `more` continues each feature's longest cached run of this search
         for `config.iterations` more (the result is the run of the summed length); `continue_from` gives the runs
         to continue instead. `progress(done, total, best)` counts iterations over every call; a string it returns
         stops the search (the result's `stopped`)."""
         features = [self.feature(feature) for feature in features]
+        configs = [self.dream_config(feature, config) for feature in features]
         maxes = dataset_maxes if dataset_maxes is not None else [self.dataset_max(f) for f in features]
         if len(maxes) != len(features):
             raise ValueError(f"{len(features)} features but {len(maxes)} dataset maxima")
         if more:
-            continue_from = [self._longest_cached_run(f, config, m) for f, m in zip(features, maxes)]
+            continue_from = [self._longest_cached_run(f, c, m) for f, c, m in zip(features, configs, maxes)]
         continue_from = continue_from or [None] * len(features)
         lookup = read_cache and not any(continue_from)
-        results = {f: self.cache.get(self.bundle.identity, f, config, m) if lookup else None
-                   for f, m in zip(features, maxes)}
+        results = {f: self.cache.get(self.bundle.identity, f, c, m) if lookup else None
+                   for f, c, m in zip(features, configs, maxes)}
         todo = [i for i, f in enumerate(features) if results[f] is None]
         total, offset = len(todo) * config.seeds * config.iterations, 0
+        by_template = {}  # the features to dream under each config (they differ in their template only)
+        for i in todo:
+            by_template.setdefault(configs[i].template, []).append(i)
+        calls = [same[start : start + features_per_call] for same in by_template.values()
+                 for start in range(0, len(same), features_per_call)]
 
         def overall(done: int, _: int, best: float | None) -> str | None:  # a call's progress, counted over all
             return progress(offset + done, total, best)
 
-        for start in range(0, len(todo), features_per_call):
-            group = todo[start : start + features_per_call]
-            maxima = self.maxima
+        for group in calls:
+            maxima, call_config = self.maxima, configs[group[0]]
             contexts = [maxima.top_contexts(features[i]) if maxima is not None else None for i in group]
-            dreamed = dream_many(self.search_model(config.dtype), self.encoder, [features[i] for i in group], config,
-                                 [maxes[i] for i in group], overall if progress else None, self.lm, contexts,
-                                 [continue_from[i] for i in group])
+            dreamed = dream_many(self.search_model(config.dtype), self.encoder, [features[i] for i in group],
+                                 call_config, [maxes[i] for i in group], overall if progress else None, self.lm,
+                                 contexts, [continue_from[i] for i in group])
             for i, result in zip(group, dreamed):
+                result = result.model_copy(update={"yardstick": self.yardstick(features[i], call_config)})
                 if write_cache:
                     self.cache.put(self.bundle.identity, result)
                 results[features[i]] = result
@@ -211,10 +250,11 @@ class Explorer:
 
     def similar(self, feature: Feature | str, top: int = 10) -> list[dict]:
         """The `top` features whose decoder directions are closest (cosine) to this one's (dreaming.similar), each
-        with its density and dataset max when the bundle has maxima."""
+        with its density, dataset max and whether it is positional (`first_token`) when the bundle has maxima."""
         found = similar_features(self.bundle.transcoder_reference, self.feature(feature), top)
         if self.maxima is not None:
             for hit in found:
                 summary = self.maxima.summary(parse_feature(hit["feature"]))
-                hit.update(density=summary["density"], dataset_max=summary["dataset_max"])
+                hit.update(density=summary["density"], dataset_max=summary["dataset_max"],
+                           first_token=summary["first_token"])
         return found

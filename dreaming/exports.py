@@ -33,15 +33,19 @@ The formats, as their public sources define them:
 What an export writes. A feature's examples are its top dataset examples and its interval examples
 (`Maxima.interval_examples`), each window re-measured in fp32 (`measure_token_ids`) for its per-token values; the
 example's own activation stays the one the maxima pass stored (the yardstick, which import reads back exactly).
-  circuit-tracer: groups "top activations", one per activation range ("activations in (0.316, 1]", ...) and
-    "dreams": the bundle's cached dreams scored against the current dataset max (frontier and diverse set, most
-    active first, at most MAX_DREAMS), each measured as it was dreamed; act_min 0, act_max the dataset max;
+  circuit-tracer: groups "top activations" (named "top activations (positional: fires on a text's first token)"
+    for a positional feature, Maxima.first_token), one per activation range ("activations in (0.316, 1]", ...),
+    and from the bundle's cached dreams scored against the current dataset max: "best fluent dream" and "best
+    novel dream" (the most active of their best_fluent and best_novel prompts), then "dreams" (frontier and
+    diverse set, most active first, at most MAX_DREAMS), each measured as it was dreamed, their names followed by
+    the dreams' yardstick for a positional feature (DreamResult.yardstick); act_min 0, act_max the dataset max;
     histogram and quantile_values from the maxima's log-binned histogram (uniform inside a bin); top and bottom
     logits from `output_tokens`. Newlines and tabs show as ⏎ and →.
   Neuronpedia: maxValue, maxValueTokenIndex = the stored value and its token (for an interval example a sampled
     token, not necessarily the window's max); values re-measured; maxActApprox = the dataset max, frac_nonzero =
     density, freq_hist_data_bar_* = that histogram, pos_str/neg_str = the output tokens; the other columns empty.
-    No dreams: they are not dataset examples, and import would take them for the yardstick.
+    No dreams: they are not dataset examples, and import would take them for the yardstick. The format has no
+    field for a positional feature: its top record's maxValueTokenIndex (1, a text's first token) shows it.
 
 What import fills. A feature's top records (binMin -1; all its records when none is marked) become its top
 examples, at most one per window, strongest first: max_activation = the largest maxValue (float32, exact),
@@ -78,6 +82,7 @@ from dreaming.special_tokens import bos_token_id, pad_token_id
 from dreaming.activation import TextActivation, measure_token_ids
 from dreaming.bundle import Bundle
 from dreaming.corpus import Windows, save_windows
+from dreaming.epo import NOVEL_BELOW
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, check_feature
 from dreaming.maxima import FORMAT_VERSION, HISTOGRAM_EDGES, Maxima, load_maxima
@@ -87,6 +92,9 @@ from dreaming.transcoders import Transcoder
 from dreaming.transcoder_files import LazyEncoder, read_config
 
 TOP_GROUP, DREAMS_GROUP = "top activations", "dreams"
+FIRST_TOKEN_GROUP = f"{TOP_GROUP} (positional: fires on a text's first token)"  # a positional feature's top group
+BEST_GROUPS = {"best_fluent": "best fluent dream",  # a dream result's field: the group of the most active of them
+               "best_novel": f"best novel dream (no run of {NOVEL_BELOW} tokens shared with the top activations)"}
 MAX_DREAMS = 20  # dreamed prompts per feature in the circuit-tracer file
 OUTPUT_TOKENS = 10  # top and bottom logits per feature
 HISTOGRAM_BINS, FINE_GRID = 50, 1000  # equal bins over [0, max]; the grid quantiles are read on
@@ -139,14 +147,28 @@ def dream_points(results: Iterable[dict]) -> list[dict]:
     return sorted(points.values(), key=lambda p: p["activation"], reverse=True)[:MAX_DREAMS]
 
 
+def dream_groups(results: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(name, prompts) of the groups of dream results (JSON dicts) that have any: the most active of their best
+    fluent and of their best novel prompts, then their distinct prompts (`dream_points`); the names end with the
+    results' yardsticks (a positional feature's), if any."""
+    groups = [(name, [max(found, key=lambda p: p["activation"])]) for field, name in BEST_GROUPS.items()
+              if (found := [result[field] for result in results if result.get(field)])]
+    points = dream_points(results)
+    groups += [(DREAMS_GROUP, points)] if points else []
+    yardsticks = "".join(f" ({y})" for y in sorted({r["yardstick"] for r in results if r.get("yardstick")}))
+    return [(name + yardsticks, points) for name, points in groups]
+
+
 def measured_groups(lm: LanguageModel, encoder: Transcoder | LazyEncoder, maxima: Maxima, feature: Feature,
                     dreams: Iterable[dict] = ()) -> list[dict]:
     """The feature's examples in groups, every sequence re-measured in one batched call: the top examples, each
-    activation range's (highest first), then the dreamed prompts of `dreams` (dream results as JSON dicts) when
-    there are any. Each group: {"name", "low", "high" (the range's bounds, else None), "examples": [Example]}."""
+    activation range's (highest first), then the dream groups of `dreams` (dream results as JSON dicts; see
+    `dream_groups`) when there are any. Each group: {"name", "low", "high" (the range's bounds, else None),
+    "examples": [Example]}."""
     groups = [{"name": TOP_GROUP, "low": None, "high": None, "examples": maxima.top_examples(feature)}]
     groups += [{"name": range_name(r["low"], r["high"]), **r} for r in maxima.interval_examples(feature)]
-    points = dream_points(dreams)
+    dreamed = dream_groups(list(dreams))
+    points = [point for _, group in dreamed for point in group]
     sequences = [ids for group in groups for ids, _ in maxima.contexts(group["examples"])]
     counted_from = [1] * len(sequences) + [p["counted_from"] for p in points]
     sequences += [p["token_ids"] for p in points]
@@ -154,12 +176,12 @@ def measured_groups(lm: LanguageModel, encoder: Transcoder | LazyEncoder, maxima
     for group in groups:
         group["examples"] = [Example(value, position, window, next(measured))
                              for value, window, position in group["examples"]]
-    if points:
-        dreamed = []
-        for m in measured:
+    for name, group in dreamed:
+        examples = []
+        for m in (next(measured) for _ in group):
             position = m.counted_from + int(np.argmax(m.token_activations[m.counted_from:]))
-            dreamed.append(Example(m.activation, position, None, m))
-        groups.append({"name": DREAMS_GROUP, "low": None, "high": None, "examples": dreamed})
+            examples.append(Example(m.activation, position, None, m))
+        groups.append({"name": name, "low": None, "high": None, "examples": examples})
     return groups
 
 
@@ -227,7 +249,9 @@ def circuit_tracer_feature(maxima: Maxima, feature: Feature, groups: list[dict],
                              "tokens": [piece.translate(DISPLAY) for piece in example.measured.pieces]})
             seen.add(example.window)
         if examples:
-            quantiles.append({"quantile_name": group["name"], "examples": examples})
+            positional = group["name"] == TOP_GROUP and maxima.first_token(feature)
+            quantiles.append({"quantile_name": FIRST_TOKEN_GROUP if positional else group["name"],
+                              "examples": examples})
     _, histogram, quantile_values = activation_distribution(maxima, feature)
     density = float(maxima.arrays["density"][feature.layer, feature.index])
     return {"transcoder_id": scan, "index": cantor_id(feature), "examples_quantiles": quantiles,

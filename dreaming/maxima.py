@@ -14,6 +14,11 @@ shards of whole batches (dreaming/maxima_ray.py). On disk (a directory): `maxima
 format version, the identity of the model + transcoder, sources, token counts) and `windows/` (the corpus
 token ids, memory-mapped on load), so contexts and per-token values are rendered on demand by re-running
 the window, and re-measuring an example's window reproduces its value.
+
+A feature is *positional* ("first-token") when its strongest dataset example is a text's first token (position 1,
+right after the BOS; `Maxima.first_token`): its max is a fact about position, which a prompt inside a template
+cannot reach. Search ranks such a feature's hits at a text's first token after every content hit unless asked
+to rank by fraction of max alone (`search_features`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -52,6 +59,11 @@ INTERVAL_EDGES = HISTOGRAM_EDGES[1::4]  # every 4th histogram edge: range = (his
 # up to 2**31 active tokens per feature)
 FRACTION_SCALE = 2**32
 DENSE_ABOVE = 0.1  # a feature active on more than this fraction of tokens counts as dense
+FIRST_TOKEN = 1  # the position of a text's first token (the BOS is at 0)
+SearchOrder = Literal["content", "fraction"]
+# how search ranks its hits by default: "content" lists positional hits (a positional feature at the text's first
+# token) after every content hit; "fraction" ranks by fraction of max alone
+SEARCH_ORDER: SearchOrder = "content"
 
 
 @dataclass
@@ -250,11 +262,23 @@ class Maxima:
         self.check(feature)
         return float(self.arrays["max_activation"][feature.layer, feature.index])
 
+    @cached_property
+    def first_token_features(self) -> torch.Tensor:
+        """[L, F] bool: the positional features, whose strongest dataset example is a text's first token."""
+        return (self.arrays["top_position"][..., 0] == FIRST_TOKEN) & (self.arrays["top_window"][..., 0] >= 0)
+
+    def first_token(self, feature: Feature) -> bool:
+        """Is the feature positional: is its strongest dataset example a text's first token (position 1)?"""
+        self.check(feature)
+        return bool(self.first_token_features[feature.layer, feature.index])
+
     def summary(self, feature: Feature) -> dict:
-        """The feature's statistics (no contexts): max, density, mean when active, histogram, max per source."""
+        """The feature's statistics (no contexts): max, density, mean when active, histogram, max per source,
+        whether it is positional (`first_token`) and the share of its top examples at a text's first token."""
         self.check(feature)
         at = (feature.layer, feature.index)
         edges = self.arrays["histogram_edges"].tolist()
+        positions = [position for _, _, position in self.top_examples(feature)]
         return {
             "feature": str(feature),
             "dataset_max": float(self.arrays["max_activation"][at]),
@@ -262,6 +286,8 @@ class Maxima:
             "mean_when_active": float(self.arrays["mean_active"][at]),
             "dead": bool(self.arrays["active_count"][at] == 0),
             "dense": bool(self.arrays["density"][at] > DENSE_ABOVE),
+            "first_token": self.first_token(feature),
+            "first_token_share": positions.count(FIRST_TOKEN) / len(positions) if positions else 0.0,
             "source_max": dict(zip(self.sources, self.arrays["source_max"][at].tolist())),
             "histogram": {"edges": edges, "counts": self.arrays["histogram"][at].tolist(),
                           "note": "bin 0: inactive tokens; bin i: (edges[i-1], edges[i]]; last bin: above"},
@@ -415,10 +441,16 @@ def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
 
 
 def search_features(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, maxima: Maxima, text: str,
-                    top: int = 20) -> list[dict]:
-    """The features most active on `text`, ranked by fraction of their dataset max (dead features skipped)."""
+                    top: int = 20, order: SearchOrder = SEARCH_ORDER) -> list[dict]:
+    """The features most active on `text`, ranked by fraction of their dataset max (dead features skipped).
+
+    A hit is `positional` when its feature is (`first_token`) and its max on this text is at the text's first
+    token: order "content" (the default) ranks positional hits after every content hit, "fraction" ranks every
+    hit by fraction of max alone."""
     if not 1 <= top <= 1000:
         raise ValueError(f"top must be in 1..1000, got {top}")
+    if order not in get_args(SearchOrder):
+        raise ValueError(f"order must be one of {', '.join(get_args(SearchOrder))}, got {order!r}")
     ids = tokenize_text(lm, text)
     input_ids = torch.tensor([ids], device=lm.device)
     by_layer = layer_activations(lm, transcoder, input_ids)
@@ -427,12 +459,15 @@ def search_features(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, max
     dataset_max = maxima.arrays["max_activation"]
     fraction = torch.where(dataset_max > 0, activation / dataset_max.clamp(min=1e-12), 0.0)
     fraction = torch.where(activation > 0, fraction, 0.0)
-    values, flat = fraction.flatten().topk(min(top, fraction.numel()))
+    positional = maxima.first_token_features & (position == FIRST_TOKEN)
+    if order == "content":
+        ranked = [*strongest_hits(torch.where(positional, 0.0, fraction), top),
+                  *strongest_hits(torch.where(positional, fraction, 0.0), top)][:top]
+    else:
+        ranked = strongest_hits(fraction, top)
     tokens = lm.tokenizer.convert_ids_to_tokens(ids)
     found = []
-    for value, index in zip(values.tolist(), flat.tolist()):
-        if value <= 0:
-            break
+    for value, index in ranked:
         layer, feature_index = divmod(index, fraction.shape[1])
         at = (layer, feature_index)
         found.append({
@@ -442,5 +477,14 @@ def search_features(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, max
             "dataset_max": float(dataset_max[at]),
             "density": float(maxima.arrays["density"][at]),
             "max_token": token_pieces(lm, [tokens[int(position[at])]])[0],
+            "max_position": int(position[at]),
+            "first_token": bool(maxima.first_token_features[at]),
+            "positional": bool(positional[at]),
         })
     return found
+
+
+def strongest_hits(fraction: torch.Tensor, top: int) -> list[tuple[float, int]]:
+    """[(fraction, flat index)] of the `top` largest fractions above 0 of an [L, F] array, largest first."""
+    values, flat = fraction.flatten().topk(min(top, fraction.numel()))
+    return [(value, index) for value, index in zip(values.tolist(), flat.tolist()) if value > 0]

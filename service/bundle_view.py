@@ -19,7 +19,7 @@ import torch
 
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
-from dreaming.maxima import DENSE_ABOVE
+from dreaming.maxima import DENSE_ABOVE, SEARCH_ORDER, SearchOrder
 from service.schemas import FeaturePage
 
 PAGE_CACHE_SIZE = 1024
@@ -105,8 +105,8 @@ class BundleView:
     async def activations(self, feature: Feature, texts: list[str], template: str | None = None) -> list[dict]:
         return await self._on_model_thread(self.explorer.activation, feature, texts, template)
 
-    async def search(self, text: str, top: int) -> list[dict]:
-        return await self._on_model_thread(self.explorer.search, text, top)
+    async def search(self, text: str, top: int, order: SearchOrder = SEARCH_ORDER) -> list[dict]:
+        return await self._on_model_thread(self.explorer.search, text, top, order)
 
     async def page(self, feature: Feature, dreams: list[dict]) -> FeaturePage:
         """The comparison page of a feature beside `dreams` (the service's stored results for it)."""
@@ -125,7 +125,8 @@ class BundleView:
         density = float(arrays["density"][at])
         return {"feature": str(feature), "dataset_max": float(arrays["max_activation"][at]), "density": density,
                 "mean_when_active": float(arrays["mean_active"][at]), "dead": bool(arrays["active_count"][at] == 0),
-                "dense": density > DENSE_ABOVE, "has_dreams": has_dreams}
+                "dense": density > DENSE_ABOVE, "first_token": self.maxima.first_token(feature),
+                "has_dreams": has_dreams}
 
     def browse(self, with_dreams: set[str], layer: int | None = None, live: bool = False, dense: bool | None = None,
                dreams: bool = False, sort: str = "index", offset: int = 0, limit: int = 50) -> dict:

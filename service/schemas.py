@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dreaming.epo import DreamConfig, DreamResult
+from dreaming.maxima import SEARCH_ORDER, SearchOrder
 from dreaming.templates import split_template
 
 
@@ -47,6 +48,9 @@ class ActivationsRequest(Strict):
 class SearchRequest(Strict):
     text: str = Field(min_length=1, examples=["def main():"])
     top: int = Field(20, ge=1)
+    order: SearchOrder = Field(SEARCH_ORDER, description="content: positional hits (a feature whose top dataset "
+                               "example is a text's first token, at this text's first token) rank after every "
+                               "other hit; fraction: by fraction of max alone")
 
 
 class Progress(BaseModel):
@@ -85,7 +89,14 @@ class JobSummary(BaseModel):
     progress: Progress | None = None
     error: str | None = None
     best_fluent_fraction_of_max: float | None = None  # of the result, when done
+    best_fluent_activation: float | None = None
+    best_fluent_cross_entropy: float | None = None
     best_fluent_prompt: str | None = None
+    best_novel_fraction_of_max: float | None = None  # the same of its best novel prompt
+    best_novel_activation: float | None = None
+    best_novel_cross_entropy: float | None = None
+    best_novel_prompt: str | None = None
+    yardstick: str | None = None  # a positional feature's (DreamResult.yardstick)
 
 
 class BatchSummary(BaseModel):
@@ -102,6 +113,7 @@ class FeatureStats(BaseModel):
     mean_when_active: float
     dead: bool
     dense: bool
+    first_token: bool  # positional: its top dataset example is a text's first token (fires there whatever follows)
 
 
 class FeatureRow(FeatureStats):
@@ -120,6 +132,7 @@ class SimilarFeature(BaseModel):
     cosine: float  # of the normalised decoder vectors, concatenated over every output layer
     dataset_max: float
     density: float
+    first_token: bool  # positional: its top dataset example is a text's first token
 
 
 class JobList(BaseModel):
@@ -145,10 +158,13 @@ class BatchList(BaseModel):
 class SearchHit(BaseModel):
     feature: str
     activation: float  # the feature's max over the text's tokens
-    fraction_of_max: float  # of its dataset max: the ranking
+    fraction_of_max: float  # of its dataset max: the ranking (content first unless the request's order is fraction)
     dataset_max: float
     density: float
     max_token: str  # the token where it is highest, as display text
+    max_position: int  # its position (1: the text's first token, after the BOS)
+    first_token: bool  # the feature is positional: its top dataset example is a text's first token
+    positional: bool  # a positional feature at this text's first token: ranked after the content hits
 
 
 class TokenSpan(BaseModel):
@@ -197,6 +213,7 @@ class DreamedPrompt(TokenSpan):
     novel: bool
     seed: int | None
     counted_from: int
+    yardstick: str | None = None  # a positional feature's: what its dataset max is (DreamResult.yardstick)
     scored_against: float | None = None  # stale dreams only: the dataset max of the build they were scored against
 
 
@@ -213,6 +230,7 @@ class OutputTokens(BaseModel):
 
 class FeaturePage(FeatureStats):
     """A feature's statistics and top dataset examples beside its dreamed prompts (GET /features/L/I)."""
+    first_token_share: float  # of its top dataset examples, those at a text's first token
     source_max: dict[str, float]
     histogram: Histogram
     tokens: int  # of the maxima corpus
@@ -221,6 +239,8 @@ class FeaturePage(FeatureStats):
     length: int | None  # the dream length the examples' length_matched figures use
     dreams: list[DreamedPrompt]  # the frontier prompts of current dreams, strongest first
     diverse: list[DreamedPrompt]
+    best_fluent: DreamedPrompt | None  # the most active of the current dreams' best fluent prompts
+    best_novel: DreamedPrompt | None  # and of their best novel ones (no run of 4 tokens shared with the data)
     stale_dreams: list[DreamedPrompt]  # scored against another maxima build's max
     output_tokens: OutputTokens
 

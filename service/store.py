@@ -75,10 +75,10 @@ class Store(ABC):
         (a failed one is queued again), else a new queued job."""
 
     @abstractmethod
-    def submit_batch(self, identity: str, features: list[str], config: dict,
+    def submit_batch(self, identity: str, features: list[str], configs: list[dict],
                      dataset_maxes: list[float | None]) -> Batch:
-        """One job per feature (coalescing as `submit`; `dataset_maxes` in the order of `features`) and a batch
-        that lists them, in one transaction."""
+        """One job per feature (coalescing as `submit`; `configs` and `dataset_maxes` in the order of `features`)
+        and a batch that lists them, in one transaction."""
 
     @abstractmethod
     def job(self, job_id: str) -> Job | None: ...
@@ -251,13 +251,14 @@ class SQLiteStore(Store):
             job_id = self._submit(db, identity, feature, config, dataset_max, time.time())
             return self._select_jobs(db, "jobs.id = ?", (job_id,))[0]
 
-    def submit_batch(self, identity, features, config, dataset_maxes):
-        if len(dataset_maxes) != len(features):
-            raise ValueError(f"{len(features)} features but {len(dataset_maxes)} dataset maxima")
+    def submit_batch(self, identity, features, configs, dataset_maxes):
+        if not len(configs) == len(dataset_maxes) == len(features):
+            raise ValueError(f"{len(features)} features but {len(configs)} configs and {len(dataset_maxes)} "
+                             "dataset maxima")
         now = time.time()
         with self._transaction() as db:
             job_ids = [self._submit(db, identity, feature, config, dataset_max, now)
-                       for feature, dataset_max in zip(features, dataset_maxes)]
+                       for feature, config, dataset_max in zip(features, configs, dataset_maxes)]
             batch_id = uuid.uuid4().hex
             db.execute("INSERT INTO batches (id, created, identity) VALUES (?, ?, ?)", (batch_id, now, identity))
             db.executemany("INSERT INTO batch_jobs (batch_id, position, job_id) VALUES (?, ?, ?)",

@@ -121,6 +121,53 @@ def test_search_then_feature_page_shows_the_api_values(tab, client):
     assert tab.errors == []
 
 
+def test_search_lists_positional_features_last_unless_ordered_by_fraction_and_badges_them(tab, client):
+    page = tab.open("/")
+    text = "sun cat sat on the mat"  # 1/2, a positional feature, peaks at its first token
+    for order in ("content", "fraction"):
+        page.select_option("#search-order", order)
+        page.fill("#search-text", text)
+        page.click("#search-form button[type=submit]")
+        found = client.post("/v1/search", json={"text": text, "top": 20, "order": order}).json()
+        first = found[0]["feature"]
+        page.wait_for_function(f"document.querySelector('#search-results tbody a.feature')?.textContent === '{first}'")
+        rows = page.eval_on_selector_all("#search-results tbody tr", "rows => rows.map(r => r.innerText.split('\\t'))")
+        assert [row[0] for row in rows] == [hit["feature"] for hit in found]
+        assert [row[-1] == "fires on a text's first token" for row in rows] == [hit["first_token"] for hit in found]
+        note = page.inner_text("#search-note")
+        assert ("are listed last" in note) == (order == "content") and "fire on a text's first token" in note
+    assert first == "1/2"  # by fraction alone the positional feature comes first; content first, past the top 20
+    assert found[0]["positional"] and not any(hit["positional"] for hit in client.post(
+        "/v1/search", json={"text": text, "top": 20}).json())
+    assert tab.errors == []
+
+
+def test_a_positional_feature_is_explained_and_dreamed_in_the_bare_template(tab, client):
+    page = tab.open("/features/1/2")
+    assert page.is_visible("#first-token") and "fires on a text's first token" in page.inner_text("#first-token")
+    assert "bare template {prompt}" in page.inner_text("#first-token")
+    page.fill("#dream-iterations", "3")
+    page.click("#dream-form summary")
+    chat = {name: value for name, value in DREAM_SETTINGS.items() if name != "template"}  # the chat template
+    page.fill("#dream-config", json.dumps(chat))
+    page.click("#dream-button")
+    page.wait_for_function("document.querySelector('#dream-progress').textContent.startsWith('done')")
+    page.wait_for_selector("#frontier-table tr.dream")
+    job = client.post("/v1/dreams", json={"feature": "1/2", "config": {**chat, "iterations": 3}}).json()
+    assert job["status"] == "done" and job["result"]["config"]["template"] == "{prompt}"  # the same job
+    yardstick = job["result"]["yardstick"]
+    assert yardstick.startswith("dataset max at a text's first token: dreamed with the prompt first")
+    feature = client.get("/v1/features/1/2").json()
+    assert feature["first_token"] and yardstick in {dream["yardstick"] for dream in feature["dreams"]}
+    assert f"Yardstick: {yardstick}." in page.inner_text("#dream-yardstick")
+    best = page.eval_on_selector_all("#best-table tr.dream", "rows => rows.map(r => r.innerText.split('\\t'))")
+    expected = [(name, feature[key]) for name, key in (("best fluent", "best_fluent"), ("best novel", "best_novel"))
+                if feature[key]]
+    assert [(row[0], row[1]) for row in best] == [(name, f"{100 * dream['fraction_of_max']:.1f}%")
+                                                  for name, dream in expected]
+    assert tab.errors == []
+
+
 def test_the_second_bundle_picked_on_the_home_page_is_carried_to_its_feature_page(tab, client):
     page = tab.open("/")
     assert page.is_visible("#bundle-picker")
@@ -183,7 +230,7 @@ def test_a_prompt_is_shaded_live(tab, client):
 
 def test_dream_from_the_page(tab, client):
     page = tab.open("/features/2/5")
-    assert "No dream yet" in page.inner_text("#frontier-table")
+    assert "No dream yet" in page.inner_text("#frontier-table") and page.is_hidden("#first-token")
     page.fill("#dream-iterations", "3")
     page.click("#dream-form summary")
     page.fill("#dream-config", json.dumps(DREAM_SETTINGS))
@@ -218,11 +265,15 @@ def test_batch_fills_its_table_and_downloads(tab, client, tmp_path):
     expected = [f"{100 * job['best_fluent_fraction_of_max']:.1f}%" if job["best_fluent_fraction_of_max"] is not None
                 else "–" for job in summary["jobs"]]
     assert [row[2] for row in rows] == expected
+    assert [row[4] for row in rows] == [f"{100 * job['best_novel_fraction_of_max']:.1f}%"
+                                        if job["best_novel_fraction_of_max"] is not None else "–"
+                                        for job in summary["jobs"]]
     assert page.url.endswith(f"/batch?id={batch_id}")
 
     downloaded = page.request.get(tab.url + page.get_attribute("#download-csv", "href"))
     lines = list(csv.DictReader(io.StringIO(downloaded.text())))
     assert [line["feature"] for line in lines] == ["0/3", "1/4", "2/6"] and {line["status"] for line in lines} == {"done"}
+    assert [line["best_novel_prompt"] for line in lines] == [job["best_novel_prompt"] or "" for job in summary["jobs"]]
     results = page.request.get(tab.url + page.get_attribute("#download-json", "href")).json()
     assert [job["result"]["feature"] for job in results] == ["0/3", "1/4", "2/6"]
     with page.expect_download() as clicked:  # the link itself fetches (with the key, when reads need it)

@@ -29,7 +29,7 @@ def test_a_new_dataset_max_makes_a_new_job_and_keeps_the_old_result(tmp_path):
     new = store.submit("id", "1/1", CONFIG, 2 * MAX)  # the maxima were rebuilt: the same request is new work
     assert new.id != old.id and new.status == QUEUED and store.submit("id", "1/1", CONFIG, MAX).status == DONE
     assert store.results_for("id", "1/1") == [{"dataset_max": MAX}]
-    batch = store.submit_batch("id", ["1/1", "1/2"], CONFIG, [2 * MAX, MAX])
+    batch = store.submit_batch("id", ["1/1", "1/2"], [CONFIG] * 2, [2 * MAX, MAX])
     assert batch.job_ids[0] == new.id
 
 
@@ -59,6 +59,19 @@ def test_claim_takes_one_config_oldest_first_and_skips_other_bundles(tmp_path):
     assert store.claim("id", 16) == []
 
 
+def test_a_batch_keys_each_job_by_its_own_config(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite")
+    batch = store.submit_batch("id", ["1/1", "1/2", "1/3"], [CONFIG, OTHER, CONFIG], [MAX] * 3)
+    jobs = store.jobs(batch.job_ids)
+    assert [job.config for job in jobs] == [CONFIG, OTHER, CONFIG]
+    assert [job.key for job in jobs] == [job_key("id", f, c, MAX) for f, c in zip(["1/1", "1/2", "1/3"],
+                                                                                  [CONFIG, OTHER, CONFIG])]
+    assert [job.feature for job in store.claim("id", 16)] == ["1/1", "1/3"]  # one config per call
+    assert store.submit("id", "1/2", OTHER, MAX).id == batch.job_ids[1]
+    with pytest.raises(ValueError, match="2 features but 1 configs"):
+        store.submit_batch("id", ["1/1", "1/2"], [CONFIG], [MAX] * 2)
+
+
 def test_result_is_stored_once_and_returned_with_the_job(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
     job = store.submit("id", "1/1", CONFIG, MAX)
@@ -86,7 +99,7 @@ def test_a_stale_claim_cannot_complete_after_requeue(tmp_path):
 def test_recover_requeues_running_jobs_and_keeps_done_ones(tmp_path):
     path = tmp_path / "jobs.sqlite"
     store = SQLiteStore(path)
-    store.submit_batch("id", ["1/1", "1/2"], CONFIG, [MAX] * 2)
+    store.submit_batch("id", ["1/1", "1/2"], [CONFIG] * 2, [MAX] * 2)
     done, interrupted = store.claim("id", 2)
     store.complete(done, {"r": 1})
     store.set_progress([interrupted.id], {"done": 1, "total": 3})
@@ -111,7 +124,7 @@ def test_failed_job_is_queued_again_on_resubmission(tmp_path):
 def test_batch_lists_its_jobs_in_order_and_shares_existing_ones(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
     single = store.submit("id", "2/5", CONFIG, MAX)
-    batch = store.submit_batch("id", ["1/1", "2/5", "0/3"], CONFIG, [MAX] * 3)
+    batch = store.submit_batch("id", ["1/1", "2/5", "0/3"], [CONFIG] * 3, [MAX] * 3)
     assert store.batch(batch.id).job_ids == batch.job_ids and batch.job_ids[1] == single.id
     assert [job.feature for job in store.jobs(batch.job_ids)] == ["1/1", "2/5", "0/3"]
     assert store.batch("nope") is None and store.job("nope") is None
@@ -235,14 +248,14 @@ def test_jobs_and_batches_are_listed_newest_first_page_by_page(tmp_path):
     assert {total for total, _ in pages} == {5}
     assert [job.id for _, page in pages for job in page] == ids[::-1]
     assert store.list_jobs("id", RUNNING, 0, 10) == (1, [store.job(claimed.id)])
-    batches = [store.submit_batch("id", ["2/1", "2/2"], CONFIG, [MAX, MAX]).id for _ in range(3)]
+    batches = [store.submit_batch("id", ["2/1", "2/2"], [CONFIG] * 2, [MAX, MAX]).id for _ in range(3)]
     total, page = store.list_batches("id", 1, 5)
     assert total == 3 and [batch.id for batch in page] == batches[::-1][1:] and len(page[0].job_ids) == 2
 
 
 def test_a_large_batch_and_single_requests_take_turns(tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite")
-    batch = store.submit_batch("id", [f"1/{i}" for i in range(6)], CONFIG, [MAX] * 6)  # more than one call takes
+    batch = store.submit_batch("id", [f"1/{i}" for i in range(6)], [CONFIG] * 6, [MAX] * 6)  # more than one call takes
     single = store.submit("id", "2/1", OTHER, MAX)  # asked for after the batch
     assert [job.id for job in store.claim("id", 2)] == [single.id]  # small requests first
     assert [job.id for job in store.claim("id", 2, bulk_first=True)] == batch.job_ids[:2]

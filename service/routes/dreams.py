@@ -23,8 +23,10 @@ from service.schemas import (BatchList, BatchOut, BatchRequest, BatchSummary, Dr
 from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch, Job
 
 EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
-CSV_COLUMNS = ["feature", "status", "best_fluent_fraction_of_max", "best_fluent_activation",
-               "best_fluent_cross_entropy", "best_fluent_prompt", "dataset_max", "iterations", "error", "job_id"]
+BEST = ("best_fluent", "best_novel")  # a result's best prompts, each summed up by these fields of its own
+BEST_FIELDS = ("fraction_of_max", "activation", "cross_entropy", "prompt")
+CSV_COLUMNS = ["feature", "status", *(f"{best}_{field}" for best in BEST for field in BEST_FIELDS), "dataset_max",
+               "yardstick", "iterations", "error", "job_id"]
 
 
 def job_fields(job: Job) -> dict:
@@ -38,10 +40,15 @@ def job_out(job: Job) -> JobOut:
     return JobOut(**job_fields(job), result=job.result)
 
 
+def best_prompts(result: dict, empty=None) -> dict:
+    """`best_fluent_prompt`, `best_novel_fraction_of_max`, ...: the figures of a result's best prompts (`empty`
+    where it has none)."""
+    return {f"{best}_{field}": (result.get(best) or {}).get(field, empty) for best in BEST for field in BEST_FIELDS}
+
+
 def job_summary(job: Job) -> JobSummary:
-    best = (job.result or {}).get("best_fluent") or {}
-    return JobSummary(**job_fields(job), best_fluent_fraction_of_max=best.get("fraction_of_max"),
-                      best_fluent_prompt=best.get("prompt"))
+    result = job.result or {}
+    return JobSummary(**job_fields(job), **best_prompts(result), yardstick=result.get("yardstick"))
 
 
 def counts(jobs: list[Job]) -> dict[str, int]:
@@ -59,19 +66,15 @@ def batch_status(jobs: list[Job]) -> str:
 
 
 def batch_csv(jobs: list[Job]) -> str:
-    """One line per job: its best fluent prompt's figures (empty until done)."""
+    """One line per job: its best fluent and best novel prompts' figures (empty until done)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, CSV_COLUMNS)
     writer.writeheader()
     for job in jobs:
         result = job.result or {}
-        best = result.get("best_fluent") or {}
         writer.writerow({"feature": job.feature, "status": job.status, "job_id": job.id, "error": job.error or "",
-                         "best_fluent_fraction_of_max": best.get("fraction_of_max", ""),
-                         "best_fluent_activation": best.get("activation", ""),
-                         "best_fluent_cross_entropy": best.get("cross_entropy", ""),
-                         "best_fluent_prompt": best.get("prompt", ""), "dataset_max": result.get("dataset_max", ""),
-                         "iterations": result.get("iterations", "")})
+                         **best_prompts(result, ""), "dataset_max": result.get("dataset_max", ""),
+                         "yardstick": result.get("yardstick") or "", "iterations": result.get("iterations", "")})
     return out.getvalue()
 
 
@@ -136,7 +139,8 @@ def router(service: Service, bundle, keyed: list) -> APIRouter:
                  summary="Dream one feature: the cached result at once, else a job to poll")
     async def submit_dream(request: DreamRequest, view: BundleView = Depends(bundle)) -> JobOut:
         feature = feature_or_error(view, request.feature)
-        dataset_max, config = view.dataset_max(str(feature)), request.config
+        # a job is keyed and run under the config the feature is dreamed under (a positional feature's own template)
+        dataset_max, config = view.dataset_max(str(feature)), view.explorer.dream_config(feature, request.config)
         if request.more:  # the job of the longer run; the scheduler continues the stored one
             base = await in_thread(service.scheduler.longest_stored_run, view.identity, str(feature), config,
                                    dataset_max)
@@ -196,7 +200,8 @@ def router(service: Service, bundle, keyed: list) -> APIRouter:
         features = list(dict.fromkeys(str(feature_or_error(view, text)) for text in request.features))
         await check_budget(view, request.config, len(features))
         batch = await in_thread(service.store.submit_batch, view.identity, features,
-                                request.config.model_dump(mode="json"),
+                                [view.explorer.dream_config(feature, request.config).model_dump(mode="json")
+                                 for feature in features],
                                 [view.dataset_max(feature) for feature in features])
         service.scheduler.wake()
         return await batch_out(batch)

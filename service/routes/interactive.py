@@ -46,14 +46,15 @@ def router(service: Service, bundle, keyed: list) -> APIRouter:
             raise HTTPException(422, str(error)) from None
 
     @routes.post("/search", dependencies=keyed, response_model=list[SearchHit],
-                 summary="The features most active on a text, by % of their dataset max")
+                 summary="The features most active on a text, by % of their dataset max; by default positional "
+                         "features (which fire on a text's first token) at the text's first token are listed last")
     async def search(request: SearchRequest, http: Request, view: BundleView = Depends(bundle)) -> list[SearchHit]:
         check_text(request.text)
         if request.top > limits.max_search_top:
             raise HTTPException(422, f"top too large: {request.top}, at most {limits.max_search_top}")
         await check_tokens(view, [request.text])
         try:
-            return await unless_disconnected(http, view.search(request.text, request.top))
+            return await unless_disconnected(http, view.search(request.text, request.top, request.order))
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
 

@@ -190,6 +190,15 @@ async function follow(path, onUpdate) {
   }
 }
 
+// The badge of a positional feature, explained on hover.
+const FIRST_TOKEN_NOTE = "Positional: its top dataset example is a text's first token, where it fires whatever " +
+  "follows. A prompt reaches that max only when nothing comes before it, so in the default (chat) template it " +
+  "is dreamed in the bare template {prompt} instead.";
+
+function firstTokenBadge() {
+  return el("span", {class: "tag first-token", title: FIRST_TOKEN_NOTE}, "fires on a text's first token");
+}
+
 // ------------------------------------------------------------------------------------------------ tokens
 
 // Visible text of a token: whitespace made visible where it would vanish.

@@ -24,8 +24,14 @@ function renderStats() {
   document.title = `dreaming: feature ${FEATURE}` + (BUNDLE ? ` (${BUNDLE})` : "");
   $("stats").replaceChildren(stat("dataset max", number(page.dataset_max)), stat("density", percent(page.density)),
     stat("mean when active", number(page.mean_when_active)), stat("tokens in the maxima pass", page.tokens.toLocaleString()),
-    stat("best fluent dream", page.diverse.length ? percent(page.diverse[0].fraction_of_max) : "–"));
+    stat("best fluent dream", percent(page.best_fluent && page.best_fluent.fraction_of_max)),
+    stat("best novel dream", percent(page.best_novel && page.best_novel.fraction_of_max)));
   if (page.dead) showError(`Feature ${FEATURE} is dead: it was never active on the corpus, so it has no dataset max.`);
+  $("first-token").hidden = !page.first_token;
+  $("first-token").replaceChildren(firstTokenBadge(), ` Its top dataset example is a text's first token (as are ` +
+    `${percent(page.first_token_share)} of its top examples), where it fires whatever follows. A prompt reaches that ` +
+    "max only when nothing comes before it, so its dreams in the chat template are dreamed in the bare template " +
+    "{prompt} instead, and say so (their yardstick).");
 }
 
 function renderCharts() {
@@ -69,6 +75,15 @@ function fillTable(id, rows, empty, columns) {
 
 function renderDreams() {
   const none = "No dream yet: press Dream.";
+  const best = [["best fluent", page.best_fluent], ["best novel", page.best_novel]].filter(([, dream]) => dream);
+  fillTable("best-table", best.map(([name, dream]) => {
+    const row = dreamRow(dream);
+    row.prepend(el("td", {}, name));
+    return row;
+  }), page.dreams.length ? "No fluent dream yet." : none, 6);
+  const yardsticks = [...new Set(page.dreams.map((d) => d.yardstick).filter(Boolean))];
+  $("dream-yardstick").textContent = yardsticks.map((y) => `Yardstick: ${y}.`).join(" ");
+  $("dream-yardstick").hidden = !yardsticks.length;
   fillTable("diverse-table", page.diverse.map((d) => dreamRow(d)), none, 5);
   fillTable("frontier-table", page.dreams.map((d) => dreamRow(d)), none, 5);
   fillTable("stale-table", page.stale_dreams.map((d) => dreamRow(d, true)), "", 4);
@@ -195,7 +210,8 @@ async function dream(event) {
 
 async function similar() {
   const found = await api(`/v1/features/${LAYER}/${INDEX}/similar?top=10`);
-  fillTable("similar-table", found.map((s) => el("tr", {}, el("td", {}, featureLink(s.feature)),
+  fillTable("similar-table", found.map((s) => el("tr", {}, el("td", {}, featureLink(s.feature), " ",
+    s.first_token ? firstTokenBadge() : ""),
     el("td", {class: "num"}, number(s.cosine)), el("td", {class: "num"}, number(s.dataset_max)),
     el("td", {class: "num"}, percent(s.density)))), "No other feature has a decoder.", 4);
 }

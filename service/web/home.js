@@ -10,15 +10,25 @@ async function search(event) {
   showError("");
   const text = $("search-text").value;
   if (!text.trim()) return showError("Type or paste a text to search.");
-  const found = await api("/v1/search", {method: "POST", body: {text, top: 20}});
+  const order = $("search-order").value;
+  const found = await api("/v1/search", {method: "POST", body: {text, top: 20, order}});
   const body = $("search-results").querySelector("tbody");
-  body.replaceChildren(...found.map((hit) => el("tr", {},
+  body.replaceChildren(...found.map((hit) => el("tr", {class: hit.positional ? "positional" : null},
     el("td", {}, featureLink(hit.feature)), el("td", {class: "num"}, percent(hit.fraction_of_max)),
     el("td", {class: "num"}, number(hit.activation)), el("td", {class: "num"}, percent(hit.density)),
-    el("td", {}, el("span", {class: "tokens"}, tokenText(hit.max_token))))));
-  if (!found.length) body.append(el("tr", {}, el("td", {colspan: 5, class: "muted"}, "No feature is active on this text.")));
+    el("td", {}, el("span", {class: "tokens"}, tokenText(hit.max_token))),
+    el("td", {}, hit.first_token ? firstTokenBadge() : ""))));
+  if (!found.length) body.append(el("tr", {}, el("td", {colspan: 6, class: "muted"}, "No feature is active on this text.")));
+  $("search-note").textContent = SEARCH_ORDERS[order];
+  $("search-note").hidden = false;
   $("search-results").hidden = false;
 }
+
+const SEARCH_ORDERS = {
+  content: "Ranked by % of max; positional features, which fire on a text's first token, are listed last when " +
+    "they peak at this text's first token (order “% of max alone” mixes them in).",
+  fraction: "Ranked by % of max alone: positional features, which fire on a text's first token, are mixed in.",
+};
 
 async function browse() {
   const query = new URLSearchParams({offset, limit: PAGE_SIZE, sort: $("browse-sort").value,
@@ -29,7 +39,8 @@ async function browse() {
   $("browse-table").querySelector("tbody").replaceChildren(...listing.features.map((row) => el("tr", {},
     el("td", {}, featureLink(row.feature)), el("td", {class: "num"}, number(row.dataset_max)),
     el("td", {class: "num"}, percent(row.density)), el("td", {class: "num"}, number(row.mean_when_active)),
-    el("td", {}, row.has_dreams ? el("span", {class: "tag"}, "dreamed") : ""))));
+    el("td", {}, row.has_dreams ? el("span", {class: "tag"}, "dreamed") : "",
+      row.first_token ? firstTokenBadge() : ""))));
   const last = Math.min(offset + PAGE_SIZE, listing.total);
   $("browse-range").textContent = listing.total ? `${offset + 1}–${last} of ${listing.total}` : "no feature matches";
   $("browse-previous").disabled = offset === 0;
