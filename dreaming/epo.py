@@ -527,8 +527,9 @@ def seed_prompts(scorer: Scorer, contexts: list[tuple[list[int], int]], length: 
 def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, tasks: list[TaskState],
                    task_targets: list[int], counts: list[int]) -> list[list[tuple[list[int], int]]]:
     """Per task, `counts[t]` starting prompts sampled from the model after the template's prefix, with their origin
-    codes. Every task draws `config.scan` prompts (its own uniform numbers, from its own generator) and all are
-    sampled in one batched pass on the device. Init "scan"/"dataset" score the task's feature on all of them in one
+    codes. Every task draws `config.scan` prompts (its own uniform numbers, from its own generator; every other one
+    begins with a uniformly drawn token, so the scan is not only what the model starts a chat turn with) and all
+    are sampled in one batched pass on the device. Init "scan"/"dataset" score the task's feature on all of them in one
     pass and take the most active that differ pairwise (fluent ones first); "sample"/"mixed" take them as drawn.
     Prompts whose text does not round-trip are dropped; a task with too few left draws again."""
     n = config.prompt_length
@@ -539,7 +540,8 @@ def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, t
             return starts
         uniforms = [torch.rand(max(config.scan, 2 * counts[t]), n, generator=tasks[t].generator, dtype=torch.float64)
                     for t in needed]
-        ids = scorer.sample(torch.cat(uniforms), allowed).cpu()  # [sum of draws, n]
+        every_other = torch.cat([torch.arange(len(u)) % 2 == 1 for u in uniforms])
+        ids = scorer.sample(torch.cat(uniforms), allowed, uniform_first=every_other).cpu()  # [sum of draws, n]
         ok = scorer.round_trips(ids, torch.full((len(ids),), n)).tolist()
         drawn = [[row for row, good in zip(part.tolist(), ok[at : at + len(part)]) if good]
                  for part, at in zip(ids.split([len(u) for u in uniforms]), _offsets(uniforms))]

@@ -329,23 +329,30 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------ sampling, texts
 
-    def sample(self, uniforms: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0,
-               top_k: int = 64) -> torch.Tensor:
+    def sample(self, uniforms: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0, top_k: int = 64,
+               uniform_first: torch.Tensor | None = None) -> torch.Tensor:
         """[B, length] prompts sampled from the model after the prefix, token by token with the KV cache, on the
         model's device: row i's token at step j is drawn by inverse CDF over the allowed top-k of its own logits
         with uniforms[i, j] ([B, length], in [0, 1)), so a row's prompt depends only on its own numbers and not
-        on the batch it is drawn in. Rows run `batch_size` × 4 at a time."""
+        on the batch it is drawn in. Rows marked in `uniform_first` [B] bool draw their first token uniformly
+        among the allowed ones instead (what the model writes after any word, not only what it starts with).
+        Rows run `batch_size` × 4 at a time."""
         lm, vocab = self.lm, self.embedding.shape[0]
         blocked = ~allowed[:vocab].to(lm.device)
+        allowed_ids = allowed[:vocab].nonzero()[:, 0].to(lm.device)
+        uniform_first = torch.zeros(len(uniforms), dtype=torch.bool) if uniform_first is None else uniform_first
         parts = []
         with torch.no_grad():
-            for rows in uniforms.split(4 * self.batch_size):
-                rows = rows.to(lm.device)
+            for rows, free in zip(uniforms.split(4 * self.batch_size), uniform_first.split(4 * self.batch_size)):
+                rows, free = rows.to(lm.device), free.to(lm.device)
                 cache = DynamicCache(self._prefix(len(rows)), config=lm.model.config)
                 logits = self.first_logprobs.expand(len(rows), -1)  # [b, vocab]
                 ids = []
                 for step in range(rows.shape[1]):
                     token = pick_tokens(logits.masked_fill(blocked, -torch.inf), rows[:, step], temperature, top_k)
+                    if step == 0:
+                        anywhere = allowed_ids[(rows[:, 0] * len(allowed_ids)).long().clamp(max=len(allowed_ids) - 1)]
+                        token = torch.where(free, anywhere, token)
                     ids.append(token)
                     if step + 1 < rows.shape[1]:
                         out = lm.model(input_ids=token[:, None], use_cache=True, **{self.cache_argument: cache})

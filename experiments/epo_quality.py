@@ -88,8 +88,8 @@ def strong_and_varied(row: dict) -> bool:
 
 def markdown(rows: list[dict], names: list[str]) -> str:
     header = "| feature | density | dataset max | " + " | ".join(
-        f"{n}: best fluent % (CE), origin | {n}: diverse >= 80% (basins) | {n}: best novel % | {n}: s" for n in names)
-        + " |"
+        f"{n}: best fluent % (CE), origin | {n}: diverse >= 80% (basins) | {n}: best novel % | {n}: s"
+        for n in names) + " |"
     lines = [header, "|" + "---|" * (3 + 4 * len(names))]
     for feature in dict.fromkeys(r["feature"] for r in rows):
         mine = {r["config_name"]: r for r in rows if r["feature"] == feature}

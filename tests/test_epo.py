@@ -555,3 +555,14 @@ def test_the_diverse_set_spans_basins():
     assert [q.activation for q in chosen] == sorted((q.activation for q in chosen), reverse=True)
     assert sum(q.origin == "dataset #0" for q in chosen) == epo.DIVERSE - 2  # the rest filled from the strong one
     assert epo.diverse_set(one, 2) == one[: epo.DIVERSE]  # one basin: as before, the most active different
+
+
+def test_a_uniform_first_token_is_drawn_from_its_own_number(lm64, transcoder):
+    s = Scorer(lm64, "mlp.hook_in", CONFIG.template, [make_target(transcoder, A, 0.5)])
+    allowed = allowed_tokens(lm64)
+    ids = allowed.nonzero()[:, 0]
+    uniforms = torch.rand(6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    free = torch.tensor([False, True] * 3)
+    drawn = s.sample(uniforms, allowed, uniform_first=free)
+    assert drawn[free, 0].tolist() == ids[(uniforms[free, 0] * len(ids)).long()].tolist()
+    assert torch.equal(drawn[~free], s.sample(uniforms[~free], allowed))
