@@ -167,9 +167,9 @@ class DreamConfig(BaseModel):
         return max(1, self.prompt_length - self.length_slack), min(64, self.prompt_length + self.length_slack)
 
     def cost(self) -> int:
-        """The search work this config asks for, in prompt tokens scored: iterations × population × children ×
-        seeds × the longest prompt it allows. The service caps it per job and per batch."""
-        return self.iterations * self.population * self.children * self.seeds * self.length_range[1]
+        """The search work this config asks for, in prompt tokens scored: (iterations × population × children +
+        the scan's prompts) × seeds × the longest prompt it allows. The service caps it per job and per batch."""
+        return (self.iterations * self.population * self.children + self.scan) * self.seeds * self.length_range[1]
 
     def lambdas(self) -> torch.Tensor:
         """[M] fluency weights: log-spaced from lambda_min to lambda_max (linear when lambda_min is 0)."""

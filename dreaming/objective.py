@@ -40,6 +40,7 @@ from dreaming.transcoder_files import LazyEncoder
 
 POSITIONS = ("last", "max")
 MIN_CHUNK = 32  # children per forward pass at least (see Scorer.score_children)
+CPU_BATCH, GPU_BATCH = 128, 1024  # rows per forward pass by default on a CPU and on a GPU
 SMOOTH_MAX = 0.1  # temperature of the smooth max over positions in the gradient, in units of the target (of max)
 
 
@@ -114,9 +115,12 @@ class Scorer:
     """
 
     def __init__(self, lm: LanguageModel, hook: str, template: str, targets: list[Target], position: str = "max",
-                 batch_size: int = 128):
+                 batch_size: int | None = None):
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        # rows per forward pass; a GPU runs few large passes (its cost is in launches, not rows), a CPU smaller ones
+        self.few_passes = lm.device.type != "cpu"
+        batch_size = batch_size or (GPU_BATCH if self.few_passes else CPU_BATCH)
         self.lm, self.hook, self.targets, self.position, self.batch_size = lm, hook, targets, position, batch_size
         self.prefix_text, self.suffix_text, self.prefix_ids, self.suffix_ids = template_ids(lm, template)
         self.suffix = torch.tensor(self.suffix_ids, dtype=torch.long, device=lm.device)  # [s]
@@ -238,13 +242,15 @@ class Scorer:
         """Scores of children ids [B, W] (`lengths` [B]) that equal their parent (`parent` [B], a row of
         `parents`) before prompt position `changed` [B]. A child can run from position changed - 1 on after its
         parent's cached keys and values (the token before the change runs again: its logits predict the first
-        changed token). Children sorted by that start are run in chunks of at least MIN_CHUNK rows, each from its
-        smallest start: a few large forward passes cost less on a CPU than one small pass per start."""
+        changed token). Children sorted by that start are run in chunks, each from its smallest start: on a CPU
+        chunks of at least MIN_CHUNK rows, about a quarter of the children each (a few large passes cost less than
+        one small pass per start, and a chunk's rows rerun little of their parents); with `few_passes` (a GPU)
+        chunks of batch_size, so most iterations take one pass."""
         f = torch.empty(len(ids), dtype=self.dtype, device=ids.device)
         ce, smooth = torch.empty_like(f), torch.empty_like(f)
         starts = (changed - 1).clamp(min=0)
         order = torch.argsort(starts, stable=True)
-        size = min(self.batch_size, max(MIN_CHUNK, -(-len(ids) // 4)))
+        size = self.batch_size if self.few_passes else min(self.batch_size, max(MIN_CHUNK, -(-len(ids) // 4)))
         P = len(self.prefix_ids)
         with torch.no_grad():
             for chunk in order.split(size) if len(ids) else ():

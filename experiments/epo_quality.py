@@ -120,6 +120,26 @@ def markdown(rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table(files: list[str], out: Path) -> None:
+    """One markdown table of earlier result files; FILE:CONFIG=NAME renames a configuration (and keeps only it).
+    Rows saved before basins were counted get them from their stored diverse set (their sampled starts were not
+    numbered, so all of them count as one basin there)."""
+    rows, names = [], []
+    for spec in files:
+        path, _, rename = spec.partition(":")
+        old, _, new = rename.partition("=")
+        for row in json.loads(Path(path).read_text()):
+            if old and row["config_name"] != old:
+                continue
+            row = {**row, "config_name": new or row["config_name"]}
+            if "basins_at_80" not in row:
+                row["basins_at_80"] = len({p["origin"] for p in row["diverse"] if (p["fraction_of_max"] or 0) >= 0.8})
+            rows.append(row)
+            names = list(dict.fromkeys([*names, row["config_name"]]))
+    out.write_text(markdown(rows, names))
+    print(markdown(rows, names))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=str(default_bundle_dir()))
@@ -134,7 +154,11 @@ def main():
     parser.add_argument("--out", default="experiments/results/epo_quality.json")
     parser.add_argument("--print-features", type=int, metavar="N", help="print the first N features and exit")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", nargs="+", metavar="FILE[:CONFIG=NAME]", help="only write one markdown table of "
+                        "these result files side by side (to --out's .md), e.g. v3.json:default=v3 v4.json")
     args = parser.parse_args()
+    if args.table:
+        return table(args.table, Path(args.out).with_suffix(".md"))
     torch.set_num_threads(args.threads)
     bundle = Bundle.open(args.bundle)
     maxima = bundle.maxima()

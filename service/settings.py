@@ -41,10 +41,10 @@ class Limits:
     max_search_top: int = 100  # `top` of POST /search
     max_interactive_waiting: int = 8  # activations, searches and uncached feature pages waiting for the model: then 503
     max_request_bytes: int = 256 * 1024  # body of any request
-    # DreamConfig.cost() (iterations x population x children x seeds x longest prompt): the default config costs
-    # 204,800; a job may cost 50 defaults (10,240,000), a batch 256 defaults (52,428,800) in all
-    max_job_cost: int = 10_240_000
-    max_batch_cost: int = 52_428_800
+    # DreamConfig.cost() ((iterations x population x children + scan) x seeds x longest prompt): the default config
+    # costs 208,896; a job may cost 50 defaults (10,444,800), a batch 256 defaults (53,477,376) in all
+    max_job_cost: int = 10_444_800
+    max_batch_cost: int = 53_477_376
     max_template_tokens: int = 256  # tokens of a dream template's own text (without its {prompt} slot)
 
     @classmethod

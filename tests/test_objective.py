@@ -78,13 +78,15 @@ def test_score_equals_a_direct_computation_on_the_full_text(lm64, transcoder, po
         assert cross_entropy(lm64, full.tolist(), start, n) == pytest.approx([expected_ce.item()], abs=1e-9)
 
 
-@pytest.mark.parametrize("position", ["last", "max"])
-def test_children_scored_from_the_parents_kv_cache_equal_full_scoring(lm64, transcoder, position, monkeypatch):
+@pytest.mark.parametrize("position, few_passes", [("last", False), ("max", False), ("max", True)])
+def test_children_scored_from_the_parents_kv_cache_equal_full_scoring(lm64, transcoder, position, few_passes,
+                                                                       monkeypatch):
     """Swaps, insertions and deletions at every position, scored after the parent's cached keys and values (in
-    chunks of 4, so that most chunks start past the prompt's first token)."""
+    chunks of 4, so that most chunks start past the prompt's first token); and as a GPU chunks them (few_passes:
+    chunks of batch_size, each from its smallest start)."""
     monkeypatch.setattr(objective, "MIN_CHUNK", 1)
     s = scorer(lm64, transcoder, position)
-    s.batch_size = 4
+    s.batch_size, s.few_passes = (16, True) if few_passes else (4, False)
     width = 7
     parents_ids, parents_lengths = random_ids(lm64, 3, seed=4, width=width - 1)
     parents_ids = torch.cat([parents_ids, torch.zeros(3, 1, dtype=torch.long)], dim=1)  # room for an insertion
