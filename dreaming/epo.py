@@ -540,20 +540,21 @@ def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, t
             return starts
         uniforms = [torch.rand(max(config.scan, 2 * counts[t]), n, generator=tasks[t].generator, dtype=torch.float64)
                     for t in needed]
-        every_other = torch.cat([torch.arange(len(u)) % 2 == 1 for u in uniforms])
+        sizes = [len(u) for u in uniforms]
+        every_other = torch.cat([torch.arange(size) % 2 == 1 for size in sizes])
         ids = scorer.sample(torch.cat(uniforms), allowed, uniform_first=every_other).cpu()  # [sum of draws, n]
-        ok = scorer.round_trips(ids, torch.full((len(ids),), n)).tolist()
-        drawn = [[row for row, good in zip(part.tolist(), ok[at : at + len(part)]) if good]
-                 for part, at in zip(ids.split([len(u) for u in uniforms]), _offsets(uniforms))]
+        ok = scorer.round_trips(ids, torch.full((len(ids),), n))
+        drawn = [part[good].tolist() for part, good in zip(ids.split(sizes), ok.split(sizes))]
         if config.init in ("scan", "dataset") and any(drawn):
+            device = scorer.lm.device
             rows = torch.tensor([task_targets[t] for t, mine in zip(needed, drawn) for _ in mine], dtype=torch.long)
             flat = torch.tensor([row for mine in drawn for row in mine], dtype=torch.long).view(-1, n)
-            scores = scorer.score(flat.to(scorer.lm.device), torch.full((len(flat),), n, device=scorer.lm.device),
-                                  rows.to(scorer.lm.device))
-            f, ce = scores.f.cpu().double().split([len(m) for m in drawn]), scores.ce.cpu().split([len(m) for m in drawn])
-            drawn = [[mine[i] for i in sorted(range(len(mine)), key=lambda i: (float(c[i]) > FLUENT_CE, -float(v[i])))]
-                     for mine, v, c in zip(drawn, f, ce)]
-            drawn = [[mine[i] for i in differing(mine, len(mine))] for mine in drawn]
+            f, ce, _ = _host(scorer.score(flat.to(device), torch.full((len(flat),), n, device=device), rows.to(device)))
+            ranked = []  # fluent first, then most active
+            for mine, f_, ce_ in zip(drawn, f.split([len(m) for m in drawn]), ce.split([len(m) for m in drawn])):
+                order = sorted(range(len(mine)), key=lambda i: (float(ce_[i]) > FLUENT_CE, -float(f_[i])))
+                ranked.append([mine[i] for i in order])
+            drawn = [[mine[i] for i in differing(mine, len(mine))] for mine in ranked]
         for t, mine in zip(needed, drawn):
             have = len(starts[t])
             starts[t] += [(row, SAMPLED - (have + j)) for j, row in enumerate(mine[: counts[t] - have])]
@@ -561,14 +562,6 @@ def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, t
     raise ValueError("could not draw starting prompts whose text re-tokenises to the same ids in this template; "
                      "with a BPE tokenizer the text before {prompt} must not end with a space (the optimised tokens "
                      "carry their own): write '\\n\\nHuman:{prompt}', not '\\n\\nHuman: {prompt}'")
-
-
-def _offsets(parts: list[torch.Tensor]) -> list[int]:
-    offsets, at = [], 0
-    for part in parts:
-        offsets.append(at)
-        at += len(part)
-    return offsets
 
 
 def random_starts(scorer: Scorer, config: DreamConfig, allowed_ids: torch.Tensor, generator: torch.Generator,
