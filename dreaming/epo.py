@@ -648,22 +648,18 @@ def make_children(members: Pool, gradient_top: torch.Tensor, model_top: torch.Te
         uniform = torch.randint(len(allowed_ids), (r,), generator=g)
         from_model = torch.randint(MODEL_TOPK, (r,), generator=g)
         row, n = members_ids[member][: members_lengths[member]], members_lengths[member]
-        for c in range(r):
-            insert = move[c] < config.insert_delete / 2 and n < hi
-            delete = not insert and move[c] < config.insert_delete and n > lo
-            p = min(int(where[c] * (n + 1 if insert else n)), n if insert else n - 1)
-            if config.proposal == "random":
-                token = int(allowed_ids[uniform[c]])
-            elif source[c] < config.model_proposals or p == n:
-                token = int(model_top[member, p, from_model[c] % model_top.shape[-1]])
-            else:
-                token = int(gradient_top[member, p, pick[c]])
-            if insert:
-                child = row[:p] + [token] + row[p:]
-            elif delete:
-                child = row[:p] + row[p + 1 :]
-            else:
-                child = row[:p] + [token] + row[p + 1 :]
+        # the r moves at once, in the draws' float32 ([r] each): which move, where, and the new token
+        insert = (move < config.insert_delete / 2) & (n < hi)
+        delete = ~insert & (move < config.insert_delete) & (n > lo)
+        position = torch.minimum((where * torch.where(insert, n + 1, n)).long(), torch.where(insert, n, n - 1))
+        if config.proposal == "random":
+            token = allowed_ids[uniform]
+        else:
+            modelled = (source < config.model_proposals) | (position == n)
+            token = torch.where(modelled, model_top[member, position, from_model % model_top.shape[-1]],
+                                gradient_top[member, position.clamp(max=gradient_top.shape[1] - 1), pick])
+        for p, t, grow, shrink in zip(position.tolist(), token.tolist(), insert.tolist(), delete.tolist()):
+            child = row[:p] + [t] + row[p:] if grow else row[:p] + row[p + 1 :] if shrink else row[:p] + [t] + row[p + 1 :]
             ids.append(child + [0] * (W - len(child)))
             lengths.append(len(child))
             parents.append(member)

@@ -566,3 +566,58 @@ def test_a_uniform_first_token_is_drawn_from_its_own_number(lm64, transcoder):
     drawn = s.sample(uniforms, allowed, uniform_first=free)
     assert drawn[free, 0].tolist() == ids[(uniforms[free, 0] * len(ids)).long()].tolist()
     assert torch.equal(drawn[~free], s.sample(uniforms[~free], allowed))
+
+
+def children_one_at_a_time(members, gradient_top, model_top, config, tasks, allowed_ids):
+    """The reference: the engine's moves written out one child at a time, in the same draws."""
+    M, r, W = config.population, config.children, members.ids.shape[1]
+    lo, hi = config.length_range
+    k = min(config.topk, len(allowed_ids))
+    out = []
+    for member in range(len(members)):
+        g = tasks[member // M].generator
+        move, where, pick, source = (torch.rand(r, generator=g), torch.rand(r, generator=g),
+                                     torch.randint(k, (r,), generator=g), torch.rand(r, generator=g))
+        uniform = torch.randint(len(allowed_ids), (r,), generator=g)
+        from_model = torch.randint(epo.MODEL_TOPK, (r,), generator=g)
+        n = int(members.lengths[member])
+        row = members.ids[member, :n].tolist()
+        for c in range(r):
+            insert = move[c] < config.insert_delete / 2 and n < hi
+            delete = not insert and move[c] < config.insert_delete and n > lo
+            p = min(int(where[c] * (n + 1 if insert else n)), n if insert else n - 1)
+            if config.proposal == "random":
+                token = int(allowed_ids[uniform[c]])
+            elif source[c] < config.model_proposals or p == n:
+                token = int(model_top[member, p, from_model[c] % model_top.shape[-1]])
+            else:
+                token = int(gradient_top[member, p, pick[c]])
+            child = (row[:p] + [token] + row[p:] if insert else row[:p] + row[p + 1 :] if delete
+                     else row[:p] + [token] + row[p + 1 :])
+            out.append((child, member, p))
+    return out
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(insert_delete=1.0, length_slack=1), dict(model_proposals=1.0),
+                                     dict(proposal="random"), dict(insert_delete=0.5, model_proposals=0.5)])
+def test_children_made_at_once_equal_one_at_a_time(changes):
+    config = CONFIG.model_copy(update={"population": 3, "children": 64, **changes})
+    g = torch.Generator().manual_seed(7)
+    W, N = config.length_range[1], 6  # two tasks of 3 members
+    lengths = torch.randint(config.length_range[0], W + 1, (N,), generator=g)
+    ids = torch.randint(4, 30, (N, W), generator=g) * (torch.arange(W) < lengths[:, None])
+    k = 0 if config.proposal == "random" else config.topk
+    gradient_top, model_top = torch.randint(4, 30, (N, W, k), generator=g), torch.randint(4, 30, (N, W + 1, 7),
+                                                                                          generator=g)
+    zeros = torch.zeros(N, dtype=torch.float64)
+    members = epo.Pool(ids, lengths, zeros, zeros, zeros, torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.bool))
+    allowed_ids = torch.arange(4, 30)
+
+    def tasks():
+        return [epo.TaskState(torch.Generator().manual_seed(s), epo.context_ngrams([[5, 6, 7, 8, 9]])) for s in (1, 2)]
+
+    children, parent, changed = epo.make_children(members, gradient_top, model_top, config, tasks(), allowed_ids)
+    expected = children_one_at_a_time(members, gradient_top, model_top, config, tasks(), allowed_ids)
+    assert [list(row) for row in children.rows()] == [child for child, _, _ in expected]
+    assert parent.tolist() == [m for _, m, _ in expected] and changed.tolist() == [p for _, _, p in expected]
+    assert children.novel.tolist() == [epo.novel_row(child, {(5, 6, 7, 8), (6, 7, 8, 9)}) for child, _, _ in expected]
