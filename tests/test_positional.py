@@ -103,12 +103,13 @@ def test_the_cli_search_says_which_ranking_it_uses(tiny_bundle, explorer, capsys
 
 @pytest.fixture()
 def own_bundle(tiny_bundle, tmp_path):
-    """A copy of the tiny bundle, whose dream cache a test may fill."""
+    """A copy of the tiny bundle with an empty dream cache (other tests' dreams left out), which a test may fill."""
     import shutil
 
     from dreaming.bundle import Bundle
 
-    return Bundle.open(shutil.copytree(tiny_bundle.directory, tmp_path / "bundle"))
+    return Bundle.open(shutil.copytree(tiny_bundle.directory, tmp_path / "bundle",
+                                       ignore=lambda directory, names: ["dreams"] if "bundle.json" in names else []))
 
 
 def fake_engine(explorer, calls: list):
