@@ -147,12 +147,17 @@ class LayerFit:
 
 
 def output_cluster_directions(centred: torch.Tensor, y: torch.Tensor, n_features: int, iterations: int,
-                              generator: torch.Generator) -> torch.Tensor:
+                              generator: torch.Generator, skip: bool = True) -> torch.Tensor:
     """Steps 2a–2b: unit encoder directions [d, F] for centred inputs [N, d] and outputs y [N, d]. The outputs a
-    linear skip leaves unexplained are clustered; each direction is the regression of one cluster's membership on
-    the input, (XᵀX + ridge)⁻¹ Xᵀ onehot, where Xᵀ onehot is the per-cluster sum of inputs."""
-    skip, skip_bias = least_squares(centred, y, 1e-3)
-    cluster = spherical_kmeans(y - centred @ skip - skip_bias, n_features, iterations, generator)  # [N]
+    linear skip leaves unexplained (with no skip, the centred outputs) are clustered; each direction is the
+    regression of one cluster's membership on the input, (XᵀX + ridge)⁻¹ Xᵀ onehot, where Xᵀ onehot is the
+    per-cluster sum of inputs."""
+    if skip:
+        weights, bias = least_squares(centred, y, 1e-3)
+        unexplained = y - centred @ weights - bias
+    else:
+        unexplained = y - y.mean(0)
+    cluster = spherical_kmeans(unexplained, n_features, iterations, generator)  # [N]
     gram = centred.T @ centred
     gram.diagonal().add_(1e-3 * gram.diagonal().mean())
     sums = centred.new_zeros(n_features, centred.shape[1]).index_add_(0, cluster, centred)  # [F, d]
@@ -165,20 +170,22 @@ def firing_thresholds(pre: torch.Tensor, share: float) -> torch.Tensor:
     return pre.kthvalue(len(pre) - max(1, round(len(pre) * share)), dim=0).values
 
 
-def fit_layer(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> LayerFit:
-    """Steps 2a–2d of the recipe for one layer: x, y [N, d_model]."""
+def fit_layer(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: torch.Generator,
+              skip: bool = True) -> LayerFit:
+    """Steps 2a–2d of the recipe for one layer: x, y [N, d_model]. With skip=False (a CLT's start) the features
+    alone reconstruct y, and W_skip is zero."""
     x, y = x.float(), y.float()
     F = config.features_per_layer
     scale = (x.shape[1] / x.pow(2).sum(-1).mean()).sqrt()
     mean = (x * scale).mean(0)
     centred = x * scale - mean  # [N, d]
-    directions = output_cluster_directions(centred, y, F, config.kmeans_iterations, generator)  # [d, F]
+    directions = output_cluster_directions(centred, y, F, config.kmeans_iterations, generator, skip)  # [d, F]
     pre = centred @ directions  # [N, F]
     threshold = firing_thresholds(pre, config.k / F)  # [F]
     acts = (pre - threshold).relu()
     del pre
-    weights, bias = least_squares(torch.cat([acts, centred], 1), y, config.ridge)  # [F + d, d]
-    W_dec, W_x = weights[:F], weights[F:]
+    weights, bias = least_squares(torch.cat([acts, centred], 1) if skip else acts, y, config.ridge)  # [F (+ d), d]
+    W_dec, W_x = weights[:F], weights[F:] if skip else centred.new_zeros(x.shape[1], y.shape[1])
     return LayerFit(W_enc=(directions * scale).T.contiguous(), b_enc=-(mean @ directions) - threshold,
                     W_dec=W_dec.contiguous(), W_skip=(W_x * scale).T.contiguous(), b_dec=bias - mean @ W_x)
 

@@ -45,7 +45,7 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from dreaming.transcoders import (CLT, SET, Transcoder, TranscoderConfig, _dec_file, _dec_name, _enc_file, _enc_names,
-                                  activate)
+                                  _skip_name, activate)
 
 LAYOUTS = ("circuit-tracer-clt", "circuit-tracer-set", "gemma-scope", "sparsify")
 LEGACY = {"gemma": "mwhanna/gemma-scope-transcoders", "llama": "mntss/transcoder-Llama-3.2-1B"}  # circuit-tracer's
@@ -237,7 +237,7 @@ class _Layer:
 def _clt_layer(enc: _File, dec: _File, layer: int) -> _Layer:
     W, b, b_dec, threshold = _enc_names(CLT, layer)
     return _Layer(_Tensor(enc, W), _Tensor(enc, b), _Tensor(enc, threshold), _Tensor(enc, b_dec),
-                  _Tensor(dec, _dec_name(CLT, layer)), None)
+                  _Tensor(dec, _dec_name(CLT, layer)), _Tensor(enc, _skip_name(CLT, layer)))
 
 
 def _set_layer(file: _File) -> _Layer:
@@ -247,7 +247,7 @@ def _set_layer(file: _File) -> _Layer:
                       _Tensor(file, "b_dec"), _Tensor(file, "W_dec"), None)
     W, b, b_dec, threshold = _enc_names(SET, 0)
     return _Layer(_Tensor(file, W), _Tensor(file, b), _Tensor(file, threshold), _Tensor(file, b_dec),
-                  _Tensor(file, _dec_name(SET, 0)), _Tensor(file, "W_skip"))
+                  _Tensor(file, _dec_name(SET, 0)), _Tensor(file, _skip_name(SET, 0)))
 
 
 def _sparsify_layer(file: _File) -> _Layer:
@@ -406,7 +406,7 @@ def _config(layers: list[_Layer], meta: dict, where: str) -> TranscoderConfig:
         "feature_output_hook": meta.get("feature_output_hook") or "mlp.hook_out",
         "model_name": meta.get("model_name"),
     }
-    fields["skip_connection"] = meta.get("skip_connection", fields["kind"] == SET and has(first.W_skip))
+    fields["skip_connection"] = meta.get("skip_connection", has(first.W_skip))
     try:
         for hook in (fields["feature_input_hook"], fields["feature_output_hook"]):
             canonical_hook(hook)

@@ -10,13 +10,17 @@ Reading, of this layout and of every other the field publishes, is dreaming/tran
 read_config, LazyEncoder, TranscoderFiles.decoder_rows, load_gemma_scope).
 
 Written (see docs/reference.md, "Transcoders on disk"):
-  CLT  W_enc_{l}.safetensors: W_enc_{l} [F, d_model], b_enc_{l} [F], b_dec_{l} [d_model], threshold_{l} [F]?
+  CLT  W_enc_{l}.safetensors: W_enc_{l} [F, d_model], b_enc_{l} [F], b_dec_{l} [d_model], threshold_{l} [F]?,
+                              W_skip_{l} [d_model, d_model]?   (ours: circuit-tracer 0.5.0's load_clt skips it)
        W_dec_{l}.safetensors: W_dec_{l} [F, n_layers - l, d_model]   (slot j writes to layer l + j)
   set  layer_{l}.safetensors: W_enc [F, d_model], W_dec [F, d_model], b_enc [F], b_dec [d_model],
        activation_function.threshold [F]?, W_skip [d_model, d_model]?
   config.yaml: model_kind, feature_input_hook, feature_output_hook, activation, k (topk), model_name
 
-W_skip follows circuit-tracer: skip = x @ W_skip.T (nn.Linear convention, [d_out, d_in]).
+W_skip follows circuit-tracer's transcoder set: skip = x @ W_skip.T (nn.Linear convention, [d_out, d_in]), in a
+CLT's files too. circuit-tracer's CrossLayerTranscoder has a W_skip [n_layers, d_in, d_out] (skip = x @ W_skip[l]),
+but its file loader reads none, so a CLT loaded there encodes the same and reconstructs without the skip unless it
+is set: `clt.W_skip = stack([W_skip_{l}.T])`.
 JumpReLU is x * (x > threshold); TopK keeps the k largest pre-activations per position, relu'd.
 """
 
@@ -47,7 +51,7 @@ class TranscoderConfig:
     feature_input_hook: str = "mlp.hook_in"
     feature_output_hook: str = "mlp.hook_out"
     model_name: str | None = None
-    skip_connection: bool = False  # transcoder_set only: a W_skip per layer
+    skip_connection: bool = False  # a W_skip per layer: the output of layer l gets a linear map of its input
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,8 +62,6 @@ class TranscoderConfig:
             raise ValueError(f"topk needs an integer k in [1, {self.d_transcoder}], got k={self.k!r}")
         if min(self.n_layers, self.d_model, self.d_transcoder) < 1:
             raise ValueError(f"n_layers, d_model, d_transcoder must be >= 1, got {self}")
-        if self.skip_connection and self.kind != SET:
-            raise ValueError("skip_connection (W_skip) exists only for a transcoder_set")
 
 
 def activate(pre, activation: str, threshold=None, k: int | None = None):
@@ -91,10 +93,9 @@ class Transcoder(torch.nn.Module):
         if c.kind == CLT:
             # W_dec[l] [F, n_layers - l, d_model]: slot j writes to layer l + j
             self.W_dec = torch.nn.ParameterList([zeros(F, n - l, d) for l in range(n)])
-            self.register_parameter("W_skip", None)
         else:
             self.W_dec = zeros(n, F, d)  # [n_layers, F, d_model]
-            self.register_parameter("W_skip", zeros(n, d, d) if c.skip_connection else None)  # [n_layers, d_out, d_in]
+        self.register_parameter("W_skip", zeros(n, d, d) if c.skip_connection else None)  # [n_layers, d_out, d_in]
 
     def pre_activations(self, x, layer):
         # x [..., d_model] -> [..., F]
@@ -136,8 +137,8 @@ class Transcoder(torch.nn.Module):
                 out[l:] += y.movedim(-2, 0)
         else:
             out = torch.stack([a @ self.W_dec[l] for l, a in enumerate(acts)])  # [n_layers, ..., d_model]
-            if self.W_skip is not None:
-                out = out + torch.stack([inputs[l].to(self.W_skip.dtype) @ self.W_skip[l].T for l in range(n)])
+        if self.W_skip is not None:
+            out = out + torch.stack([inputs[l].to(self.W_skip.dtype) @ self.W_skip[l].T for l in range(n)])
         return out + self.b_dec.view(n, *[1] * len(batch), d)
 
     def decode_layer(self, acts: dict, layer: int, inputs=None):
@@ -173,6 +174,11 @@ def _dec_file(kind, layer):
 def _dec_name(kind, layer):
     """The decoder's tensor name: W_dec_{l} [F, n_layers - l, d_model] (CLT) or W_dec [F, d_model] (set)."""
     return f"W_dec_{layer}" if kind == CLT else "W_dec"
+
+
+def _skip_name(kind, layer):
+    """The skip's tensor name, in the encoder file: W_skip_{l} (CLT) or W_skip (set), [d_model, d_model]."""
+    return f"W_skip_{layer}" if kind == CLT else "W_skip"
 
 
 def _enc_names(kind, layer):
@@ -211,12 +217,12 @@ def save_transcoder(transcoder: Transcoder, directory) -> None:
             enc = {W: _cpu(t.W_enc[l]), b: _cpu(t.b_enc[l]), bd: _cpu(t.b_dec[l])}
             if t.threshold is not None:
                 enc[thr] = _cpu(t.threshold[l])
+            if t.W_skip is not None:
+                enc[_skip_name(c.kind, l)] = _cpu(t.W_skip[l])
             if c.kind == CLT:
                 save_file(enc, str(tmp / _enc_file(c.kind, l)))
                 save_file({_dec_name(c.kind, l): _cpu(t.W_dec[l])}, str(tmp / _dec_file(c.kind, l)))
             else:
                 enc["W_dec"] = _cpu(t.W_dec[l])
-                if t.W_skip is not None:
-                    enc["W_skip"] = _cpu(t.W_skip[l])
                 save_file(enc, str(tmp / _enc_file(c.kind, l)))
         (tmp / "config.yaml").write_text(yaml.safe_dump(_config_yaml(c), sort_keys=False))

@@ -34,6 +34,7 @@ def random_inputs(seed=1):
 CASES = [
     dict(kind=T.CLT, activation="jumprelu"),
     dict(kind=T.CLT, activation="relu"),
+    dict(kind=T.CLT, activation="jumprelu", skip=True),
     dict(kind=T.SET, activation="jumprelu", skip=True),
     dict(kind=T.SET, activation="relu"),
     dict(kind=T.SET, activation="topk", k=3),
@@ -70,7 +71,8 @@ def test_files_follow_the_layout(tmp_path):
 
 
 def test_load_without_config_yaml_infers_kind_and_activation(tmp_path):
-    for name, case in [("clt", dict(kind=T.CLT)), ("set", dict(kind=T.SET, activation="relu", skip=True))]:
+    for name, case in [("clt", dict(kind=T.CLT)), ("clt-skip", dict(kind=T.CLT, skip=True)),
+                       ("set", dict(kind=T.SET, activation="relu", skip=True))]:
         t = random_transcoder(**case)
         save_transcoder(t, tmp_path / name)
         os.remove(tmp_path / name / "config.yaml")
@@ -205,12 +207,15 @@ def test_clt_decode_equals_brute_force_double_loop():
         assert torch.allclose(got[target], expected, atol=1e-5)
 
 
-def test_set_decode_with_skip():
-    t = random_transcoder(T.SET, skip=True)
+@pytest.mark.parametrize("kind", [T.SET, T.CLT])
+def test_decode_with_skip(kind):
+    t = random_transcoder(kind, skip=True)
     x = random_inputs()
     acts, rec = t(x)
-    for l in range(N):
-        expected = acts[l] @ t.W_dec[l] + t.b_dec[l] + x[l] @ t.W_skip[l].T
+    without = random_transcoder(kind, skip=False)
+    without.load_state_dict({name: value for name, value in t.state_dict().items() if name != "W_skip"})
+    for l in range(N):  # the skip adds x @ W_skip.T to what the features write
+        expected = without(x)[1][l] + x[l] @ t.W_skip[l].T
         assert torch.allclose(rec[l], expected, atol=1e-5)
     with pytest.raises(ValueError, match="W_skip"):
         t.decode(acts)
@@ -290,8 +295,6 @@ def test_config_validation():
         TranscoderConfig("clt", N, D, F)
     with pytest.raises(ValueError, match="k"):
         TranscoderConfig(T.SET, N, D, F, activation="topk")
-    with pytest.raises(ValueError, match="W_skip"):
-        TranscoderConfig(T.CLT, N, D, F, skip_connection=True)
 
 
 def test_identity_covers_every_encoder_tensor(tmp_path):
@@ -311,7 +314,8 @@ def test_identity_covers_every_encoder_tensor(tmp_path):
         assert transcoder_identity("m", tmp_path / name) != first
 
 
-@pytest.mark.parametrize("case", [dict(kind=T.CLT), dict(kind=T.SET, activation="relu", skip=True)])
+@pytest.mark.parametrize("case", [dict(kind=T.CLT), dict(kind=T.CLT, skip=True),
+                                  dict(kind=T.SET, activation="relu", skip=True)])
 def test_decode_layer_equals_the_whole_decode(case):
     transcoder, x = random_transcoder(**case), random_inputs()
     with torch.no_grad():
