@@ -29,6 +29,7 @@ their own before any gradient step, and the loss weighs them by their true share
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -210,7 +211,8 @@ def to_model_units(trained: Transcoder, units: Units, thresholds: torch.Tensor, 
 def train_clt(lm: LanguageModel, windows: Windows, config: CLTConfig, out_dir: Path, progress: bool = True,
               log: list | None = None) -> Transcoder:
     """Train a CLT for `lm` on `windows` (held-out windows excluded), save it to `out_dir` in circuit-tracer's CLT
-    layout, and return it (model units, JumpReLU). `log`, if given, receives one dict per step (step, lr, loss)."""
+    layout, and return it (model units, JumpReLU). `log`, if given, receives one dict per step (step, seconds since
+    the first step began, lr, the batch's mean FVU and FVU per layer)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     fit_windows, _ = split_windows(windows, config)
@@ -235,6 +237,7 @@ def train_clt(lm: LanguageModel, windows: Windows, config: CLTConfig, out_dir: P
     thresholds = None
     batches = activation_batches(lm, windows, fit_windows, config, units, generator)
     bar = tqdm(range(config.steps), desc="train CLT", disable=not progress)
+    started = time.perf_counter()
     for step in bar:
         x, y = next(batches)
         loss, fvu, smallest = training_loss(transcoder, x, y, config.k)
@@ -246,8 +249,8 @@ def train_clt(lm: LanguageModel, windows: Windows, config: CLTConfig, out_dir: P
         thresholds = smallest if thresholds is None else decay * thresholds + (1 - decay) * smallest
         bar.set_postfix(fvu=f"{loss.item():.3f}")
         if log is not None:
-            log.append({"step": step, "lr": schedule.get_last_lr()[0], "fvu": loss.item(),
-                        "fvu_per_layer": fvu.tolist()})
+            log.append({"step": step, "seconds": time.perf_counter() - started, "lr": schedule.get_last_lr()[0],
+                        "fvu": loss.item(), "fvu_per_layer": fvu.tolist()})
     trained = to_model_units(transcoder, units, thresholds, lm.name)
     save_transcoder(trained, out_dir)
     return trained
