@@ -195,7 +195,8 @@ def cmd_train_transcoder(args) -> None:
 
     from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.models import best_device, load_model
-    from dreaming.train import TrainConfig, train_transcoder, transcoder_report
+    from dreaming.evaluate import transcoder_report
+    from dreaming.train import TrainConfig, split_windows, train_transcoder
 
     config = config_from_args(TrainConfig, args)
     lm = load_model(args.model, dtype=torch.bfloat16, device=args.device or best_device())
@@ -206,7 +207,7 @@ def cmd_train_transcoder(args) -> None:
     windows = tokenize_windows(read_documents(corpus, limit=args.max_documents), lm.tokenizer,
                                window_length=args.window_length, bos_token_id=lm.bos_token_id)
     transcoder = train_transcoder(lm, windows, config, Path(args.out) / "transcoder")
-    report = transcoder_report(lm, transcoder, windows, config)
+    report = transcoder_report(lm, transcoder, windows, split_windows(windows, config.heldout_windows, config.seed)[1])
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         return print_json(report)
