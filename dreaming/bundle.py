@@ -30,6 +30,7 @@ from dreaming.corpus import (
     save_windows,
     tokenize_windows,
 )
+from dreaming.evaluate import transcoder_report
 from dreaming.maxima import DENSE_ABOVE, Maxima, MaximaConfig, build_maxima, load_maxima
 from dreaming.models import (
     DEFAULT_MODEL,
@@ -41,7 +42,7 @@ from dreaming.models import (
     shared_model,
 )
 from dreaming.paths import dreaming_home
-from dreaming.train import TrainConfig, train_transcoder, transcoder_report
+from dreaming.train import TrainConfig, split_windows, train_transcoder
 from dreaming.transcoders import Transcoder
 from dreaming.transcoder_files import LazyEncoder, load_transcoder, read_config
 
@@ -190,7 +191,7 @@ def bundle_info(bundle: Bundle) -> dict:
             "activation": transcoder.activation,
             "input_hook": transcoder.feature_input_hook,
             "output_hook": transcoder.feature_output_hook,
-            # varied_texts / heldout_windows: see train.evaluate_transcoder
+            # varied_texts / heldout_windows: see evaluate.evaluate_transcoder
             "evaluation": manifest.get("transcoder_report", {}),
         },
         "corpus": {**manifest.get("corpus", {}), "windows": manifest.get("windows")},
@@ -274,8 +275,9 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
         if not (directory / "transcoder").exists():  # else fitted already, and only the evaluation was cut short
             train_transcoder(model(), cut, config, directory / "transcoder", progress=progress)
         manifest["train_config"] = asdict(config)
+        heldout = split_windows(cut, config.heldout_windows, config.seed)[1]
         manifest["transcoder_report"] = transcoder_report(model(), bundle.load_transcoder(device=model().device), cut,
-                                                          config, progress=progress)
+                                                          heldout, progress=progress)
 
     step("transcoder", (directory / "transcoder").exists() and "transcoder_report" in manifest, transcoder)
 

@@ -119,17 +119,7 @@ def cmd_info(args) -> None:
     print(f"transcoder   {t['kind']}: {t['layers']} layers × {t['features_per_layer']} features, {t['activation']}, "
           f"{t['input_hook']} -> {t['output_hook']}")
     print(f"             {t['reference']} ({t['layout']} layout)")
-    for name, label in (("varied_texts", "varied texts"), ("heldout_windows", "held-out windows")):
-        report = t["evaluation"].get(name)
-        if report:
-            worst = int(max(range(len(report["fvu"])), key=lambda layer: report["fvu"][layer]))
-            print(f"  {label:<17} {report['tokens']:>6,} tokens: FVU mean {report['mean_fvu']:.3f}, worst "
-                  f"{report['max_fvu']:.3f} (layer {worst}), L0 {report['mean_l0']:.1f}; cross-entropy "
-                  f"{report['cross_entropy']:.2f} -> {report['replacement_cross_entropy']:.2f} with every MLP replaced")
-            if "spliced_cross_entropy" in report:
-                increase = [ce - report["cross_entropy"] for ce in report["spliced_cross_entropy"]]
-                print(f"  {'':<17} one layer spliced at a time: +{min(increase):.3f} to +{max(increase):.3f} nats "
-                      f"(mean +{sum(increase) / len(increase):.3f})")
+    print_evaluation_summary(t["evaluation"])
     if m:
         print(f"  over the corpus   {m['dead']:,} dead ({m['dead'] / m['features']:.1%}), {m['dense']:,} active on "
               f"more than {m['dense_above']:.0%} of tokens ({m['dense'] / m['features']:.1%})")
@@ -153,17 +143,74 @@ def cmd_info(args) -> None:
             print(f"  warning    {warning}")
 
 
+EVALUATION_SETS = (("varied_texts", "varied texts"), ("heldout_windows", "held-out windows"))
+
+
+def _evaluation_sets(report: dict) -> list[dict]:
+    """The evaluation of each of EVALUATION_SETS in a transcoder report ({} where it has none)."""
+    return [report.get(name) or {} for name, _ in EVALUATION_SETS]
+
+
 def print_transcoder_report(report: dict) -> None:
-    """Per layer: FVU, L0 and spliced cross-entropy on the varied texts; FVU on the held-out windows."""
-    texts, windows = report["varied_texts"], report["heldout_windows"]
-    print("layer  FVU(texts)  FVU(windows)  L0(texts)  CE spliced(texts)")
-    for layer in range(len(texts["fvu"])):
-        print(f"{layer:>5} {texts['fvu'][layer]:11.3f} {windows['fvu'][layer]:13.3f} {texts['l0'][layer]:10.1f} "
-              f"{texts['spliced_cross_entropy'][layer]:18.3f}")
-    print(f"mean  {texts['mean_fvu']:11.3f} {windows['mean_fvu']:13.3f} {texts['mean_l0']:10.1f}")
-    print(f"cross-entropy on the texts {texts['cross_entropy']:.3f} -> {texts['replacement_cross_entropy']:.3f}, on the "
-          f"windows {windows['cross_entropy']:.3f} -> {windows['replacement_cross_entropy']:.3f} with every MLP replaced "
-          "by the transcoder")
+    """The transcoder's evaluation (`evaluate.transcoder_report`): a table per layer, then the summary."""
+    print_layer_table(report)
+    print_evaluation_summary(report)
+
+
+def print_layer_table(report: dict) -> None:
+    """Per layer, on both sets: FVU, L0 and the cross-entropy with that layer spliced in alone ('-' where a report
+    made before a figure existed lacks it)."""
+    sets = _evaluation_sets(report)
+    columns = (("fvu", ".3f"), ("l0", ".1f"), ("spliced_cross_entropy", ".3f"))
+    print(f"{'':>5}" + "".join(f"  {title:^15}" for title in ("FVU", "L0", "CE, layer spliced")))
+    print(f"{'layer':>5}" + f"  {'texts':>7} {'windows':>7}" * len(columns))
+    for layer in range(len(sets[0]["fvu"])):
+        cells = [format(evaluation[key][layer], spec) if key in evaluation else "-"
+                 for key, spec in columns for evaluation in sets]  # texts, windows of each column in turn
+        print(f"{layer:>5}" + "".join(f"  {texts:>7} {windows:>7}" for texts, windows in zip(cells[::2], cells[1::2])))
+
+
+def _spread(values: list[float], sign: str = "") -> str:
+    """'min to max, mean m' of per-layer values, with `sign` ('+' for increases) before each."""
+    return f"{min(values):{sign}.3f} to {max(values):{sign}.3f}, mean {sum(values) / len(values):{sign}.3f}"
+
+
+def print_evaluation_summary(report: dict) -> None:
+    """One row per figure, a column per set (the rows a report made before the figure existed lacks are left out),
+    then the histogram of feature densities, one line of counts per set."""
+    from dreaming.maxima import DENSE_ABOVE
+
+    sets = _evaluation_sets(report)
+    if not any(sets):
+        return
+    rows = [  # (label, the key a report made before the figure existed lacks, its cell)
+        ("tokens", "tokens", lambda r: f"{r['tokens']:,}"),
+        ("FVU mean / max (layer)", "fvu",
+         lambda r: f"{r['mean_fvu']:.3f} / {r['max_fvu']:.3f} ({r['fvu'].index(r['max_fvu'])})"),
+        ("L0 mean", "mean_l0", lambda r: f"{r['mean_l0']:.1f}"),
+        ("CE, every MLP replaced", "replacement_cross_entropy",
+         lambda r: f"{r['cross_entropy']:.3f} -> {r['replacement_cross_entropy']:.3f}"),
+        ("KL(model ‖ replacement)", "replacement_kl", lambda r: f"{r['replacement_kl']:.3f}"),
+        ("one layer spliced at a time, CE", "spliced_cross_entropy",
+         lambda r: _spread([ce - r["cross_entropy"] for ce in r["spliced_cross_entropy"]], "+")),
+        ("one layer spliced at a time, KL", "spliced_kl", lambda r: _spread(r["spliced_kl"])),
+        ("dead features", "mean_dead_fraction", lambda r: f"{r['mean_dead_fraction']:.1%}"),
+        (f"dense features (> {DENSE_ABOVE:.0%} of tokens)", "mean_dense_fraction",
+         lambda r: f"{r['mean_dense_fraction']:.1%}"),
+        ("live density p1 / p50 / p99", "density_p1",
+         lambda r: f"{r['density_p1']:.1e} / {r['density_p50']:.1e} / {r['density_p99']:.1e}"),
+        ("decades spanned, log10(p99 / p1)", "density_decades", lambda r: f"{r['density_decades']:.2f}"),
+    ]
+    print(f"  {'':<34}" + "".join(f"{label:>32}" for _, label in EVALUATION_SETS))
+    for label, key, cell in rows:
+        cells = [cell(r) if r.get(key) is not None else "-" for r in sets]
+        if any(c != "-" for c in cells):
+            print(f"  {label:<34}" + "".join(f"{c:>32}" for c in cells))
+    for (_, label), evaluation in zip(EVALUATION_SETS, sets):
+        if "log10_density_counts" in evaluation:
+            edges = evaluation["log10_density_edges"]
+            print(f"  live features per {edges[1] - edges[0]:g} decade of density from 1e{edges[0]:g} to "
+                  f"1e{edges[-1]:g}, {label}: " + " ".join(str(count) for count in evaluation["log10_density_counts"]))
 
 
 def cmd_corpus_write(args) -> None:
@@ -195,7 +242,8 @@ def cmd_train_transcoder(args) -> None:
 
     from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.models import best_device, load_model
-    from dreaming.train import TrainConfig, train_transcoder, transcoder_report
+    from dreaming.evaluate import transcoder_report
+    from dreaming.train import TrainConfig, split_windows, train_transcoder
 
     config = config_from_args(TrainConfig, args)
     lm = load_model(args.model, dtype=torch.bfloat16, device=args.device or best_device())
@@ -206,7 +254,7 @@ def cmd_train_transcoder(args) -> None:
     windows = tokenize_windows(read_documents(corpus, limit=args.max_documents), lm.tokenizer,
                                window_length=args.window_length, bos_token_id=lm.bos_token_id)
     transcoder = train_transcoder(lm, windows, config, Path(args.out) / "transcoder")
-    report = transcoder_report(lm, transcoder, windows, config)
+    report = transcoder_report(lm, transcoder, windows, split_windows(windows, config.heldout_windows, config.seed)[1])
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         return print_json(report)

@@ -1,4 +1,4 @@
-"""Training the default transcoder, a per-layer skip transcoder set, in closed form, and evaluating one.
+"""Training the default transcoder, a per-layer skip transcoder set, in closed form.
 
 The recipe (no gradient steps; each choice measured on the 2-core development CPU, figures in the README):
 1. Activations: every layer's MLP input x and output y at `fit_tokens` positions of corpus windows, from bf16
@@ -13,8 +13,8 @@ The recipe (no gradient steps; each choice measured on the 2-core development CP
    d. decoders, skip and output bias: one least-squares fit of y on [features, x], with a small ridge.
 3. Saved in circuit-tracer's transcoder_set layout (`layer_{l}.safetensors` with `W_skip`), unnormalised.
 
-`evaluate_transcoder` reports per-layer FVU and L0 on given token sequences, and the cross-entropy of the model
-with every MLP, or one at a time, replaced by the transcoder's reconstruction.
+Also the activation collection every recipe and the evaluation (dreaming/evaluate.py) share: `layer_activations`,
+`collect_activations`, and `split_windows`, the one rule for which corpus windows are held out of training.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dreaming.corpus import Windows, heldout_texts
-from dreaming.special_tokens import with_bos
+from dreaming.corpus import Windows
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel
 from dreaming.transcoders import SET, Transcoder, TranscoderConfig, save_transcoder
 
@@ -58,31 +57,37 @@ class TrainConfig:
             raise ValueError(f"ridge must be in [0, 1), got {self.ridge}")
 
 
-def layer_activations(lm: LanguageModel, tokens: torch.Tensor, lengths: torch.Tensor):
-    """MLP inputs and outputs of every layer at the measured positions (BOS and padding dropped).
+def layer_activations(lm: LanguageModel, tokens: torch.Tensor, lengths: torch.Tensor, return_logits: bool = False):
+    """MLP inputs and outputs of every layer at the measured positions (BOS and padding dropped); with
+    `return_logits` also the model's logits from the same forward pass (which then runs to the end).
 
-    tokens [batch, pos], lengths [batch] -> x, y [n_layers, n_tokens, d_model] in the model's dtype.
+    tokens [batch, pos], lengths [batch] -> x, y [n_layers, n_tokens, d_model] in the model's dtype
+    (and logits [batch, pos, vocab]).
     """
     n_layers = lm.n_layers
     positions = torch.arange(tokens.shape[1])
-    keep = (positions[None, :] >= 1) & (positions[None, :] < lengths[:, None])  # [batch, pos]
-    attention_mask = (positions[None, :] < lengths[:, None]).long()
+    keep = ((positions[None, :] >= 1) & (positions[None, :] < lengths[:, None])).to(lm.device)  # [batch, pos]
+    attention_mask = (positions[None, :] < lengths[:, None]).long().to(lm.device)
+    tokens = tokens.to(lm.device)
     hooks = [(HOOK_MLP_IN, l) for l in range(n_layers)] + [(HOOK_MLP_OUT, l) for l in range(n_layers)]
     with torch.no_grad():
-        values = lm.capture(tokens.to(lm.device), hooks, attention_mask=attention_mask.to(lm.device))
-    keep = keep.to(lm.device)
+        if return_logits:
+            with lm.hooked(hooks) as values:
+                logits = lm.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False).logits
+        else:
+            values = lm.capture(tokens, hooks, attention_mask=attention_mask)
     x = torch.stack([values[(HOOK_MLP_IN, l)][keep] for l in range(n_layers)])
     y = torch.stack([values[(HOOK_MLP_OUT, l)][keep] for l in range(n_layers)])
-    return x, y
+    return (x, y, logits) if return_logits else (x, y)
 
 
-def split_windows(windows: Windows, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Window indices for fitting and for the held-out report, shuffled under the seed."""
-    order = np.random.default_rng(config.seed).permutation(len(windows.tokens))
-    if len(order) <= config.heldout_windows:
+def split_windows(windows: Windows, heldout_windows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window indices for fitting and the `heldout_windows` held out for the report, shuffled under `seed`."""
+    order = np.random.default_rng(seed).permutation(len(windows.tokens))
+    if len(order) <= heldout_windows:
         raise ValueError(f"the corpus has {len(order)} windows; it needs more than heldout_windows "
-                         f"({config.heldout_windows})")
-    return order[config.heldout_windows :], order[: config.heldout_windows]
+                         f"({heldout_windows})")
+    return order[heldout_windows:], order[:heldout_windows]
 
 
 def collect_activations(lm: LanguageModel, windows: Windows, indices: np.ndarray, n_tokens: int,
@@ -193,7 +198,7 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: 
 def train_transcoder(lm: LanguageModel, windows: Windows, config: TrainConfig, out_dir: Path,
                      progress: bool = True) -> Transcoder:
     """Fit a skip transcoder set for `lm` on `windows` (held-out windows excluded); saved to `out_dir`."""
-    fit_windows, _ = split_windows(windows, config)
+    fit_windows, _ = split_windows(windows, config.heldout_windows, config.seed)
     x, y = collect_activations(lm, windows, fit_windows, config.fit_tokens, config.batch_windows, progress)
     L, d, F = lm.n_layers, lm.d_model, config.features_per_layer
     transcoder = Transcoder(TranscoderConfig(SET, L, d, F, activation="relu", model_name=lm.name,
@@ -206,132 +211,3 @@ def train_transcoder(lm: LanguageModel, windows: Windows, config: TrainConfig, o
                 getattr(transcoder, name)[layer].copy_(getattr(fit, name))
     save_transcoder(transcoder, out_dir)
     return transcoder
-
-
-def window_sequences(windows: Windows, indices: np.ndarray) -> list[list[int]]:
-    """The given windows (in file order) as token-id lists, BOS first, padding dropped."""
-    return [windows.tokens[i, : windows.lengths[i]].tolist() for i in np.sort(indices)]
-
-
-def heldout_sequences(lm: LanguageModel) -> list[list[int]]:
-    """The held-out varied texts (`corpus.heldout_texts`) as token-id lists, measured as every text is."""
-    ids = lm.tokenizer([doc.text for doc in heldout_texts()], add_special_tokens=False)["input_ids"]
-    return [with_bos(row, lm.bos_token_id) for row in ids]
-
-
-def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists -> tokens [batch, pos] (right-padded) and lengths [batch]."""
-    lengths = torch.tensor([len(ids) for ids in sequences])
-    tokens = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        tokens[row, : len(ids)] = torch.tensor(ids)
-    return tokens, lengths
-
-
-@torch.no_grad()
-def evaluate_transcoder(lm: LanguageModel, transcoder: Transcoder, sequences: list[list[int]], batch_size: int = 16,
-                 splice_each_layer: bool = False, progress: bool = True) -> dict:
-    """How well the transcoder stands in for the MLPs on `sequences` (token-id lists, each BOS first).
-
-    Per layer: FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over every position but the BOS, L0, and the fraction of features
-    never active on these tokens. Cross-entropy of the model, of the replacement model in which every MLP output
-    is the transcoder's (computed from the replacement's own MLP inputs as they flow, so errors compound), and, with
-    splice_each_layer, of the model with one layer at a time replaced.
-    """
-    L, F = transcoder.config.n_layers, transcoder.config.d_transcoder
-    device = lm.device
-    squared_error, sum_y2, active = (torch.zeros(L, device=device) for _ in range(3))
-    sum_y, n_tokens = torch.zeros(L, transcoder.config.d_model, device=device), 0
-    fired = torch.zeros(L, F, dtype=torch.bool, device=device)
-    ce_model, ce_replaced, n_predicted = 0.0, 0.0, 0
-    ce_spliced = [0.0] * L
-    transcoder = transcoder.float().to(device)
-    pad_id = lm.pad_token_id
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together: less padding
-    batches = [[sequences[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="evaluate transcoder", disable=not progress):
-        tokens, lengths = _padded(batch, pad_id)
-        x, y = layer_activations(lm, tokens, lengths)
-        x, y = x.float(), y.float()
-        acts, reconstruction = transcoder(x)
-        squared_error += (reconstruction - y).pow(2).sum(-1).sum(-1)
-        sum_y += y.sum(1)
-        sum_y2 += y.pow(2).sum(-1).sum(-1)
-        stacked = torch.stack(acts) > 0  # [L, N, F]
-        active += stacked.float().sum(-1).sum(-1)
-        fired |= stacked.any(dim=1)
-        n_tokens += y.shape[1]
-        base, count = _cross_entropy(lm, transcoder, tokens, lengths, replaced=[])
-        replaced, _ = _cross_entropy(lm, transcoder, tokens, lengths, replaced=list(range(L)))
-        ce_model, ce_replaced, n_predicted = ce_model + base, ce_replaced + replaced, n_predicted + count
-        if splice_each_layer:
-            for layer in range(L):
-                ce_spliced[layer] += _cross_entropy(lm, transcoder, tokens, lengths, replaced=[layer])[0]
-    variance = sum_y2 - sum_y.pow(2).sum(-1) / n_tokens  # Σ||y - ȳ||² = Σ||y||² - ||Σy||²/n
-    fvu = (squared_error / variance).tolist()
-    report = {
-        "sequences": len(sequences),
-        "tokens": n_tokens,
-        "fvu": fvu,
-        "l0": (active / n_tokens).tolist(),
-        "dead_fraction": (~fired).float().mean(1).tolist(),
-        "mean_fvu": float(np.mean(fvu)),
-        "max_fvu": float(np.max(fvu)),
-        "mean_l0": float((active / n_tokens).mean()),
-        "mean_dead_fraction": float((~fired).float().mean()),
-        "cross_entropy": ce_model / n_predicted,
-        "replacement_cross_entropy": ce_replaced / n_predicted,
-    }
-    if splice_each_layer:
-        report["spliced_cross_entropy"] = [ce / n_predicted for ce in ce_spliced]
-    return report
-
-
-def _cross_entropy(lm: LanguageModel, transcoder: Transcoder, tokens: torch.Tensor, lengths: torch.Tensor,
-                   replaced: list[int]) -> tuple[float, int]:
-    """Summed next-token cross-entropy over the valid positions, and their count, with the MLP outputs of the
-    `replaced` layers swapped for the transcoder's reconstruction (from the MLP inputs as they flow)."""
-    positions = torch.arange(tokens.shape[1])
-    mask = (positions[None, :] < lengths[:, None]).long().to(lm.device)
-    tokens = tokens.to(lm.device)
-    acts: dict[int, torch.Tensor] = {}
-    inputs: dict[int, torch.Tensor] = {}
-    handles = []
-    sources = range(max(replaced, default=-1) + 1) if transcoder.config.kind != SET else replaced
-    for layer in sources:  # every layer whose features a replaced output reads
-        norm, _ = lm.hook_module(HOOK_MLP_IN, layer)
-
-        def read_input(module, args, output, layer=layer):
-            inputs[layer] = output.float()
-            acts[layer] = transcoder.encode(inputs[layer], layer)
-
-        handles.append(norm.register_forward_hook(read_input))
-    for layer in replaced:
-        mlp, _ = lm.hook_module(HOOK_MLP_OUT, layer)
-
-        def replace_output(module, args, output, layer=layer):
-            out = transcoder.decode_layer(acts, layer, inputs[layer])
-            out[:, 0] = output[:, 0]  # the BOS position is never fitted (nor measured); keep the model's
-            return out.to(output.dtype)
-
-        handles.append(mlp.register_forward_hook(replace_output))
-    try:
-        logits = lm.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
-    valid = mask[:, 1:].bool()
-    return losses[valid].sum().item(), int(valid.sum())
-
-
-def transcoder_report(lm: LanguageModel, transcoder: Transcoder, windows: Windows, config: TrainConfig,
-                      progress: bool = True) -> dict:
-    """The transcoder's evaluation: on the held-out varied texts (never in any corpus; with the cross-entropy of each
-    layer spliced in alone) and on the corpus windows held out of training."""
-    heldout = window_sequences(windows, split_windows(windows, config)[1])
-    return {
-        "varied_texts": evaluate_transcoder(lm, transcoder, heldout_sequences(lm), splice_each_layer=True,
-                                            progress=progress),
-        "heldout_windows": evaluate_transcoder(lm, transcoder, heldout, progress=progress),
-    }

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle
-from dreaming.train import TrainConfig, collect_activations, fit_layer, heldout_sequences, layer_activations, split_windows
+from dreaming.evaluate import heldout_sequences
+from dreaming.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
 
 
 def main():
@@ -30,7 +31,7 @@ def main():
     bundle = Bundle.open(args.bundle)
     windows = bundle.windows()
     config = TrainConfig(fit_tokens=args.fit_tokens)
-    fit_windows, _ = split_windows(windows, config)
+    fit_windows, _ = split_windows(windows, config.heldout_windows, config.seed)
 
     def fits(dtype, threads):
         torch.set_num_threads(threads)

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle
+from dreaming.evaluate import heldout_sequences
 from dreaming.train import (
     TrainConfig,
     collect_activations,
-    heldout_sequences,
     layer_activations,
     firing_thresholds,
     least_squares,
@@ -77,7 +77,7 @@ def main():
     lm = bundle.load_model(dtype=torch.bfloat16)
     windows = bundle.windows()
     config = TrainConfig()
-    fit_windows, heldout = split_windows(windows, config)
+    fit_windows, heldout = split_windows(windows, config.heldout_windows, config.seed)
     data = {"fit": collect_activations(lm, windows, fit_windows, args.fit_tokens, config.batch_windows)}
     data["windows"] = collect_activations(lm, windows, np.sort(heldout), int((windows.lengths[heldout] - 1).sum()),
                                           config.batch_windows)

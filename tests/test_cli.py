@@ -36,13 +36,16 @@ def test_train_transcoder_end_to_end(model_dir, corpus_file, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     texts, windows = report["varied_texts"], report["heldout_windows"]
     assert len(texts["fvu"]) == len(windows["fvu"]) == len(texts["spliced_cross_entropy"]) == 3
+    assert len(windows["spliced_cross_entropy"]) == len(windows["spliced_kl"]) == len(windows["dense_fraction"]) == 3
+    assert texts["replacement_kl"] > 0 and sum(texts["log10_density_counts"]) > 0
     assert texts["sequences"] >= 50 and windows["sequences"] == 4 and windows["tokens"] > 0
     assert json.loads((out / "report.json").read_text()) == report
     assert (out / "transcoder" / "layer_0.safetensors").exists() and (out / "transcoder" / "config.yaml").exists()
     main(["train-transcoder", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(out),
           *TINY_TRAINING])
     table = capsys.readouterr().out
-    assert "FVU(texts)" in table and "with every MLP replaced" in table
+    assert "CE, layer spliced" in table and "CE, every MLP replaced" in table and "KL(model ‖ replacement)" in table
+    assert "dense features" in table and "decades spanned" in table and "live features per 0.5 decade" in table
 
 
 def test_train_transcoder_errors_name_the_problem(model_dir, tmp_path, capsys):
@@ -78,7 +81,17 @@ def test_info_reports_a_bundle(model_dir, corpus_file, tmp_path, capsys):
     assert info["transcoder"]["features"] == 3 * 32 and info["maxima"] is None
     main(["info", "--bundle", str(bundle_dir)])
     text = capsys.readouterr().out
-    assert "3 layers × 32 features" in text and "varied texts" in text and "one layer spliced at a time" in text
+    assert "3 layers × 32 features" in text and "varied texts" in text and "one layer spliced at a time, KL" in text
+    # a manifest from before KL, densities and splicing on the windows: info prints what is there
+    old_keys = {"sequences", "tokens", "fvu", "l0", "dead_fraction", "mean_fvu", "max_fvu", "mean_l0",
+                "mean_dead_fraction", "cross_entropy", "replacement_cross_entropy", "spliced_cross_entropy"}
+    bundle.manifest["transcoder_report"] = {name: {key: value for key, value in report.items() if key in old_keys}
+                                            for name, report in bundle.manifest["transcoder_report"].items()}
+    bundle.manifest["transcoder_report"]["heldout_windows"].pop("spliced_cross_entropy")
+    bundle.save_manifest()
+    main(["info", "--bundle", str(bundle_dir)])
+    text = capsys.readouterr().out
+    assert "one layer spliced at a time, CE" in text and "dead features" in text and "KL" not in text
     assert len(Bundle.open(bundle_dir).windows()) == 6
     with pytest.raises(SystemExit, match="is not a bundle"):
         main(["info", "--bundle", str(tmp_path)])
