@@ -42,14 +42,16 @@ from dreaming.models import (
     shared_model,
 )
 from dreaming.paths import dreaming_home
-from dreaming.train import TrainConfig, split_windows, train_transcoder
+from dreaming.recipes import DEFAULT_RECIPE, RECIPES, recipe_of
+from dreaming.train import split_windows
 from dreaming.transcoders import Transcoder
 from dreaming.transcoder_files import LazyEncoder, load_transcoder, read_config
 
 MANIFEST = "bundle.json"
 # The default bundle's recipe; a default bundle of another version is moved aside and built again.
-# 1: Python-heavy corpus, CLT of 512 features per layer. 2: diverse corpus, skip transcoder set of 2,048.
-DEFAULT_BUNDLE_VERSION = 2
+# 1: Python-heavy corpus, CLT of 512 features per layer. 2: diverse corpus, skip transcoder set of 2,048 fitted in
+# closed form. 3: the same corpus, a CLT trained by gradient from that fit (dreaming/train_clt.py).
+DEFAULT_BUNDLE_VERSION = 3
 WINDOW_LENGTH = 128
 
 
@@ -183,6 +185,7 @@ def bundle_info(bundle: Bundle) -> dict:
         "transcoder": {
             "reference": str(bundle.transcoder_reference),
             "layout": recorded.get("layout", "circuit-tracer"),
+            "recipe": manifest.get("recipe"),  # how the default bundle's transcoder was trained (dreaming/recipes.py)
             "kind": transcoder.kind,
             "layers": transcoder.n_layers,
             "features_per_layer": transcoder.d_transcoder,
@@ -219,10 +222,10 @@ def current_default_manifest(directory: Path) -> dict:
     return {}
 
 
-def build_default_bundle(directory: Path | None = None, config: TrainConfig | None = None,
+def build_default_bundle(directory: Path | None = None, config=None,
                          progress: bool = True) -> Bundle:
     """Build (idempotently: finished steps are skipped) the default bundle: model cache, corpus, windows,
-    transcoder, maxima.
+    transcoder (`config`: a recipe's config, dreaming/recipes.py; default: the default recipe's), maxima.
 
     Each step records its wall time in the manifest under "build_seconds".
     """
@@ -234,7 +237,7 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
     manifest.setdefault("model", "default")
     manifest.setdefault("model_name", DEFAULT_MODEL)
     times = manifest.setdefault("build_seconds", {})
-    config = config or TrainConfig()
+    config = config or RECIPES[DEFAULT_RECIPE].config()
 
     def step(name: str, done: bool, work) -> None:
         if done:
@@ -272,8 +275,9 @@ def build_default_bundle(directory: Path | None = None, config: TrainConfig | No
 
     def transcoder():
         cut = bundle.windows()
-        if not (directory / "transcoder").exists():  # else fitted already, and only the evaluation was cut short
-            train_transcoder(model(), cut, config, directory / "transcoder", progress=progress)
+        if not (directory / "transcoder").exists():  # else trained already, and only the evaluation was cut short
+            RECIPES[recipe_of(config)].train(model(), cut, config, directory / "transcoder", progress=progress)
+        manifest["recipe"] = recipe_of(config)
         manifest["train_config"] = asdict(config)
         heldout = split_windows(cut, config.heldout_windows, config.seed)[1]
         manifest["transcoder_report"] = transcoder_report(model(), bundle.load_transcoder(device=model().device), cut,

@@ -20,24 +20,53 @@ def _config_fields(config_class) -> list[tuple[str, object, object, str | None]]
     return [(f.name, hints[f.name], f.default, None) for f in dataclasses.fields(config_class)]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, *config_classes) -> None:
     """One flag per field of a dataclass or pydantic model (`--features-per-layer`), defaults from the class.
+    With several classes (the recipes of one command), one flag per name across them, its default each class's
+    own (the help lists them); `config_from_args` then builds the one chosen.
 
-    Optional fields take "none" for None; Literal fields become choices."""
-    for name, kind, default, description in _config_fields(config_class):
+    Optional fields take "none" for None; Literal fields become choices; bool fields take true/false."""
+    fields: dict[str, tuple] = {}
+    for config_class in config_classes:
+        for name, kind, default, description in _config_fields(config_class):
+            fields.setdefault(name, (kind, description, []))[2].append((config_class, default))
+    for name, (kind, description, defaults) in fields.items():
         optional = typing.get_origin(kind) is not typing.Literal and type(None) in typing.get_args(kind)
         base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
         choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
         if choices:
             base = type(choices[0])
+        if base is bool:
+            base = _boolean
         parse = (lambda text, base=base: None if text.lower() in ("none", "all") else base(text)) if optional else base
-        help_text = f"{description}; default: {default}" if description else f"default: {default}"
+        if len(config_classes) == 1:
+            default, shown = defaults[0][1], f"default: {defaults[0][1]}"
+        else:
+            default = argparse.SUPPRESS
+            shown = "default: " + ", ".join(f"{_recipe_name(c)} {value}" for c, value in defaults)
+        help_text = f"{description}; {shown}" if description else shown
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=parse, default=default, choices=choices,
                             help=help_text.replace("%", "%%"))
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _recipe_name(config_class) -> str:
+    from dreaming.recipes import RECIPES
+
+    return next((name for name, recipe in RECIPES.items() if recipe.config is config_class), config_class.__name__)
+
+
 def config_from_args(config_class, args: argparse.Namespace):
-    return config_class(**{name: getattr(args, name) for name, *_ in _config_fields(config_class)})
+    """The config from the flags given (a field with no flag given takes the class's default)."""
+    return config_class(**{name: getattr(args, name) for name, *_ in _config_fields(config_class)
+                           if hasattr(args, name)})
 
 
 def add_bundle_argument(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +147,8 @@ def cmd_info(args) -> None:
     print(f"model        {info['model']['name']} ({info['model']['source']})")
     print(f"transcoder   {t['kind']}: {t['layers']} layers × {t['features_per_layer']} features, {t['activation']}, "
           f"{t['input_hook']} -> {t['output_hook']}")
-    print(f"             {t['reference']} ({t['layout']} layout)")
+    recipe = f", trained with the {t['recipe']} recipe" if t.get("recipe") else ""
+    print(f"             {t['reference']} ({t['layout']} layout{recipe})")
     print_evaluation_summary(t["evaluation"])
     if m:
         print(f"  over the corpus   {m['dead']:,} dead ({m['dead'] / m['features']:.1%}), {m['dense']:,} active on "
@@ -241,11 +271,18 @@ def cmd_train_transcoder(args) -> None:
     import torch
 
     from dreaming.corpus import read_documents, tokenize_windows
-    from dreaming.models import best_device, load_model
     from dreaming.evaluate import transcoder_report
-    from dreaming.train import TrainConfig, split_windows, train_transcoder
+    from dreaming.models import best_device, load_model
+    from dreaming.recipes import RECIPES
+    from dreaming.train import split_windows
 
-    config = config_from_args(TrainConfig, args)
+    recipe = RECIPES[args.recipe]
+    own = {name for name, *_ in _config_fields(recipe.config)}
+    foreign = sorted(name for other in RECIPES.values() for name, *_ in _config_fields(other.config)
+                     if hasattr(args, name) and name not in own)
+    if foreign:
+        raise SystemExit(f"--{foreign[0].replace('_', '-')} is not an option of the {args.recipe} recipe")
+    config = config_from_args(recipe.config, args)
     lm = load_model(args.model, dtype=torch.bfloat16, device=args.device or best_device())
     corpus = args.corpus or str(dreaming_home() / "default" / "corpus.jsonl")
     if not args.corpus and not Path(corpus).exists():
@@ -253,12 +290,13 @@ def cmd_train_transcoder(args) -> None:
                          "pass --corpus or run `dreaming default build`")
     windows = tokenize_windows(read_documents(corpus, limit=args.max_documents), lm.tokenizer,
                                window_length=args.window_length, bos_token_id=lm.bos_token_id)
-    transcoder = train_transcoder(lm, windows, config, Path(args.out) / "transcoder")
-    report = transcoder_report(lm, transcoder, windows, split_windows(windows, config.heldout_windows, config.seed)[1])
+    transcoder = recipe.train(lm, windows, config, Path(args.out) / "transcoder")
+    report = {"recipe": args.recipe,
+              **transcoder_report(lm, transcoder, windows, split_windows(windows, config.heldout_windows, config.seed)[1])}
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
     if args.json:
         return print_json(report)
-    print(f"saved {Path(args.out) / 'transcoder'}")
+    print(f"saved {Path(args.out) / 'transcoder'} ({args.recipe} recipe)")
     print_transcoder_report(report)
 
 
@@ -586,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dreaming.bundle import WINDOW_LENGTH
     from dreaming.corpus import WritingConfig
     from dreaming.maxima import SEARCH_ORDER, MaximaConfig
-    from dreaming.train import TrainConfig
+    from dreaming.recipes import DEFAULT_RECIPE, RECIPES
 
     parser = argparse.ArgumentParser(prog="dreaming", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -637,7 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     write.set_defaults(run=cmd_corpus_write)
 
     train = commands.add_parser("train-transcoder", aliases=["train-clt"],
-                                help="fit a per-layer skip transcoder set to a model's MLPs (see dreaming/train.py)")
+                                help="train a transcoder for a model's MLPs: a CLT by gradient (--recipe clt, "
+                                     "dreaming/train_clt.py) or a per-layer skip set in closed form (--recipe "
+                                     "closed-form, dreaming/train.py)")
+    train.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                       help=f"which transcoder to train (default: {DEFAULT_RECIPE}); the options below say each "
+                            "recipe's default, and an option of the other recipe is refused")
     train.add_argument("--model", default="default", help="'default', a local directory or a Hugging Face id")
     train.add_argument("--corpus", help="corpus spec (.txt/.jsonl/.parquet/dir/hf:NAME); default: the default corpus")
     train.add_argument("--max-documents", type=int, help="read at most this many documents")
@@ -645,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     train.add_argument("--out", required=True, help="output directory (transcoder/, report.json)")
     train.add_argument("--json", action="store_true")
-    add_config_arguments(train, TrainConfig)
+    add_config_arguments(train, *(recipe.config for recipe in RECIPES.values()))
     train.set_defaults(run=cmd_train_transcoder)
 
     maxima = commands.add_parser("maxima", help="dataset maxima of every feature")

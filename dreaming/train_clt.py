@@ -50,14 +50,14 @@ class CLTConfig:
     """Options of `train_clt`; the flags of `dreaming train-transcoder --recipe clt` use the same names."""
 
     features_per_layer: int = 1024
-    k: int = 32  # BatchTopK: features firing per token and layer, on average over a batch
-    tokens: int = 262_144  # training tokens streamed from the corpus (past its end, it is read again)
-    batch_tokens: int = 4096
-    lr: float = 5e-4  # Adam's peak learning rate
-    warmup: float = 0.05  # share of the steps over which the learning rate rises to `lr`
+    k: int = 24  # BatchTopK: features firing per token and layer, on average over a batch
+    tokens: int = 131_072  # training tokens streamed from the corpus (past its end, it is read again); 0: the start alone
+    batch_tokens: int = 2048
+    lr: float = 5e-5  # Adam's peak learning rate
+    warmup: float = 0.1  # share of the steps over which the learning rate rises to `lr`
     init_tokens: int = 32_768  # activations the closed-form start is fitted on (0: a random start)
-    init_k: int = 24  # the closed-form start's mean L0 per layer (TrainConfig.k)
-    buffer_tokens: int = 32_768  # the shuffle buffer: activations of this many tokens are mixed before batching
+    init_k: int = 32  # the closed-form start's mean L0 per layer (TrainConfig.k); above k, so BatchTopK chooses
+    buffer_tokens: int = 16_384  # the shuffle buffer: activations of this many tokens are mixed before batching
     threshold_decay: float = 0.9  # running mean of each layer's smallest kept activation (the saved threshold)
     batch_windows: int = 32  # windows per forward pass of the model
     heldout_windows: int = 64  # windows kept out of training for the report
@@ -65,12 +65,16 @@ class CLTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("features_per_layer", "k", "tokens", "batch_tokens", "init_k", "buffer_tokens", "batch_windows",
+        for name in ("features_per_layer", "k", "batch_tokens", "init_k", "buffer_tokens", "batch_windows",
                      "heldout_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k > self.features_per_layer:
             raise ValueError(f"k ({self.k}) cannot exceed features_per_layer ({self.features_per_layer})")
+        if self.tokens < 0 or self.init_tokens < 0:
+            raise ValueError("tokens and init_tokens cannot be negative")
+        if not self.tokens and not self.init_tokens:
+            raise ValueError("tokens 0 (no gradient step) needs the closed-form start (init_tokens > 0)")
         if self.init_tokens and self.init_tokens < 4 * self.features_per_layer:
             raise ValueError(f"init_tokens ({self.init_tokens}) must be 0 (random start) or at least "
                              f"4 × features_per_layer ({4 * self.features_per_layer})")
@@ -81,7 +85,7 @@ class CLTConfig:
 
     @property
     def steps(self) -> int:
-        return max(1, self.tokens // self.batch_tokens)
+        return -(-self.tokens // self.batch_tokens)  # a last partial batch counts as a whole one
 
 
 @dataclass
@@ -112,32 +116,71 @@ def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(flat).scatter(1, index, values).view_as(pre), values.min(1).values
 
 
-def sparse_decode(transcoder: Transcoder, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Every layer's reconstruction [n_layers, B, d_model] from activations [n_layers, B, F] that are mostly zero
-    (and, with a skip, the inputs x [n_layers, B, d_model]): each source layer's active features gather their
-    decoder rows [n_layers - l, d_model] (embedding_bag), which costs the active count, not F."""
-    n, B, _ = acts.shape
-    d = transcoder.config.d_model
-    out = transcoder.b_dec[:, None, :].expand(n, B, d).clone()  # [n_layers, B, d_model]
-    if transcoder.W_skip is not None:
-        out = out + torch.bmm(x, transcoder.W_skip.transpose(1, 2))
-    for layer in range(n):
-        rows, features = acts[layer].nonzero(as_tuple=True)  # sorted by row: one bag per token
-        offsets = torch.cumsum(torch.bincount(rows, minlength=B), 0) - torch.bincount(rows, minlength=B)
-        written = F.embedding_bag(features, transcoder.W_dec[layer].flatten(1), offsets, mode="sum",
-                                  per_sample_weights=acts[layer][rows, features])  # [B, (n - layer)·d]
-        out[layer:] += written.view(B, n - layer, d).transpose(0, 1)
-    return out
+class TrainingCLT(torch.nn.Module):
+    """The CLT as it is trained: in training units, with the decoders kept per *target* layer, one matrix
+    decoders[t] [(t + 1)·F, d_model] whose rows l·F .. (l + 1)·F - 1 are what layer l's features write to layer t.
+    A target layer's reconstruction is then one gather over the active features of layers <= t, and its gradient
+    one matrix; kept per source layer (circuit-tracer's layout), the slice-adds of every source into every later
+    target dominated the backward pass."""
 
+    def __init__(self, n_layers: int, d_model: int, features: int, skip: bool):
+        super().__init__()
+        self.n_layers, self.d_model, self.features = n_layers, d_model, features
+        self.W_enc = torch.nn.Parameter(torch.zeros(n_layers, features, d_model))  # [n_layers, F, d_model]
+        self.b_enc = torch.nn.Parameter(torch.zeros(n_layers, features))
+        self.b_dec = torch.nn.Parameter(torch.zeros(n_layers, d_model))
+        self.W_skip = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model)) if skip else None  # [l, out, in]
+        self.decoders = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros((t + 1) * features, d_model)) for t in range(n_layers)])
 
-def training_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, k: int):
-    """x, y [n_layers, B, d_model] in training units -> (the mean over layers of the batch's FVU, each layer's FVU
-    [n_layers] (detached), each layer's smallest kept activation [n_layers])."""
-    pre = torch.baddbmm(transcoder.b_enc[:, None, :], x, transcoder.W_enc.transpose(1, 2))  # [n_layers, B, F]
-    acts, smallest = batch_topk(pre, k)
-    error = (sparse_decode(transcoder, acts, x) - y).pow(2).sum(-1)  # [n_layers, B]
-    fvu = error.sum(1) / (y - y.mean(1, keepdim=True)).pow(2).sum(-1).sum(1)
-    return fvu.mean(), fvu.detach(), smallest.detach()
+    def written(self, source: int, target: int) -> torch.Tensor:
+        """What layer `source`'s features write to layer `target`: [F, d_model] (a view)."""
+        return self.decoders[target][source * self.features : (source + 1) * self.features]
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Every layer's reconstruction [n_layers, B, d_model] from activations [n_layers, B, F] that are mostly
+        zero and the inputs x [n_layers, B, d_model]: per target layer one embedding_bag over the active features
+        of the layers that write to it, which costs the active count, not F."""
+        n, B, _ = acts.shape
+        token, layer, feature = acts.transpose(0, 1).nonzero(as_tuple=True)  # sorted by token: one bag per token
+        values = acts[layer, token, feature]  # [active]
+        rows = layer * self.features + feature  # row in decoders[t], for every t >= layer
+        out = []
+        for target in range(n):
+            keep = layer <= target
+            sizes = torch.bincount(token[keep], minlength=B)
+            out.append(F.embedding_bag(rows[keep], self.decoders[target], sizes.cumsum(0) - sizes, mode="sum",
+                                       per_sample_weights=values[keep]))  # [B, d_model]
+        out = torch.stack(out) + self.b_dec[:, None, :]
+        return out + torch.bmm(x, self.W_skip.transpose(1, 2)) if self.W_skip is not None else out
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, k: int):
+        """x, y [n_layers, B, d_model] in training units -> (the mean over layers of the batch's FVU, each layer's
+        FVU [n_layers] (detached), each layer's smallest kept activation [n_layers])."""
+        pre = torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc.transpose(1, 2))  # [n_layers, B, F]
+        acts, smallest = batch_topk(pre, k)
+        error = (self.decode(acts, x) - y).pow(2).sum(-1)  # [n_layers, B]
+        fvu = error.sum(1) / (y - y.mean(1, keepdim=True)).pow(2).sum(-1).sum(1)
+        return fvu.mean(), fvu.detach(), smallest.detach()
+
+    def to_transcoder(self, units: Units, thresholds: torch.Tensor, model_name: str | None) -> Transcoder:
+        """Step 4: in circuit-tracer's layout and model units (the scales folded into the weights), BatchTopK turned
+        into JumpReLU with one threshold per layer."""
+        n, F_, d = self.n_layers, self.features, self.d_model
+        out = Transcoder(TranscoderConfig(CLT, n, d, F_, activation="jumprelu", model_name=model_name,
+                                          skip_connection=self.W_skip is not None))
+        x_scale, y_scale = units.x_scale.cpu(), units.y_scale.cpu()
+        with torch.no_grad():
+            out.W_enc.copy_(self.W_enc.cpu() * x_scale[:, None, None])  # W̃ x̃ = (W̃ · x_scale) x
+            out.b_enc.copy_(self.b_enc.cpu())
+            out.threshold.copy_(thresholds.cpu()[:, None].expand(n, F_))
+            out.b_dec.copy_(self.b_dec.cpu() / y_scale[:, None])
+            for source in range(n):
+                for target in range(source, n):
+                    out.W_dec[source][:, target - source] = self.written(source, target).cpu() / y_scale[target]
+            if self.W_skip is not None:  # ỹ = W̃ x̃  =>  y = (W̃ · x_scale / y_scale) x
+                out.W_skip.copy_(self.W_skip.cpu() * (x_scale / y_scale)[:, None, None])
+        return out
 
 
 def activation_batches(lm: LanguageModel, windows: Windows, indices: np.ndarray, config: CLTConfig, units: Units,
@@ -164,48 +207,28 @@ def activation_batches(lm: LanguageModel, windows: Windows, indices: np.ndarray,
         xs, ys, held = [x[:, used:]], [y[:, used:]], held - used
 
 
-def closed_form_start(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, config: CLTConfig,
+def closed_form_start(clt: TrainingCLT, x: torch.Tensor, y: torch.Tensor, config: CLTConfig,
                       generator: torch.Generator, progress: bool) -> None:
-    """Step 2: each layer's encoder and own-layer decoder from the closed-form fit on x, y [n_layers, N, d_model]
-    (training units); the later-layer slots stay zero."""
+    """Step 2: each layer's encoder, own-layer decoder and skip from the closed-form fit on x, y [n_layers, N,
+    d_model] (training units); the later-layer writes stay zero."""
     fit_config = TrainConfig(features_per_layer=config.features_per_layer, k=config.init_k, fit_tokens=x.shape[1])
-    for layer in tqdm(range(transcoder.config.n_layers), desc="closed-form start", disable=not progress):
+    for layer in tqdm(range(clt.n_layers), desc="closed-form start", disable=not progress):
         fit = fit_layer(x[layer], y[layer], fit_config, generator, skip=config.skip)
+        clt.W_enc.data[layer] = fit.W_enc
+        clt.b_enc.data[layer] = fit.b_enc
+        clt.written(layer, layer).copy_(fit.W_dec)
+        clt.b_dec.data[layer] = fit.b_dec
         if config.skip:
-            transcoder.W_skip.data[layer] = fit.W_skip
-        transcoder.W_enc.data[layer] = fit.W_enc
-        transcoder.b_enc.data[layer] = fit.b_enc
-        transcoder.W_dec[layer].data[:, 0] = fit.W_dec
-        transcoder.b_dec.data[layer] = fit.b_dec
+            clt.W_skip.data[layer] = fit.W_skip
 
 
-def random_start(transcoder: Transcoder, generator: torch.Generator) -> None:
-    """A start with no data: decoders random with rows of norm 0.1, encoders their transpose (Gao et al. 2024)."""
-    d = transcoder.config.d_model
-    for layer in range(transcoder.config.n_layers):
-        rows = torch.randn(transcoder.W_dec[layer].shape, generator=generator)
-        rows = 0.1 * rows / rows.norm(dim=-1, keepdim=True)
-        transcoder.W_dec[layer].data.copy_(rows)
-        transcoder.W_enc.data[layer] = rows[:, 0] * d**-0.5 * 10
-
-
-def to_model_units(trained: Transcoder, units: Units, thresholds: torch.Tensor, model_name: str | None) -> Transcoder:
-    """The trained CLT with the scales folded into its weights and BatchTopK turned into JumpReLU (step 4)."""
-    c = trained.config
-    n, F_, d = c.n_layers, c.d_transcoder, c.d_model
-    out = Transcoder(TranscoderConfig(CLT, n, d, F_, activation="jumprelu", model_name=model_name,
-                                      skip_connection=c.skip_connection))
-    x_scale, y_scale = units.x_scale.cpu(), units.y_scale.cpu()
-    with torch.no_grad():
-        out.W_enc.copy_(trained.W_enc.cpu() * x_scale[:, None, None])  # W̃ x̃ = (W̃ · x_scale) x
-        out.b_enc.copy_(trained.b_enc.cpu())
-        out.threshold.copy_(thresholds.cpu()[:, None].expand(n, F_))
-        out.b_dec.copy_(trained.b_dec.cpu() / y_scale[:, None])
-        for layer in range(n):
-            out.W_dec[layer].copy_(trained.W_dec[layer].cpu() / y_scale[layer:, None])
-        if c.skip_connection:  # ỹ = W̃ x̃  =>  y = (W̃ · x_scale / y_scale) x
-            out.W_skip.copy_(trained.W_skip.cpu() * (x_scale / y_scale)[:, None, None])
-    return out
+def random_start(clt: TrainingCLT, generator: torch.Generator) -> None:
+    """A start with no data: decoder rows random with norm 0.1 per target, each encoder the transpose of its own
+    layer's decoder (Gao et al. 2024)."""
+    for target, decoder in enumerate(clt.decoders):
+        rows = torch.randn(decoder.shape, generator=generator)
+        decoder.data.copy_(0.1 * rows / rows.norm(dim=-1, keepdim=True))
+        clt.W_enc.data[target] = clt.written(target, target) * 10 * clt.d_model**-0.5
 
 
 def train_clt(lm: LanguageModel, windows: Windows, config: CLTConfig, out_dir: Path, progress: bool = True,
@@ -215,42 +238,40 @@ def train_clt(lm: LanguageModel, windows: Windows, config: CLTConfig, out_dir: P
     the first step began, lr, the batch's mean FVU and FVU per layer)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    fit_windows, _ = split_windows(windows, config)
+    fit_windows, _ = split_windows(windows, config.heldout_windows, config.seed)
     n, d, device = lm.n_layers, lm.d_model, lm.device
     start_tokens = config.init_tokens or config.buffer_tokens
     x, y = collect_activations(lm, windows, fit_windows, start_tokens, config.batch_windows, progress)
     units = Units.measure(x, y)
-    transcoder = Transcoder(TranscoderConfig(CLT, n, d, config.features_per_layer, activation="relu",
-                                             model_name=lm.name, skip_connection=config.skip))
+    clt = TrainingCLT(n, d, config.features_per_layer, config.skip).to(device)
     with torch.no_grad():
         if config.init_tokens:
-            closed_form_start(transcoder, *units.apply(x, y), config, generator, progress)
+            closed_form_start(clt, *units.apply(x, y), config, generator, progress)
         else:
-            random_start(transcoder, generator)
-            transcoder.b_dec.copy_(units.apply(x, y)[1].mean(1))
+            random_start(clt, generator)
+            clt.b_dec.copy_(units.apply(x, y)[1].mean(1))
     del x, y
-    transcoder = transcoder.to(device)
-    optimizer = torch.optim.Adam(transcoder.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(clt.parameters(), lr=config.lr)
     warmup = max(1, round(config.warmup * config.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, (config.steps - step) / max(1, config.steps - warmup)))
-    thresholds = None
+    thresholds = torch.zeros(n, device=device)  # with no step: JumpReLU at 0 is the start's ReLU
     batches = activation_batches(lm, windows, fit_windows, config, units, generator)
     bar = tqdm(range(config.steps), desc="train CLT", disable=not progress)
     started = time.perf_counter()
     for step in bar:
         x, y = next(batches)
-        loss, fvu, smallest = training_loss(transcoder, x, y, config.k)
+        loss, fvu, smallest = clt.loss(x, y, config.k)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         decay = config.threshold_decay
-        thresholds = smallest if thresholds is None else decay * thresholds + (1 - decay) * smallest
+        thresholds = smallest if step == 0 else decay * thresholds + (1 - decay) * smallest
         bar.set_postfix(fvu=f"{loss.item():.3f}")
         if log is not None:
             log.append({"step": step, "seconds": time.perf_counter() - started, "lr": schedule.get_last_lr()[0],
                         "fvu": loss.item(), "fvu_per_layer": fvu.tolist()})
-    trained = to_model_units(transcoder, units, thresholds, lm.name)
+    trained = clt.to_transcoder(units, thresholds, lm.name)
     save_transcoder(trained, out_dir)
     return trained

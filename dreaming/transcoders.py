@@ -75,6 +75,18 @@ def activate(pre, activation: str, threshold=None, k: int | None = None):
     return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
 
+def sparse_matmul(acts, weights):
+    """acts [..., F] (mostly zero) @ weights [F, m] -> [..., m], costing the active entries rather than F: each
+    row's active features gather their weight rows (embedding_bag). A CLT's decoders write to every later layer, so
+    the dense product costs F · n_layers² · d_model / 2 per token."""
+    flat = acts.reshape(-1, acts.shape[-1])
+    rows, features = flat.nonzero(as_tuple=True)  # sorted by row: one bag per row
+    sizes = torch.bincount(rows, minlength=len(flat))
+    out = torch.nn.functional.embedding_bag(features, weights, sizes.cumsum(0) - sizes, mode="sum",
+                                            per_sample_weights=flat[rows, features].to(weights.dtype))
+    return out.view(*acts.shape[:-1], weights.shape[-1])
+
+
 class Transcoder(torch.nn.Module):
     def __init__(self, config: TranscoderConfig, dtype=torch.float32, device="cpu"):
         super().__init__()
@@ -133,7 +145,7 @@ class Transcoder(torch.nn.Module):
         if c.kind == CLT:
             out = torch.zeros(n, *batch, d, dtype=self.b_dec.dtype, device=self.b_dec.device)
             for l, a in enumerate(acts):
-                y = (a @ self.W_dec[l].flatten(1)).unflatten(-1, (n - l, d))  # [..., n_layers - l, d_model]
+                y = sparse_matmul(a, self.W_dec[l].flatten(1)).unflatten(-1, (n - l, d))  # [..., n_layers - l, d_model]
                 out[l:] += y.movedim(-2, 0)
         else:
             out = torch.stack([a @ self.W_dec[l] for l, a in enumerate(acts)])  # [n_layers, ..., d_model]
@@ -145,7 +157,8 @@ class Transcoder(torch.nn.Module):
         """Reconstruction of one layer's output [..., d_model] from the activations of the layers that write to it
         (acts[l] [..., F] for every l <= layer for a CLT, acts[layer] for a set) and, with W_skip, its input."""
         if self.config.kind == CLT:
-            out = self.b_dec[layer] + sum(acts[l] @ self.W_dec[l][:, layer - l] for l in range(layer + 1))
+            out = self.b_dec[layer] + sum(sparse_matmul(acts[l], self.W_dec[l][:, layer - l].contiguous())
+                                          for l in range(layer + 1))
         else:
             out = acts[layer] @ self.W_dec[layer] + self.b_dec[layer]
         if self.W_skip is not None:

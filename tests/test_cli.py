@@ -9,8 +9,11 @@ from dreaming.bundle import Bundle, save_windows
 from dreaming.cli import main
 from dreaming.corpus import Document, write_documents
 
-TINY_TRAINING = ["--features-per-layer", "32", "--k", "4", "--fit-tokens", "600", "--batch-windows", "4",
-                 "--heldout-windows", "4", "--kmeans-iterations", "3", "--window-length", "32"]
+TINY_TRAINING = ["--recipe", "closed-form", "--features-per-layer", "32", "--k", "4", "--fit-tokens", "600",
+                 "--batch-windows", "4", "--heldout-windows", "4", "--kmeans-iterations", "3", "--window-length", "32"]
+TINY_CLT = ["--features-per-layer", "16", "--k", "3", "--tokens", "384", "--batch-tokens", "128", "--buffer-tokens",
+            "256", "--init-tokens", "64", "--init-k", "3", "--batch-windows", "4", "--heldout-windows", "4",
+            "--window-length", "32"]
 
 
 @pytest.fixture()
@@ -48,7 +51,29 @@ def test_train_transcoder_end_to_end(model_dir, corpus_file, tmp_path, capsys):
     assert "dense features" in table and "decades spanned" in table and "live features per 0.5 decade" in table
 
 
+def test_train_transcoder_trains_a_clt_by_default(model_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train-transcoder", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(out), "--json",
+          *TINY_CLT])
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "report.json").read_text()) == report and report["recipe"] == "clt"
+    assert len(report["varied_texts"]["fvu"]) == len(report["heldout_windows"]["spliced_kl"]) == 3
+    assert sorted(p.name for p in (out / "transcoder").glob("W_*_0.safetensors")) == ["W_dec_0.safetensors",
+                                                                                   "W_enc_0.safetensors"]
+    from dreaming.transcoder_files import read_config
+
+    config = read_config(out / "transcoder")
+    assert (config.kind, config.activation, config.d_transcoder, config.skip_connection) == (
+        "cross_layer_transcoder", "jumprelu", 16, True)
+
+
 def test_train_transcoder_errors_name_the_problem(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--fit-tokens is not an option of the clt recipe"):
+        main(["train-transcoder", "--model", str(model_dir), "--out", str(tmp_path / "run"), "--fit-tokens", "600"])
+    with pytest.raises(SystemExit, match="--tokens is not an option of the closed-form recipe"):
+        main(["train-transcoder", "--recipe", "closed-form", "--out", str(tmp_path / "run"), "--tokens", "600"])
+    with pytest.raises(SystemExit):
+        main(["train-transcoder", "--out", str(tmp_path / "run"), "--skip", "maybe"])
     with pytest.raises(SystemExit, match="no such file|does not exist|not found"):
         main(["train-clt", "--model", str(model_dir), "--corpus", str(tmp_path / "missing.jsonl"),
               "--out", str(tmp_path / "run")])
@@ -66,17 +91,19 @@ def test_info_reports_a_bundle(model_dir, corpus_file, tmp_path, capsys):
     main(["train-clt", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(tmp_path / "run"),
           *TINY_TRAINING])  # the old name still works
     capsys.readouterr()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report.pop("recipe") == "closed-form"
     bundle_dir = tmp_path / "bundle"
     bundle_dir.mkdir()
     (tmp_path / "run" / "transcoder").rename(bundle_dir / "transcoder")
     save_windows(random_windows(6, 16, 30), bundle_dir / "windows")
     bundle = Bundle(bundle_dir, {"model": str(model_dir), "model_name": "tiny", "corpus": {"tokens": {"a": 10}, "documents": {"a": 1}},
                                  "windows": {"count": 6, "window_length": 16, "tokens": 96}, "build_seconds": {"transcoder": 1.0},
-                                 "transcoder_report": json.loads((tmp_path / "run" / "report.json").read_text())})
+                                 "recipe": "closed-form", "transcoder_report": report})
     bundle.save_manifest()
     main(["info", "--bundle", str(bundle_dir), "--json"])
     info = json.loads(capsys.readouterr().out)
-    assert info["transcoder"]["kind"] == "transcoder_set"
+    assert info["transcoder"]["kind"] == "transcoder_set" and info["transcoder"]["recipe"] == "closed-form"
     assert len(info["transcoder"]["evaluation"]["varied_texts"]["fvu"]) == 3
     assert info["transcoder"]["features"] == 3 * 32 and info["maxima"] is None
     main(["info", "--bundle", str(bundle_dir)])

@@ -6,15 +6,7 @@ import pytest
 import torch
 
 from conftest import random_windows
-from dreaming.train_clt import (
-    CLTConfig,
-    Units,
-    activation_batches,
-    batch_topk,
-    sparse_decode,
-    train_clt,
-    training_loss,
-)
+from dreaming.train_clt import CLTConfig, TrainingCLT, Units, activation_batches, batch_topk, train_clt
 from dreaming.transcoder_files import load_transcoder
 from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
 
@@ -27,13 +19,16 @@ def windows(tiny_lm):
     return random_windows(80, 24, len(tiny_lm.tokenizer))
 
 
-def random_clt(n_layers=3, d_model=32, features=16, seed=0, skip=True) -> Transcoder:
+def random_clt(n_layers=3, d_model=32, features=16, seed=0, skip=True) -> TrainingCLT:
     generator = torch.Generator().manual_seed(seed)
-    clt = Transcoder(TranscoderConfig(CLT, n_layers, d_model, features, activation="relu", skip_connection=skip))
+    clt = TrainingCLT(n_layers, d_model, features, skip)
     with torch.no_grad():
         for parameter in clt.parameters():
             parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
     return clt
+
+
+ONES = Units(torch.ones(3), torch.ones(3))
 
 
 def test_batch_topk_keeps_the_k_times_batch_largest_per_layer():
@@ -52,8 +47,9 @@ def test_sparse_decode_equals_the_dense_decoder(skip):
     generator = torch.Generator().manual_seed(1)
     acts, _ = batch_topk(torch.randn(3, 7, 16, generator=generator), 4)
     x = torch.randn(3, 7, 32, generator=generator)
-    dense = clt.decode(list(acts), x)  # [n_layers, B, d]: every slot, dense matmuls
-    torch.testing.assert_close(sparse_decode(clt, acts, x), dense, rtol=1e-5, atol=1e-5)
+    transcoder = clt.to_transcoder(ONES, torch.zeros(3), None)  # circuit-tracer's layout, per source layer
+    dense = transcoder.decode(list(acts), x)  # [n_layers, B, d]: every slot, dense matmuls
+    torch.testing.assert_close(clt.decode(acts, x), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_loss_gradient_matches_finite_differences_and_a_step_lowers_it():
@@ -61,22 +57,21 @@ def test_loss_gradient_matches_finite_differences_and_a_step_lowers_it():
     generator = torch.Generator().manual_seed(2)
     x, y = torch.randn(3, 12, 32, generator=generator, dtype=torch.float64), torch.randn(3, 12, 32, generator=generator,
                                                                                           dtype=torch.float64)
-    loss, _, _ = training_loss(clt, x, y, k=3)
+    loss, _, _ = clt.loss(x, y, k=3)
     loss.backward()
-    parameter, index = clt.W_dec[1], (2, 1, 5)
-    if clt.W_dec[1].grad[index] == 0:  # pick a decoder entry of a feature that fired
-        index = tuple(int(i) for i in clt.W_dec[1].grad.nonzero()[0])
+    parameter = clt.decoders[2]  # what layers 0-2 write to layer 2: an entry of a feature that fired
+    index = tuple(int(i) for i in parameter.grad.nonzero()[len(parameter.grad.nonzero()) // 2])
     with torch.no_grad():
         eps = 1e-6
         parameter[index] += eps
-        plus = training_loss(clt, x, y, k=3)[0].item()
+        plus = clt.loss(x, y, k=3)[0].item()
         parameter[index] -= 2 * eps
-        minus = training_loss(clt, x, y, k=3)[0].item()
+        minus = clt.loss(x, y, k=3)[0].item()
         parameter[index] += eps
     assert parameter.grad[index].item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-5)
     optimizer = torch.optim.SGD(clt.parameters(), lr=0.05)
     optimizer.step()
-    assert training_loss(clt, x, y, k=3)[0].item() < loss.item()
+    assert clt.loss(x, y, k=3)[0].item() < loss.item()
 
 
 def test_training_lowers_the_loss_and_saves_a_clt_circuit_tracer_encodes_the_same(tiny_lm, windows, tmp_path):
@@ -105,7 +100,7 @@ def test_the_saved_clt_in_model_units_computes_what_was_trained(tiny_lm, windows
     trained = train_clt(tiny_lm, windows, config, tmp_path / "clt", progress=False)
     from dreaming.train import split_windows
 
-    fit, _ = split_windows(windows, config)
+    fit, _ = split_windows(windows, config.heldout_windows, config.seed)
     x, y = next(activation_batches(tiny_lm, windows, fit, config, Units(torch.ones(3), torch.ones(3)),
                                    torch.Generator().manual_seed(0)))
     acts, reconstruction = trained(x)  # model units
@@ -138,3 +133,24 @@ def test_bad_configurations_are_refused():
         CLTConfig(features_per_layer=512, init_tokens=1000)
     with pytest.raises(ValueError, match="batch_tokens"):
         CLTConfig(batch_tokens=4096, buffer_tokens=1024)
+
+
+def test_no_gradient_step_saves_the_closed_form_start(tiny_lm, windows, tmp_path):
+    """tokens=0: the per-layer closed-form fit as a CLT: no later-layer writes, JumpReLU at 0 (its ReLU), and each
+    layer equal to `fit_layer` on the same activations."""
+    from dreaming.train import TrainConfig, collect_activations, fit_layer, split_windows
+
+    config = CLTConfig(**{**SMALL, "tokens": 0})
+    start = train_clt(tiny_lm, windows, config, tmp_path / "clt", progress=False)
+    assert torch.equal(start.threshold, torch.zeros_like(start.threshold))
+    assert all(not start.W_dec[layer][:, 1:].any() for layer in range(3))
+    fit_windows, _ = split_windows(windows, config.heldout_windows, config.seed)
+    x, y = collect_activations(tiny_lm, windows, fit_windows, config.init_tokens, config.batch_windows, False)
+    units = Units.measure(x, y)
+    x_units, y_units = units.apply(x, y)
+    fit = fit_layer(x_units[0], y_units[0], TrainConfig(features_per_layer=16, k=3, fit_tokens=64),
+                    torch.Generator().manual_seed(config.seed))
+    acts = (x_units[0] @ fit.W_enc.T + fit.b_enc).relu()
+    expected = (acts @ fit.W_dec + x_units[0] @ fit.W_skip.T + fit.b_dec) / units.y_scale[0]  # model units
+    _, reconstruction = start(x.float())
+    torch.testing.assert_close(reconstruction[0], expected, rtol=1e-4, atol=1e-4)
