@@ -195,13 +195,13 @@ def activation_batches(lm: LanguageModel, windows: Windows, indices: np.ndarray,
             position = position + config.batch_windows if position + config.batch_windows < len(order) else 0
             x, y = layer_activations(lm, torch.from_numpy(windows.tokens[chosen]).long(),
                                      torch.from_numpy(windows.lengths[chosen]).long())
-            xs.append(x), ys.append(y)
+            xs.append(x)
+            ys.append(y)
             held += x.shape[1]
         x, y = torch.cat(xs, 1), torch.cat(ys, 1)
         mixed = torch.randperm(held, generator=generator).to(x.device)
         x, y = x[:, mixed], y[:, mixed]
-        used = held - held % config.batch_tokens if held % config.batch_tokens else held
-        used = min(used, config.buffer_tokens // config.batch_tokens * config.batch_tokens)
+        used = min(held, config.buffer_tokens) // config.batch_tokens * config.batch_tokens  # the rest waits
         for start in range(0, used, config.batch_tokens):
             yield units.apply(x[:, start : start + config.batch_tokens], y[:, start : start + config.batch_tokens])
         xs, ys, held = [x[:, used:]], [y[:, used:]], held - used

@@ -1,6 +1,8 @@
 """Training a cross-layer transcoder by gradient on a tiny model: the loss, its gradient step, the sparse decoder
 against the dense one, the saved file against circuit-tracer's own loader, and reproducibility."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,39 @@ def test_no_gradient_step_saves_the_closed_form_start(tiny_lm, windows, tmp_path
     expected = (acts @ fit.W_dec + x_units[0] @ fit.W_skip.T + fit.b_dec) / units.y_scale[0]  # model units
     _, reconstruction = start(x.float())
     torch.testing.assert_close(reconstruction[0], expected, rtol=1e-4, atol=1e-4)
+
+
+TOLERANCE = 0.02
+
+
+def test_batches_stream_training_tokens_once_each_and_never_held_out_ones(tiny_lm, windows):
+    """Within one pass over the training windows every yielded token is a training window's token, none more often
+    than it occurs there (rows are compared within TOLERANCE: a window's activations depend a little on its batch
+    and its padding)."""
+    from dreaming.train import layer_activations, split_windows
+
+    config = CLTConfig(**SMALL)
+    fit, heldout = split_windows(windows, config.heldout_windows, config.seed)
+
+    def rows(indices):  # each token's MLP inputs across layers [tokens, n_layers · d_model]
+        x, _ = layer_activations(tiny_lm, torch.from_numpy(windows.tokens[indices]).long(),
+                                 torch.from_numpy(windows.lengths[indices]).long())
+        return x.float().transpose(0, 1).flatten(1)
+
+    training, held = rows(fit), rows(heldout)
+    batches = activation_batches(tiny_lm, windows, fit, config, ONES, torch.Generator().manual_seed(0))
+    seen = []
+    while sum(len(x) for x in seen) + config.batch_tokens <= len(training) - config.buffer_tokens:  # (the buffer
+        # mixes the next pass's first tokens with this one's last ones)
+        seen.append(next(batches)[0].transpose(0, 1).flatten(1))
+    seen = torch.cat(seen)
+    between = torch.cdist(training, training)
+    assert between[between > TOLERANCE].min() > 5 * TOLERANCE  # distinct contexts are far apart: the test can tell
+    same = between < TOLERANCE  # equal contexts (e.g. one token after BOS) give equal rows
+    group = same.float().argmax(1)  # each training row's first equal row
+    distance, nearest = torch.cdist(seen, training).min(1)
+    assert (distance < TOLERANCE).all()  # every yielded token is a training token
+    yielded, occurs = torch.bincount(group[nearest], minlength=len(training)), torch.bincount(group, minlength=len(training))
+    assert (yielded <= occurs).all() and yielded.sum() == len(seen)
+    only_held = torch.cdist(held, training).min(1).values > TOLERANCE  # held-out tokens whose context no training token has
+    assert (torch.cdist(seen, held[only_held]).min(1).values > TOLERANCE).all()
