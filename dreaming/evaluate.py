@@ -58,7 +58,8 @@ def evaluate_transcoder(lm: LanguageModel, transcoder: Transcoder, sequences: li
     cross-entropy of the model, and the cross-entropy and KL(model ‖ replacement) of the next-token distributions of
     the replacement model, in which every MLP output is the transcoder's (computed from the replacement's own MLP
     inputs as they flow, so errors compound), and, with splice_each_layer, of the model with one layer at a time
-    replaced. Each batch runs the model once, and once more per replacement.
+    replaced. Each batch runs the model once, and once more per replacement. A layer spliced alone reads the
+    model's own MLP inputs (nothing before it is replaced), so its output is the clean pass's reconstruction.
     """
     L, F = transcoder.config.n_layers, transcoder.config.d_transcoder
     device = lm.device
@@ -86,8 +87,14 @@ def evaluate_transcoder(lm: LanguageModel, transcoder: Transcoder, sequences: li
         model_log_probs = _log_probs(logits, predicting)  # [n_predicted, vocab]
         ce_model += _cross_entropy(model_log_probs, targets)
         n_predicted += len(targets)
+        positions = torch.arange(tokens.shape[1])[None, :]
+        keep = ((positions >= 1) & (positions < lengths[:, None])).to(device)  # [batch, pos]: as layer_activations
+        clean = reconstruction.new_zeros(L, *tokens.shape, reconstruction.shape[-1])  # [L, batch, pos, d_model]
+        clean[:, keep] = reconstruction
         for i, replaced in enumerate(replacements):
-            log_probs = _log_probs(_replacement_logits(lm, transcoder, tokens, lengths, replaced), predicting)
+            outputs = {replaced[0]: clean[replaced[0]]} if len(replaced) == 1 else None
+            log_probs = _log_probs(_replacement_logits(lm, transcoder, tokens, lengths, replaced, outputs),
+                                   predicting)
             ce_replaced[i] += _cross_entropy(log_probs, targets)
             kl_replaced[i] += torch.nn.functional.kl_div(log_probs, model_log_probs, log_target=True,
                                                          reduction="sum").item()  # Σ p_model (log p_model − log p)
@@ -142,16 +149,17 @@ def _cross_entropy(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def _replacement_logits(lm: LanguageModel, transcoder: Transcoder, tokens: torch.Tensor, lengths: torch.Tensor,
-                        replaced: list[int]) -> torch.Tensor:
+                        replaced: list[int], outputs: dict | None = None) -> torch.Tensor:
     """The model's logits [batch, pos, vocab] with the MLP outputs of the `replaced` layers swapped for the
     transcoder's reconstruction, computed from the MLP inputs as they flow (a CLT's from every layer that writes to
-    a replaced one); the BOS position keeps the model's outputs."""
+    a replaced one), or, given `outputs` ({layer: [batch, pos, d_model]}), those; the BOS position keeps the
+    model's outputs."""
     positions = torch.arange(tokens.shape[1])
     mask = (positions[None, :] < lengths[:, None]).long().to(lm.device)
     acts: dict[int, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
     handles = []
-    sources = range(max(replaced, default=-1) + 1) if transcoder.config.kind != SET else replaced
+    sources = [] if outputs else range(max(replaced, default=-1) + 1) if transcoder.config.kind != SET else replaced
     for layer in sources:  # every layer whose features a replaced output reads
         norm, _ = lm.hook_module(HOOK_MLP_IN, layer)
 
@@ -164,7 +172,7 @@ def _replacement_logits(lm: LanguageModel, transcoder: Transcoder, tokens: torch
         mlp, _ = lm.hook_module(HOOK_MLP_OUT, layer)
 
         def replace_output(module, args, output, layer=layer):
-            out = transcoder.decode_layer(acts, layer, inputs[layer])
+            out = outputs[layer].clone() if outputs else transcoder.decode_layer(acts, layer, inputs[layer])
             out[:, 0] = output[:, 0]  # the BOS position is never fitted (nor measured); keep the model's
             return out.to(output.dtype)
 
