@@ -12,7 +12,8 @@ LAYERS = [
     {"models", "transcoders", "transcoder_files", "generate"},  # models and transcoders on disk
     {"corpus", "templates"},  # text: documents, windows, templates
     {"activation", "objective", "output_tokens", "similar"},  # measuring a feature on tokens
-    {"maxima", "maxima_checkpoint", "epo", "train"},  # the maxima pass, the search, fitting a transcoder
+    {"maxima", "maxima_checkpoint", "epo", "train", "train_clt", "recipes", "evaluate"},  # the maxima pass, the
+    # search, training a transcoder (closed form, CLT, the recipes by name) and evaluating one
     {"dream_cache", "dashboard"},  # dream results on disk; the feature page
     {"bundle"},  # model + transcoder + corpus + maxima in one directory
     {"maxima_ray", "bundle_create"},  # whole-bundle work: the sharded pass, creating a bundle
