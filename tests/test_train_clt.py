@@ -1,8 +1,6 @@
 """Training a cross-layer transcoder by gradient on a tiny model: the loss, its gradient step, the sparse decoder
 against the dense one, the saved file against circuit-tracer's own loader, and reproducibility."""
 
-from collections import Counter
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch
 from conftest import random_windows
 from dreaming.train_clt import CLTConfig, TrainingCLT, Units, activation_batches, batch_topk, train_clt
 from dreaming.transcoder_files import load_transcoder
-from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
+from dreaming.transcoders import CLT
 
 SMALL = dict(features_per_layer=16, k=3, tokens=6 * 128, batch_tokens=128, buffer_tokens=256, init_tokens=64,
              init_k=3, batch_windows=8, heldout_windows=6, lr=3e-3)
