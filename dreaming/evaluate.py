@@ -21,7 +21,7 @@ from dreaming.corpus import Windows, heldout_texts
 from dreaming.maxima import DENSE_ABOVE
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel
 from dreaming.special_tokens import with_bos
-from dreaming.train import layer_activations
+from dreaming.train import layer_activations, measured_positions
 from dreaming.transcoders import SET, Transcoder
 
 LOG10_DENSITY_EDGES = np.linspace(-6, 0, 13)  # histogram bins of log10(density): every half decade from 1e-6 to 1
@@ -87,10 +87,8 @@ def evaluate_transcoder(lm: LanguageModel, transcoder: Transcoder, sequences: li
         model_log_probs = _log_probs(logits, predicting)  # [n_predicted, vocab]
         ce_model += _cross_entropy(model_log_probs, targets)
         n_predicted += len(targets)
-        positions = torch.arange(tokens.shape[1])[None, :]
-        keep = ((positions >= 1) & (positions < lengths[:, None])).to(device)  # [batch, pos]: as layer_activations
         clean = reconstruction.new_zeros(L, *tokens.shape, reconstruction.shape[-1])  # [L, batch, pos, d_model]
-        clean[:, keep] = reconstruction
+        clean[:, measured_positions(tokens.shape[1], lengths).to(device)] = reconstruction
         for i, replaced in enumerate(replacements):
             outputs = {replaced[0]: clean[replaced[0]]} if len(replaced) == 1 else None
             log_probs = _log_probs(_replacement_logits(lm, transcoder, tokens, lengths, replaced, outputs),

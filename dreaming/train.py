@@ -57,6 +57,12 @@ class TrainConfig:
             raise ValueError(f"ridge must be in [0, 1), got {self.ridge}")
 
 
+def measured_positions(n_positions: int, lengths: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] bool: the positions every transcoder is fitted and measured on (BOS and padding dropped)."""
+    positions = torch.arange(n_positions)[None, :]
+    return (positions >= 1) & (positions < lengths[:, None])
+
+
 def layer_activations(lm: LanguageModel, tokens: torch.Tensor, lengths: torch.Tensor, return_logits: bool = False):
     """MLP inputs and outputs of every layer at the measured positions (BOS and padding dropped); with
     `return_logits` also the model's logits from the same forward pass (which then runs to the end).
@@ -66,7 +72,7 @@ def layer_activations(lm: LanguageModel, tokens: torch.Tensor, lengths: torch.Te
     """
     n_layers = lm.n_layers
     positions = torch.arange(tokens.shape[1])
-    keep = ((positions[None, :] >= 1) & (positions[None, :] < lengths[:, None])).to(lm.device)  # [batch, pos]
+    keep = measured_positions(tokens.shape[1], lengths).to(lm.device)  # [batch, pos]
     attention_mask = (positions[None, :] < lengths[:, None]).long().to(lm.device)
     tokens = tokens.to(lm.device)
     hooks = [(HOOK_MLP_IN, l) for l in range(n_layers)] + [(HOOK_MLP_OUT, l) for l in range(n_layers)]
