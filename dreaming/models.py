@@ -177,6 +177,32 @@ class LanguageModel:
             for handle in handles:
                 handle.remove()
 
+    @contextmanager
+    def layer_outputs(self):
+        """Within the block, a forward pass fills the yielded dict {layer: what the decoder layer returned}, as it
+        returned it (a tensor or a tuple), for `replaying`."""
+        outputs: dict[int, object] = {}
+        handles = [layer.register_forward_hook(lambda module, args, output, index=index: outputs.update({index: output}))
+                   for index, layer in enumerate(self.layers)]
+        try:
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def replaying(self, outputs: dict[int, object]):
+        """Within the block, each decoder layer in `outputs` returns its recorded output (`layer_outputs`) instead of
+        computing it. A pass that changes nothing before layer l so skips the work of layers < l; the recorded
+        outputs must be of the same inputs."""
+        for index, output in outputs.items():
+            self.layers[index].forward = lambda *args, output=output, **kwargs: output
+        try:
+            yield
+        finally:
+            for index in outputs:
+                del self.layers[index].forward
+
 
 def best_device() -> str:
     """"cuda" when a GPU is visible, else "cpu" (called when a model is loaded, never at import)."""

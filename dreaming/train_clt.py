@@ -51,7 +51,7 @@ class CLTConfig:
 
     features_per_layer: int = 1024
     k: int = 24  # BatchTopK: features firing per token and layer, on average over a batch
-    tokens: int = 131_072  # training tokens streamed from the corpus (past its end, it is read again); 0: the start alone
+    tokens: int = 81_920  # training tokens streamed from the corpus (past its end, it is read again); 0: the start alone
     batch_tokens: int = 2048
     lr: float = 5e-5  # Adam's peak learning rate
     warmup: float = 0.1  # share of the steps over which the learning rate rises to `lr`

@@ -44,6 +44,7 @@ from dreaming.maxima import DENSE_ABOVE, Maxima
 from dreaming.output_tokens import output_directions, output_tokens
 from dreaming.similar import similar_features
 from dreaming.transcoder_files import open_transcoder, read_config
+from dreaming.transcoders import CLT
 
 DENSEST = 10
 EXAMPLES = 4  # top dataset examples shown per feature
@@ -260,7 +261,8 @@ def study(explorer: Explorer, windows: int, pairs: int, null: int, seed: int) ->
     return {
         "bundle": {"model": bundle.manifest.get("model_name"), "transcoder": config.kind,
                    "layers": config.n_layers, "features_per_layer": config.d_transcoder,
-                   "train_config": bundle.manifest.get("train_config"), "maxima_tokens": maxima.metadata["tokens"]},
+                   "recipe": bundle.manifest.get("recipe"), "train_config": bundle.manifest.get("train_config"),
+                   "maxima_tokens": maxima.metadata["tokens"]},
         "density": {"median": float(density.flatten().median()), "max": float(density.max()),
                     "dense_above": DENSE_ABOVE, "dense": int((density > DENSE_ABOVE).sum()),
                     "live": int((maxima.arrays["active_count"] > 0).sum())},
@@ -291,11 +293,11 @@ def matrix(labels: list[str], rows: list[list[float]]) -> list[str]:
     return lines + [f"| {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for label, row in zip(labels, rows)]
 
 
-def off_diagonal(rows: list[list[float]], same_layer: bool, labels: list[str]) -> list[tuple[float, str, str]]:
-    """(cosine, a, b) for each pair i < j of features of the same layer (or of different layers)."""
+def off_diagonal(rows: list[list[float]], same_layer: bool | None, labels: list[str]) -> list[tuple[float, str, str]]:
+    """(cosine, a, b) for each pair i < j of features of the same layer (False: of different layers; None: all)."""
     layer = [parse_feature(label).layer for label in labels]
     return [(rows[i][j], labels[i], labels[j]) for i in range(len(rows)) for j in range(i + 1, len(rows))
-            if (layer[i] == layer[j]) == same_layer]
+            if same_layer is None or (layer[i] == layer[j]) == same_layer]
 
 
 def evidence(f: dict) -> list[str]:
@@ -325,14 +327,22 @@ def markdown(report: dict, command: str) -> str:
     features = report["features"]
     labels = [f["feature"] for f in features]
     train = b["train_config"] or {}
+    cross_layer = b["transcoder"] == CLT
+    if "k" not in train:
+        how = ""
+    elif b.get("recipe") == "closed-form":
+        how = (f" (fitted with k = {train['k']} of {train['features_per_layer']:,}: each feature fires on "
+               f"{train['k'] / train['features_per_layer']:.2%} of the fit tokens)")
+    else:
+        how = (f" (trained with BatchTopK, k = {train['k']} of {train['features_per_layer']:,}: features fire on "
+               f"{train['k'] / train['features_per_layer']:.2%} of the tokens on average, each as often as training "
+               "made it)")
     lines = [
         f"# Dense features of {b['model']}'s transcoder",
         "",
         f"    {command}",
         "",
-        f"{b['model']} with a {b['transcoder']} of {b['layers']} layers x {b['features_per_layer']:,} features"
-        + (f" (fitted with k = {train['k']} of {train['features_per_layer']:,}: each feature fires on "
-           f"{train['k'] / train['features_per_layer']:.2%} of the fit tokens)" if "k" in train else "")
+        f"{b['model']} with a {b['transcoder']} of {b['layers']} layers x {b['features_per_layer']:,} features{how}"
         + f". Densities from the maxima pass over {b['maxima_tokens']:,} tokens: {d['live']:,} live features, "
         f"median density {d['median']:.2%}, the densest {d['max']:.2%}; {d['dense']} features are dense by the "
         f"dashboards' line (> {d['dense_above']:.0%}). Co-firing over {s['windows']} windows drawn with seed "
@@ -360,20 +370,22 @@ def markdown(report: dict, command: str) -> str:
             lines.append("")
         lines.append(f"Interpretation: {f['interpretation'] or 'not interpretable yet'}")
     lines += ["", "## Decoder cosines among the 10", "",
-              "Cosine of the normalised decoders concatenated over every output layer (the update's measure). In a "
-              "per-layer set a feature writes only to its own layer, so features of different layers have cosine "
-              "exactly 0 by construction; only same-layer pairs carry information.", ""]
+              "Cosine of the normalised decoders concatenated over every output layer (the update's measure). "
+              + ("A feature of layer l writes to layers l and later, so two features of layers a <= b are compared "
+                 "over the layers from b on." if cross_layer else
+                 "In a per-layer set a feature writes only to its own layer, so features of different layers have "
+                 "cosine exactly 0 by construction; only same-layer pairs carry information."), ""]
     lines += matrix(labels, report["decoder_cosine"])
     lines += ["", "A different quantity, the closest analogue across layers: the cosine of the features' output "
               "directions summed into the residual stream (`output_directions`). For two features of one layer of "
               "a set it equals the decoder cosine.", ""]
     lines += matrix(labels, report["output_direction_cosine"])
-    same = off_diagonal(report["decoder_cosine"], True, labels)
+    compared = off_diagonal(report["decoder_cosine"], None if cross_layer else True, labels)
     across = off_diagonal(report["output_direction_cosine"], False, labels)
     lines += [""] + [f"- {name}: {len(pairs)} pairs, from {min(pairs)[0]:.2f} ({min(pairs)[1]}, {min(pairs)[2]}) to "
                      f"{max(pairs)[0]:.2f} ({max(pairs)[1]}, {max(pairs)[2]})" for name, pairs in
-                     (("same layer, decoder cosine", same), ("different layers, output-direction cosine", across))
-                     if pairs]
+                     ((("every pair" if cross_layer else "same layer") + ", decoder cosine", compared),
+                      ("different layers, output-direction cosine", across)) if pairs]
     lines += ["", "## The antipodal-pair test", "",
               "Each dense feature's most negative partner among all features (lowest decoder cosine), and how the "
               "two fire on the sample: tokens where each fires, where both fire, the count expected if they fired "
@@ -402,11 +414,12 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {names[name]} | {g['pairs']} | {figure} | "
                          + " | ".join(f"{v:.3f}" for v in g[figure].values())
                          + f" | {g['disjoint']:.0%} | {g['above_independence']:.0%} |")
-    lines += ["", "## Against the update's figures (30M CLT)", ""] + comparison(report, same)
+    lines += ["", "## Against the update's figures (30M CLT)", ""] + comparison(report, compared, cross_layer)
     return "\n".join(lines) + "\n"
 
 
-def comparison(report: dict, same: list[tuple[float, str, str]]) -> list[str]:
+def comparison(report: dict, compared: list[tuple[float, str, str]], cross_layer: bool) -> list[str]:
+    """`compared`: the decoder cosines that carry information (a CLT's every pair, a set's same-layer pairs)."""
     features = report["features"]
     interpreted = sum(f["interpretation"] is not None for f in features)
     layers = sorted({parse_feature(f["feature"]).layer for f in features})
@@ -416,11 +429,14 @@ def comparison(report: dict, same: list[tuple[float, str, str]]) -> list[str]:
         f"- Interpretable: the update had {UPDATE['interpretable']}; here {interpreted} of {len(features)} have an "
         "interpretation written from the evidence above.",
         f"- Similar dense features: the update had {UPDATE['similar']}. Here the 10 are in layers "
-        f"{', '.join(map(str, layers))}; same-layer decoder cosines range "
-        + (f"from {min(same)[0]:.2f} to {max(same)[0]:.2f} over {len(same)} pairs" if same else "over no pairs")
-        + "; cross-layer decoder cosines are 0 by construction (output-direction cosines above).",
+        f"{', '.join(map(str, layers))}; " + ("decoder cosines" if cross_layer else "same-layer decoder cosines")
+        + (f" range from {min(compared)[0]:.2f} to {max(compared)[0]:.2f} over {len(compared)} pairs" if compared
+           else " range over no pairs")
+        + ("." if cross_layer else "; cross-layer decoder cosines are 0 by construction (output-direction cosines "
+           "above)."),
         f"- Most complementary pair: the update had {UPDATE['complementary']}. Here the lowest decoder cosine among "
-        "the 10 is " + (f"{min(same)[0]:.2f} ({min(same)[1]}, {min(same)[2]})" if same else "none (no same-layer pair)")
+        "the 10 is " + (f"{min(compared)[0]:.2f} ({min(compared)[1]}, {min(compared)[2]})" if compared
+                        else "none (no same-layer pair)")
         + ".",
         f"- Antipodal pairs: the update found {UPDATE['antipodal']}. Here the dense features' most negative partners "
         f"among all features have cosines {min(p['cosine'] for p in partners):.2f} to "

@@ -44,6 +44,32 @@ def test_capture_stops_early(tiny_lm):
     torch.testing.assert_close(early[(HOOK_MLP_OUT, 1)], full[(HOOK_MLP_OUT, 1)])
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gpt2"])
+def test_replaying_recorded_layers_gives_the_same_pass_without_computing_them(tiny_tokenizer, family):
+    lm = make_tiny_lm(tiny_tokenizer, family)
+    input_ids = torch.randint(4, len(tiny_tokenizer), (2, 9))
+    mask = torch.ones_like(input_ids)
+    mask[1, 6:] = 0  # padding, as batches of texts have
+    with torch.no_grad(), lm.layer_outputs() as recorded:
+        clean = lm.model(input_ids=input_ids, attention_mask=mask).logits
+    assert sorted(recorded) == list(range(lm.n_layers))
+    calls = []
+    handles = [lm.hook_module(HOOK_MLP_OUT, layer)[0].register_forward_hook(
+        lambda module, args, output, layer=layer: calls.append(layer)) for layer in range(lm.n_layers)]
+    try:
+        with torch.no_grad(), lm.replaying({0: recorded[0], 1: recorded[1]}):
+            replayed = lm.model(input_ids=input_ids, attention_mask=mask).logits
+        assert calls == [2]  # layers 0 and 1 did not run
+        torch.testing.assert_close(replayed, clean, rtol=0, atol=0)
+        calls.clear()
+        with torch.no_grad():
+            lm.model(input_ids=input_ids, attention_mask=mask)
+        assert calls == [0, 1, 2]  # restored after the block
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_hook_aliases_and_unknown_names(tiny_lm):
     input_ids = torch.randint(4, len(tiny_lm.tokenizer), (1, 5))
     values = tiny_lm.capture(input_ids, [("hook_mlp_out", 0), ("ln2.hook_normalized", 0)])
