@@ -7,7 +7,7 @@ Owns:
                         and percentiles of feature densities, and the cross-entropy and KL(model ‖ replacement) with
                         every MLP replaced, or one layer at a time (spliced)
   transcoder_report     that evaluation on the held-out varied texts and on the corpus windows held out of training
-  heldout_sequences, window_sequences   those two sets as token-id lists
+  heldout_sequences, window_sequences   those two sets as token-id lists (pad_sequences batches them)
 Which windows are held out is `train.split_windows`'s rule; the activations come from `train.layer_activations`.
 """
 
@@ -38,7 +38,7 @@ def heldout_sequences(lm: LanguageModel) -> list[list[int]]:
     return [with_bos(row, lm.bos_token_id) for row in ids]
 
 
-def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists -> tokens [batch, pos] (right-padded) and lengths [batch]."""
     lengths = torch.tensor([len(ids) for ids in sequences])
     tokens = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
@@ -75,7 +75,7 @@ def evaluate_transcoder(lm: LanguageModel, transcoder: Transcoder, sequences: li
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together: less padding
     batches = [[sequences[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="evaluate transcoder", disable=not progress):
-        tokens, lengths = _padded(batch, lm.pad_token_id)
+        tokens, lengths = pad_sequences(batch, lm.pad_token_id)
         with lm.layer_outputs() as layer_outputs:
             x, y, logits = layer_activations(lm, tokens, lengths, return_logits=True)
         x, y = x.float(), y.float()

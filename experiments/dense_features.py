@@ -6,10 +6,10 @@
    and an interpretation. Interpretations are not computed: they are read from
    experiments/dense_features_interpretations.json ({"L/I": text}), written by hand from this evidence; a feature
    without one shows "not interpretable yet".
-2. Their cosines: of the normalised decoders concatenated over every output layer (the update's measure; in a
-   per-layer set features of different layers write to different layers, so that cosine is exactly 0), and, a
-   different quantity, of their output directions summed into the residual stream
-   (dreaming.output_tokens.output_directions), the closest analogue across layers.
+2. Their cosines: of the normalised decoders concatenated over every output layer (the update's measure; a CLT's
+   features of layers a <= b share the output layers from b on, while in a per-layer set features of different
+   layers write to different layers, so that cosine is exactly 0), and, a different quantity, of their output
+   directions summed into the residual stream (dreaming.output_tokens.output_directions).
 3. The antipodal-pair test: each dense feature's most negative partner among all features (similar_features with
    lowest=True) and whether the two fire disjointly on `--windows` corpus windows drawn with `--seed`, run as the
    maxima pass runs them (bf16): tokens where each fires and where both fire, the count expected if they fired
@@ -17,7 +17,9 @@
    layer, and for `--null` random live features with their own most negative partner (a lowest cosine among all
    features is an extreme by construction: these say what that extreme is for an ordinary feature).
 
-Writes <out>/dense_features.md (also printed: the same text) and <out>/dense_features.json (every figure).
+Writes <out>/dense_features.md (also printed: the same text) and <out>/dense_features.json (every figure). With
+`--render` it measures nothing and writes the markdown again from that JSON, with the interpretations as they are
+now: run the study, read the evidence, write the interpretations, render.
 
     python experiments/dense_features.py --bundle "$DREAMING_HOME/default" [--windows 512] [--pairs 1000]
                                          [--null 100] [--seed 0] [--out experiments/results]
@@ -58,6 +60,10 @@ PERCENTILES = [0, 1, 5, 25, 50, 75, 95, 99, 100]
 UPDATE = {"interpretable": "6 of 10", "similar": "~0.5 among the early-layer content-word (#1), newline (#5) and "
           "comma (#8) features", "complementary": "-0.14 for the most complementary pair (#2, unlikely to end a "
           "sentence; #9, possible ends of sentences or clauses)", "antipodal": "no antipodal pairs"}
+
+
+def read_interpretations() -> dict[str, str]:
+    return json.loads(INTERPRETATIONS.read_text()) if INTERPRETATIONS.exists() else {}
 
 
 def densest(maxima: Maxima, count: int) -> list[Feature]:
@@ -235,7 +241,7 @@ def study(explorer: Explorer, windows: int, pairs: int, null: int, seed: int) ->
     figures = iter(co_firing(c, counted["tokens"]) for c in counted["pairs"])
     measured = {name: [{"a": str(a), "b": str(b), "cosine": next(cosines), **next(figures)} for a, b in members]
                 for name, members in groups.items()}
-    interpretations = json.loads(INTERPRETATIONS.read_text()) if INTERPRETATIONS.exists() else {}
+    interpretations = read_interpretations()
     outputs = output_tokens(explorer.lm, transcoder_dir, dense, k=SHOWN)
     density = maxima.arrays["density"]
     features = []
@@ -484,16 +490,25 @@ def main():
     parser.add_argument("--null", type=int, default=100, help="random live features, with their most negative partner")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="experiments/results", help="results directory")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: write <out>/dense_features.md again from its JSON, with the "
+                             "interpretations as they are now in " + INTERPRETATIONS.name)
     args = parser.parse_args()
-    started = time.perf_counter()
-    explorer = Explorer.open(args.bundle)
-    report = study(explorer, args.windows, args.pairs, args.null, args.seed)
-    bundle = '"$DREAMING_HOME/default"' if Path(args.bundle) == default_bundle_dir() else "DIR"
-    command = (f"python experiments/dense_features.py --bundle {bundle} --windows {args.windows} --pairs {args.pairs} "
-               f"--null {args.null} --seed {args.seed}")
-    report["seconds"] = round(time.perf_counter() - started)
-    text = markdown(report, command) + f"\nThe script took {report['seconds']} s.\n"
     out = Path(args.out)
+    if args.render:
+        report = json.loads((out / "dense_features.json").read_text())
+        interpretations = read_interpretations()
+        for f in report["features"]:
+            f["interpretation"] = interpretations.get(f["feature"])
+    else:
+        started = time.perf_counter()
+        explorer = Explorer.open(args.bundle)
+        report = study(explorer, args.windows, args.pairs, args.null, args.seed)
+        bundle = '"$DREAMING_HOME/default"' if Path(args.bundle) == default_bundle_dir() else "DIR"
+        report["command"] = (f"python experiments/dense_features.py --bundle {bundle} --windows {args.windows} "
+                             f"--pairs {args.pairs} --null {args.null} --seed {args.seed}")
+        report["seconds"] = round(time.perf_counter() - started)
+    text = markdown(report, report["command"]) + f"\nThe script took {report['seconds']} s.\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "dense_features.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     (out / "dense_features.md").write_text(text)

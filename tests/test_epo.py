@@ -570,7 +570,7 @@ def test_a_uniform_first_token_is_drawn_from_its_own_number(lm64, transcoder):
 
 def children_one_at_a_time(members, gradient_top, model_top, config, tasks, allowed_ids):
     """The reference: the engine's moves written out one child at a time, in the same draws."""
-    M, r, W = config.population, config.children, members.ids.shape[1]
+    M, r = config.population, config.children
     lo, hi = config.length_range
     k = min(config.topk, len(allowed_ids))
     out = []
