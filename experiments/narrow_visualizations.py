@@ -9,8 +9,8 @@ on a bundle, how far that is from the full corpus and from dreams:
    only, as `dreaming maxima build --sources ... --out DIR` does; default: the three Python sources, i.e. a
    dashboard built from a code corpus): per feature of the quality study's sample (experiments/epo_quality.py),
    full max ÷ narrow max, whether the narrow and the full top examples come from different kinds of text, and the
-   sample's dreamed prompts (the best fluent and best novel prompts of experiments/results/epo_quality_v3.json,
-   re-measured now in their chat template) as "% of max in the visualization" and "% of the full max".
+   sample's dreamed prompts (the best fluent and best novel prompts of the quality study's results on this bundle,
+   `--dreams`, re-measured now in their chat template) as "% of max in the visualization" and "% of the full max".
 3. A case study: the sample feature whose narrow dashboard is furthest from the full one (largest full ÷ narrow
    max among those whose narrow top examples are all of the narrow kind and whose full top example is not), with
    both dashboards' top examples, a dream (`dreaming dream`, the defaults; cached in the bundle) and hand-written
@@ -18,6 +18,7 @@ on a bundle, how far that is from the full corpus and from dreams:
    what the narrow dashboard hides), in the update's format: Prompt | Feature activation (% max in visualization).
 
     python experiments/narrow_visualizations.py [--bundle DIR] [--narrow python-code,docstring,python-docs]
+                                                [--dreams experiments/results/epo_quality_v4_clt.json]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dreaming.dashboard import render_examples
 from dreaming.maxima import build_maxima, load_maxima
 
 HERE = Path(__file__).parent
-DREAMS = HERE / "results" / "epo_quality_v3.json"
+DREAMS = HERE / "results" / "epo_quality_v4_clt.json"  # the quality study on the default bundle (version 4)
 CASE_PROMPTS = HERE / "narrow_case_prompts.json"
 
 
@@ -85,9 +86,9 @@ def remeasure(explorer: Explorer, feature: Feature, prompt: dict | None) -> floa
     return explorer.activation(feature, [prompt["prompt"]], template="chat")[0]["activation"]
 
 
-def sample_rows(explorer: Explorer, full, narrow, narrow_names: list[str]) -> list[dict]:
+def sample_rows(explorer: Explorer, full, narrow, narrow_names: list[str], dreams: Path) -> list[dict]:
     rows = []
-    for study in json.loads(DREAMS.read_text()):
+    for study in json.loads(dreams.read_text()):
         feature = parse_feature(study["feature"])
         full_max, narrow_max = full.dataset_max(feature), narrow.dataset_max(feature)
         full_kinds, narrow_kinds = kinds(full, feature), kinds(narrow, feature)
@@ -217,6 +218,8 @@ def main():
     parser.add_argument("--bundle", help="bundle directory (default: the default bundle)")
     parser.add_argument("--narrow", default="python-code,docstring,python-docs",
                         help="the sources the narrow visualization is built from, comma-separated")
+    parser.add_argument("--dreams", type=Path, default=DREAMS,
+                        help="the quality study's results (experiments/epo_quality.py --out) on this bundle")
     parser.add_argument("--out", default=str(HERE / "results"), help="results directory")
     args = parser.parse_args()
     explorer = Explorer.open(args.bundle, device="cpu")
@@ -227,7 +230,7 @@ def main():
     narrow_max = narrow.arrays["max_activation"]
     expected = full.arrays["source_max"][..., [full.sources.index(n) for n in names]].amax(-1)
     print(f"narrow maxima equal the full pass's max over {names}: {bool(torch.equal(narrow_max, expected))}")
-    rows = sample_rows(explorer, full, narrow, names)
+    rows = sample_rows(explorer, full, narrow, names, args.dreams)
     case = case_study(explorer, full, narrow, rows, names)
     text = markdown(names, seconds, sources, rows, case)
     print(text)
