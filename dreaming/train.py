@@ -159,10 +159,17 @@ class LayerFit:
 
 def output_cluster_directions(centred: torch.Tensor, y: torch.Tensor, n_features: int, iterations: int,
                               generator: torch.Generator, skip: bool = True) -> torch.Tensor:
-    """Steps 2a–2b: unit encoder directions [d, F] for centred inputs [N, d] and outputs y [N, d]. The outputs a
-    linear skip leaves unexplained (with no skip, the centred outputs) are clustered; each direction is the
-    regression of one cluster's membership on the input, (XᵀX + ridge)⁻¹ Xᵀ onehot, where Xᵀ onehot is the
-    per-cluster sum of inputs."""
+    """Steps 2a–2b: unit encoder directions [d, F] for centred inputs [N, d] and outputs y [N, d]: the membership
+    regressions, normalised."""
+    directions = membership_regressions(centred, y, n_features, iterations, generator, skip)
+    return directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def membership_regressions(centred: torch.Tensor, y: torch.Tensor, n_features: int, iterations: int,
+                           generator: torch.Generator, skip: bool = True) -> torch.Tensor:
+    """[d, F]: the outputs a linear skip leaves unexplained (with no skip, the centred outputs) are clustered; each
+    column is the regression of one cluster's membership on the input, (XᵀX + ridge)⁻¹ Xᵀ onehot, where Xᵀ onehot
+    is the per-cluster sum of inputs. Its norm grows with the cluster's size."""
     if skip:
         weights, bias = least_squares(centred, y, 1e-3)
         unexplained = y - centred @ weights - bias
@@ -172,8 +179,7 @@ def output_cluster_directions(centred: torch.Tensor, y: torch.Tensor, n_features
     gram = centred.T @ centred
     gram.diagonal().add_(1e-3 * gram.diagonal().mean())
     sums = centred.new_zeros(n_features, centred.shape[1]).index_add_(0, cluster, centred)  # [F, d]
-    directions = torch.linalg.solve(gram, sums.T)  # [d, F]
-    return directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    return torch.linalg.solve(gram, sums.T)
 
 
 def firing_thresholds(pre: torch.Tensor, share: float) -> torch.Tensor:

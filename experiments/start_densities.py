@@ -29,7 +29,7 @@ import torch
 from dreaming.bundle import Bundle, default_bundle_dir
 from dreaming.evaluate import heldout_sequences, pad_sequences
 from dreaming.train import collect_activations, firing_thresholds, layer_activations, least_squares, \
-    spherical_kmeans, split_windows
+    membership_regressions, split_windows
 
 K = 32  # the CLT start's k (CLTConfig.init_k)
 KMEANS_ITERATIONS = 8
@@ -60,12 +60,7 @@ def study_layer(x, y, x_test, y_test, features: int, seed: int) -> dict:
     scale = (x.shape[1] / x.pow(2).sum(-1).mean()).sqrt()
     mean = (x * scale).mean(0)
     centred, centred_test = x * scale - mean, x_test * scale - mean
-    weights, bias = least_squares(centred, y, 1e-3)
-    cluster = spherical_kmeans(y - centred @ weights - bias, features, KMEANS_ITERATIONS,
-                               torch.Generator().manual_seed(seed))
-    gram = centred.T @ centred
-    gram.diagonal().add_(1e-3 * gram.diagonal().mean())
-    membership = torch.linalg.solve(gram, centred.new_zeros(features, x.shape[1]).index_add_(0, cluster, centred).T)
+    membership = membership_regressions(centred, y, features, KMEANS_ITERATIONS, torch.Generator().manual_seed(seed))
     norms = membership.norm(dim=0)  # [F]
     unit = membership / norms
     rules = {"per feature": (unit, firing_thresholds(centred @ unit, K / features))}
