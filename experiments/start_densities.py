@@ -4,8 +4,9 @@ per layer, on a few layers of a bundle.
 The CLT's start (dreaming/train.py, `fit_layer`) sets each feature's bias so that it fires on k/F of the fit tokens,
 which makes the densities uniform; 40 gradient steps barely move them. Here each layer is fitted on the same
 `--tokens` corpus activations as the start (k = 32 of `--features`; one k-means clustering per layer, shared by
-the rules), with each firing rule, and measured on the held-out varied texts: FVU of the closed-form decoders, L0, and how many decades the
-live features' densities span between the 1st and 99th percentiles (on the varied texts and on the fit tokens):
+the rules), with each firing rule, and measured on the held-out varied texts: FVU of the closed-form decoders, L0,
+and how many decades the live features' densities span between the 1st and 99th percentiles (on the varied texts
+and on the fit tokens):
   per feature      the start's rule: each unit-norm encoder's own threshold, at share k/F
   one threshold    the same unit-norm encoders, one threshold per layer (L0 k on the fit tokens)
   norm^a           each unit encoder scaled by the norm of its membership regression to the power a (0.25, 0.5,
@@ -27,13 +28,13 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.evaluate import heldout_sequences, pad_sequences
-from dreaming.train import collect_activations, firing_thresholds, layer_activations, least_squares, \
+from dreaming.evaluate import density_summary, heldout_sequences, pad_sequences
+from dreaming.train import TrainConfig, collect_activations, firing_thresholds, layer_activations, least_squares, \
     membership_regressions, split_windows
+from dreaming.train_clt import CLTConfig
 
-K = 32  # the CLT start's k (CLTConfig.init_k)
-KMEANS_ITERATIONS = 8
-RIDGE = 1e-2
+K = CLTConfig().init_k  # the CLT start's k
+KMEANS_ITERATIONS, RIDGE = TrainConfig().kmeans_iterations, TrainConfig().ridge  # the closed-form fit's
 
 
 def varied_text_activations(lm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +51,7 @@ def one_threshold(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def decades(density: np.ndarray) -> float:
-    p1, p99 = np.percentile(density[density > 0], [1, 99])
-    return float(np.log10(p99 / p1))
+    return density_summary(density[density > 0])["density_decades"]
 
 
 def study_layer(x, y, x_test, y_test, features: int, seed: int) -> dict:
