@@ -24,7 +24,7 @@ from collections import Counter
 from torch.utils._python_dispatch import TorchDispatchMode
 torch.set_num_threads({threads})
 from dreaming.bundle import Bundle
-from dreaming.epo import DreamConfig, dream_many
+from dreaming.engine import DreamConfig, dream_many
 sys.path.insert(0, "experiments")
 from epo_quality import sample_features
 

@@ -38,6 +38,7 @@ from dreaming.models import (
     best_device,
     default_model_dir,
     ensure_default_model,
+    fast_dtype,
     load_model,
     shared_model,
 )
@@ -256,7 +257,7 @@ def build_default_bundle(directory: Path | None = None, config=None,
     def model() -> LanguageModel:
         nonlocal lm
         if lm is None:
-            lm = load_model("default", dtype=torch.bfloat16, device=best_device())
+            lm = load_model("default", dtype=fast_dtype(best_device()), device=best_device())
         return lm
 
     def corpus():

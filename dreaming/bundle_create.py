@@ -29,13 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dreaming.atomic import atomic_directory
 from dreaming.bundle import MANIFEST, WINDOW_LENGTH, Bundle, maxima_report
 from dreaming.corpus import Windows, read_documents, save_windows, tokenize_windows
 from dreaming.maxima import MaximaConfig, build_maxima
-from dreaming.models import LanguageModel, best_device, load_model
+from dreaming.models import LanguageModel, best_device, fast_dtype, load_model
 from dreaming.transcoder_files import TranscoderFiles, check_against_model, open_transcoder
 
 MANIFEST_FORMAT = 1  # the version of a created bundle's manifest (the fields written by `create_bundle`)
@@ -69,10 +68,10 @@ def differences(recorded: dict | None, arguments: dict) -> str:
 
 
 def check_inputs(model: str, transcoder: str, device: str) -> tuple[LanguageModel, TranscoderFiles, list[str]]:
-    """The model (bf16 on `device`), the transcoder's files and the warnings; ValueError naming the file for a
+    """The model (in `device`'s fast dtype, models.fast_dtype), the transcoder's files and the warnings; ValueError naming the file for a
     transcoder that does not fit the model or cannot be read."""
     try:
-        lm = load_model(model, dtype=torch.bfloat16, device=device)
+        lm = load_model(model, dtype=fast_dtype(device), device=device)
     except (OSError, ValueError) as error:  # from_pretrained: not a hub id, no weights, no tokenizer; unsupported
         raise ValueError(f"model {model}: {one_line(error)}") from None
     files = open_transcoder(transcoder)

@@ -246,13 +246,13 @@ def print_evaluation_summary(report: dict) -> None:
 def cmd_corpus_write(args) -> None:
     import time
 
-    import torch
 
     from dreaming.corpus import WritingConfig, corpus_stats, file_sha256, generate_documents, write_documents
-    from dreaming.models import best_device, load_model
+    from dreaming.models import best_device, fast_dtype, load_model
 
     config = config_from_args(WritingConfig, args)
-    lm = load_model("default", dtype=torch.bfloat16, device=args.device or best_device())
+    device = args.device or best_device()
+    lm = load_model("default", dtype=fast_dtype(device), device=device)
     started = time.perf_counter()
     documents = generate_documents(lm.model, lm.tokenizer, config)
     seconds = time.perf_counter() - started
@@ -268,11 +268,10 @@ def cmd_corpus_write(args) -> None:
 
 
 def cmd_train_transcoder(args) -> None:
-    import torch
 
     from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.evaluate import transcoder_report
-    from dreaming.models import best_device, load_model
+    from dreaming.models import best_device, fast_dtype, load_model
     from dreaming.recipes import RECIPES
     from dreaming.train import split_windows
 
@@ -283,7 +282,8 @@ def cmd_train_transcoder(args) -> None:
     if foreign:
         raise SystemExit(f"--{foreign[0].replace('_', '-')} is not an option of the {args.recipe} recipe")
     config = config_from_args(recipe.config, args)
-    lm = load_model(args.model, dtype=torch.bfloat16, device=args.device or best_device())
+    device = args.device or best_device()
+    lm = load_model(args.model, dtype=fast_dtype(device), device=device)
     corpus = args.corpus or str(dreaming_home() / "default" / "corpus.jsonl")
     if not args.corpus and not Path(corpus).exists():
         raise SystemExit(f"no corpus given and the default corpus {corpus} does not exist: "
@@ -301,19 +301,19 @@ def cmd_train_transcoder(args) -> None:
 
 
 def cmd_maxima_build(args) -> None:
-    import torch
 
     from dreaming.bundle import maxima_report
     from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.maxima import MaximaConfig, build_maxima
-    from dreaming.models import best_device
+    from dreaming.models import best_device, fast_dtype
 
     config = config_from_args(MaximaConfig, args)
     check_ray_arguments(args)
     bundle = open_bundle(args)
     lm = None
     if not args.ray or args.corpus:  # with --ray the actors hold the model: here only --corpus's tokenizer needs it
-        lm = bundle.load_model(dtype=torch.bfloat16, device="cpu" if args.ray else args.device or best_device())
+        device = "cpu" if args.ray else args.device or best_device()
+        lm = bundle.load_model(dtype=fast_dtype(device), device=device)
     if args.corpus:
         windows = tokenize_windows(read_documents(args.corpus, limit=args.max_documents), lm.tokenizer,
                                    window_length=args.window_length, bos_token_id=lm.bos_token_id)
@@ -456,12 +456,28 @@ def shared(run) -> str:
     return "-" if run is None else str(run)
 
 
-DREAM_HEADER = f"{'% of max':>9} {'CE':>5}  {'origin':<11} {'shared':>6}  prompt"
+DREAM_HEADER = f"{'% of max':>9} {'% of len':>9} {'tok':>4} {'CE':>5}  {'origin':<11} {'shared':>6}  prompt"
+YARDSTICKS = ("% of max: of the dataset max (whole 128-token windows); % of len: of the best top dataset example cut "
+              "to the prompt's own token count (tok), the data at the dream's length")
 
 
-def dream_row(fraction, cross_entropy, origin, longest_shared_run, prompt, mark="") -> str:
-    return (f"{percent(fraction)} {cross_entropy:5.2f}  {origin or '-':<11} {shared(longest_shared_run):>6}  "
-            f"{prompt!r}{mark}")
+def dream_row(dream, mark="") -> str:
+    """One dreamed prompt (a DreamedPrompt or a feature page's dream dict) under DREAM_HEADER."""
+    get = dream.get if isinstance(dream, dict) else lambda name: getattr(dream, name, None)
+    tokens = get("prompt_tokens")
+    return (f"{percent(get('fraction_of_max'))} {percent(get('fraction_of_length_matched'))} "
+            f"{'-' if tokens is None else tokens:>4} {get('cross_entropy'):5.2f}  {get('origin') or '-':<11} "
+            f"{shared(get('longest_shared_run')):>6}  {get('prompt')!r}{mark}")
+
+
+def both_yardsticks(dream) -> str:
+    """'112.0% of the dataset max, 131.0% of the best 32-token excerpt' of a DreamedPrompt or a page's dream."""
+    get = dream.get if isinstance(dream, dict) else lambda name: getattr(dream, name, None)
+    text = f"{percent(get('fraction_of_max')).strip()} of the dataset max"
+    if get("fraction_of_length_matched") is not None:
+        text += (f", {percent(get('fraction_of_length_matched')).strip()} of the best {get('prompt_tokens')}-token "
+                 "dataset excerpt")
+    return text
 
 
 def cmd_compare(args) -> None:
@@ -498,10 +514,10 @@ def cmd_compare(args) -> None:
     print("  promotes:   " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["top"]))
     print("  suppresses: " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["bottom"]))
     print("\ndreamed prompts (frontier; shared: longest token run shared with the top dataset contexts)")
+    print(f"({YARDSTICKS})")
     print(DREAM_HEADER)
     for dream in page["dreams"]:
-        print(dream_row(dream["fraction_of_max"], dream["cross_entropy"], dream["origin"],
-                        dream["longest_shared_run"], dream["prompt"]))
+        print(dream_row(dream))
     if not page["dreams"]:
         print("          (none cached: `dreaming dream --feature " + page["feature"] + "`)")
     for yardstick in sorted({dream["yardstick"] for dream in page["dreams"] if dream["yardstick"]}):
@@ -509,14 +525,13 @@ def cmd_compare(args) -> None:
     for name in ("best_fluent", "best_novel") if page["dreams"] else ():
         best = page[name]
         print(f"{name.replace('_', ' ')}: " + ("none" if best is None else
-              f"{percent(best['fraction_of_max']).strip()} of dataset max, CE {best['cross_entropy']:.2f}, origin "
-              f"{best['origin']}, shared run {shared(best['longest_shared_run'])}, {best['prompt']!r}"))
+              f"{both_yardsticks(best)}, CE {best['cross_entropy']:.2f}, origin {best['origin']}, shared run "
+              f"{shared(best['longest_shared_run'])}, {best['prompt']!r}"))
     if page["diverse"]:
         print("\ndiverse (fluent, pairwise different, most active first)")
         print(DREAM_HEADER)
         for dream in page["diverse"]:
-            print(dream_row(dream["fraction_of_max"], dream["cross_entropy"], dream["origin"],
-                            dream["longest_shared_run"], dream["prompt"]))
+            print(dream_row(dream))
     if page["stale_dreams"]:
         print("\nstale (scored against another dataset max)")
         print(f"{'% of its max':>12} {'its max':>8} {'CE':>5}  prompt")
@@ -532,7 +547,7 @@ def run_dreams(args, features: list) -> list:
     dream): from the bundle's cache, else computed (--batch-size features sharing every forward pass) and cached."""
     from tqdm import tqdm
 
-    from dreaming.epo import DreamConfig
+    from dreaming.engine import DreamConfig
 
     config = config_from_args(DreamConfig, args)
     dreamer = explorer(args)
@@ -556,31 +571,37 @@ def run_dreams(args, features: list) -> list:
 
 
 def print_dream(result) -> None:
-    from dreaming.epo import NOVEL_BELOW
+    from dreaming.engine import NOVEL_BELOW
 
     fluent, novel = result.best_fluent, result.best_novel
     print(f"feature {result.feature}: {len(result.frontier)} prompts on the frontier, {result.iterations} iterations "
           f"(stopped: {result.stopped}), {result.seconds:.0f}s"
           + (f" ({result.scale_note})" if result.scale_note else ""))
+    if result.length_choice is not None:
+        choice = result.length_choice
+        kept = ", ".join(f"{n}: {k:.0%}" for n, k in zip(choice.lengths, choice.kept))
+        print(f"prompt length {result.prompt_length}, chosen: {choice.rule}" + (f" ({kept})" if kept else ""))
+    elif result.prompt_length is not None:
+        print(f"prompt length {result.prompt_length} (as asked)")
     if result.yardstick:
         print(f"yardstick: {result.yardstick} (template {result.config.template!r})")
-    print(f"{'% of max':>9} {'activation':>10} {'CE':>5}  {'origin':<11} {'shared':>6}  prompt")
+    print(f"({YARDSTICKS})")
+    print(DREAM_HEADER)
     for p in result.frontier:
         mark = "".join(f" {sign}" for sign, best in (("*", fluent), ("+", novel))
                        if best is not None and p.token_ids == best.token_ids)
-        print(f"{percent(p.fraction_of_max)} {p.activation:10.3f} {p.cross_entropy:5.2f}  {p.origin:<11} "
-              f"{shared(p.longest_shared_run):>6}  {p.prompt!r}{mark}")
+        print(dream_row(p, mark))
     print("best fluent (CE <= 5, marked *): " + ("none" if fluent is None else
-          f"{percent(fluent.fraction_of_max).strip()} of dataset max, {fluent.text!r}"))
+          f"{both_yardsticks(fluent)}, {fluent.text!r}"))
     print(f"best novel (fluent, sharing no run of {NOVEL_BELOW} tokens with the top dataset contexts, marked + on the "
-          "frontier): " + ("none" if novel is None else f"{percent(novel.fraction_of_max).strip()} of dataset max, "
-                           f"shared run {novel.longest_shared_run}, origin {novel.origin}, {novel.text!r}"))
+          "frontier): " + ("none" if novel is None else f"{both_yardsticks(novel)}, shared run "
+                           f"{novel.longest_shared_run}, origin {novel.origin}, {novel.text!r}"))
     print("shared: the longest run of tokens shared with the feature's top dataset contexts (- without maxima)")
     if result.diverse:
         print(f"diverse ({len(result.diverse)} fluent, pairwise different, most active first)")
         print(DREAM_HEADER)
         for p in result.diverse:
-            print(dream_row(p.fraction_of_max, p.cross_entropy, p.origin, p.longest_shared_run, p.prompt))
+            print(dream_row(p))
 
 
 def cmd_dream(args) -> None:
@@ -768,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "feature's", cmd_similar, feature=True)
     similar.add_argument("--top", type=int, default=10, help="how many features (default: 10)")
 
-    from dreaming.epo import DreamConfig
+    from dreaming.engine import DreamConfig
     from dreaming.explorer import FEATURES_PER_CALL
 
     for name, help, run in (("dream", "EPO for one feature: the Pareto frontier of activation vs. cross-entropy",

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dreaming.activation import measure_token_ids
 from dreaming.dream_cache import same_yardstick
-from dreaming.epo import is_novel
+from dreaming.engine import is_novel
+from dreaming.engine.length import cut_examples
 from dreaming.features import Feature
 from dreaming.maxima import Maxima
 from dreaming.models import LanguageModel
-from dreaming.objective import cross_entropy
 from dreaming.transcoders import Transcoder
 
 PAGE_BEFORE, PAGE_AFTER = 32, 8  # tokens a feature page shows around an example's max token
@@ -24,10 +24,10 @@ def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, f
     from their windows (in `lm`'s dtype, fp32 encoder): source tag, activation, % of max, per-token values, and
     the context around the example's token marked.
 
-    With `length`, each example also has `length_matched` (see `length_matched`): the data at a dream's context
-    length, to tell whether a dream beats the data at equal context and fluency. With `after`, only that many
-    tokens after the example's are measured (causal: the values up to them do not change), which is all a page
-    shows and much less work than whole windows."""
+    With `length`, each example also has `length_matched` (engine.length.cut_examples, with its cross-entropy):
+    the data at a dream's context length, to tell whether a dream beats the data at equal context and fluency.
+    With `after`, only that many tokens after the example's are measured (causal: the values up to them do not
+    change), which is all a page shows and much less work than whole windows."""
     dataset_max = maxima.dataset_max(feature)
     examples = maxima.top_examples(feature)[:top] if examples is None else examples
     if not examples:
@@ -37,7 +37,8 @@ def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, f
     if after is not None:
         contexts = [(ids[: position + after + 1], position) for ids, position in contexts]
     measured = measure_token_ids(lm, transcoder, feature, [ids for ids, _ in contexts], dataset_max)
-    matched = length_matched(lm, transcoder, feature, contexts, length, dataset_max) if length is not None else None
+    matched = (cut_examples(lm, transcoder, feature, contexts, length, dataset_max, with_cross_entropy=True)
+               if length is not None else None)
     rendered = []
     for i, ((stored, window, position), result) in enumerate(zip(examples, measured)):
         lo, hi = max(1, position - context), min(len(result.pieces), position + 4)
@@ -60,24 +61,12 @@ def render_examples(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, f
     return rendered
 
 
-def length_matched(lm: LanguageModel, transcoder: Transcoder, feature: Feature,
-                   contexts: list[tuple[list[int], int]], length: int, dataset_max: float | None) -> list[dict]:
-    """Each context (window ids BOS first, max position) cut to its last `length` tokens up to and including the
-    max token, measured alone as `[BOS] + tokens`: {"tokens": n, "text", "activation" (max over the n tokens),
-    "fraction_of_max", "cross_entropy" (mean next-token CE of the n tokens after the BOS, fp32)}."""
-    if length < 1:
-        raise ValueError(f"length must be at least 1 token, got {length}")
-    cuts = [ids[max(1, position + 1 - length) : position + 1] for ids, position in contexts]
-    sequences = [[lm.bos_token_id, *cut] for cut in cuts]
-    measured = measure_token_ids(lm, transcoder, feature, sequences, dataset_max)
-    ces = cross_entropy(lm, sequences, 1, [len(cut) for cut in cuts])
-    return [{"tokens": len(cut), "text": m.text, "activation": m.activation, "fraction_of_max": m.fraction_of_max,
-             "cross_entropy": ce} for cut, m, ce in zip(cuts, measured, ces)]
-
-
 def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
     return {"prompt": point["prompt"], "text": point["text"], "activation": point["activation"],
-            "fraction_of_max": fraction_of_max, "cross_entropy": point["cross_entropy"],
+            "fraction_of_max": fraction_of_max, "prompt_tokens": point.get("prompt_tokens"),
+            "length_matched_max": point.get("length_matched_max"),
+            "fraction_of_length_matched": point.get("fraction_of_length_matched"),
+            "cross_entropy": point["cross_entropy"],
             "origin": point.get("origin"), "longest_shared_run": point.get("longest_shared_run"),
             "novel": is_novel(point.get("longest_shared_run")), "seed": result.get("seed"),
             "yardstick": result.get("yardstick"), "token_ids": point["token_ids"],
@@ -128,7 +117,7 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
                  dreams: list[dict], top: int = 10, length: int | None = None) -> dict:
     """The comparison: the feature's statistics and top dataset examples beside its dreamed prompts.
 
-    `dreams` are dream results as JSON dicts (see dreaming.epo.DreamResult). Those scored against the feature's
+    `dreams` are dream results as JSON dicts (see dreaming.engine.DreamResult). Those scored against the feature's
     dataset max now are current: their frontier prompts are listed in `dreams` (activation, % of the dataset
     max, cross-entropy, origin, longest run shared with the top dataset contexts, the yardstick of a positional
     feature's dream), strongest first, the union of their `diverse` sets (one entry per token sequence) in

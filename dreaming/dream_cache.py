@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dreaming.atomic import write_text_atomically
-from dreaming.epo import ENGINE_VERSION, DreamConfig, DreamResult
+from dreaming.engine import ENGINE_VERSION, DreamConfig, DreamResult
 from dreaming.features import Feature, parse_feature
 
 

@@ -24,12 +24,13 @@ import torch
 
 from dreaming.activation import measure_in_template, measure_texts
 from dreaming.bundle import Bundle
-from dreaming.dream_cache import DreamCache
-from dreaming.epo import DreamConfig, DreamResult, Progress, dream_many, longest_run
+from dreaming.dream_cache import DreamCache, same_yardstick
+from dreaming.engine import DreamConfig, DreamResult, Progress, continuation, dream_many, longest_run
+from dreaming.engine.length import FALLBACK_LENGTH
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.dashboard import feature_page
 from dreaming.maxima import SEARCH_ORDER, Maxima, SearchOrder, search_features
-from dreaming.models import LanguageModel, best_device
+from dreaming.models import LanguageModel, best_device, fast_dtype
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
 from dreaming.templates import split_template
@@ -83,7 +84,10 @@ class Explorer:
                 *self.__dict__.get("_search_models", {}).values()]
 
     def search_model(self, dtype: str) -> LanguageModel:
-        """The model in a dream config's search dtype, loaded once (fp32 is the measuring model itself)."""
+        """The model in a dream config's search dtype ("auto": models.fast_dtype of the device), loaded once (fp32 is
+        the measuring model itself)."""
+        if dtype == "auto":
+            dtype = str(fast_dtype(self.device)).removeprefix("torch.")
         if dtype == "float32":
             return self.lm
         models = self.__dict__.setdefault("_search_models", {})
@@ -185,10 +189,11 @@ class Explorer:
         cache, keyed by `dream_cache.dream_key` of that config (engine version included); the service, whose job
         store is its cache, passes False for both. The rest runs `features_per_call` features of one config at a
         time (the engine takes one config per call), sharing every forward pass, searched in `config.dtype` and
-        re-measured in fp32. `more` continues each feature's longest cached run of this search
-        for `config.iterations` more (the result is the run of the summed length); `continue_from` gives the runs
-        to continue instead. `progress(done, total, best)` counts iterations over every call; a string it returns
-        stops the search (the result's `stopped`)."""
+        re-measured in fp32. `more` continues each feature's longest cached run of this search for
+        `config.iterations` more (`engine.continuation`: the result is the run of the summed length);
+        `continue_from` gives the runs to continue instead, `config.iterations` then being the whole length.
+        `progress(done, total, best)` counts iterations over every call; a string it returns stops the search (the
+        result's `stopped`)."""
         features = [self.feature(feature) for feature in features]
         configs = [self.dream_config(feature, config) for feature in features]
         maxes = dataset_maxes if dataset_maxes is not None else [self.dataset_max(f) for f in features]
@@ -196,17 +201,23 @@ class Explorer:
             raise ValueError(f"{len(features)} features but {len(maxes)} dataset maxima")
         if more:
             continue_from = [self._longest_cached_run(f, c, m) for f, c, m in zip(features, configs, maxes)]
+            configs = [continuation(base, config.iterations) for base in continue_from]
         continue_from = continue_from or [None] * len(features)
         lookup = read_cache and not any(continue_from)
         results = {f: self.cache.get(self.bundle.identity, f, c, m) if lookup else None
                    for f, c, m in zip(features, configs, maxes)}
         todo = [i for i, f in enumerate(features) if results[f] is None]
-        total, offset = len(todo) * config.seeds * config.iterations, 0
-        by_template = {}  # the features to dream under each config (they differ in their template only)
+        by_config = {}  # the features to dream under each config (they differ in template and, continued, length)
         for i in todo:
-            by_template.setdefault(configs[i].template, []).append(i)
-        calls = [same[start : start + features_per_call] for same in by_template.values()
+            by_config.setdefault(configs[i].model_dump_json(), []).append(i)
+        calls = [same[start : start + features_per_call] for same in by_config.values()
                  for start in range(0, len(same), features_per_call)]
+
+        def steps(i: int) -> int:  # the iterations feature i's call runs (a continued run: the rest of it)
+            before = continue_from[i].config.iterations if continue_from[i] else 0
+            return (configs[i].iterations - before) * config.seeds
+
+        total, offset = sum(steps(i) for i in todo), 0
 
         def overall(done: int, _: int, best: float | None) -> str | None:  # a call's progress, counted over all
             return progress(offset + done, total, best)
@@ -222,16 +233,16 @@ class Explorer:
                 if write_cache:
                     self.cache.put(self.bundle.identity, result)
                 results[features[i]] = result
-            offset += len(group) * config.seeds * config.iterations
+            offset += sum(steps(i) for i in group)
         return [results[f] for f in features]
 
     def _longest_cached_run(self, feature: Feature, config: DreamConfig, dataset_max: float | None) -> DreamResult:
-        """The cached run of `config`'s search, scored against `dataset_max`, that `more` continues."""
+        """The cached run of `config`'s search by this engine, scored against `dataset_max`, that `more` continues."""
         current = [c.result for c in self.cache.for_feature(self.bundle.identity, feature, dataset_max) if c.current]
         base = longest_run(current, config)
         if base is None:
             raise ValueError(f"nothing to continue for {feature}: no cached dream of this config (but its "
-                             "iterations, seconds and plateau); dream it without --more first")
+                             "iterations, seconds and plateau) by this engine; dream it without --more first")
         return base
 
     def compare(self, feature: Feature | str, top: int = 10, dreams: list[dict] | None = None,
@@ -240,10 +251,11 @@ class Explorer:
 
         Dreams scored against another dataset max than the feature's now are listed apart (`stale_dreams`).
         Each example also has `length_matched`: its last `length` tokens up to its max token measured alone
-        (default: the default dream prompt length), to compare dreams with the data at equal context."""
+        (default: the prompt length of the feature's most active current dream, else engine.length.FALLBACK_LENGTH),
+        to compare dreams with the data at equal context."""
         feature = self.feature(feature)
         dreams = self.dreams(feature) if dreams is None else dreams
-        length = DreamConfig().prompt_length if length is None else length
+        length = length or dream_length(dreams, self.dataset_max(feature)) or FALLBACK_LENGTH
         page = feature_page(self.lm, self.encoder, self.require_maxima(), feature, dreams, top, length=length)
         (page["output_tokens"],) = output_tokens(self.lm, self.bundle.transcoder_reference, [feature])
         return page
@@ -258,3 +270,10 @@ class Explorer:
                 hit.update(density=summary["density"], dataset_max=summary["dataset_max"],
                            first_token=summary["first_token"])
         return found
+
+
+def dream_length(dreams: list[dict], dataset_max: float | None) -> int | None:
+    """The prompt length of the most active current dream (results as JSON, scored against `dataset_max`)."""
+    current = [d for d in dreams if d.get("best_fluent") and same_yardstick(d.get("dataset_max"), dataset_max)]
+    best = max(current, key=lambda d: d["best_fluent"]["activation"], default=None)
+    return best and (best.get("prompt_length") or best["config"].get("prompt_length"))

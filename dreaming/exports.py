@@ -36,7 +36,8 @@ example's own activation stays the one the maxima pass stored (the yardstick, wh
   circuit-tracer: groups "top activations" (named "top activations (positional: fires on a text's first token)"
     for a positional feature, Maxima.first_token), one per activation range ("activations in (0.316, 1]", ...),
     and from the bundle's cached dreams scored against the current dataset max: "best fluent dream" and "best
-    novel dream" (the most active of their best_fluent and best_novel prompts), then "dreams" (frontier and
+    novel dream" (the most active of their best_fluent and best_novel prompts, named with both yardsticks: "best
+    fluent dream: 96% of the dataset max, 131% of the best 32-token dataset excerpt"), then "dreams" (frontier and
     diverse set, most active first, at most MAX_DREAMS), each measured as it was dreamed, their names followed by
     the dreams' yardstick for a positional feature (DreamResult.yardstick); act_min 0, act_max the dataset max;
     histogram and quantile_values from the maxima's log-binned histogram (uniform inside a bin); top and bottom
@@ -82,7 +83,7 @@ from dreaming.special_tokens import bos_token_id, pad_token_id
 from dreaming.activation import TextActivation, measure_token_ids
 from dreaming.bundle import Bundle
 from dreaming.corpus import Windows, save_windows
-from dreaming.epo import NOVEL_BELOW
+from dreaming.engine import NOVEL_BELOW
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, check_feature
 from dreaming.maxima import FORMAT_VERSION, HISTOGRAM_EDGES, Maxima, load_maxima
@@ -151,12 +152,23 @@ def dream_groups(results: list[dict]) -> list[tuple[str, list[dict]]]:
     """(name, prompts) of the groups of dream results (JSON dicts) that have any: the most active of their best
     fluent and of their best novel prompts, then their distinct prompts (`dream_points`); the names end with the
     results' yardsticks (a positional feature's), if any."""
-    groups = [(name, [max(found, key=lambda p: p["activation"])]) for field, name in BEST_GROUPS.items()
-              if (found := [result[field] for result in results if result.get(field)])]
+    groups = [(name + both_yardsticks(best), [best]) for field, name in BEST_GROUPS.items()
+              if (found := [result[field] for result in results if result.get(field)])
+              and (best := max(found, key=lambda p: p["activation"]))]
     points = dream_points(results)
     groups += [(DREAMS_GROUP, points)] if points else []
     yardsticks = "".join(f" ({y})" for y in sorted({r["yardstick"] for r in results if r.get("yardstick")}))
     return [(name + yardsticks, points) for name, points in groups]
+
+
+def both_yardsticks(point: dict) -> str:
+    """': 96% of the dataset max, 131% of the best 32-token dataset excerpt' of a dreamed prompt (JSON), as far as it
+    has them."""
+    parts = [f"{point['fraction_of_max']:.0%} of the dataset max"] if point.get("fraction_of_max") is not None else []
+    if point.get("fraction_of_length_matched") is not None:
+        parts.append(f"{point['fraction_of_length_matched']:.0%} of the best {point['prompt_tokens']}-token dataset "
+                     "excerpt")
+    return ": " + ", ".join(parts) if parts else ""
 
 
 def measured_groups(lm: LanguageModel, encoder: Transcoder | LazyEncoder, maxima: Maxima, feature: Feature,

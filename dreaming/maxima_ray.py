@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
@@ -33,7 +32,7 @@ from dreaming.bundle import Bundle
 from dreaming.corpus import Windows
 from dreaming.maxima import Maxima, MaximaAccumulator, MaximaConfig, accumulate, batch_count, save_maxima
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
-from dreaming.models import best_device
+from dreaming.models import best_device, fast_dtype
 from dreaming.transcoder_files import read_config
 
 SHARDS_PER_ACTOR = 4  # the work balances across actors, and a shard lost with its actor is small
@@ -52,7 +51,7 @@ class MaximaWorker:
         if bundle.identity != identity:
             raise RuntimeError(f"this node's bundle {bundle.directory} is {bundle.identity}, the pass is over "
                                f"{identity}: copy the same bundle to every node")
-        self.lm = bundle.load_model(dtype=torch.bfloat16, device=best_device())
+        self.lm = bundle.load_model(dtype=fast_dtype(best_device()), device=best_device())
         self.transcoder = bundle.load_encoder(device=self.lm.device, dtype=self.lm.dtype)  # encoders only
         self.windows, self.config, self.die_once = windows, config, die_once
 

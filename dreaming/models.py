@@ -209,6 +209,16 @@ def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype of the bulk forward passes (the maxima pass, training activations, the search) on `device`: bf16 on
+    a GPU and on a CPU with bf16 matmuls in hardware (AVX512-BF16 or AMX), where it is 2-7x faster than fp32; fp32
+    on other CPUs, where bf16 is emulated (measured on an AVX2-only AMD EPYC: 1.1 GFLOP/s against 101 for fp32)."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def default_model_dir() -> Path:
     return dreaming_home() / "models" / DEFAULT_MODEL
 

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from dreaming.corpus import Windows
-from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel
+from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel, fast_dtype
 from dreaming.transcoders import SET, Transcoder, TranscoderConfig, save_transcoder
 
 
@@ -129,12 +129,14 @@ def least_squares(a: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch
 def spherical_kmeans(z: torch.Tensor, n_clusters: int, iterations: int, generator: torch.Generator,
                      chunk: int = 16_384) -> torch.Tensor:
     """Cluster the rows of z [N, d] by cosine similarity; returns each row's cluster [N]. Starts from random rows;
-    a cluster left empty restarts at a random row. Similarities in bf16 (only their argmax is used)."""
+    a cluster left empty restarts at a random row. Similarities in the device's fast dtype (only their argmax is
+    used)."""
     unit = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     centres = unit[torch.randperm(len(z), generator=generator)[:n_clusters]].clone()  # [F, d]
 
     def assign():
-        return torch.cat([(rows.bfloat16() @ centres.bfloat16().T).argmax(-1) for rows in unit.split(chunk)])
+        dtype = fast_dtype(unit.device)
+        return torch.cat([(rows.to(dtype) @ centres.to(dtype).T).argmax(-1) for rows in unit.split(chunk)])
 
     for _ in range(iterations):
         cluster = assign()

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.epo import DreamConfig, basins, dream, paper_config, previous_config
+from dreaming.engine import DreamConfig, basins, dream, paper_config, previous_config
 from dreaming.features import Feature
 from dreaming.maxima import DENSE_ABOVE
 

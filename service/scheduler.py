@@ -4,7 +4,8 @@ Each loop claims up to `features_per_call` queued jobs of one bundle with one id
 take turns, and so do small requests and the jobs of batches too big for one call, so a large batch does not hold up
 a single request), sends them to its actor in one `dream` call with the bundle's identity, polls the actor's progress
 into the store while the call runs, and stores the results. A job whose search was stored before for fewer iterations
-(`more`) continues the longest such run for the difference, which gives the result of one run of the job's length.
+(`more`) continues the longest such run to the job's length (the engine runs the difference), which gives the result of
+one run of that length.
 If the actor dies (Ray restarts it) the jobs go back to the queue; a job whose worker died
 `max_attempts` times, or that the engine rejected, fails with the error. A job cancelled while running stops its
 call (the features of a call run in lockstep): it ends cancelled with its partial result, and the call's other
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from dreaming.dream_cache import same_yardstick
-from dreaming.epo import DreamConfig, DreamResult, longest_run
+from dreaming.engine import DreamConfig, DreamResult, longest_run
 from service.store import Job, Store
 from service.workers import Worker
 
@@ -158,7 +159,7 @@ class Scheduler:
         that ran longest."""
         results = []
         for stored in self.store.results_for(identity, feature):
-            try:  # a result of an earlier engine version has other fields: it cannot be continued
+            try:  # a result stored in another shape cannot be continued (nor can an earlier engine's: longest_run)
                 result = DreamResult.model_validate(stored)
             except ValidationError:
                 continue
@@ -176,10 +177,9 @@ class Scheduler:
         config = DreamConfig(**jobs[0].config)
         bases = [await asyncio.to_thread(self.longest_stored_run, identity, feature, config, dataset_max,
                                          config.iterations) for feature, dataset_max in zip(features, maxes)]
-        previous = None
-        if all(bases) and len({base.config.iterations for base in bases}) == 1:  # continue them all
+        previous = None  # the engine continues them all to the job's length, or runs every one afresh
+        if all(bases) and len({base.config.iterations for base in bases}) == 1:
             previous = [base.model_dump(mode="json") for base in bases]
-            config = config.model_copy(update={"iterations": config.iterations - bases[0].config.iterations})
         call_id, incarnation = uuid.uuid4().hex, self.describe.get(worker.index, {}).get("incarnation")
         reply = worker.actor.dream.remote(call_id, identity, features, config.model_dump(mode="json"), maxes,
                                           previous)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dreaming.epo import DreamConfig, DreamResult
+from dreaming.engine import DreamConfig, DreamResult
 from dreaming.maxima import SEARCH_ORDER, SearchOrder
 from dreaming.templates import split_template
 
@@ -89,10 +89,15 @@ class JobSummary(BaseModel):
     progress: Progress | None = None
     error: str | None = None
     best_fluent_fraction_of_max: float | None = None  # of the result, when done
+    # of the best dataset excerpt of the prompt's own token count (prompt_tokens): the second yardstick
+    best_fluent_fraction_of_length_matched: float | None = None
+    best_fluent_prompt_tokens: int | None = None
     best_fluent_activation: float | None = None
     best_fluent_cross_entropy: float | None = None
     best_fluent_prompt: str | None = None
     best_novel_fraction_of_max: float | None = None  # the same of its best novel prompt
+    best_novel_fraction_of_length_matched: float | None = None
+    best_novel_prompt_tokens: int | None = None
     best_novel_activation: float | None = None
     best_novel_cross_entropy: float | None = None
     best_novel_prompt: str | None = None
@@ -207,6 +212,9 @@ class DreamedPrompt(TokenSpan):
     text: str
     activation: float
     fraction_of_max: float | None
+    prompt_tokens: int | None = None  # the prompt's own token count
+    length_matched_max: float | None = None  # the best top dataset example cut to prompt_tokens (the 2nd yardstick)
+    fraction_of_length_matched: float | None = None  # activation ÷ length_matched_max
     cross_entropy: float
     origin: str | None
     longest_shared_run: int | None  # with the top dataset contexts

@@ -19,7 +19,7 @@
     DREAMING_MAX_*             the limits below, e.g. DREAMING_MAX_BATCH_FEATURES=64
 
 The limits of a dream configuration itself (prompt length, iterations, population, ...) are the bounds of
-`dreaming.epo.DreamConfig`; the limits here bound what one request may ask of the service.
+`dreaming.engine.DreamConfig`; the limits here bound what one request may ask of the service.
 """
 
 from __future__ import annotations

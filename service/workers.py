@@ -106,7 +106,7 @@ class DreamWorker:
 
     def _dream(self, served: ServedBundle, features: list[str], config: dict, dataset_maxes: list[float],
                previous: list[dict] | None) -> list[dict]:
-        from dreaming.epo import DreamConfig, DreamResult
+        from dreaming.engine import DreamConfig, DreamResult
 
         config = DreamConfig(**config)
         continued = [DreamResult.model_validate(result) for result in previous] if previous else None

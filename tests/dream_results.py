@@ -4,7 +4,7 @@ their template (dreaming.activation.measure_in_template), for tests of what show
 from __future__ import annotations
 
 from dreaming.activation import measure_in_template
-from dreaming.epo import DreamConfig, DreamedPrompt, DreamResult
+from dreaming.engine import ENGINE_VERSION, DreamConfig, DreamedPrompt, DreamResult
 from dreaming.features import Feature
 
 
@@ -22,7 +22,8 @@ def dream_result(feature: Feature, config: DreamConfig, dataset_max: float | Non
                  diverse: list[DreamedPrompt] | None = None) -> DreamResult:
     fluent = [p for p in frontier if p.cross_entropy <= 5.0]
     return DreamResult(
-        feature=str(feature), model="tiny", config=config, seed=config.seed, seeds=[config.seed], seconds=1.0,
+        feature=str(feature), model="tiny", config=config, engine_version=ENGINE_VERSION,
+        prompt_length=config.prompt_length, seed=config.seed, seeds=[config.seed], seconds=1.0,
         dataset_max=dataset_max, scale_note=None, frontier=sorted(frontier, key=lambda p: p.cross_entropy),
         best_fluent=max(fluent, key=lambda p: p.activation) if fluent else None, diverse=diverse or [],
         iterations=config.iterations, stopped="iterations", timings={}, history={})

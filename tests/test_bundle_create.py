@@ -334,7 +334,7 @@ def test_measuring_searching_and_dreaming_never_load_the_whole_transcoder(model_
                                                                           tmp_path, monkeypatch):
     """A large transcoder stays cheap: the explorer reads encoder rows (whole layers' encoders for a search), and
     never loads the transcoder whole, decoders included."""
-    from dreaming.epo import DreamConfig
+    from dreaming.engine import DreamConfig
     from dreaming.transcoder_files import TranscoderFiles
 
     create(model_dir, transcoder_dir, corpus_file, tmp_path / "bundle")

@@ -8,6 +8,7 @@ from conftest import WORDS
 from dreaming.bundle import Bundle, save_windows
 from dreaming.cli import main
 from dreaming.corpus import Document, write_documents
+from dreaming.engine.length import FALLBACK_LENGTH
 
 TINY_TRAINING = ["--recipe", "closed-form", "--features-per-layer", "32", "--k", "4", "--fit-tokens", "600",
                  "--batch-windows", "4", "--heldout-windows", "4", "--kmeans-iterations", "3", "--window-length", "32"]
@@ -205,7 +206,8 @@ def test_compare_shows_length_matched_examples(tiny_bundle_dir, capsys):
     page = run_json(capsys, "compare", *bundle, "--length", "5")
     assert page["length"] == 5 and all(e["length_matched"]["tokens"] <= 5 for e in page["examples"])
     assert page["dreams"] == page["diverse"] == page["stale_dreams"] == []
-    assert run_json(capsys, "compare", *bundle)["length"] == 12  # the default dream prompt length
+    # without dreams, the length a dream of a feature without maxima gets (with them: its best dream's)
+    assert run_json(capsys, "compare", *bundle)["length"] == FALLBACK_LENGTH
     main(["compare", *bundle, "--length", "5"])
     text = capsys.readouterr().out
     assert "cut to 5 tok: % of max" in text and "CE" in text
@@ -217,7 +219,7 @@ def test_print_dream_shows_origin_novelty_and_the_diverse_set(tiny_bundle_dir, c
     from dream_results import dream_result, dreamed_prompt
 
     from dreaming.cli import print_dream
-    from dreaming.epo import DreamConfig
+    from dreaming.engine import DreamConfig
     from dreaming.explorer import Explorer
     from dreaming.features import Feature
 

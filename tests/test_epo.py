@@ -12,14 +12,20 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import dreaming.epo as epo
+import dreaming.engine.config as engine_config
+import dreaming.engine.run as engine_run
+import dreaming.engine.results as engine_results
+import dreaming.engine.search as engine_search
+import dreaming.engine.starts as engine_starts
+import dreaming.engine.state as engine_state
 import dreaming.explorer as explorer_module
 from dreaming.activation import measure_texts, measure_token_ids, tokenize_text
 from dreaming.cli import add_config_arguments, config_from_args
 from dreaming.dream_cache import DreamCache, dream_key
-from dreaming.epo import (
+from dreaming.engine import (
     DreamConfig,
     DreamedPrompt,
+    continuation,
     dream,
     dream_many,
     gcg_config,
@@ -126,12 +132,12 @@ def test_progress_reports_every_iteration_over_all_tasks(lm64, transcoder):
 def test_gcg_is_the_special_case_m1_lambda0(lm64, transcoder):
     """GCG written out by hand (one member, f only, best of parent + children) gives the engine's trajectory."""
     config = gcg_config(CONFIG, iterations=5)
-    assert config.lambdas().tolist() == [0.0] and config.length_range == (4, 4)
+    assert config.lambdas().tolist() == [0.0] and config.length_range() == (4, 4)
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
     allowed = allowed_tokens(lm64)
     k = min(config.topk, int(allowed.sum()))
-    task = epo.TaskState(epo.task_generator(config.seed, A))
-    ((prompt, _),) = epo.initial_prompts(s, config, allowed, [task], [0], [[]])[0]  # the engine's draws, in order
+    task = engine_state.TaskState(engine_state.task_generator(config.seed, A), config.prompt_length)
+    ((prompt, _),) = engine_starts.initial_prompts(s, config, allowed, [task], [0], [[]])[0]  # the engine's draws, in order
     g = task.generator
     ids, n, r, row = torch.tensor(prompt), 4, config.children, torch.tensor([0])
     trajectory, best = [], -math.inf
@@ -141,7 +147,7 @@ def test_gcg_is_the_special_case_m1_lambda0(lm64, transcoder):
         top = grad.topk(k, dim=-1).indices
         _, where, pick = torch.rand(r, generator=g), torch.rand(r, generator=g), torch.randint(k, (r,), generator=g)
         for draw in (lambda: torch.rand(r, generator=g), lambda: torch.randint(int(allowed.sum()), (r,), generator=g),
-                     lambda: torch.randint(min(epo.MODEL_TOPK, int(allowed.sum())), (r,), generator=g)):
+                     lambda: torch.randint(min(engine_config.MODEL_TOPK, int(allowed.sum())), (r,), generator=g)):
             draw()  # the engine's draws for the moves GCG does not make
         position = (where * n).long().clamp(max=n - 1)
         pool = ids.expand(r, n).clone()
@@ -166,14 +172,14 @@ def test_random_search_proposes_without_gradients(lm64, transcoder, monkeypatch)
 @pytest.mark.parametrize("at_start", [False, True])
 def test_restarts_use_the_drawn_lambda_and_not_the_start(lm64, transcoder, monkeypatch, at_start):
     seen = []
-    original = epo.restart_index
+    original = engine_search.restart_index
 
     def spy(members, lam, config):
         best = original(members, lam, config)
         seen.append((lam, members.f.clone(), members.ce.clone(), best))
         return best
 
-    monkeypatch.setattr(epo, "restart_index", spy)
+    monkeypatch.setattr(engine_search, "restart_index", spy)
     config = CONFIG.model_copy(update={"iterations": 7, "restart_every": 2, "restart_lambda_min": 0.2,
                                        "restart_lambda_max": 5.0, "restart_at_start": at_start, "lineage_share": 1.0})
     dream(lm64, transcoder, A, config, 0.5)
@@ -229,16 +235,16 @@ def test_children_all_rejected_by_the_round_trip_do_not_crash(lm64, transcoder, 
 def test_dataset_seeds_and_origins(lm64, transcoder):
     config = CONFIG.model_copy(update={"init": "dataset", "population": 4, "iterations": 2})
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
-    seeds = epo.seed_prompts(s, CONTEXTS, config.prompt_length)
+    seeds = engine_starts.seed_prompts(s, CONTEXTS, config.prompt_length)
     assert seeds == [([4, 7, 8, 9], 0), ([12, 13, 14], 1)]  # the tokens up to each max token, BOS left out
-    starts = epo.initial_prompts(s, config, allowed_tokens(lm64), [epo.TaskState(epo.task_generator(0, A))], [0],
+    starts = engine_starts.initial_prompts(s, config, allowed_tokens(lm64), [engine_state.TaskState(engine_state.task_generator(0, A), config.prompt_length)], [0],
                                  [seeds])[0]
-    assert starts[0] == ([4, 7, 8, 9], 0) and [code for _, code in starts] == [0, epo.SAMPLED, epo.SAMPLED - 1,
-                                                                                 epo.SAMPLED - 2]
-    assert [epo.origin_name(code) for _, code in starts] == ["dataset #0", "sampled #0", "sampled #1", "sampled #2"]
+    assert starts[0] == ([4, 7, 8, 9], 0) and [code for _, code in starts] == [0, engine_state.SAMPLED, engine_state.SAMPLED - 1,
+                                                                                 engine_state.SAMPLED - 2]
+    assert [engine_state.origin_name(code) for _, code in starts] == ["dataset #0", "sampled #0", "sampled #1", "sampled #2"]
     out = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
     assert "dataset #0" in {p.origin for p in out.frontier + out.diverse} | {
-        epo.origin_name(code) for code in out.state["tasks"][0]["kept"]["origin"]}
+        engine_state.origin_name(code) for code in out.state["tasks"][0]["kept"]["origin"]}
 
 
 def test_longest_shared_run_against_brute_force():
@@ -254,12 +260,12 @@ def test_longest_shared_run_against_brute_force():
 def test_the_diverse_set_is_fluent_different_and_most_active_first(result):
     assert result.diverse
     activations = [p.activation for p in result.diverse]
-    assert activations == sorted(activations, reverse=True) and len(result.diverse) <= epo.DIVERSE
+    assert activations == sorted(activations, reverse=True) and len(result.diverse) <= engine_results.DIVERSE
     prompts = [p.token_ids[p.counted_from : -2] for p in result.diverse]  # the suffix " sat on" left out
     for i, a in enumerate(prompts):
-        assert result.diverse[i].cross_entropy <= epo.FLUENT_CE
+        assert result.diverse[i].cross_entropy <= engine_results.FLUENT_CE
         for b in prompts[:i]:
-            assert epo.jaccard(a, b) <= epo.MAX_JACCARD
+            assert engine_results.jaccard(a, b) <= engine_results.MAX_JACCARD
 
 
 def test_a_seconds_budget_and_a_plateau_stop_the_search(lm64, transcoder):
@@ -268,7 +274,7 @@ def test_a_seconds_budget_and_a_plateau_stop_the_search(lm64, transcoder):
     flat = dream(lm64, transcoder, A, CONFIG.model_copy(update={"iterations": 200, "plateau": 3}), 0.5)
     assert flat.stopped == "plateau" and flat.iterations < 200
     last = flat.history["best_fluent"]
-    assert max(last[-3:]) < max(last[:-3]) + epo.PLATEAU_GAIN
+    assert max(last[-3:]) < max(last[:-3]) + engine_state.PLATEAU_GAIN
 
 
 def test_the_progress_callback_can_stop_the_search_keeping_what_it_found(lm64, transcoder):
@@ -289,13 +295,18 @@ def test_continuing_equals_one_run(lm64, transcoder):
     config = CONFIG.model_copy(update={"iterations": 7, "seeds": 2})  # restarts at 3 and 6 on both sides of the cut
     whole = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
     first = dream(lm64, transcoder, A, config.model_copy(update={"iterations": 4}), 0.5, contexts=CONTEXTS)
-    more = dream(lm64, transcoder, A, config.model_copy(update={"iterations": 3}), 0.5, contexts=CONTEXTS,
-                 continue_from=json.loads(first.model_dump_json()) and epo.DreamResult.model_validate_json(
-                     first.model_dump_json()))  # through JSON, as the cache keeps it
-    assert more.config == whole.config and more.iterations == 7
+    stored = engine_results.DreamResult.model_validate_json(first.model_dump_json())  # as the cache keeps it
+    longer = continuation(stored, 3)  # `more`: three iterations more, the config of the whole run
+    assert longer == config
+    more = dream(lm64, transcoder, A, longer, 0.5, contexts=CONTEXTS, continue_from=stored)
+    assert more.config == whole.config and more.iterations == 7 and more.engine_version == engine_results.ENGINE_VERSION
     assert figures(more) == figures(whole) and more.history == whole.history and members(more) == members(whole)
     with pytest.raises(ValueError, match="own config"):
         dream(lm64, transcoder, A, config.model_copy(update={"topk": 3}), 0.5, continue_from=first)
+    with pytest.raises(ValueError, match="longer than the run it continues"):
+        dream(lm64, transcoder, A, config.model_copy(update={"iterations": 4}), 0.5, continue_from=first)
+    with pytest.raises(ValueError, match="engine version"):
+        dream(lm64, transcoder, A, config, 0.5, continue_from=first.model_copy(update={"engine_version": 4}))
 
 
 def test_the_chat_template_and_the_bf16_search(tiny_tokenizer, transcoder):
@@ -327,7 +338,7 @@ def test_pareto_front_of_a_known_set():
     points = [p(1.0, 2.0), p(0.5, 3.0), p(2.0, 4.0), p(1.5, 4.5), p(3.0, 6.0), p(2.5, 6.0), p(0.2, 1.0)]
     front = pareto_front(points)
     assert [(q.activation, q.cross_entropy) for q in front] == [(0.2, 1.0), (1.0, 2.0), (2.0, 4.0), (3.0, 6.0)]
-    assert epo.best_fluent(points).activation == 2.0  # CE <= 5
+    assert engine_results.best_fluent(points).activation == 2.0  # CE <= 5
 
 
 @pytest.mark.parametrize("bad", [dict(prompt_length=0), dict(template="no slot"), dict(template="{prompt}{prompt}"),
@@ -346,7 +357,7 @@ def test_lambda_grid_is_log_spaced():
 def test_previous_config_is_the_earlier_engine():
     previous = previous_config()
     assert previous.restart_at_start and previous.selection == "smooth" and previous.distinct == "none"
-    assert previous.length_range == (12, 12) and previous.model_proposals == 0 and previous.iterations == 60
+    assert previous.length_range() == (12, 12) and previous.model_proposals == 0 and previous.iterations == 60
 
 
 def test_config_flags_from_the_pydantic_model():
@@ -428,7 +439,7 @@ def test_the_dataset_free_init_reads_nothing_from_the_maxima(lm64, transcoder, m
     """init "scan": the search (members, history) is the same with the feature's top contexts, with other
     contexts and with none; only novelty, which is measured against them, differs. Init "dataset" does read them."""
     config = CONFIG.model_copy(update={"init": "scan"})
-    monkeypatch.setattr(epo, "seed_prompts", lambda *a: pytest.fail("init scan read the dataset's examples"))
+    monkeypatch.setattr(engine_run, "seed_prompts", lambda *a: pytest.fail("init scan read the dataset's examples"))
     runs = [dream(lm64, transcoder, A, config, 0.5, contexts=contexts)
             for contexts in (CONTEXTS, [([1, 20, 21, 22, 23, 24], 2)], None)]
     for run in runs[1:]:
@@ -444,8 +455,8 @@ def test_starts_differ_between_features_and_are_reproducible_under_a_seed(lm64, 
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5), make_target(transcoder, B, 0.5)])
 
     def starts(feature, target, seed=0):
-        task = epo.TaskState(epo.task_generator(seed, feature))
-        return epo.initial_prompts(s, config, allowed_tokens(lm64), [task], [target], [[]])[0]
+        task = engine_state.TaskState(engine_state.task_generator(seed, feature), config.prompt_length)
+        return engine_starts.initial_prompts(s, config, allowed_tokens(lm64), [task], [target], [[]])[0]
 
     a = starts(A, 0)
     assert a == starts(A, 0)  # reproducible
@@ -454,13 +465,13 @@ def test_starts_differ_between_features_and_are_reproducible_under_a_seed(lm64, 
     # the scan's choice: the most active of the draws, pairwise different (token Jaccard <= 0.5)
     scores = s.score(torch.tensor([p for p, _ in a]), torch.full((4,), 4), torch.zeros(4, dtype=torch.long))
     for i, (p, _) in enumerate(a):
-        assert all(epo.jaccard(p, q) <= epo.MAX_JACCARD for q, _ in a[:i])
-    fluent = (scores.ce <= epo.FLUENT_CE).tolist()
+        assert all(engine_results.jaccard(p, q) <= engine_results.MAX_JACCARD for q, _ in a[:i])
+    fluent = (scores.ce <= engine_results.FLUENT_CE).tolist()
     ranked = [(not ok, -v) for ok, v in zip(fluent, scores.f.tolist())]
     assert ranked == sorted(ranked)
     # and they are what a task dreaming A and B together starts from
-    together = epo.initial_prompts(s, config, allowed_tokens(lm64), [epo.TaskState(epo.task_generator(0, A)),
-                                   epo.TaskState(epo.task_generator(0, B))], [0, 1], [[], []])
+    together = engine_starts.initial_prompts(s, config, allowed_tokens(lm64), [engine_state.TaskState(engine_state.task_generator(0, A), config.prompt_length),
+                                   engine_state.TaskState(engine_state.task_generator(0, B), config.prompt_length)], [0, 1], [[], []])
     assert together == [a, starts(B, 1)]
 
 
@@ -499,18 +510,18 @@ def test_best_novel_agrees_with_a_brute_force_shared_run_check(lm64, transcoder)
     out = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
     contexts = [c[1:] for c, _ in CONTEXTS]
     everything = out.frontier + out.diverse + [out.best_fluent] + ([out.best_novel] if out.best_novel else [])
-    novel = [p for p in everything if p.cross_entropy <= epo.FLUENT_CE
-             and brute_shared_run(p.token_ids[p.counted_from : -2], contexts) < epo.NOVEL_BELOW]
+    novel = [p for p in everything if p.cross_entropy <= engine_results.FLUENT_CE
+             and brute_shared_run(p.token_ids[p.counted_from : -2], contexts) < engine_results.NOVEL_BELOW]
     assert novel and out.best_novel is not None
-    assert brute_shared_run(out.best_novel.token_ids[out.best_novel.counted_from : -2], contexts) < epo.NOVEL_BELOW
+    assert brute_shared_run(out.best_novel.token_ids[out.best_novel.counted_from : -2], contexts) < engine_results.NOVEL_BELOW
     assert out.best_novel.activation == max(p.activation for p in novel)
     # the search's own check (runs of NOVEL_BELOW tokens) is the brute force's, on random rows
     g = torch.Generator().manual_seed(1)
     for _ in range(200):
         row = torch.randint(4, (7,), generator=g).tolist()
         ctx = [torch.randint(4, (9,), generator=g).tolist() for _ in range(2)]
-        assert epo.novel_row(row, epo.context_ngrams(ctx)) == (brute_shared_run(row, ctx) < epo.NOVEL_BELOW)
-    assert epo.novel_row([1, 2, 3, 4], None) is False  # no contexts: novelty unknown
+        assert engine_state.novel_row(row, engine_state.context_ngrams(ctx)) == (brute_shared_run(row, ctx) < engine_results.NOVEL_BELOW)
+    assert engine_state.novel_row([1, 2, 3, 4], None) is False  # no contexts: novelty unknown
 
 
 def test_no_lineage_takes_more_than_its_share_of_the_slots(lm64, transcoder, monkeypatch):
@@ -519,22 +530,22 @@ def test_no_lineage_takes_more_than_its_share_of_the_slots(lm64, transcoder, mon
     config = CONFIG.model_copy(update={"init": "dataset", "population": 4, "iterations": 8, "restart_every": 3,
                                        "lineage_share": 0.5})
     seen = []
-    original = epo.select
+    original = engine_search.select
 
     def spy(pool, lambdas, config_):
         chosen = original(pool, lambdas, config_)
-        lineages = [epo.lineage(code) for code in pool.origin[chosen].tolist()]
-        if len({epo.lineage(code) for code in pool.origin.tolist()}) > 1:
+        lineages = [engine_state.lineage(code) for code in pool.origin[chosen].tolist()]
+        if len({engine_state.lineage(code) for code in pool.origin.tolist()}) > 1:
             seen.append(max(lineages.count(x) for x in lineages))
         return chosen
 
-    monkeypatch.setattr(epo, "select", spy)
+    monkeypatch.setattr(engine_search, "select", spy)
     dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
     assert seen and max(seen) <= 2
     monkeypatch.undo()
-    pool = epo.Pool(torch.tensor([[5], [6], [7], [8]]), torch.ones(4, dtype=torch.long),
+    pool = engine_state.Pool(torch.tensor([[5], [6], [7], [8]]), torch.ones(4, dtype=torch.long),
                     torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
-                    torch.zeros(4, dtype=torch.float64), torch.tensor([0, 1, epo.SAMPLED, epo.SAMPLED - 1]),
+                    torch.zeros(4, dtype=torch.float64), torch.tensor([0, 1, engine_state.SAMPLED, engine_state.SAMPLED - 1]),
                     torch.zeros(4, dtype=torch.bool))
     two = config.model_copy(update={"population": 2})
     # the dataset's examples #0 and #1 are one lineage: the second slot goes to a sampled start
@@ -550,11 +561,11 @@ def test_the_diverse_set_spans_basins():
 
     one = [p(2.0 - i / 10, [10 * i + j for j in range(3)], "dataset #0") for i in range(10)]
     other = [p(1.0 - i / 10, [200 + 10 * i + j for j in range(3)], "sampled #0") for i in range(2)]
-    chosen = epo.diverse_set(one + other, 2)
-    assert len(chosen) == epo.DIVERSE and epo.basins(chosen) == 2
+    chosen = engine_results.diverse_set(one + other, 2)
+    assert len(chosen) == engine_results.DIVERSE and engine_results.basins(chosen) == 2
     assert [q.activation for q in chosen] == sorted((q.activation for q in chosen), reverse=True)
-    assert sum(q.origin == "dataset #0" for q in chosen) == epo.DIVERSE - 2  # the rest filled from the strong one
-    assert epo.diverse_set(one, 2) == one[: epo.DIVERSE]  # one basin: as before, the most active different
+    assert sum(q.origin == "dataset #0" for q in chosen) == engine_results.DIVERSE - 2  # the rest filled from the strong one
+    assert engine_results.diverse_set(one, 2) == one[: engine_results.DIVERSE]  # one basin: as before, the most active different
 
 
 def test_a_uniform_first_token_is_drawn_from_its_own_number(lm64, transcoder):
@@ -571,7 +582,7 @@ def test_a_uniform_first_token_is_drawn_from_its_own_number(lm64, transcoder):
 def children_one_at_a_time(members, gradient_top, model_top, config, tasks, allowed_ids):
     """The reference: the engine's moves written out one child at a time, in the same draws."""
     M, r = config.population, config.children
-    lo, hi = config.length_range
+    lo, hi = config.length_range()
     k = min(config.topk, len(allowed_ids))
     out = []
     for member in range(len(members)):
@@ -579,7 +590,7 @@ def children_one_at_a_time(members, gradient_top, model_top, config, tasks, allo
         move, where, pick, source = (torch.rand(r, generator=g), torch.rand(r, generator=g),
                                      torch.randint(k, (r,), generator=g), torch.rand(r, generator=g))
         uniform = torch.randint(len(allowed_ids), (r,), generator=g)
-        from_model = torch.randint(epo.MODEL_TOPK, (r,), generator=g)
+        from_model = torch.randint(engine_config.MODEL_TOPK, (r,), generator=g)
         n = int(members.lengths[member])
         row = members.ids[member, :n].tolist()
         for c in range(r):
@@ -603,21 +614,22 @@ def children_one_at_a_time(members, gradient_top, model_top, config, tasks, allo
 def test_children_made_at_once_equal_one_at_a_time(changes):
     config = CONFIG.model_copy(update={"population": 3, "children": 64, **changes})
     g = torch.Generator().manual_seed(7)
-    W, N = config.length_range[1], 6  # two tasks of 3 members
-    lengths = torch.randint(config.length_range[0], W + 1, (N,), generator=g)
+    W, N = config.length_range()[1], 6  # two tasks of 3 members
+    lengths = torch.randint(config.length_range()[0], W + 1, (N,), generator=g)
     ids = torch.randint(4, 30, (N, W), generator=g) * (torch.arange(W) < lengths[:, None])
     k = 0 if config.proposal == "random" else config.topk
     gradient_top, model_top = torch.randint(4, 30, (N, W, k), generator=g), torch.randint(4, 30, (N, W + 1, 7),
                                                                                           generator=g)
     zeros = torch.zeros(N, dtype=torch.float64)
-    members = epo.Pool(ids, lengths, zeros, zeros, zeros, torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.bool))
+    members = engine_state.Pool(ids, lengths, zeros, zeros, zeros, torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.bool))
     allowed_ids = torch.arange(4, 30)
 
     def tasks():
-        return [epo.TaskState(torch.Generator().manual_seed(s), epo.context_ngrams([[5, 6, 7, 8, 9]])) for s in (1, 2)]
+        return [engine_state.TaskState(torch.Generator().manual_seed(s), config.prompt_length,
+                                        engine_state.context_ngrams([[5, 6, 7, 8, 9]])) for s in (1, 2)]
 
-    children, parent, changed = epo.make_children(members, gradient_top, model_top, config, tasks(), allowed_ids)
+    children, parent, changed = engine_search.make_children(members, gradient_top, model_top, config, tasks(), allowed_ids)
     expected = children_one_at_a_time(members, gradient_top, model_top, config, tasks(), allowed_ids)
     assert [list(row) for row in children.rows()] == [child for child, _, _ in expected]
     assert parent.tolist() == [m for _, m, _ in expected] and changed.tolist() == [p for _, _, p in expected]
-    assert children.novel.tolist() == [epo.novel_row(child, {(5, 6, 7, 8), (6, 7, 8, 9)}) for child, _, _ in expected]
+    assert children.novel.tolist() == [engine_state.novel_row(child, {(5, 6, 7, 8), (6, 7, 8, 9)}) for child, _, _ in expected]

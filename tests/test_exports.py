@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from dreaming.bundle import Bundle
 from dreaming.cli import main
 from dreaming.dream_cache import DreamCache
-from dreaming.epo import DreamConfig
+from dreaming.engine import DreamConfig
 from dreaming.explorer import Explorer
 from dreaming.exports import (
     ACTIVATION_COLUMNS,

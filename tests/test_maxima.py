@@ -12,8 +12,9 @@ import torch
 from conftest import make_tiny_transcoder, random_windows
 from dream_results import dream_result, dreamed_prompt
 from dreaming.activation import measure_texts, tokenize_text
-from dreaming.dashboard import feature_page, length_matched, render_examples
-from dreaming.epo import DreamConfig
+from dreaming.dashboard import feature_page, render_examples
+from dreaming.engine.length import cut_examples
+from dreaming.engine import DreamConfig
 from dreaming.features import Feature, parse_feature, parse_features
 from dreaming.maxima import (
     HISTOGRAM_EDGES,
@@ -263,8 +264,8 @@ def test_length_matched_examples_against_a_direct_computation(tiny_lm, tiny_tran
     ids = contexts[0][0]
     # the examples' own contexts, and cuts of one window ending at chosen positions (shorter than length at 2)
     cases = [(render_examples(tiny_lm, tiny_transcoder, maxima, feature, length=length), contexts),
-             ([{"length_matched": m} for m in length_matched(tiny_lm, tiny_transcoder, feature,
-                                                             [(ids, 2), (ids, 9), (ids, 15)], length, dataset_max)],
+             ([{"length_matched": m} for m in cut_examples(tiny_lm, tiny_transcoder, feature, [(ids, 2), (ids, 9),
+                                                           (ids, 15)], length, dataset_max, with_cross_entropy=True)],
               [(ids, 2), (ids, 9), (ids, 15)])]
     for examples, expected_contexts in cases:
         assert len(examples) == len(expected_contexts)
@@ -285,7 +286,7 @@ def test_length_matched_examples_against_a_direct_computation(tiny_lm, tiny_tran
     page = feature_page(tiny_lm, tiny_transcoder, maxima, feature, [], top=2, length=length)
     assert page["length"] == length and all(e["length_matched"]["tokens"] <= length for e in page["examples"])
     with pytest.raises(ValueError, match="length must be at least 1"):
-        length_matched(tiny_lm, tiny_transcoder, feature, contexts, 0, dataset_max)
+        cut_examples(tiny_lm, tiny_transcoder, feature, contexts, 0, dataset_max)
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

@@ -6,7 +6,7 @@ import concurrent.futures
 
 from ray.exceptions import ActorUnavailableError
 
-from dreaming.epo import DreamConfig
+from dreaming.engine import DreamConfig
 from service import scheduler as scheduler_module
 from service.scheduler import Scheduler
 from service.store import Job

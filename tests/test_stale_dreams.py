@@ -12,7 +12,7 @@ from tiny_bundle import build_tiny_bundle
 from dreaming import explorer as explorer_module
 from dreaming.cli import main
 from dreaming.dream_cache import DreamCache, max_key
-from dreaming.epo import DreamConfig
+from dreaming.engine import DreamConfig
 from dreaming.explorer import Explorer
 from dreaming.features import Feature
 from dreaming.maxima import MaximaConfig, build_maxima

@@ -132,7 +132,7 @@ def test_batch_lists_its_jobs_in_order_and_shares_existing_ones(tmp_path):
 
 def test_a_stored_result_of_an_earlier_engine_is_never_continued(tmp_path):
     """`more` continues the longest stored run of a config; a result in an older format is skipped, not fatal."""
-    from dreaming.epo import DreamConfig
+    from dreaming.engine import DreamConfig
     from service.scheduler import Scheduler
 
     store = SQLiteStore(tmp_path / "jobs.sqlite")

@@ -14,7 +14,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from dreaming.epo import DreamConfig
+from dreaming.engine import DreamConfig, continuation
 from service.bundle_view import BundleView
 from service.routes.common import MAX_OFFSET, feature_or_error, in_thread
 from service.runtime import Service
@@ -24,7 +24,8 @@ from service.store import CANCELLED, DONE, ENDED, FAILED, QUEUED, RUNNING, Batch
 
 EVENT_EVERY = 0.5  # seconds between two looks at a followed job or batch (an event is sent only on a change)
 BEST = ("best_fluent", "best_novel")  # a result's best prompts, each summed up by these fields of its own
-BEST_FIELDS = ("fraction_of_max", "activation", "cross_entropy", "prompt")
+BEST_FIELDS = ("fraction_of_max", "fraction_of_length_matched", "prompt_tokens", "activation", "cross_entropy",
+               "prompt")  # both yardsticks: the dataset max, and the best dataset excerpt of the prompt's length
 CSV_COLUMNS = ["feature", "status", *(f"{best}_{field}" for best in BEST for field in BEST_FIELDS), "dataset_max",
                "yardstick", "iterations", "error", "job_id"]
 
@@ -147,7 +148,7 @@ def router(service: Service, bundle, keyed: list) -> APIRouter:
             if base is None:
                 raise HTTPException(409, f"nothing to continue for {feature}: no stored dream of this config (but "
                                          "its iterations, seconds and plateau); submit it without `more` first")
-            config = config.model_copy(update={"iterations": base.config.iterations + config.iterations})
+            config = continuation(base, config.iterations)
         await check_budget(view, config, 1)
         job = await in_thread(service.store.submit, view.identity, str(feature), config.model_dump(mode="json"),
                               dataset_max)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dreaming.bundle import bundle_info
-from dreaming.epo import DreamConfig
+from dreaming.engine import DreamConfig
 from service.bundle_view import BundleView
 from service.routes.common import in_thread
 from service.runtime import Service

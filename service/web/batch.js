@@ -19,8 +19,10 @@ function showBatch(batch) {
   $("batch-table").querySelector("tbody").replaceChildren(...batch.jobs.map((job) => el("tr", {"data-status": job.status},
     el("td", {}, featureLink(job.feature)), el("td", {class: `status-${job.status}`}, progressText(job)),
     el("td", {class: "num"}, percent(job.best_fluent_fraction_of_max)),
+    el("td", {class: "num"}, percent(job.best_fluent_fraction_of_length_matched)),
     el("td", {}, el("span", {class: "tokens"}, job.best_fluent_prompt ? tokenText(job.best_fluent_prompt) : "")),
     el("td", {class: "num"}, percent(job.best_novel_fraction_of_max)),
+    el("td", {class: "num"}, percent(job.best_novel_fraction_of_length_matched)),
     el("td", {}, el("span", {class: "tokens"}, job.best_novel_prompt ? tokenText(job.best_novel_prompt) : "")),
     el("td", {}, job.yardstick ? el("span", {class: "tag first-token", title: job.yardstick}, "first-token max") : ""))));
 }

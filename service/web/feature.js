@@ -24,14 +24,22 @@ function renderStats() {
   document.title = `dreaming: feature ${FEATURE}` + (BUNDLE ? ` (${BUNDLE})` : "");
   $("stats").replaceChildren(stat("dataset max", number(page.dataset_max)), stat("density", percent(page.density)),
     stat("mean when active", number(page.mean_when_active)), stat("tokens in the maxima pass", page.tokens.toLocaleString()),
-    stat("best fluent dream", percent(page.best_fluent && page.best_fluent.fraction_of_max)),
-    stat("best novel dream", percent(page.best_novel && page.best_novel.fraction_of_max)));
+    stat("best fluent dream", bothYardsticks(page.best_fluent)),
+    stat("best novel dream", bothYardsticks(page.best_novel)));
   if (page.dead) showError(`Feature ${FEATURE} is dead: it was never active on the corpus, so it has no dataset max.`);
   $("first-token").hidden = !page.first_token;
   $("first-token").replaceChildren(firstTokenBadge(), ` Its top dataset example is a text's first token (as are ` +
     `${percent(page.first_token_share)} of its top examples), where it fires whatever follows. A prompt reaches that ` +
     "max only when nothing comes before it, so its dreams in the chat template are dreamed in the bare template " +
     "{prompt} instead, and say so (their yardstick).");
+}
+
+// "112% of max · 131% of the best 32-token excerpt": a dream against the dataset max and the data at its length
+function bothYardsticks(dream) {
+  if (!dream) return percent(null);
+  const excerpt = dream.fraction_of_length_matched;
+  return `${percent(dream.fraction_of_max)} of max` + (excerpt === null || excerpt === undefined ? "" :
+    ` · ${percent(excerpt)} of the best ${dream.prompt_tokens}-token excerpt`);
 }
 
 function renderCharts() {
@@ -60,8 +68,11 @@ function novelty(dream) {
 }
 
 function dreamRow(dream, stale = false) {
+  const excerpt = stale ? [] : [el("td", {class: "num", title: "of the best top dataset example cut to this many tokens"},
+    percent(dream.fraction_of_length_matched)), el("td", {class: "num"}, dream.prompt_tokens ?? "–")];
   return el("tr", {class: "dream"},
-    el("td", {class: "num"}, percent(dream.fraction_of_max)), el("td", {class: "num"}, number(dream.cross_entropy, 2)),
+    el("td", {class: "num"}, percent(dream.fraction_of_max)), ...excerpt,
+    el("td", {class: "num"}, number(dream.cross_entropy, 2)),
     ...(stale ? [el("td", {class: "num"}, number(dream.scored_against))] : [el("td", {}, origin(dream)),
       el("td", {class: "num"}, novelty(dream))]),
     el("td", {}, shadeTokens(dream.tokens, dream.activations, page.dataset_max)));
@@ -80,12 +91,12 @@ function renderDreams() {
     const row = dreamRow(dream);
     row.prepend(el("td", {}, name));
     return row;
-  }), page.dreams.length ? "No fluent dream yet." : none, 6);
+  }), page.dreams.length ? "No fluent dream yet." : none, 8);
   const yardsticks = [...new Set(page.dreams.map((d) => d.yardstick).filter(Boolean))];
   $("dream-yardstick").textContent = yardsticks.map((y) => `Yardstick: ${y}.`).join(" ");
   $("dream-yardstick").hidden = !yardsticks.length;
-  fillTable("diverse-table", page.diverse.map((d) => dreamRow(d)), none, 5);
-  fillTable("frontier-table", page.dreams.map((d) => dreamRow(d)), none, 5);
+  fillTable("diverse-table", page.diverse.map((d) => dreamRow(d)), none, 7);
+  fillTable("frontier-table", page.dreams.map((d) => dreamRow(d)), none, 7);
   fillTable("stale-table", page.stale_dreams.map((d) => dreamRow(d, true)), "", 4);
   $("stale").hidden = !page.stale_dreams.length;
   $("dream-count").textContent = page.dreams.length ? `(${page.dreams.length} on the frontier)` : "";
@@ -199,7 +210,7 @@ async function dream(event) {
     }
     if (job.status === "failed") throw new Error(`the dream failed: ${job.error}`);
     if (job.status === "cancelled") throw new Error(`the dream was cancelled: ${job.error}`);
-    $("dream-progress").textContent = `done: best fluent ${percent(job.result.best_fluent && job.result.best_fluent.fraction_of_max)}`;
+    $("dream-progress").textContent = `done: best fluent ${bothYardsticks(job.result.best_fluent)}`;
     await load();
   } finally {
     $("dream-button").disabled = false;
