@@ -189,6 +189,16 @@ class Scorer:
         logits = self._logits(lm.model.get_output_embeddings()(last)).view(batch, logit_positions, -1)  # is slow
         return pre, logits, cache
 
+    def extend(self, tokens: torch.Tensor, rows: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One token per row [B] run after each row's cached keys/values (None: the prefix's): (the row's target at
+        it [B], the log-probabilities of the next token [B, vocab], the cache with it). What a prompt built token
+        by token (a beam search) asks of the model."""
+        kv = self._prefix(len(tokens)) if kv is None else kv
+        with torch.no_grad():
+            pre, logits, cache = self._forward(self.embedding[tokens[:, None]], rows, kv, 1)
+        return pre[:, 0], logits[:, 0].log_softmax(-1), [(layer.keys, layer.values) for layer in cache.layers]
+
     def _prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.prefix_kv]
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dreaming.bundle import DEFAULT_BUNDLE_NAME, parse_bundles
+from dreaming.engine import DreamConfig
 from dreaming.paths import dreaming_home
 
 
@@ -41,10 +42,10 @@ class Limits:
     max_search_top: int = 100  # `top` of POST /search
     max_interactive_waiting: int = 8  # activations, searches and uncached feature pages waiting for the model: then 503
     max_request_bytes: int = 256 * 1024  # body of any request
-    # DreamConfig.cost() ((iterations x population x children + scan) x seeds x longest prompt): the default config
-    # costs 208,896; a job may cost 50 defaults (10,444,800), a batch 256 defaults (53,477,376) in all
-    max_job_cost: int = 10_444_800
-    max_batch_cost: int = 53_477_376
+    # DreamConfig.cost() ((iterations x population x children + scan) x seeds x longest prompt, a length chosen per
+    # feature charged at its cap): a job may cost 50 default configs, a batch 256 default configs in all
+    max_job_cost: int = field(default_factory=lambda: 50 * DreamConfig().cost())
+    max_batch_cost: int = field(default_factory=lambda: 256 * DreamConfig().cost())
     max_template_tokens: int = 256  # tokens of a dream template's own text (without its {prompt} slot)
 
     @classmethod

@@ -18,7 +18,7 @@ from dreaming.cli import main
 from dreaming.corpus import Document, read_documents, tokenize_windows, write_documents
 from dreaming.explorer import Explorer
 from dreaming.maxima import MaximaConfig, build_maxima
-from dreaming.models import load_model
+from dreaming.models import fast_dtype, load_model
 from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig, save_transcoder
 from dreaming.transcoder_files import LazyEncoder
 
@@ -60,11 +60,12 @@ def create(model, transcoder, corpus, out, *extra):
 
 
 def direct_maxima(model_dir, transcoder_dir, corpus, identity, out):
-    """The maxima `build_maxima` gives, run directly on the same windows (bf16 on the CPU, as the create ran)."""
-    lm = load_model(str(model_dir), dtype=torch.bfloat16, device="cpu")
+    """The maxima `build_maxima` gives, run directly on the same windows (in the CPU's fast dtype, as the create
+    ran)."""
+    lm = load_model(str(model_dir), dtype=fast_dtype("cpu"), device="cpu")
     windows = tokenize_windows(read_documents(str(corpus)), lm.tokenizer, window_length=32,
                                bos_token_id=lm.bos_token_id, progress=False)
-    build_maxima(lm, LazyEncoder(transcoder_dir, dtype=torch.bfloat16), windows, out, identity, CONFIG,
+    build_maxima(lm, LazyEncoder(transcoder_dir, dtype=lm.dtype), windows, out, identity, CONFIG,
                  progress=False)
     return load_file(str(out / "maxima.safetensors"))
 

@@ -633,3 +633,57 @@ def test_children_made_at_once_equal_one_at_a_time(changes):
     assert [list(row) for row in children.rows()] == [child for child, _, _ in expected]
     assert parent.tolist() == [m for _, m, _ in expected] and changed.tolist() == [p for _, _, p in expected]
     assert children.novel.tolist() == [engine_state.novel_row(child, {(5, 6, 7, 8), (6, 7, 8, 9)}) for child, _, _ in expected]
+
+
+def reference_beams(s: Scorer, allowed: torch.Tensor, generator: torch.Generator, target: int, length: int,
+                    beams: int) -> list[list[int]]:
+    """A beam search by brute force: every extension scored from scratch (Scorer.score: exact max over the prompt,
+    mean cross-entropy), its candidates drawn with the same numbers as the engine's; the suffix-free template
+    makes Scorer.score's target the beam's."""
+    rows = [[]]
+    for step in range(length):
+        candidates = []
+        for row in rows:
+            if row:
+                ids = torch.tensor([row + [0]])
+                with torch.no_grad():
+                    logits = s.lm.model(input_ids=torch.tensor([s.full_ids(row)])).logits[0, -1]
+                logprobs = logits.double().log_softmax(-1)
+            else:
+                logprobs = s.first_logprobs.double()
+            logprobs = logprobs.masked_fill(~allowed, -torch.inf)
+            top = logprobs.topk(min(engine_starts.BEAM_TOP, len(allowed)))
+            uniforms = torch.rand(top.indices.shape[0], generator=generator, dtype=torch.float64)
+            gumbel = top.values - torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-12)))
+            picked = top.indices[gumbel.topk(min(engine_starts.BEAM_CANDIDATES, len(gumbel))).indices]
+            candidates += [row + [int(token)] for token in picked]
+        ids = torch.tensor(candidates)
+        scores = s.score(ids, torch.full((len(ids),), step + 1), torch.full((len(ids),), target))
+        value = scores.f.double() - engine_starts.BEAM_LAMBDA * scores.ce.double()
+        order = value.argsort(descending=True, stable=True)[:beams]
+        rows = [candidates[i] for i in order.tolist()]
+    return rows
+
+
+def test_beam_starts_equal_a_brute_force_beam_search_and_batch_like_one_at_a_time(lm64, transcoder):
+    config = CONFIG.model_copy(update={"template": "the {prompt}", "prompt_length": 3, "population": 4})
+    s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5), make_target(transcoder, B, 0.5)])
+    allowed = allowed_tokens(lm64)
+
+    def beams(features_targets, counts, lengths):
+        tasks = [engine_state.TaskState(engine_state.task_generator(0, f), n) for (f, _), n in zip(features_targets, lengths)]
+        return engine_starts.beam_starts(s, config, allowed, tasks, [t for _, t in features_targets], counts)
+
+    (alone,) = beams([(A, 0)], [3], [3])
+    expected = reference_beams(s, allowed, engine_state.task_generator(0, A), 0, 3, 3)
+    assert [row for row, _ in alone] == expected
+    assert [engine_state.origin_name(code) for _, code in alone] == ["beam #0", "beam #1", "beam #2"]
+    # with another feature's task beside it (another length, another count): the same beams
+    together = beams([(B, 1), (A, 0)], [2, 3], [2, 3])
+    assert together[1] == alone and [row for row, _ in together[0]] == reference_beams(
+        s, allowed, engine_state.task_generator(0, B), 1, 2, 2)
+    # a search with half its slots started by beams: two beams and two sampled starts
+    out = dream(lm64, transcoder, A, config.model_copy(update={"beam_share": 0.5, "init": "scan", "iterations": 1}),
+                0.5)
+    origins = {engine_state.origin_name(code) for code in out.state["tasks"][0]["kept"]["origin"]}
+    assert {"beam #0", "beam #1"} <= origins <= {"beam #0", "beam #1", "sampled #0", "sampled #1"}

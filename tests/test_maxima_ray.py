@@ -16,6 +16,7 @@ from dreaming import maxima_checkpoint
 from dreaming.bundle import MANIFEST, Bundle
 from dreaming.cli import main
 from dreaming.maxima import MaximaAccumulator, MaximaConfig, accumulate, batch_count, build_maxima
+from dreaming.models import fast_dtype
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.maxima_ray import build_maxima_ray
 from dreaming.transcoders import save_transcoder
@@ -50,10 +51,10 @@ def bundle(tiny_lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(bundle, tmp_path_factory):
-    """The single-process pass as `dreaming maxima build` runs it on a CPU: model and encoder in bf16."""
+    """The single-process pass as `dreaming maxima build` runs it on a CPU: model and encoder in its fast dtype."""
     out = tmp_path_factory.mktemp("single") / "maxima"
-    lm = bundle.load_model(dtype=torch.bfloat16)
-    build_maxima(lm, bundle.load_transcoder(dtype=torch.bfloat16), bundle.windows(), out, bundle.identity, CONFIG,
+    lm = bundle.load_model(dtype=fast_dtype("cpu"))
+    build_maxima(lm, bundle.load_transcoder(dtype=lm.dtype), bundle.windows(), out, bundle.identity, CONFIG,
                  progress=False)
     return out
 

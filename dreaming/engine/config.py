@@ -72,6 +72,9 @@ class DreamConfig(BaseModel):
         "dataset maxima. 'dataset': the scan, with a quarter of the slots seeded by the tokens leading to the "
         "feature's top dataset examples. 'sample': prompts sampled from the model, unscored; 'random': uniform "
         "random tokens (the paper); 'mixed': 3 sampled : 1 random")
+    beam_share: float = Field(0.0, ge=0, le=1, description="share of the slots (after the dataset's) started by a "
+                              "beam search that builds each prompt token by token from the model's likely tokens, "
+                              "scored for the feature at every step (reads nothing from the dataset)")
     scan: int = Field(256, ge=1, le=4096, description="prompts sampled from the model per task for the sampled "
                       "starts (init scan and dataset score the feature on all of them, in one pass)")
     lineage_share: float = Field(0.5, gt=0, le=1, description="the most slots one lineage (the prompts grown "

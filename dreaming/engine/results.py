@@ -39,8 +39,8 @@ class DreamedPrompt(BaseModel):
     fraction_of_length_matched: float | None = None
     template_activation: float  # max over the template's prefix alone, which no prompt can change
     cross_entropy: float  # of the optimised tokens inside the template, fp32
-    origin: str  # where its search began: "sampled #j", "random", "dataset #i" (the feature's i-th top example)
-    # or "encoder #j" (a start drawn with the feature's encoder direction as a token prior)
+    origin: str  # where its search began: "sampled #j", "beam #j", "random" or "dataset #i" (the feature's i-th
+    # top example)
     longest_shared_run: int | None  # novelty: longest run of tokens shared with the feature's top dataset contexts
     # (None when no maxima were given); a prompt is novel when this is < NOVEL_BELOW
 

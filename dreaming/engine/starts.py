@@ -4,6 +4,8 @@
   first token; init "scan" and "dataset" score the feature on all `scan` of them in one pass and keep the most
   active that differ pairwise (reading nothing from the dataset);
 - dataset (init "dataset", a quarter of the slots): the tokens leading to the feature's top dataset examples;
+- beam (`beam_share` of the other slots): prompts built token by token by a beam search over the model's likely
+  tokens, scored for the feature at every step (reading nothing from the dataset);
 - random: uniform random allowed tokens (the paper's start).
 Every start that is kept re-tokenises to its own ids inside the template."""
 
@@ -13,10 +15,13 @@ import torch
 
 from dreaming.engine.config import DreamConfig
 from dreaming.engine.results import FLUENT_CE, differing
-from dreaming.engine.state import RANDOM, SAMPLED, TaskState
+from dreaming.engine.state import BEAM, RANDOM, SAMPLED, TaskState
 from dreaming.objective import Scorer
 
 Start = tuple[list[int], int]  # (prompt ids, origin code)
+BEAM_CANDIDATES = 16  # extensions of each beam per step
+BEAM_TOP = 64  # drawn among the model's top tokens there
+BEAM_LAMBDA = 0.1  # fluency weight of a beam's score (target in fractions of the max, cross-entropy in nats)
 
 
 def host_scores(scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,6 +93,64 @@ def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, t
                      "carry their own): write '\\n\\nHuman:{prompt}', not '\\n\\nHuman: {prompt}'")
 
 
+def beam_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, tasks: list[TaskState],
+                task_targets: list[int], counts: list[int]) -> list[list[Start]]:
+    """Per task, `counts[t]` prompts of its own length built token by token by a beam search (as ADAPT builds its
+    starts, arXiv 2602.17867): `counts[t]` beams, each extended at every step by BEAM_CANDIDATES tokens the model
+    finds likely there (drawn without replacement from its top BEAM_TOP by Gumbel top-k with the task's own
+    numbers), every extension run once after its beam's KV cache and scored as the search scores prompts (the
+    feature's target so far, exact max or last token, less BEAM_LAMBDA × the mean cross-entropy so far); the
+    best `counts[t]` extensions are the next beams. Reads nothing from the dataset. Beams whose text does not
+    round-trip are left out (the scan fills their slots)."""
+    starts: list[list[Start]] = [[] for _ in tasks]
+    vocab, device = len(allowed), scorer.lm.device
+    blocked = ~allowed.to(device)
+    for length in sorted({task.prompt_length for task in tasks}):
+        group = [t for t, task in enumerate(tasks) if task.prompt_length == length and counts[t]]
+        if not group:
+            continue
+        beams = [counts[t] for t in group]  # beams per task
+        owner = torch.arange(len(group))  # the task (in `group`) of each row: one empty prompt each to start
+        ids = torch.zeros(len(group), 0, dtype=torch.long)  # [rows, step]
+        best = torch.full((len(group),), -torch.inf, dtype=torch.float64)  # target so far (exact max or last)
+        nll = torch.zeros(len(group), dtype=torch.float64)  # summed -log p of the tokens so far
+        logprobs = scorer.first_logprobs.expand(len(group), vocab).masked_fill(blocked, -torch.inf)
+        kv = None
+        for step in range(length):
+            # BEAM_CANDIDATES tokens per row, drawn from its top BEAM_TOP with the owning task's own numbers
+            top = logprobs.topk(min(BEAM_TOP, vocab), dim=-1)  # [rows, BEAM_TOP]
+            uniforms = torch.cat([torch.rand(int((owner == i).sum()), top.indices.shape[1],
+                                             generator=tasks[group[i]].generator, dtype=torch.float64)
+                                  for i in range(len(group))]).to(device)
+            gumbel = top.values.double() - torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-12)))
+            pick = gumbel.topk(min(BEAM_CANDIDATES, top.indices.shape[1]), dim=-1).indices  # [rows, c]
+            tokens, chosen_lp = top.indices.gather(1, pick), top.values.gather(1, pick)  # [rows, c]
+            c = tokens.shape[1]
+            parent = torch.arange(len(ids)).repeat_interleave(c)  # [rows * c]
+            rows_kv = None if kv is None else [(k[parent.to(k.device)], v[parent.to(v.device)]) for k, v in kv]
+            targets = torch.tensor([task_targets[group[i]] for i in owner.tolist()], dtype=torch.long)[parent]
+            pre, next_logprobs, new_kv = scorer.extend(tokens.reshape(-1), targets.to(device), rows_kv)
+            pre = pre.to("cpu", torch.float64)
+            f = pre if config.position == "last" else torch.maximum(best[parent], pre)
+            total_nll = nll[parent] - chosen_lp.reshape(-1).to("cpu", torch.float64)
+            score = f - BEAM_LAMBDA * total_nll / (step + 1)
+            keep = []  # per task, its best `beams` extensions
+            for i, b in enumerate(beams):
+                mine = (owner[parent] == i).nonzero()[:, 0]
+                keep.append(mine[score[mine].argsort(descending=True, stable=True)[:b]])
+            keep = torch.cat(keep)
+            owner = owner[parent][keep]
+            ids = torch.cat([ids[parent[keep]], tokens.reshape(-1).cpu()[keep][:, None]], dim=1)
+            best, nll = f[keep], total_nll[keep]
+            logprobs = next_logprobs[keep.to(device)].masked_fill(blocked, -torch.inf)
+            kv = [(k[keep.to(k.device)], v[keep.to(v.device)]) for k, v in new_kv]
+        ok = scorer.round_trips(ids, torch.full((len(ids),), length))
+        for i, t in enumerate(group):
+            mine = [row for row, good, o in zip(ids.tolist(), ok.tolist(), owner.tolist()) if good and o == i]
+            starts[t] = [(row, BEAM - j) for j, row in enumerate(mine)]
+    return starts
+
+
 def random_starts(scorer: Scorer, length: int, allowed_ids: torch.Tensor, generator: torch.Generator,
                   count: int) -> list[Start]:
     """`count` prompts of `length` uniform random allowed tokens whose text round-trips (the paper's start)."""
@@ -103,15 +166,18 @@ def random_starts(scorer: Scorer, length: int, allowed_ids: torch.Tensor, genera
 def initial_prompts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, tasks: list[TaskState],
                     task_targets: list[int], dataset_seeds: list[list[Start]]) -> list[list[Start]]:
     """Per task, M starting prompts whose text round-trips, with their origin codes: dataset seeds (init "dataset":
-    a quarter of the slots, strongest example first), then sampled ones and (init "random", "mixed": all, 1 in 4)
-    uniform random ones."""
+    a quarter of the slots, strongest example first), beams (`beam_share` of the other slots), then sampled ones
+    and (init "random", "mixed": all, 1 in 4) uniform random ones."""
     M = config.population
     seeded = [seeds[: max(1, M // 4)] if config.init == "dataset" else [] for seeds in dataset_seeds]
-    random_counts = [{"random": M - len(s), "mixed": (M - len(s)) // 4}.get(config.init, 0) for s in seeded]
+    beamed = beam_starts(scorer, config, allowed, tasks, task_targets,
+                         [round(config.beam_share * (M - len(s))) for s in seeded])
+    taken = [len(s) + len(b) for s, b in zip(seeded, beamed)]
+    random_counts = [{"random": M - n, "mixed": (M - n) // 4}.get(config.init, 0) for n in taken]
     sampled = sampled_starts(scorer, config, allowed, tasks, task_targets,
-                             [M - len(s) - r for s, r in zip(seeded, random_counts)])
+                             [M - n - r for n, r in zip(taken, random_counts)])
     allowed_ids = allowed.nonzero()[:, 0]
-    return [seeded[t] + sampled[t]
+    return [seeded[t] + beamed[t] + sampled[t]
             + (random_starts(scorer, task.prompt_length, allowed_ids, task.generator, random_counts[t])
                if random_counts[t] else [])
             for t, task in enumerate(tasks)]

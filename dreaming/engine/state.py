@@ -22,9 +22,9 @@ PLATEAU_GAIN = 0.005  # an improvement of the best fluent target smaller than th
 
 # Origin codes: i >= 0 is "dataset #i" (seeded from the feature's i-th top example); SAMPLED - j is "sampled #j"
 # (the j-th start drawn from the model: for init "scan", the j-th most active of the scan); RANDOM: uniform
-# tokens; ENCODER - j is "encoder #j" (the j-th start drawn with the encoder direction as a token prior)
+# tokens; BEAM - j is "beam #j" (the j-th best prompt of the task's beam search)
 RANDOM, SAMPLED = -1, -2
-ENCODER = -1_000_000
+BEAM = -1_000_000
 DATASET_LINEAGE = 0  # the dataset's starts count as one lineage when capping the slots a lineage holds
 
 
@@ -33,7 +33,7 @@ def origin_name(code: int) -> str:
         return f"dataset #{code}"
     if code == RANDOM:
         return "random"
-    return f"encoder #{ENCODER - code}" if code <= ENCODER else f"sampled #{SAMPLED - code}"
+    return f"beam #{BEAM - code}" if code <= BEAM else f"sampled #{SAMPLED - code}"
 
 
 def lineage(code: int) -> int:
