@@ -1,18 +1,22 @@
 """EPO speed and search quality on the default bundle, measured side by side in one run.
 
 Prints:
-  1. seconds per EPO iteration: the engine before this version (a checkout given by --previous, run in its own
-     process on the same feature) at its defaults, this engine at the same configuration (epo.previous_config),
-     and this engine's defaults;
+  1. seconds per EPO iteration against the prompt length (this engine at fixed lengths, one feature), and the engine
+     before this version (a checkout given by --previous, run in its own process on the same feature) at its
+     default length;
   2. candidate tokens/s of the engine's children scoring (children from a real population, each run after its
-     parent's KV cache) against a plain bf16 forward over the same children's prompt and suffix tokens: the
+     parent's KV cache) against a plain forward over the same children's prompt and suffix tokens: the
      engine/plain throughput ratio;
   3. activation reached (best, and best with CE <= 5, as % of the dataset max) vs. iterations for EPO, GCG and
      random single-token search from the same seed, on the study feature (experiments/epo_quality.py's draw)
      whose starting prompts are farthest from its max, all three starting from prompts sampled from the model
      (no dataset seeds), so the comparison is not decided at iteration 1;
-  4. features per minute at the default iteration count for K = 1, 4, 16 features sharing each batch (the cost
-     of an iteration from two calls of different lengths, plus what a call pays once).
+  4. features per minute at the default configuration for K = 1, 4, 16 features sharing each batch (the cost of an
+     iteration from two calls of different lengths, plus what a call pays once): this engine (each feature at its
+     chosen length) and, with --previous, the engine before it on the same features.
+
+The search runs in the device's fast dtype (models.fast_dtype: bf16 on a GPU or a CPU with bf16 matmuls, else
+fp32), the previous engine too, so both are timed as they would run on this machine.
 
     python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--parts 1,2,3,4] [--threads 2]
 
@@ -30,40 +34,56 @@ from pathlib import Path
 import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.models import best_device
-from dreaming.epo import (
-    DreamConfig,
-    Search,
-    TaskState,
-    _allowed,
-    dream,
-    dream_many,
-    gcg_config,
-    initial_prompts,
-    previous_config,
-    random_search_config,
-    task_generator,
-)
+from dreaming.engine import DreamConfig, dream, dream_many, gcg_config, random_search_config
+from dreaming.engine.search import Search, allowed_for
+from dreaming.engine.starts import initial_prompts
+from dreaming.engine.state import TaskState, task_generator
+from dreaming.models import best_device, fast_dtype
 from dreaming.objective import Scorer, make_target
 from dreaming.templates import chat_template
 
 SHORT, LONG = 2, 6  # iterations of the two timed calls per K in part 4
+LENGTHS = (12, 16, 24, 32, 48, 64)  # part 1's fixed prompt lengths
 
+# The engine before this version, in its own process: the seconds per iteration of `iterations` on one feature,
+# or (with `ks`) the seconds of calls of SHORT and LONG iterations for K features, in the given dtype.
 PREVIOUS_ENGINE = """
-import json, sys, torch
+import json, sys, time, torch
 torch.set_num_threads({threads})
+sys.path.insert(0, "experiments")
+from epo_quality import sample_features
 from dreaming.bundle import Bundle
-from dreaming.epo import DreamConfig, dream
+from dreaming.epo import DreamConfig, dream_many
 from dreaming.features import parse_feature
 bundle = Bundle.open({bundle!r})
-feature = parse_feature({feature!r})
 maxima = bundle.maxima()
-lm, measure_lm = bundle.load_model(dtype=torch.bfloat16), bundle.load_model()
-transcoder = bundle.load_transcoder()
-config = DreamConfig(iterations={iterations})
-result = dream(lm, transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm)
-print(json.dumps(result.timings))
+lm, measure_lm = bundle.load_model(dtype=getattr(torch, {dtype!r})), bundle.load_model()
+encoder = bundle.load_encoder()
+config = DreamConfig(dtype={dtype!r})
+def call(group, iterations):
+    started = time.perf_counter()
+    results = dream_many(lm, encoder, group, config.model_copy(update={{"iterations": iterations}}),
+                         [maxima.dataset_max(f) for f in group], measure_lm=measure_lm,
+                         contexts=[maxima.top_contexts(f) for f in group])
+    return time.perf_counter() - started, results[0].timings["seconds_per_iteration"]
+features = [parse_feature(f) for f in {features!r}]
+if {ks!r}:
+    call(features[:1], 1)
+    print(json.dumps({{k: [call(features[:k], {short})[0], call(features[:k], {long})[0]] for k in {ks!r}}}))
+else:
+    print(json.dumps(call(features[:1], {iterations})[1]))
 """
+
+
+def previous_engine(args, features: list, dtype: str, iterations: int = 0, ks: list[int] | None = None):
+    code = PREVIOUS_ENGINE.format(threads=args.threads, bundle=args.bundle, features=[str(f) for f in features],
+                                  dtype=dtype, iterations=iterations, ks=ks or [], short=SHORT, long=LONG)
+    out = subprocess.run([sys.executable, "-c", code], cwd=args.previous, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": args.previous})
+    if out.returncode:
+        print(f"  previous engine failed: {out.stderr[-2000:]}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def seconds(fn, repeats: int = 3) -> float:
@@ -84,9 +104,9 @@ def study_features(maxima, count: int = 10) -> list:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=str(default_bundle_dir()))
-    parser.add_argument("--previous", help="a checkout of the engine before this version, timed on the same feature")
+    parser.add_argument("--previous", help="a checkout of the engine before this version, timed on the same features")
     parser.add_argument("--iterations", type=int, default=40, help="iterations of the EPO/GCG/random comparison")
-    parser.add_argument("--timing-iterations", type=int, default=10, help="iterations timed per engine in part 1")
+    parser.add_argument("--timing-iterations", type=int, default=6, help="iterations timed per length in part 1")
     parser.add_argument("--k", default="1,4,16", help="batch sizes (features) for features/minute")
     parser.add_argument("--parts", default="1,2,3,4", help="which of the four measurements to run")
     parser.add_argument("--threads", type=int, default=2)
@@ -95,7 +115,8 @@ def main():
     parts = {int(part) for part in args.parts.split(",")}
     torch.set_num_threads(args.threads)
     bundle = Bundle.open(args.bundle)
-    lm = bundle.load_model(dtype=torch.bfloat16, device=args.device)
+    dtype = fast_dtype(args.device)
+    lm = bundle.load_model(dtype=dtype, device=args.device)
     measure_lm = bundle.load_model(dtype=torch.float32, device=args.device)
     transcoder = bundle.load_encoder(device=args.device)  # as the service's workers load it
     maxima = bundle.maxima()
@@ -105,13 +126,13 @@ def main():
     feature = features[0]
     dataset_max = maxima.dataset_max(feature)
     config = DreamConfig()
-    print(f"device {args.device}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start; "
-          f"timing feature {feature}, dataset max {dataset_max:.3f}", flush=True)
+    print(f"device {args.device}, search dtype {dtype}, threads {torch.get_num_threads()}, load average "
+          f"{os.getloadavg()[0]:.2f} at start; timing feature {feature}, dataset max {dataset_max:.3f}", flush=True)
 
     if 1 in parts:
-        timing(args, bundle, lm, measure_lm, transcoder, feature, dataset_max, config)
+        timing(args, lm, measure_lm, transcoder, maxima, feature, config)
     if 2 in parts:
-        overhead(lm, transcoder, feature, dataset_max, config)
+        overhead(lm, transcoder, feature, dataset_max, config.model_copy(update={"prompt_length": 12}))
     if 3 in parts:
         methods(args, lm, measure_lm, transcoder, maxima, features, config)
     if 4 in parts:
@@ -119,24 +140,19 @@ def main():
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
-def timing(args, bundle, lm, measure_lm, transcoder, feature, dataset_max, config):
-    """1. seconds per iteration: the previous engine, this engine at the same configuration, its defaults"""
+def timing(args, lm, measure_lm, transcoder, maxima, feature, config):
+    """1. seconds per iteration against the prompt length; the previous engine at its default (12 tokens)"""
     print(f"\nseconds per iteration ({args.timing_iterations} iterations, one feature, search only)")
+    dtype = str(lm.dtype).removeprefix("torch.")
     if args.previous:
-        code = PREVIOUS_ENGINE.format(threads=args.threads, bundle=args.bundle, feature=str(feature),
-                                      iterations=args.timing_iterations)
-        out = subprocess.run([sys.executable, "-c", code], cwd=args.previous, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": args.previous})
-        if out.returncode:
-            print(f"  previous engine failed: {out.stderr[-2000:]}")
-        else:
-            timings = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  previous engine ({args.previous}), its defaults  {timings['seconds_per_iteration']:6.2f} s")
-    for name, cfg in (("this engine, previous configuration", previous_config()), ("this engine, defaults", config)):
-        result = dream(lm, transcoder, feature, cfg.model_copy(update={"iterations": args.timing_iterations}),
-                       dataset_max, measure_lm=measure_lm)
-        print(f"  {name:<44} {result.timings['seconds_per_iteration']:6.2f} s", flush=True)
-
+        previous = previous_engine(args, [feature], dtype, iterations=args.timing_iterations)
+        if previous is not None:
+            print(f"  previous engine ({args.previous}), its defaults (12 tokens)  {previous:6.2f} s", flush=True)
+    for length in LENGTHS:
+        result = dream(lm, transcoder, feature, config.model_copy(update={"iterations": args.timing_iterations,
+                                                                          "prompt_length": length}),
+                       maxima.dataset_max(feature), measure_lm=measure_lm, contexts=maxima.top_contexts(feature))
+        print(f"  this engine, {length:>2} tokens{'':<27} {result.timings['seconds_per_iteration']:6.2f} s", flush=True)
 
 
 def overhead(lm, transcoder, feature, dataset_max, config):
@@ -144,7 +160,8 @@ def overhead(lm, transcoder, feature, dataset_max, config):
     scorer = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
                     [make_target(transcoder, feature, dataset_max)], config.position)
     M = config.population
-    search = Search(scorer, config, [0], [TaskState(task_generator(0, feature))])  # one task's real population
+    task = TaskState(task_generator(0, feature), config.prompt_length)
+    search = Search(scorer, config, [0], [task])  # one task's real population
     search.start([[]])
     search.expand()
     children, parent, changed = search.propose()
@@ -184,14 +201,15 @@ def overhead(lm, transcoder, feature, dataset_max, config):
 
 def methods(args, lm, measure_lm, transcoder, maxima, features, config):
     """3. EPO vs GCG vs random search, from the same seed, on the study feature whose starts are farthest from max"""
-    allowed, W = _allowed(lm), config.length_range[1]
+    config = config.model_copy(update={"prompt_length": 12})  # the comparison of methods, at one length
+    allowed, W = allowed_for(lm), config.length_range()[1]
     starts = []
     for candidate in features:
         s_ = Scorer(lm, transcoder.config.feature_input_hook, chat_template(lm),
                     [make_target(transcoder, candidate, maxima.dataset_max(candidate))], config.position)
-        starts = initial_prompts(s_, config.model_copy(update={"init": "sample"}), allowed,
-                                 [TaskState(task_generator(config.seed, candidate))], [0], [[]])[0]
-        prompts = [prompt for prompt, _ in starts]
+        drawn = initial_prompts(s_, config.model_copy(update={"init": "sample"}), allowed,
+                                [TaskState(task_generator(config.seed, candidate), 12)], [0], [[]])[0]
+        prompts = [prompt for prompt, _ in drawn]
         padded = torch.zeros(len(prompts), W, dtype=torch.long)
         for m, prompt in enumerate(prompts):
             padded[m, : len(prompt)] = torch.tensor(prompt)
@@ -222,26 +240,35 @@ def methods(args, lm, measure_lm, transcoder, maxima, features, config):
 
 def throughput(args, lm, measure_lm, transcoder, maxima, features, config):
     """4. features per minute with K features sharing each forward/backward pass. A call of SHORT and one of LONG
-    iterations per K: their difference is the cost of LONG - SHORT iterations; the rest (starting prompts, the
-    final measurement) is paid once per call. A warm-up call first, so no K pays the device's warm-up."""
+    iterations per K: their difference is the cost of LONG - SHORT iterations; the rest (the length rule, the
+    starting prompts, the final measurement) is paid once per call. A warm-up call first, so no K pays the device's
+    warm-up. The previous engine (--previous) runs the same calls on the same features at its defaults."""
     print(f"\nfeatures/minute at {config.iterations} iterations (from calls of {SHORT} and {LONG} iterations per K)")
     pool = list(dict.fromkeys(features + study_features(maxima, 26)))
+    ks = [int(x) for x in args.k.split(",")]
 
-    def call(group, iterations) -> float:
+    def call(group, iterations) -> tuple[float, list[int]]:
         started = time.perf_counter()
-        dream_many(lm, transcoder, group, config.model_copy(update={"iterations": iterations}),
-                   [maxima.dataset_max(f) for f in group], measure_lm=measure_lm,
-                   contexts=[maxima.top_contexts(f) for f in group])
-        return time.perf_counter() - started
+        results = dream_many(lm, transcoder, group, config.model_copy(update={"iterations": iterations}),
+                             [maxima.dataset_max(f) for f in group], measure_lm=measure_lm,
+                             contexts=[maxima.top_contexts(f) for f in group])
+        return time.perf_counter() - started, [r.prompt_length for r in results]
 
-    call(pool[:1], 1)
-    for k in (int(x) for x in args.k.split(",")):
-        short, long = call(pool[:k], SHORT), call(pool[:k], LONG)
+    def line(name: str, k: int, short: float, long: float, note: str = "") -> None:
         per_iteration = (long - short) / (LONG - SHORT)
         once = short - SHORT * per_iteration
         minutes = (once + per_iteration * config.iterations) / 60
-        print(f"  K = {k:>2}: {per_iteration:6.3f} s/iteration, {once:5.1f} s once per call, "
-              f"{k / minutes:6.2f} features/minute", flush=True)
+        print(f"  {name:<16} K = {k:>2}: {per_iteration:6.3f} s/iteration, {once:5.1f} s once per call, "
+              f"{minutes * 60 / k:6.1f} s a feature, {k / minutes:6.2f} features/minute{note}", flush=True)
+
+    call(pool[:1], 1)
+    for k in ks:
+        (short, lengths), (long, _) = call(pool[:k], SHORT), call(pool[:k], LONG)
+        line("this engine", k, short, long, f" (lengths {', '.join(map(str, lengths))})")
+    if args.previous:
+        previous = previous_engine(args, pool[: max(ks)], str(lm.dtype).removeprefix("torch."), ks=ks)
+        for k, (short, long) in (previous or {}).items():
+            line("previous engine", int(k), short, long, " (12 tokens)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ from collections import Counter
 from torch.utils._python_dispatch import TorchDispatchMode
 torch.set_num_threads({threads})
 from dreaming.bundle import Bundle
-from dreaming.engine import DreamConfig, dream_many
+try:
+    from dreaming.engine import DreamConfig, dream_many
+except ImportError:  # an engine before the package (version 4 and earlier)
+    from dreaming.epo import DreamConfig, dream_many
 sys.path.insert(0, "experiments")
 from epo_quality import sample_features
 
@@ -38,7 +41,8 @@ class Count(TorchDispatchMode):
 
 bundle = Bundle.open(None)
 maxima = bundle.maxima()
-lm, measure_lm = bundle.load_model(dtype=torch.bfloat16), bundle.load_model()
+native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+lm, measure_lm = bundle.load_model(dtype=torch.bfloat16 if native_bf16 else torch.float32), bundle.load_model()
 encoder = bundle.load_encoder()
 features = sample_features(maxima, 26, 0)
 calls = Counter()
@@ -54,7 +58,8 @@ for k in [int(x) for x in "{k}".split(",")]:
     calls.clear()
     with counter:
         snapshot()
-        dream_many(lm, encoder, group, DreamConfig(iterations={iterations}), [maxima.dataset_max(f) for f in group],
+        dream_many(lm, encoder, group, DreamConfig(iterations={iterations}, dtype=str(lm.dtype)[6:]),
+                   [maxima.dataset_max(f) for f in group],
                    measure_lm=measure_lm, contexts=[maxima.top_contexts(f) for f in group], progress=snapshot)
         snapshot()
     out[k] = snapshots

@@ -273,43 +273,39 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------ gradient
 
-    def objective(self, one_hot: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, lambdas: torch.Tensor,
-                  logit_positions: int | None = None):
-        """(Scores, L_λ [B] of the smooth f, logits [B, ·, vocab], cache) of one-hot rows [B, T, vocab] laid out
-        as `_layout(ids, lengths, 0)` (prompt, suffix, padding), differentiable in `one_hot`."""
-        T = one_hot.shape[1]
-        position = torch.arange(T, device=one_hot.device)
-        s = len(self.suffix_ids)
-        valid = position[None] < (lengths + s)[:, None]  # [B, T]
-        is_prompt = position[None] < lengths[:, None]
-        predicted = int(lengths.max()) - 1 if logit_positions is None else logit_positions
-        embeds = one_hot.to(self.embedding.dtype) @ self.embedding  # [B, T, d_model]
-        pre, logits, cache = self._forward(embeds, rows, self._prefix(len(one_hot)), predicted)
-        logprobs = logits.log_softmax(-1)  # [B, predicted, vocab]
-        steps = min(predicted, T - 1, int(lengths.max()) - 1)
-        labels = one_hot[:, 1 : 1 + steps].to(self.dtype)  # token i + 1 is predicted at position i
-        token_logprobs = torch.cat([(one_hot[:, :1].to(self.dtype) * self.first_logprobs).sum(-1),
-                                    (labels * logprobs[:, :steps]).sum(-1)], dim=1)  # [B, 1 + steps]
-        token_logprobs = token_logprobs * is_prompt[:, : 1 + steps]
-        scores = self._scores(pre, valid, lengths, token_logprobs)
-        return scores, scores.smooth - lambdas.to(self.dtype) * scores.ce, logits, cache, pre, token_logprobs
-
     def gradient(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, lambdas: torch.Tensor):
         """(Scores [B], ∂L_λ/∂one-hot [B, W, vocab]) with each row's own λ, in one backward pass."""
         scores, grad, *_ = self._pass(ids, lengths, rows, lambdas, True)
         return scores, grad
 
     def _pass(self, ids, lengths, rows, lambdas, with_gradient: bool):
-        """The forward pass over one-hot rows (and the backward pass, `with_gradient`): (scores, gradient
-        [B, W, vocab] or None, logits of every prompt position [B, max length, vocab], the KV cache, target per
-        position [B, T], token log-probabilities [B, max length])."""
-        tokens, _, _ = self._layout(ids, lengths, 0)  # [B, T]
-        one_hot = torch.nn.functional.one_hot(tokens, self.embedding.shape[0]).to(self.embedding.dtype)
+        """The forward pass over rows of ids [B, W] (and the backward pass, `with_gradient`): (scores, the gradient of
+        L_λ with respect to each prompt position's one-hot token [B, W, vocab] or None, logits of every prompt
+        position [B, max length, vocab], the KV cache, target per position [B, T], token log-probabilities
+        [B, max length]).
+
+        The one-hot rows are never built: a token reaches L_λ through its embedding (∂L/∂e_i · Eᵀ) and, as the
+        label of its own log-probability in the cross-entropy, through λ/n · log p(· | the tokens before it); the
+        sum is the one-hot gradient (tested against finite differences of the one-hot objective)."""
+        tokens, is_prompt, valid = self._layout(ids, lengths, 0)  # [B, T]
+        B, W = ids.shape
+        n = int(lengths.max())
         with torch.set_grad_enabled(with_gradient):
-            one_hot.requires_grad_(with_gradient)
-            scores, objective, logits, cache, pre, token_logprobs = self.objective(
-                one_hot, lengths, rows, lambdas, logit_positions=int(lengths.max()))
-            grad = torch.autograd.grad(objective.sum(), one_hot)[0][:, : ids.shape[1]] if with_gradient else None
+            embeds = self.embedding[tokens].detach().requires_grad_(with_gradient)  # [B, T, d_model]
+            pre, logits, cache = self._forward(embeds, rows, self._prefix(B), n)
+            logprobs = logits.log_softmax(-1)  # [B, n, vocab]: position i predicts token i + 1
+            token_logprobs = torch.cat([self.first_logprobs[ids[:, :1]],
+                                        logprobs[:, : n - 1].gather(-1, ids[:, 1:n, None])[..., 0]], dim=1)
+            token_logprobs = token_logprobs * is_prompt[:, :n]  # [B, n]
+            scores = self._scores(pre, valid, lengths, token_logprobs)
+            objective = scores.smooth - lambdas.to(self.dtype) * scores.ce
+            grad = None
+            if with_gradient:  # at the first min(W, T) positions, as wide as the rows' prompts and suffix allow
+                through = torch.autograd.grad(objective.sum(), embeds)[0][:, :W] @ self.embedding.T  # [B, ≤W, vocab]
+                width = through.shape[1]
+                label = torch.cat([self.first_logprobs.expand(B, 1, -1), logprobs[:, : width - 1].detach()], dim=1)
+                weight = (lambdas.to(self.dtype) / lengths.to(self.dtype))[:, None, None] * is_prompt[:, :width, None]
+                grad = through.to(self.dtype) + weight * _pad(label, width, 1)
         scores = Scores(scores.f.detach(), scores.ce.detach(), scores.smooth.detach())
         return scores, grad, logits.detach(), cache, pre.detach(), token_logprobs.detach()
 

@@ -113,6 +113,26 @@ def test_children_scored_from_the_parents_kv_cache_equal_full_scoring(lm64, tran
     assert torch.allclose(reused.smooth, full.smooth, atol=1e-10)
 
 
+def one_hot_objective(s: Scorer, one_hot: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
+                      lambdas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference: L_λ [B] (and exact f, CE) of one-hot rows [B, T, vocab] laid out as `_layout(ids, lengths, 0)`
+    (prompt, suffix, padding), a differentiable function of every one-hot entry, the CE's labels included."""
+    T, n = one_hot.shape[1], int(lengths.max())
+    position = torch.arange(T)
+    valid = position[None] < (lengths + len(s.suffix_ids))[:, None]  # [B, T]
+    is_prompt = position[None] < lengths[:, None]
+    embeds = one_hot @ s.embedding  # [B, T, d_model]
+    pre, logits, _ = s._forward(embeds, rows, s._prefix(len(one_hot)), n)
+    logprobs = logits.log_softmax(-1)  # [B, n, vocab]
+    token_logprobs = torch.cat([(one_hot[:, :1] * s.first_logprobs).sum(-1),
+                                (one_hot[:, 1:n] * logprobs[:, : n - 1]).sum(-1)], dim=1) * is_prompt[:, :n]
+    ce = -token_logprobs.sum(1) / lengths
+    pre = pre.masked_fill(~valid, -torch.inf)
+    exact = pre.max(1).values if s.position == "max" else pre.gather(1, (lengths - 1)[:, None])[:, 0]
+    smooth = (SMOOTH_MAX * torch.logsumexp(pre / SMOOTH_MAX, 1) if s.position == "max" else exact)
+    return smooth - lambdas * ce, exact, ce
+
+
 @pytest.mark.parametrize("position", ["last", "max"])
 def test_token_gradient_equals_finite_differences(gpt2_64, transcoder, position):
     lm64 = gpt2_64
@@ -124,8 +144,9 @@ def test_token_gradient_equals_finite_differences(gpt2_64, transcoder, position)
     tokens = s._layout(ids, lengths, 0)[0]
     one_hot = torch.nn.functional.one_hot(tokens, s.embedding.shape[0]).double()
     with torch.no_grad():
-        _, objective, *_ = s.objective(one_hot, lengths, rows, lambdas)
+        objective, f, ce = one_hot_objective(s, one_hot, lengths, rows, lambdas)
     assert torch.allclose(objective, scores.smooth - lambdas * scores.ce)
+    assert torch.allclose(f, scores.f) and torch.allclose(ce, scores.ce)
     exact = s.score(ids, lengths, rows)
     assert torch.allclose(exact.smooth, scores.smooth) and torch.allclose(exact.ce, scores.ce)
     assert torch.allclose(exact.f, scores.f)
@@ -141,9 +162,15 @@ def test_token_gradient_equals_finite_differences(gpt2_64, transcoder, position)
             bump = torch.zeros_like(one_hot)
             bump[b, pos, token] = eps
             with torch.no_grad():
-                up = s.objective(one_hot + bump, lengths, rows, lambdas)[1][b]
-                down = s.objective(one_hot - bump, lengths, rows, lambdas)[1][b]
+                up = one_hot_objective(s, one_hot + bump, lengths, rows, lambdas)[0][b]
+                down = one_hot_objective(s, one_hot - bump, lengths, rows, lambdas)[0][b]
             assert grad[b, pos, token].item() == pytest.approx(((up - down) / (2 * eps)).item(), rel=1e-6, abs=1e-8)
+    # and the whole gradient equals autograd's of the one-hot objective, at every prompt position
+    one_hot.requires_grad_(True)
+    full = torch.autograd.grad(one_hot_objective(s, one_hot, lengths, rows, lambdas)[0].sum(), one_hot)[0]
+    for b in range(3):
+        n = int(lengths[b])
+        assert torch.allclose(grad[b, :n], full[b, :n], atol=1e-10)
 
 
 def test_gradient_of_one_row_does_not_depend_on_the_others(lm64, transcoder):
