@@ -415,6 +415,10 @@ def test_cli_dream_and_batch_are_cached_where_compare_reads(tiny_bundle, capsys,
     longer = [("4" if flag == "2" and before == "--iterations" else flag) for before, flag in zip([""] + flags, flags)]
     main(["dream", "--feature", "1/2", *longer])  # cached as the 4-iteration run it is
     assert json.loads(capsys.readouterr().out) == more
+    main(["dream", "--feature", "1/2", "--no-cache", *longer])  # and equal to one run of 4, computed again
+    one_run = json.loads(capsys.readouterr().out)
+    assert one_run["history"] == more["history"] and one_run["frontier"] == more["frontier"]
+    assert one_run["state"]["tasks"][0]["members"] == more["state"]["tasks"][0]["members"]
     with pytest.raises(SystemExit, match="nothing to continue"):
         main(["dream", "--feature", "0/1", "--more", *flags])
 

@@ -30,7 +30,15 @@ def poll_job(client, job_id):
     return wait_for(lambda: (job := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("done", "failed") and job)
 
 
-def test_dream_submit_poll_result_then_cached(client):
+def same_search(a: dict, b: dict) -> bool:
+    """Two dream results (JSON) of one search: the same prompts and figures, history and final population."""
+    figures = lambda r: [(p["token_ids"], round(p["activation"], 6), round(p["cross_entropy"], 6))  # noqa: E731
+                         for p in r["frontier"] + r["diverse"]]
+    members = lambda r: [task["members"]["ids"] for task in r["state"]["tasks"]]  # noqa: E731
+    return figures(a) == figures(b) and a["history"] == b["history"] and members(a) == members(b)
+
+
+def test_dream_submit_poll_result_then_cached(client, tiny_bundle):
     first = client.post("/v1/dreams", json={"feature": "1/2", "config": TINY_CONFIG})
     assert first.status_code == 200 and first.json()["status"] in ("queued", "running")
     job = poll_job(client, first.json()["job_id"])
@@ -56,6 +64,14 @@ def test_dream_submit_poll_result_then_cached(client):
     longer = poll_job(client, more.json()["job_id"])["result"]  # the stored run, continued for 3 iterations
     assert longer["config"]["iterations"] == 6 and longer["iterations"] == 6
     assert longer["history"]["best"][:3] == result["history"]["best"]
+    # equal to one run of 6 iterations, computed here apart by the library (the server's job for 6 would be the
+    # continued one: the same key)
+    from dreaming.engine import DreamConfig
+    from dreaming.explorer import Explorer
+
+    (one_run,) = Explorer.open(tiny_bundle.directory, device="cpu").dream_many(
+        ["1/2"], DreamConfig(**{**TINY_CONFIG, "iterations": 6}), read_cache=False, write_cache=False)
+    assert same_search(longer, one_run.model_dump(mode="json"))
     nothing = client.post("/v1/dreams", json={"feature": "0/1", "config": TINY_CONFIG, "more": True})
     assert nothing.status_code == 409 and "nothing to continue" in nothing.json()["detail"]
 
