@@ -462,9 +462,14 @@ YARDSTICKS = ("% of max: of the dataset max (whole 128-token windows); % of len:
 
 
 def dream_row(dream, mark="") -> str:
-    """One dreamed prompt (a DreamedPrompt or a feature page's dream dict) under DREAM_HEADER."""
+    """One dreamed prompt (a DreamedPrompt or a feature page's dream dict, which says its engine) under
+    DREAM_HEADER; a page's dream of an earlier engine is marked so."""
+    from dreaming.engine import ENGINE_VERSION
+
     get = dream.get if isinstance(dream, dict) else lambda name: getattr(dream, name, None)
     tokens = get("prompt_tokens")
+    if isinstance(dream, dict) and dream.get("engine_version") != ENGINE_VERSION:
+        mark += f" [engine {dream.get('engine_version') or '<5'}]"
     return (f"{percent(get('fraction_of_max'))} {percent(get('fraction_of_length_matched'))} "
             f"{'-' if tokens is None else tokens:>4} {get('cross_entropy'):5.2f}  {get('origin') or '-':<11} "
             f"{shared(get('longest_shared_run')):>6}  {get('prompt')!r}{mark}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dreaming.activation import measure_token_ids
 from dreaming.dream_cache import same_yardstick
-from dreaming.engine import is_novel
+from dreaming.engine import ENGINE_VERSION, is_novel
 from dreaming.engine.length import cut_examples
 from dreaming.features import Feature
 from dreaming.maxima import Maxima
@@ -69,6 +69,7 @@ def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
             "cross_entropy": point["cross_entropy"],
             "origin": point.get("origin"), "longest_shared_run": point.get("longest_shared_run"),
             "novel": is_novel(point.get("longest_shared_run")), "seed": result.get("seed"),
+            "engine_version": result.get("engine_version"),
             "yardstick": result.get("yardstick"), "token_ids": point["token_ids"],
             "counted_from": point["counted_from"]}
 
@@ -154,6 +155,7 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
     rendered = iter(page_examples(render_examples(lm, transcoder, maxima, feature, after=PAGE_AFTER,
                                                   examples=[e for r in intervals for e in r["examples"]])))
     intervals = [{**r, "examples": [next(rendered) for _ in r["examples"]]} for r in intervals]
-    return {**summary, "examples": examples, "intervals": intervals, "length": length, "dreams": dreamed,
+    return {**summary, "examples": examples, "intervals": intervals, "length": length,
+            "engine_version": ENGINE_VERSION, "dreams": dreamed,
             "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True), **best,
             "stale_dreams": stale_dreamed}

@@ -64,7 +64,8 @@ def main():
             best = [max(c["activation"] for c in cut_examples(lm, encoder, feature, contexts, n)) for n in lengths]
             rule = [b for n, b in zip(lengths, best) if n in LENGTHS]
             row = {"feature": str(feature), "draw_seed": seed, "dataset_max": dataset_max,
-                   "max_position": contexts[0][1], "lengths": lengths, "best_fraction_of_max": [b / dataset_max for b in best],
+                   "max_position": contexts[0][1], "lengths": lengths,
+                   "best_fraction_of_max": [b / dataset_max for b in best],
                    "chosen": {str(keep): chosen(list(LENGTHS), rule, keep, cap) for keep in THRESHOLDS},
                    "seconds": time.perf_counter() - started}
             rows.append(row)

@@ -220,6 +220,7 @@ class DreamedPrompt(TokenSpan):
     longest_shared_run: int | None  # with the top dataset contexts
     novel: bool
     seed: int | None
+    engine_version: int | None = None  # the engine that dreamed it (None: before version 5, which kept none)
     counted_from: int
     yardstick: str | None = None  # a positional feature's: what its dataset max is (DreamResult.yardstick)
     scored_against: float | None = None  # stale dreams only: the dataset max of the build they were scored against
@@ -245,6 +246,7 @@ class FeaturePage(FeatureStats):
     examples: list[Example]
     intervals: list[ActivationRange]  # a few examples per activation range, highest first
     length: int | None  # the dream length the examples' length_matched figures use
+    engine_version: int  # this server's engine: a dream of another says so (its own engine_version)
     dreams: list[DreamedPrompt]  # the frontier prompts of current dreams, strongest first
     diverse: list[DreamedPrompt]
     best_fluent: DreamedPrompt | None  # the most active of the current dreams' best fluent prompts

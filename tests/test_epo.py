@@ -34,6 +34,7 @@ from dreaming.engine import (
     previous_config,
     random_search_config,
 )
+from dreaming.engine.state import SAMPLED, Pool, TaskState, task_generator
 from dreaming.features import Feature
 from dreaming.objective import Scorer, allowed_tokens, make_target
 from test_objective import tiny_transcoder
@@ -136,8 +137,9 @@ def test_gcg_is_the_special_case_m1_lambda0(lm64, transcoder):
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
     allowed = allowed_tokens(lm64)
     k = min(config.topk, int(allowed.sum()))
-    task = engine_state.TaskState(engine_state.task_generator(config.seed, A), config.prompt_length)
-    ((prompt, _),) = engine_starts.initial_prompts(s, config, allowed, [task], [0], [[]])[0]  # the engine's draws, in order
+    task = TaskState(task_generator(config.seed, A), config.prompt_length)
+    # the engine's draws, in order
+    ((prompt, _),) = engine_starts.initial_prompts(s, config, allowed, [task], [0], [[]])[0]
     g = task.generator
     ids, n, r, row = torch.tensor(prompt), 4, config.children, torch.tensor([0])
     trajectory, best = [], -math.inf
@@ -237,11 +239,12 @@ def test_dataset_seeds_and_origins(lm64, transcoder):
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5)])
     seeds = engine_starts.seed_prompts(s, CONTEXTS, config.prompt_length)
     assert seeds == [([4, 7, 8, 9], 0), ([12, 13, 14], 1)]  # the tokens up to each max token, BOS left out
-    starts = engine_starts.initial_prompts(s, config, allowed_tokens(lm64), [engine_state.TaskState(engine_state.task_generator(0, A), config.prompt_length)], [0],
-                                 [seeds])[0]
-    assert starts[0] == ([4, 7, 8, 9], 0) and [code for _, code in starts] == [0, engine_state.SAMPLED, engine_state.SAMPLED - 1,
-                                                                                 engine_state.SAMPLED - 2]
-    assert [engine_state.origin_name(code) for _, code in starts] == ["dataset #0", "sampled #0", "sampled #1", "sampled #2"]
+    task = TaskState(task_generator(0, A), config.prompt_length)
+    starts = engine_starts.initial_prompts(s, config, allowed_tokens(lm64), [task], [0], [seeds])[0]
+    assert starts[0] == ([4, 7, 8, 9], 0)
+    assert [code for _, code in starts] == [0, SAMPLED, SAMPLED - 1, SAMPLED - 2]
+    names = [engine_state.origin_name(code) for _, code in starts]
+    assert names == ["dataset #0", "sampled #0", "sampled #1", "sampled #2"]
     out = dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
     assert "dataset #0" in {p.origin for p in out.frontier + out.diverse} | {
         engine_state.origin_name(code) for code in out.state["tasks"][0]["kept"]["origin"]}
@@ -459,7 +462,7 @@ def test_starts_differ_between_features_and_are_reproducible_under_a_seed(lm64, 
     s = Scorer(lm64, "mlp.hook_in", config.template, [make_target(transcoder, A, 0.5), make_target(transcoder, B, 0.5)])
 
     def starts(feature, target, seed=0):
-        task = engine_state.TaskState(engine_state.task_generator(seed, feature), config.prompt_length)
+        task = TaskState(task_generator(seed, feature), config.prompt_length)
         return engine_starts.initial_prompts(s, config, allowed_tokens(lm64), [task], [target], [[]])[0]
 
     a = starts(A, 0)
@@ -474,8 +477,8 @@ def test_starts_differ_between_features_and_are_reproducible_under_a_seed(lm64, 
     ranked = [(not ok, -v) for ok, v in zip(fluent, scores.f.tolist())]
     assert ranked == sorted(ranked)
     # and they are what a task dreaming A and B together starts from
-    together = engine_starts.initial_prompts(s, config, allowed_tokens(lm64), [engine_state.TaskState(engine_state.task_generator(0, A), config.prompt_length),
-                                   engine_state.TaskState(engine_state.task_generator(0, B), config.prompt_length)], [0, 1], [[], []])
+    both = [TaskState(task_generator(0, A), config.prompt_length), TaskState(task_generator(0, B), config.prompt_length)]
+    together = engine_starts.initial_prompts(s, config, allowed_tokens(lm64), both, [0, 1], [[], []])
     assert together == [a, starts(B, 1)]
 
 
@@ -547,9 +550,9 @@ def test_no_lineage_takes_more_than_its_share_of_the_slots(lm64, transcoder, mon
     dream(lm64, transcoder, A, config, 0.5, contexts=CONTEXTS)
     assert seen and max(seen) <= 2
     monkeypatch.undo()
-    pool = engine_state.Pool(torch.tensor([[5], [6], [7], [8]]), torch.ones(4, dtype=torch.long),
+    pool = Pool(torch.tensor([[5], [6], [7], [8]]), torch.ones(4, dtype=torch.long),
                     torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
-                    torch.zeros(4, dtype=torch.float64), torch.tensor([0, 1, engine_state.SAMPLED, engine_state.SAMPLED - 1]),
+                    torch.zeros(4, dtype=torch.float64), torch.tensor([0, 1, SAMPLED, SAMPLED - 1]),
                     torch.zeros(4, dtype=torch.bool))
     two = config.model_copy(update={"population": 2})
     # the dataset's examples #0 and #1 are one lineage: the second slot goes to a sampled start
@@ -625,18 +628,21 @@ def test_children_made_at_once_equal_one_at_a_time(changes):
     gradient_top, model_top = torch.randint(4, 30, (N, W, k), generator=g), torch.randint(4, 30, (N, W + 1, 7),
                                                                                           generator=g)
     zeros = torch.zeros(N, dtype=torch.float64)
-    members = engine_state.Pool(ids, lengths, zeros, zeros, zeros, torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.bool))
+    members = Pool(ids, lengths, zeros, zeros, zeros, torch.zeros(N, dtype=torch.long),
+                   torch.zeros(N, dtype=torch.bool))
     allowed_ids = torch.arange(4, 30)
 
     def tasks():
-        return [engine_state.TaskState(torch.Generator().manual_seed(s), config.prompt_length,
+        return [TaskState(torch.Generator().manual_seed(s), config.prompt_length,
                                         engine_state.context_ngrams([[5, 6, 7, 8, 9]])) for s in (1, 2)]
 
-    children, parent, changed = engine_search.make_children(members, gradient_top, model_top, config, tasks(), allowed_ids)
+    children, parent, changed = engine_search.make_children(members, gradient_top, model_top, config, tasks(),
+                                                            allowed_ids)
     expected = children_one_at_a_time(members, gradient_top, model_top, config, tasks(), allowed_ids)
     assert [list(row) for row in children.rows()] == [child for child, _, _ in expected]
     assert parent.tolist() == [m for _, m, _ in expected] and changed.tolist() == [p for _, _, p in expected]
-    assert children.novel.tolist() == [engine_state.novel_row(child, {(5, 6, 7, 8), (6, 7, 8, 9)}) for child, _, _ in expected]
+    ngrams = {(5, 6, 7, 8), (6, 7, 8, 9)}
+    assert children.novel.tolist() == [engine_state.novel_row(child, ngrams) for child, _, _ in expected]
 
 
 def reference_beams(s: Scorer, allowed: torch.Tensor, generator: torch.Generator, target: int, length: int,
@@ -675,17 +681,17 @@ def test_beam_starts_equal_a_brute_force_beam_search_and_batch_like_one_at_a_tim
     allowed = allowed_tokens(lm64)
 
     def beams(features_targets, counts, lengths):
-        tasks = [engine_state.TaskState(engine_state.task_generator(0, f), n) for (f, _), n in zip(features_targets, lengths)]
+        tasks = [TaskState(task_generator(0, f), n) for (f, _), n in zip(features_targets, lengths)]
         return engine_starts.beam_starts(s, config, allowed, tasks, [t for _, t in features_targets], counts)
 
     (alone,) = beams([(A, 0)], [3], [3])
-    expected = reference_beams(s, allowed, engine_state.task_generator(0, A), 0, 3, 3)
+    expected = reference_beams(s, allowed, task_generator(0, A), 0, 3, 3)
     assert [row for row, _ in alone] == expected
     assert [engine_state.origin_name(code) for _, code in alone] == ["beam #0", "beam #1", "beam #2"]
     # with another feature's task beside it (another length, another count): the same beams
     together = beams([(B, 1), (A, 0)], [2, 3], [2, 3])
     assert together[1] == alone and [row for row, _ in together[0]] == reference_beams(
-        s, allowed, engine_state.task_generator(0, B), 1, 2, 2)
+        s, allowed, task_generator(0, B), 1, 2, 2)
     # a search with half its slots started by beams: two beams and two sampled starts
     out = dream(lm64, transcoder, A, config.model_copy(update={"beam_share": 0.5, "init": "scan", "iterations": 1}),
                 0.5)

@@ -26,7 +26,8 @@ KEEP = 0.95  # the shortest length whose best cut example keeps this share of th
 EXAMPLES = 10  # top dataset examples the rule and the yardstick read (a feature page shows as many)
 FALLBACK_LENGTH = 16  # a feature without dataset maxima (a fresh bundle): no examples to measure
 RULE = (f"the shortest of {', '.join(map(str, LENGTHS))} tokens at which the best of the feature's top {EXAMPLES} "
-        f"dataset examples, cut to that many tokens up to its max token, keeps {KEEP:.0%} of what the best length gives")
+        f"dataset examples, cut to that many tokens up to its max token, keeps {KEEP:.0%} of what the best length "
+        "gives")
 
 Contexts = list[tuple[list[int], int]]  # a feature's top dataset examples: (window ids, BOS first; max position)
 

@@ -59,6 +59,7 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
     task_targets = [i for i in range(len(features)) for _ in seeds]
     shared = [[ids[1:] for ids, _ in c] if c else None for c in contexts]  # top contexts, BOS left out
     ngrams = [context_ngrams(shared[i]) for i in task_targets]
+    chosen_at = time.perf_counter()
     if any(continue_from):
         choices = [previous.length_choice for previous in continue_from]
         lengths = [previous.prompt_length for previous in continue_from]
@@ -71,6 +72,7 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
         tasks = [TaskState(task_generator(seeds[t % len(seeds)], features[i]), lengths[i], ngrams[t])
                  for t, i in enumerate(task_targets)]
         members, iterations = None, config.iterations
+    length_seconds = time.perf_counter() - chosen_at  # what the length rule took
     before = tasks[0].iteration
     dataset_seeds = [seed_prompts(scorer, contexts[i] or [], lengths[i]) if config.init == "dataset" else []
                      for i in task_targets]
@@ -97,7 +99,8 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
             seed=config.seed, seeds=seeds, seconds=0.0, dataset_max=yardstick, scale_note=scales[i][1],
             frontier=pareto_front(prompts), best_fluent=best_fluent(prompts), best_novel=best_novel(prompts),
             diverse=diverse_set(prompts, len(scorer.suffix_ids)), iterations=done, stopped=stopped,
-            timings={"search_seconds": search_seconds, "measure_seconds": time.perf_counter() - measured,
+            timings={"length_seconds": length_seconds, "search_seconds": search_seconds,
+                     "measure_seconds": time.perf_counter() - measured,
                      "seconds_per_iteration": search_seconds / max(1, steps), "batch_tasks": len(task_targets)},
             history={"best": [_best(tasks[t].best[it] for t in mine) for it in range(done)],
                      "best_fluent": [_best(tasks[t].best_fluent[it] for t in mine) for it in range(done)]},

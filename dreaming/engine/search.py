@@ -120,7 +120,8 @@ def make_children(members: Pool, gradient_top: torch.Tensor, model_top: torch.Te
             token = torch.where(modelled, model_top[member, position, from_model % model_top.shape[-1]],
                                 gradient_top[member, position.clamp(max=gradient_top.shape[1] - 1), pick])
         for p, t, grow, shrink in zip(position.tolist(), token.tolist(), insert.tolist(), delete.tolist()):
-            child = row[:p] + [t] + row[p:] if grow else row[:p] + row[p + 1 :] if shrink else row[:p] + [t] + row[p + 1 :]
+            rest = row[p:] if grow else row[p + 1 :]  # an insertion keeps the token at p, a swap or deletion not
+            child = row[:p] + rest if shrink else row[:p] + [t] + rest
             ids.append(child + [0] * (W - len(child)))
             lengths.append(len(child))
             parents.append(member)

@@ -58,7 +58,9 @@ function renderCharts() {
 }
 
 function origin(dream) {
-  return el("span", {class: "tag"}, dream.origin || "–");
+  const earlier = dream.engine_version !== page.engine_version;
+  return el("span", {}, el("span", {class: "tag"}, dream.origin || "–"), earlier ?
+    el("span", {class: "tag", title: "dreamed by an earlier engine"}, `engine ${dream.engine_version ?? "< 5"}`) : "");
 }
 
 function novelty(dream) {
