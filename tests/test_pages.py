@@ -265,9 +265,11 @@ def test_batch_fills_its_table_and_downloads(tab, client, tmp_path):
     expected = [f"{100 * job['best_fluent_fraction_of_max']:.1f}%" if job["best_fluent_fraction_of_max"] is not None
                 else "–" for job in summary["jobs"]]
     assert [row[2] for row in rows] == expected
-    assert [row[4] for row in rows] == [f"{100 * job['best_novel_fraction_of_max']:.1f}%"
-                                        if job["best_novel_fraction_of_max"] is not None else "–"
-                                        for job in summary["jobs"]]
+    def shown(job, field):
+        return f"{100 * job[field]:.1f}%" if job[field] is not None else "–"
+    assert [row[3] for row in rows] == [shown(job, "best_fluent_fraction_of_length_matched") for job in summary["jobs"]]
+    assert [row[5] for row in rows] == [shown(job, "best_novel_fraction_of_max") for job in summary["jobs"]]
+    assert [row[6] for row in rows] == [shown(job, "best_novel_fraction_of_length_matched") for job in summary["jobs"]]
     assert page.url.endswith(f"/batch?id={batch_id}")
 
     downloaded = page.request.get(tab.url + page.get_attribute("#download-csv", "href"))
