@@ -252,14 +252,15 @@ class Scorer:
         """Scores of children ids [B, W] (`lengths` [B]) that equal their parent (`parent` [B], a row of
         `parents`) before prompt position `changed` [B]. A child can run from position changed - 1 on after its
         parent's cached keys and values (the token before the change runs again: its logits predict the first
-        changed token). Children sorted by that start are run in chunks, each from its smallest start: on a CPU
+        changed token). Children sorted by length (features of one call may have different lengths), then by that
+        start, are run in chunks, each from its smallest start to its longest row: on a CPU
         chunks of at least MIN_CHUNK rows, about a quarter of the children each (a few large passes cost less than
         one small pass per start, and a chunk's rows rerun little of their parents); with `few_passes` (a GPU)
         chunks of batch_size, so most iterations take one pass."""
         f = torch.empty(len(ids), dtype=self.dtype, device=ids.device)
         ce, smooth = torch.empty_like(f), torch.empty_like(f)
         starts = (changed - 1).clamp(min=0)
-        order = torch.argsort(starts, stable=True)
+        order = torch.argsort(lengths * (ids.shape[1] + 1) + starts, stable=True)
         size = self.batch_size if self.few_passes else min(self.batch_size, max(MIN_CHUNK, -(-len(ids) // 4)))
         P = len(self.prefix_ids)
         with torch.no_grad():

@@ -78,7 +78,12 @@ def main():
 
 
 def markdown(rows: list[dict], lengths: list[int]) -> str:
-    lines = ["| feature (draw) | max at position | " + " | ".join(f"{n} tok" for n in lengths) + " | "
+    lines = ["# How much context the features need (experiments/prompt_lengths.py)", "",
+             f"The best of each feature's top {EXAMPLES} dataset examples cut to n tokens up to its max token, measured "
+             "alone after BOS, as % of the dataset max; the length the rule (dreaming/engine/length.py) chooses at "
+             f"each threshold, over the rule's lengths {', '.join(map(str, LENGTHS))} (the default keeps {KEEP:.0%}).",
+             "",
+             "| feature (draw) | max at position | " + " | ".join(f"{n} tok" for n in lengths) + " | "
              + " | ".join(f"chosen at {k:.0%}" for k in THRESHOLDS) + " |",
              "|" + "---|" * (2 + len(lengths) + len(THRESHOLDS))]
     for row in rows:
