@@ -43,7 +43,7 @@ from dreaming.objective import Scorer, make_target
 from dreaming.templates import chat_template
 
 SHORT, LONG = 2, 6  # iterations of the two timed calls per K in part 4
-LENGTHS = (12, 16, 24, 32, 48, 64)  # part 1's fixed prompt lengths
+LENGTHS = (8, 12, 16, 24, 32, 48, 64)  # part 1's fixed prompt lengths
 
 # The engine before this version, in its own process: the seconds per iteration of `iterations` on one feature,
 # or (with `ks`) the seconds of calls of SHORT and LONG iterations for K features, in the given dtype.

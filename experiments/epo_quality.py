@@ -75,7 +75,8 @@ def figures(result) -> dict:
     """The study's figures of one result: best fluent, strong diverse prompts and the basins (starts) they came
     from, best novel fluent prompt."""
     strong = [p for p in result.diverse if (p.fraction_of_max or 0) >= 0.8]
-    return {"best_fluent": result.best_fluent and result.best_fluent.model_dump(mode="json"),
+    return {"prompt_length": result.prompt_length, "engine_version": result.engine_version,
+            "best_fluent": result.best_fluent and result.best_fluent.model_dump(mode="json"),
             "diverse_at_80": len(strong), "basins_at_80": basins(strong),
             "best_novel": result.best_novel and result.best_novel.model_dump(mode="json"),
             "best_any": max((p.fraction_of_max for p in result.frontier), default=None)}
@@ -88,9 +89,9 @@ def strong_and_varied(row: dict) -> bool:
 
 def markdown(rows: list[dict], names: list[str]) -> str:
     header = "| feature | density | dataset max | " + " | ".join(
-        f"{n}: best fluent % (CE), origin | {n}: diverse >= 80% (basins) | {n}: best novel % | {n}: s"
+        f"{n}: tokens | {n}: best fluent % (CE), origin | {n}: diverse >= 80% (basins) | {n}: best novel % | {n}: s"
         for n in names) + " |"
-    lines = [header, "|" + "---|" * (3 + 4 * len(names))]
+    lines = [header, "|" + "---|" * (3 + 5 * len(names))]
     for feature in dict.fromkeys(r["feature"] for r in rows):
         mine = {r["config_name"]: r for r in rows if r["feature"] == feature}
         first = next(iter(mine.values()))
@@ -98,7 +99,8 @@ def markdown(rows: list[dict], names: list[str]) -> str:
         for n in names:
             r = mine.get(n)
             best, novel = r and r["best_fluent"], r and r.get("best_novel")
-            cells += [f"{best['fraction_of_max']:.0%} ({best['cross_entropy']:.2f}), {best['origin']}" if best
+            cells += [str(r.get("prompt_length") or r["config"].get("prompt_length") or "") if r else "",
+                      f"{best['fraction_of_max']:.0%} ({best['cross_entropy']:.2f}), {best['origin']}" if best
                       else ("—" if r else ""),
                       f"{r.get('diverse_at_80', '')} ({r.get('basins_at_80', '?')})" if r else "",
                       f"{novel['fraction_of_max']:.0%}" if novel else ("—" if r else ""),
