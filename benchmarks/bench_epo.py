@@ -142,12 +142,13 @@ def main():
 
 def timing(args, lm, measure_lm, transcoder, maxima, feature, config):
     """1. seconds per iteration against the prompt length; the previous engine at its default (12 tokens)"""
-    print(f"\nseconds per iteration ({args.timing_iterations} iterations, one feature, search only)")
+    print(f"\nseconds per iteration ({args.timing_iterations} iterations, one feature, the iterations only)")
     dtype = str(lm.dtype).removeprefix("torch.")
     if args.previous:
         previous = previous_engine(args, [feature], dtype, iterations=args.timing_iterations)
         if previous is not None:
-            print(f"  previous engine ({args.previous}), its defaults (12 tokens)  {previous:6.2f} s", flush=True)
+            print(f"  previous engine ({args.previous}), its defaults (12 tokens)  {previous:6.2f} s (its starts "
+                  "included: engines before version 5 timed them with the iterations)", flush=True)
     for length in LENGTHS:
         result = dream(lm, transcoder, feature, config.model_copy(update={"iterations": args.timing_iterations,
                                                                           "prompt_length": length}),

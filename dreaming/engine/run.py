@@ -78,8 +78,10 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
                      for i in task_targets]
     reported = [scales[i][1] is None for i in task_targets]  # progress shows fractions of the dataset max only
     search = Search(scorer, config, task_targets, tasks, members)
+    searched = time.perf_counter()
     stopped = search.run(iterations, dataset_seeds, progress, reported)
-    search_seconds = time.perf_counter() - started
+    search_seconds = time.perf_counter() - started  # since the call began: the length rule and the starts too
+    iteration_seconds = time.perf_counter() - searched - search.start_seconds
     results = []
     M = config.population
     for i, (feature, dataset_max) in enumerate(zip(features, dataset_maxes)):
@@ -99,9 +101,9 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
             seed=config.seed, seeds=seeds, seconds=0.0, dataset_max=yardstick, scale_note=scales[i][1],
             frontier=pareto_front(prompts), best_fluent=best_fluent(prompts), best_novel=best_novel(prompts),
             diverse=diverse_set(prompts, len(scorer.suffix_ids)), iterations=done, stopped=stopped,
-            timings={"length_seconds": length_seconds, "search_seconds": search_seconds,
-                     "measure_seconds": time.perf_counter() - measured,
-                     "seconds_per_iteration": search_seconds / max(1, steps), "batch_tasks": len(task_targets)},
+            timings={"length_seconds": length_seconds, "start_seconds": search.start_seconds,
+                     "search_seconds": search_seconds, "measure_seconds": time.perf_counter() - measured,
+                     "seconds_per_iteration": iteration_seconds / max(1, steps), "batch_tasks": len(task_targets)},
             history={"best": [_best(tasks[t].best[it] for t in mine) for it in range(done)],
                      "best_fluent": [_best(tasks[t].best_fluent[it] for t in mine) for it in range(done)]},
             state={"tasks": [tasks[t].to_json(search.members[t * M : (t + 1) * M]) for t in mine]}))

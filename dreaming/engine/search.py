@@ -157,6 +157,7 @@ class Search:
         self.width = width(self.config, self.tasks)
         self.rows = torch.tensor(self.task_targets, dtype=torch.long).repeat_interleave(M)  # [T * M] target per member
         self.fresh = torch.ones(T * M, dtype=torch.bool)  # members whose expansion is out of date
+        self.start_seconds = 0.0  # what making and scoring the starting prompts took (run sets it)
 
     def run(self, iterations: int, dataset_seeds: list[list[Start]], progress: Progress | None = None,
             reported: list[bool] | None = None) -> str:
@@ -164,6 +165,7 @@ class Search:
         started = time.perf_counter()
         if self.members is None:
             self.start(dataset_seeds)
+        self.start_seconds = time.perf_counter() - started
         for step in range(iterations):
             self.restart()
             self.expand()
