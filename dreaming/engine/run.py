@@ -78,10 +78,8 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
                      for i in task_targets]
     reported = [scales[i][1] is None for i in task_targets]  # progress shows fractions of the dataset max only
     search = Search(scorer, config, task_targets, tasks, members)
-    searched = time.perf_counter()
     stopped = search.run(iterations, dataset_seeds, progress, reported)
     search_seconds = time.perf_counter() - started  # since the call began: the length rule and the starts too
-    iteration_seconds = time.perf_counter() - searched - search.start_seconds
     results = []
     M = config.population
     for i, (feature, dataset_max) in enumerate(zip(features, dataset_maxes)):
@@ -103,7 +101,8 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
             diverse=diverse_set(prompts, len(scorer.suffix_ids)), iterations=done, stopped=stopped,
             timings={"length_seconds": length_seconds, "start_seconds": search.start_seconds,
                      "search_seconds": search_seconds, "measure_seconds": time.perf_counter() - measured,
-                     "seconds_per_iteration": iteration_seconds / max(1, steps), "batch_tasks": len(task_targets)},
+                     "seconds_per_iteration": search.iteration_seconds / max(1, steps),
+                     "batch_tasks": len(task_targets)},
             history={"best": [_best(tasks[t].best[it] for t in mine) for it in range(done)],
                      "best_fluent": [_best(tasks[t].best_fluent[it] for t in mine) for it in range(done)]},
             state={"tasks": [tasks[t].to_json(search.members[t * M : (t + 1) * M]) for t in mine]}))

@@ -157,7 +157,7 @@ class Search:
         self.width = width(self.config, self.tasks)
         self.rows = torch.tensor(self.task_targets, dtype=torch.long).repeat_interleave(M)  # [T * M] target per member
         self.fresh = torch.ones(T * M, dtype=torch.bool)  # members whose expansion is out of date
-        self.start_seconds = 0.0  # what making and scoring the starting prompts took (run sets it)
+        self.start_seconds = self.iteration_seconds = 0.0  # what the starts and the iterations took (run sets them)
 
     def run(self, iterations: int, dataset_seeds: list[list[Start]], progress: Progress | None = None,
             reported: list[bool] | None = None) -> str:
@@ -166,16 +166,19 @@ class Search:
         if self.members is None:
             self.start(dataset_seeds)
         self.start_seconds = time.perf_counter() - started
-        for step in range(iterations):
-            self.restart()
-            self.expand()
-            children, parent, changed = self.propose()
-            self.score(children, parent, changed)
-            self.select_and_record(children, parent)
-            stopped = self.stop(step, iterations, started, progress, reported)
-            if stopped:
-                return stopped
-        return "iterations"
+        try:
+            for step in range(iterations):
+                self.restart()
+                self.expand()
+                children, parent, changed = self.propose()
+                self.score(children, parent, changed)
+                self.select_and_record(children, parent)
+                stopped = self.stop(step, iterations, started, progress, reported)
+                if stopped:
+                    return stopped
+            return "iterations"
+        finally:
+            self.iteration_seconds = time.perf_counter() - started - self.start_seconds
 
     def start(self, dataset_seeds: list[list[Start]]) -> None:
         """Every task's M starting prompts (init), scored; the first prompts its Kept holds."""
