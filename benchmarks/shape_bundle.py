@@ -27,9 +27,9 @@ from dreaming.bundle import Bundle, MANIFEST, default_bundle_dir, maxima_report 
 from dreaming.corpus import load_windows, save_windows  # noqa: E402
 from dreaming.maxima import MaximaConfig, build_maxima  # noqa: E402
 from dreaming.models import LanguageModel, best_device, ensure_default_model  # noqa: E402
-from dreaming.transcoders import Transcoder, TranscoderConfig, save_transcoder  # noqa: E402
-from dreaming.transcoder_files import read_config
-
+from dreaming.formats.circuit_tracer import save_transcoder  # noqa: E402
+from dreaming.transcoders import Transcoder, TranscoderConfig  # noqa: E402
+from dreaming.formats import read_config  # noqa: E402
 MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja"]
 TARGET_DENSITY = 0.01
@@ -90,9 +90,9 @@ def build(parts: Path, out: Path, device: str) -> None:
     lm_bf16 = LanguageModel(model=model.to(torch.bfloat16), tokenizer=lm.tokenizer, name=lm.name)
     maxima = build_maxima(lm_bf16, transcoder.to(device=device, dtype=torch.bfloat16), windows, out / "maxima",
                           bundle.identity, MaximaConfig(), progress=False)
-    bundle.manifest["maxima"] = maxima_report(maxima)
+    bundle.manifest["maxima"] = maxima_report(maxima, bundle)
     bundle.save_manifest()
-    report = maxima_report(maxima)
+    report = maxima_report(maxima, bundle)
     print(f"shape bundle {out} on {device} in {time.perf_counter() - started:.0f}s; maxima over "
           f"{report['tokens']:,} tokens at {report['tokens_per_second']:,.0f} tokens/s, {report['dead']} dead, "
           f"{report['dense']} dense")

@@ -20,8 +20,7 @@ from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.templates import template_ids
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import LazyEncoder
-
+from dreaming.encoder import LazyEncoder
 MAX_TEXT_TOKENS = 1024
 
 
@@ -72,7 +71,7 @@ def layer_activations(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, i
     Position 0 and padding (attention_mask == 0) are zero. The encoder runs in the transcoder's dtype (fp32 for
     every reported measurement; `maxima build` runs it in the model's bf16).
     """
-    layers = list(range(transcoder.config.n_layers)) if layers is None else layers
+    layers = transcoder.config.layer_ids if layers is None else layers
     hook = transcoder.config.feature_input_hook
     keep = measured_positions(input_ids, attention_mask)
     out = {}
@@ -89,7 +88,7 @@ def feature_activations(lm: LanguageModel, transcoder: Transcoder | LazyEncoder,
     """[batch, pos, n_features] fp32 activations of the chosen features (position 0 and padding zero). Only
     their encoder rows are used, so a LazyEncoder (which reads just those rows from disk) serves as well."""
     for feature in features:
-        check_feature(feature, transcoder.config.n_layers, transcoder.config.d_transcoder)
+        check_feature(feature, transcoder.config.layer_ids, transcoder.config.d_transcoder)
     keep = measured_positions(input_ids, attention_mask)
     hook = transcoder.config.feature_input_hook
     layers = input_layers(features)
@@ -120,7 +119,7 @@ def measure_token_ids(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, f
                       counted_from: list[int] | None = None, batch_size: int = 16) -> list[TextActivation]:
     """Measure token sequences (each BOS first); `texts` only labels them (default: the decoded ids);
     `counted_from` is each sequence's first counted position (default 1: all but the BOS)."""
-    check_feature(feature, transcoder.config.n_layers, transcoder.config.d_transcoder)
+    check_feature(feature, transcoder.config.layer_ids, transcoder.config.d_transcoder)
     counted_from = counted_from or [1] * len(sequences)
     if len(counted_from) != len(sequences) or any(not 1 <= c < len(s) for c, s in zip(counted_from, sequences)):
         raise ValueError("counted_from must give, per sequence, a position in 1..len - 1")

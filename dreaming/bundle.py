@@ -46,8 +46,8 @@ from dreaming.paths import dreaming_home
 from dreaming.recipes import DEFAULT_RECIPE, RECIPES, recipe_of
 from dreaming.train import split_windows
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import LazyEncoder, load_transcoder, read_config
-
+from dreaming.encoder import LazyEncoder
+from dreaming.formats import load_transcoder, read_config
 MANIFEST = "bundle.json"
 # The default bundle's recipe; a default bundle of another version is moved aside and built again.
 # 1: Python-heavy corpus, CLT of 512 features per layer. 2: diverse corpus, skip transcoder set of 2,048 fitted in
@@ -189,9 +189,10 @@ def bundle_info(bundle: Bundle) -> dict:
             "layout": recorded.get("layout", "circuit-tracer"),
             "recipe": manifest.get("recipe"),  # how the default bundle's transcoder was trained (dreaming/recipes.py)
             "kind": transcoder.kind,
-            "layers": transcoder.n_layers,
+            "layers": len(transcoder.layer_ids),
+            "layer_ids": transcoder.layer_ids,  # the model layers it has (a per-layer set may have some only)
             "features_per_layer": transcoder.d_transcoder,
-            "features": transcoder.n_layers * transcoder.d_transcoder,
+            "features": len(transcoder.layer_ids) * transcoder.d_transcoder,
             "d_model": transcoder.d_model,
             "activation": transcoder.activation,
             "input_hook": transcoder.feature_input_hook,
@@ -291,18 +292,19 @@ def build_default_bundle(directory: Path | None = None, config=None,
         encoder = bundle.load_encoder(device=model().device, dtype=model().dtype)  # encoders only, in the pass's dtype
         built = build_maxima(model(), encoder, bundle.windows(),
                              bundle.maxima_dir, bundle.identity, MaximaConfig(), progress=progress)
-        manifest["maxima"] = maxima_report(built)
+        manifest["maxima"] = maxima_report(built, bundle)
 
     step("maxima", (bundle.maxima_dir / "maxima.safetensors").exists() and "maxima" in manifest, maxima)
     return bundle
 
 
-def maxima_report(maxima: Maxima) -> dict:
+def maxima_report(maxima: Maxima, bundle: Bundle) -> dict:
     """What `dreaming info` shows of the maxima: tokens, speed, dead, dense and positional (first-token) feature
-    counts."""
-    active = maxima.arrays["active_count"]
+    counts, over the layers the bundle's dictionary has."""
+    layers = read_config(bundle.transcoder_reference).layer_ids
+    active = maxima.arrays["active_count"][layers]
     return {"tokens": maxima.metadata["tokens"], "windows": maxima.metadata["windows"],
             "seconds": maxima.metadata["seconds"], "tokens_per_second": maxima.metadata["tokens_per_second"],
             "features": int(active.numel()), "dead": int((active == 0).sum()),
-            "dense": int((maxima.arrays["density"] > DENSE_ABOVE).sum()), "dense_above": DENSE_ABOVE,
-            "first_token": int(maxima.first_token_features.sum())}
+            "dense": int((maxima.arrays["density"][layers] > DENSE_ABOVE).sum()), "dense_above": DENSE_ABOVE,
+            "first_token": int(maxima.first_token_features[layers].sum())}

@@ -35,8 +35,8 @@ from dreaming.bundle import MANIFEST, WINDOW_LENGTH, Bundle, maxima_report
 from dreaming.corpus import Windows, read_documents, save_windows, tokenize_windows
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import LanguageModel, best_device, fast_dtype, load_model
-from dreaming.transcoder_files import TranscoderFiles, check_against_model, open_transcoder
-
+from dreaming.formats.files import TranscoderFiles, check_against_model
+from dreaming.formats import open_transcoder
 MANIFEST_FORMAT = 1  # the version of a created bundle's manifest (the fields written by `create_bundle`)
 
 
@@ -76,7 +76,7 @@ def check_inputs(model: str, transcoder: str, device: str) -> tuple[LanguageMode
         raise ValueError(f"model {model}: {one_line(error)}") from None
     files = open_transcoder(transcoder)
     warnings = check_against_model(files, lm)
-    for layer in range(files.config.n_layers):  # every encoder readable now (a hub one fetched), not an hour in
+    for layer in files.config.layer_ids:  # every encoder readable now (a hub one fetched), not an hour in
         files.encoder_rows(layer, [0])
     return lm, files, warnings
 
@@ -184,7 +184,7 @@ def create_bundle(model: str, transcoder: str, corpus: str, out: str | os.PathLi
                                   bundle.maxima_dir, bundle.identity, config, progress)
             bundle.manifest["device"] = str(lm.device)
         times["maxima"] = round(time.perf_counter() - started, 1)
-    bundle.manifest["maxima"] = maxima_report(maxima)
+    bundle.manifest["maxima"] = maxima_report(maxima, bundle)
     bundle.manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     bundle.save_manifest()
     os.rename(partial, out)

@@ -138,6 +138,7 @@ def cmd_bundle_create(args) -> None:
 
 def cmd_info(args) -> None:
     from dreaming.bundle import bundle_info
+    from dreaming.formats.files import layer_span
 
     info = bundle_info(open_bundle(args))
     if args.json:
@@ -145,7 +146,9 @@ def cmd_info(args) -> None:
     t, c, m = info["transcoder"], info["corpus"], info["maxima"]
     print(f"bundle       {info['bundle']}")
     print(f"model        {info['model']['name']} ({info['model']['source']})")
-    print(f"transcoder   {t['kind']}: {t['layers']} layers × {t['features_per_layer']} features, {t['activation']}, "
+    every = t["layer_ids"] == list(range(len(t["layer_ids"])))
+    layers = f"{t['layers']} layers" + ("" if every else f" ({layer_span(t['layer_ids'])} only)")
+    print(f"transcoder   {t['kind']}: {layers} × {t['features_per_layer']} features, {t['activation']}, "
           f"{t['input_hook']} -> {t['output_hook']}")
     recipe = f", trained with the {t['recipe']} recipe" if t.get("recipe") else ""
     print(f"             {t['reference']} ({t['layout']} layout{recipe})")
@@ -336,9 +339,9 @@ def cmd_maxima_build(args) -> None:
     else:
         maxima = build_maxima(lm, bundle.load_encoder(device=lm.device, dtype=lm.dtype), windows, out,
                               bundle.identity, config)
-    report = {**maxima_report(maxima), "directory": str(out), **({"ray": sharded} if args.ray else {})}
+    report = {**maxima_report(maxima, bundle), "directory": str(out), **({"ray": sharded} if args.ray else {})}
     if out == bundle.maxima_dir:
-        bundle.manifest["maxima"] = maxima_report(maxima)
+        bundle.manifest["maxima"] = maxima_report(maxima, bundle)
         bundle.save_manifest()
     if args.json:
         return print_json(report)
@@ -361,7 +364,7 @@ def cmd_maxima_import(args) -> None:
         raise SystemExit(f"{out} already holds dataset maxima: pass --replace to overwrite them with the import, "
                          "or --out DIR to import elsewhere")
     maxima = import_neuronpedia(bundle, args.source, out)
-    summary = maxima_report(maxima)
+    summary = maxima_report(maxima, bundle)
     report = {**summary, "directory": str(out), "imported": maxima.metadata["imported"]}
     if out == bundle.maxima_dir:
         bundle.manifest["maxima"] = summary
@@ -588,6 +591,8 @@ def print_dream(result) -> None:
         print(f"prompt length {result.prompt_length}, chosen: {choice.rule}" + (f" ({kept})" if kept else ""))
     elif result.prompt_length is not None:
         print(f"prompt length {result.prompt_length} (as asked)")
+    if result.template_origin == "bare":
+        print(f"template: the bare {result.template!r} ({result.model} has no chat template: a base model)")
     if result.yardstick:
         print(f"yardstick: {result.yardstick} (template {result.config.template!r})")
     print(f"({YARDSTICKS})")

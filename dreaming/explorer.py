@@ -33,15 +33,15 @@ from dreaming.maxima import SEARCH_ORDER, Maxima, SearchOrder, search_features
 from dreaming.models import LanguageModel, best_device, fast_dtype
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
-from dreaming.templates import split_template
+from dreaming.templates import BARE, split_template
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import LazyEncoder, read_config
-
+from dreaming.encoder import LazyEncoder
+from dreaming.formats import read_config
 MAX_TEXTS = 64
 FEATURES_PER_CALL = 8  # features dreamed together, sharing every forward pass (the CLI's --batch-size)
 # A positional feature (Maxima.first_token) asked for in the model's chat template is dreamed in this one instead:
 # the prompt's first token is then a text's first token, where its dataset max was reached.
-FIRST_TOKEN_TEMPLATE = "{prompt}"
+FIRST_TOKEN_TEMPLATE = BARE
 # The yardstick of a positional feature's dream (DreamResult.yardstick): a max at a text's first token, which a
 # prompt reaches only when the template puts nothing before it.
 REACHABLE_YARDSTICK = "dataset max at a text's first token: dreamed with the prompt first, nothing before it"
@@ -102,7 +102,7 @@ class Explorer:
     def feature(self, feature: Feature | str) -> Feature:
         """Parse and check a feature id against this bundle's transcoder (ValueError naming the valid range)."""
         feature = parse_feature(feature) if isinstance(feature, str) else feature
-        return check_feature(feature, self.transcoder_config.n_layers, self.transcoder_config.d_transcoder)
+        return check_feature(feature, self.transcoder_config.layer_ids, self.transcoder_config.d_transcoder)
 
     def require_maxima(self) -> Maxima:
         if self.maxima is None:

@@ -90,8 +90,8 @@ from dreaming.maxima import FORMAT_VERSION, HISTOGRAM_EDGES, Maxima, load_maxima
 from dreaming.models import LanguageModel, ensure_default_model
 from dreaming.output_tokens import output_tokens
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import LazyEncoder, read_config
-
+from dreaming.encoder import LazyEncoder
+from dreaming.formats import read_config
 TOP_GROUP, DREAMS_GROUP = "top activations", "dreams"
 FIRST_TOKEN_GROUP = f"{TOP_GROUP} (positional: fires on a text's first token)"  # a positional feature's top group
 BEST_GROUPS = {"best_fluent": "best fluent dream",  # a dream result's field: the group of the most active of them
@@ -231,7 +231,7 @@ def each_feature(explorer: Explorer, features: list[Feature] | None, desc: str, 
     """The features asked for (default: every feature), checked and in order, each with its output tokens."""
     config = explorer.transcoder_config
     if features is None:
-        features = [Feature(layer, index) for layer in range(config.n_layers) for index in range(config.d_transcoder)]
+        features = [Feature(layer, index) for layer in config.layer_ids for index in range(config.d_transcoder)]
     features = sorted({explorer.feature(feature) for feature in features})
     with tqdm(total=len(features), desc=desc, unit="feature", disable=not progress) as bar:
         for start in range(0, len(features), OUTPUT_CHUNK):

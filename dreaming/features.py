@@ -25,10 +25,16 @@ def parse_feature(text: str) -> Feature:
     return Feature(int(match[1]), int(match[2]))
 
 
-def check_feature(feature: Feature, n_layers: int, features_per_layer: int) -> Feature:
-    """The feature itself if it exists in a transcoder of this shape, else a ValueError naming the valid range."""
-    if not 0 <= feature.layer < n_layers:
-        raise ValueError(f"unknown feature {feature}: layer must be in 0..{n_layers - 1}")
+def check_feature(feature: Feature, layers: int | list[int], features_per_layer: int) -> Feature:
+    """The feature itself if it exists in a dictionary of this shape (`layers`: how many, or the ones it has), else
+    a ValueError naming the valid range."""
+    if not isinstance(layers, int) and list(layers) == list(range(len(layers))):
+        layers = len(layers)  # every layer from 0
+    if isinstance(layers, int):
+        if not 0 <= feature.layer < layers:
+            raise ValueError(f"unknown feature {feature}: layer must be in 0..{layers - 1}")
+    elif feature.layer not in layers:
+        raise ValueError(f"unknown feature {feature}: this dictionary has layers {', '.join(map(str, layers))} only")
     if not 0 <= feature.index < features_per_layer:
         raise ValueError(f"unknown feature {feature}: index must be in 0..{features_per_layer - 1}")
     return feature

@@ -44,8 +44,7 @@ from dreaming.features import Feature, check_feature
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import LanguageModel
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import LazyEncoder
-
+from dreaming.encoder import LazyEncoder
 FORMAT_VERSION = 1
 # Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];
 # the last bin also takes everything above the top edge. Log-spaced, 8 per decade, so any scale fits.
@@ -362,8 +361,8 @@ def accumulate(lm: LanguageModel, transcoder: LazyEncoder | Transcoder, windows:
         window_ids = torch.arange(start, stop, device=device)
         sources = torch.from_numpy(np.asarray(windows.source[start:stop], dtype=np.int64)).to(device)
         with torch.no_grad():
-            captured = lm.capture(tokens, [(hook, layer) for layer in range(tc.n_layers)])
-            for layer in range(tc.n_layers):
+            captured = lm.capture(tokens, [(hook, layer) for layer in tc.layer_ids])
+            for layer in tc.layer_ids:
                 # in the encoder's dtype (the pass's bf16 on the default path): the statistics read these dense arrays
                 # several times, so half the bytes is most of their cost; only the active values are widened to fp32
                 acts = transcoder.encode(captured.pop((hook, layer)), layer)
@@ -454,9 +453,11 @@ def search_features(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, max
     ids = tokenize_text(lm, text)
     input_ids = torch.tensor([ids], device=lm.device)
     by_layer = layer_activations(lm, transcoder, input_ids)
-    activation = torch.stack([by_layer[layer][0].max(0).values for layer in sorted(by_layer)]).cpu()  # [L, F]
-    position = torch.stack([by_layer[layer][0].argmax(0) for layer in sorted(by_layer)]).cpu()  # [L, F]
     dataset_max = maxima.arrays["max_activation"]
+    activation = torch.zeros_like(dataset_max)  # [L, F]: zero on the layers the dictionary lacks
+    position = torch.zeros(dataset_max.shape, dtype=torch.long)  # [L, F]
+    for layer, acts in by_layer.items():
+        activation[layer], position[layer] = acts[0].max(0)
     fraction = torch.where(dataset_max > 0, activation / dataset_max.clamp(min=1e-12), 0.0)
     fraction = torch.where(activation > 0, fraction, 0.0)
     positional = maxima.first_token_features & (position == FIRST_TOKEN)

@@ -1,10 +1,12 @@
 """Causal language models: loading (HF id, local dir, a GGUF file, or the embedded default GGUF) and hook points.
 
-Hook points follow the names transcoder configs use (circuit-tracer / TransformerLens):
-  hook_resid_mid  the residual stream entering the MLP's pre-norm
-  mlp.hook_in     the normalised MLP input (alias ln2.hook_normalized)
-  mlp.hook_out    the MLP output as added to the residual (alias hook_mlp_out); for Gemma-2 that is the
-                  output of post_feedforward_layernorm
+Hook points follow the names transcoder and SAE configs use (circuit-tracer / TransformerLens), all [..., d_model]:
+  hook_resid_pre   the residual stream entering the block (the decoder layer's input)
+  hook_resid_mid   the residual stream entering the MLP's pre-norm (alias hook_mlp_in, as TransformerLens names it)
+  mlp.hook_in      the normalised MLP input (alias ln2.hook_normalized)
+  mlp.hook_out     the MLP output as added to the residual (alias hook_mlp_out); for Gemma-2 and Gemma-3 that is
+                   the output of post_feedforward_layernorm
+  hook_resid_post  the residual stream leaving the block (the decoder layer's output)
 They are read with forward hooks; `capture` can stop the forward pass once the deepest hook has fired.
 """
 
@@ -28,10 +30,13 @@ from dreaming.special_tokens import bos_token_id, pad_token_id
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+HOOK_RESID_PRE = "hook_resid_pre"
 HOOK_RESID_MID = "hook_resid_mid"
 HOOK_MLP_IN = "mlp.hook_in"
 HOOK_MLP_OUT = "mlp.hook_out"
-HOOK_ALIASES = {"ln2.hook_normalized": HOOK_MLP_IN, "hook_mlp_out": HOOK_MLP_OUT, "hook_mlp_in": HOOK_MLP_IN}
+HOOK_RESID_POST = "hook_resid_post"
+HOOKS = (HOOK_RESID_PRE, HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_POST)
+HOOK_ALIASES = {"ln2.hook_normalized": HOOK_MLP_IN, "hook_mlp_out": HOOK_MLP_OUT, "hook_mlp_in": HOOK_RESID_MID}
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,11 @@ FAMILIES = {
 
 
 def canonical_hook(name: str) -> str:
-    name = HOOK_ALIASES.get(name, name)
-    if name not in (HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT):
-        raise ValueError(f"unknown hook point {name!r}; known: {HOOK_RESID_MID}, {HOOK_MLP_IN}, {HOOK_MLP_OUT}")
-    return name
+    canonical = HOOK_ALIASES.get(name, name)
+    if canonical not in HOOKS:
+        raise ValueError(f"unknown hook point {name!r}; known: {', '.join(HOOKS)} (aliases: "
+                         f"{', '.join(HOOK_ALIASES)})")
+    return canonical
 
 
 class _StopForward(Exception):
@@ -126,6 +132,8 @@ class LanguageModel:
         """The module to hook and whether the value is its 'input' or 'output'."""
         hook = canonical_hook(hook)
         block = self.layers[layer]
+        if hook in (HOOK_RESID_PRE, HOOK_RESID_POST):
+            return block, "input" if hook == HOOK_RESID_PRE else "output"
         if hook == HOOK_RESID_MID:
             return _get_attr(block, self.family.pre_mlp_norm), "input"
         if hook == HOOK_MLP_IN:
@@ -161,8 +169,10 @@ class LanguageModel:
         handles = []
 
         def make_hook(key, where):
-            def hook(module, args, output):
-                values[key] = args[0] if where == "input" else output
+            def hook(module, args, kwargs, output):
+                # a decoder layer may be given its hidden states by keyword, and return them in a tuple
+                value = (args[0] if args else kwargs["hidden_states"]) if where == "input" else output
+                values[key] = value[0] if isinstance(value, tuple) else value
                 if stop_early and len(values) == len(wanted):
                     raise _StopForward
 
@@ -170,7 +180,7 @@ class LanguageModel:
 
         for key in dict.fromkeys(wanted):
             module, where = self.hook_module(*key)
-            handles.append(module.register_forward_hook(make_hook(key, where)))
+            handles.append(module.register_forward_hook(make_hook(key, where), with_kwargs=True))
         try:
             yield values
         finally:

@@ -36,8 +36,7 @@ from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
 from dreaming.templates import template_ids
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import LazyEncoder
-
+from dreaming.encoder import LazyEncoder
 POSITIONS = ("last", "max")
 MIN_CHUNK = 32  # children per forward pass at least (see Scorer.score_children)
 CPU_BATCH, GPU_BATCH = 128, 1024  # rows per forward pass by default on a CPU and on a GPU
@@ -56,7 +55,7 @@ class Target:
 
 def make_target(transcoder: Transcoder | LazyEncoder, feature: Feature, scale: float) -> Target:
     c = transcoder.config
-    check_feature(feature, c.n_layers, c.d_transcoder)
+    check_feature(feature, c.layer_ids, c.d_transcoder)
     if not scale > 0:
         raise ValueError(f"the target scale must be positive, got {scale}")
     weight, bias, _ = transcoder.rows(feature.layer, [feature.index])

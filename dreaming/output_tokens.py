@@ -16,15 +16,14 @@ import torch
 from dreaming.activation import token_pieces
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
-from dreaming.transcoder_files import TranscoderFiles, open_transcoder
-
-
+from dreaming.formats.files import TranscoderFiles
+from dreaming.formats import open_transcoder
 def output_directions(transcoder: str | Path | TranscoderFiles, features: list[Feature]) -> torch.Tensor:
     """[n, d_model] fp32: each feature's decoder summed over the layers it writes to (read row by row);
     `transcoder`: any reference `open_transcoder` takes, or open files."""
     files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
     for feature in features:
-        check_feature(feature, files.config.n_layers, files.config.d_transcoder)
+        check_feature(feature, files.config.layer_ids, files.config.d_transcoder)
     rows = [files.decoder_rows(f.layer, f.index, f.index + 1)[0].sum(0) for f in features]
     return torch.stack(rows)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from dreaming.features import Feature, check_feature, parse_feature
-from dreaming.transcoder_files import TranscoderFiles, open_transcoder
+from dreaming.formats.files import TranscoderFiles
+from dreaming.formats import open_transcoder
 from dreaming.transcoders import CLT
-
 # Features read at once: a chunk of a CLT's layer 0 is [CHUNK_ROWS, n_layers, d_model] fp32, 17 MB at 30 layers of
 # 576; the peak is about two chunks (experiments/results/similar_features.md).
 CHUNK_ROWS = 256
@@ -32,7 +32,7 @@ def similar_features(transcoder: str | Path | TranscoderFiles, feature: Feature 
     files = transcoder if isinstance(transcoder, TranscoderFiles) else open_transcoder(transcoder)
     c = files.config
     F = c.d_transcoder
-    feature = check_feature(parse_feature(feature) if isinstance(feature, str) else feature, c.n_layers, F)
+    feature = check_feature(parse_feature(feature) if isinstance(feature, str) else feature, c.layer_ids, F)
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     if chunk_rows < 1:

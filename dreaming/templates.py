@@ -19,11 +19,25 @@ def split_template(template: str) -> tuple[str, str]:
     return prefix, suffix
 
 
+BARE = "{prompt}"  # the prompt alone after BOS: how a base model, which has no chat template, is dreamed
+
+
+def default_template(lm: LanguageModel) -> tuple[str, str]:
+    """(template, origin) a dream uses when none is given: the model's chat template for one user turn ("chat"),
+    or, for a base model (no chat template, as most published transcoders' models), the bare template ("bare")."""
+    return (chat_template(lm), "chat") if has_chat_template(lm) else (BARE, "bare")
+
+
+def has_chat_template(lm: LanguageModel) -> bool:
+    return bool(getattr(lm.tokenizer, "chat_template", None))
+
+
 def chat_template(lm: LanguageModel) -> str:
     """The model's chat template for one user turn, with a `{prompt}` slot (no generation prompt)."""
     marker = "\x00PROMPT\x00"
-    if not getattr(lm.tokenizer, "chat_template", None):
-        raise ValueError(f"{lm.name} has no chat template: give a template such as '\\n\\nHuman:{{prompt}}'")
+    if not has_chat_template(lm):
+        raise ValueError(f"{lm.name} has no chat template (a base model): give a template such as "
+                         f"'\\n\\nHuman:{{prompt}}', or '{BARE}' for the prompt alone")
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
     return text.replace(marker, "{prompt}")
 

@@ -42,9 +42,8 @@ from tqdm import tqdm
 from dreaming.corpus import Windows
 from dreaming.models import LanguageModel
 from dreaming.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
-from dreaming.transcoders import CLT, Transcoder, TranscoderConfig, save_transcoder
-
-
+from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
+from dreaming.formats.circuit_tracer import save_transcoder
 @dataclass
 class CLTConfig:
     """Options of `train_clt`; the flags of `dreaming train-transcoder --recipe clt` use the same names."""

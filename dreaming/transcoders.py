@@ -1,26 +1,13 @@
-"""The transcoder itself, independent of any model, and the layout it is written in.
+"""The transcoder itself, independent of any model and of any layout on disk.
 
 Owns:
-  TranscoderConfig / Transcoder  a cross-layer transcoder (CLT) or a per-layer transcoder set, one module
-                                 for both: encode one layer, decode every layer's output
+  TranscoderConfig / Transcoder  a cross-layer transcoder (CLT) or a per-layer set (transcoders, or SAEs: a set
+                                 whose input and output hooks are one point), one module for both: encode one layer,
+                                 decode every layer's output
   activate                       relu / jumprelu / topk of pre-activations
-  save_transcoder                the circuit-tracer directory layout (+ config.yaml), written atomically
-  _enc_file, _enc_names, ...     the layout's file and tensor names, which the readers use too
-Reading, of this layout and of every other the field publishes, is dreaming/transcoder_files.py's (load_transcoder,
-read_config, LazyEncoder, TranscoderFiles.decoder_rows, load_gemma_scope).
+Reading and writing the layouts the field publishes is dreaming/formats' (open_transcoder, save_transcoder).
 
-Written (see docs/reference.md, "Transcoders on disk"):
-  CLT  W_enc_{l}.safetensors: W_enc_{l} [F, d_model], b_enc_{l} [F], b_dec_{l} [d_model], threshold_{l} [F]?,
-                              W_skip_{l} [d_model, d_model]?   (ours: circuit-tracer 0.5.0's load_clt skips it)
-       W_dec_{l}.safetensors: W_dec_{l} [F, n_layers - l, d_model]   (slot j writes to layer l + j)
-  set  layer_{l}.safetensors: W_enc [F, d_model], W_dec [F, d_model], b_enc [F], b_dec [d_model],
-       activation_function.threshold [F]?, W_skip [d_model, d_model]?
-  config.yaml: model_kind, feature_input_hook, feature_output_hook, activation, k (topk), model_name
-
-W_skip follows circuit-tracer's transcoder set: skip = x @ W_skip.T (nn.Linear convention, [d_out, d_in]), in a
-CLT's files too. circuit-tracer's CrossLayerTranscoder has a W_skip [n_layers, d_in, d_out] (skip = x @ W_skip[l]),
-but its file loader reads none, so a CLT loaded there encodes the same and reconstructs without the skip unless it
-is set: `clt.W_skip = stack([W_skip_{l}.T])`.
+W_skip maps a layer's input to its output: skip = x @ W_skip.T (nn.Linear convention, [d_out, d_in]).
 JumpReLU is x * (x > threshold); TopK keeps the k largest pre-activations per position, relu'd.
 """
 
@@ -29,10 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import yaml
-from safetensors.torch import save_file
-
-from dreaming.atomic import atomic_directory
 
 CLT = "cross_layer_transcoder"
 SET = "transcoder_set"
@@ -52,6 +35,7 @@ class TranscoderConfig:
     feature_output_hook: str = "mlp.hook_out"
     model_name: str | None = None
     skip_connection: bool = False  # a W_skip per layer: the output of layer l gets a linear map of its input
+    layers: list[int] | None = None  # the layers a per-layer set has, when not all of 0..n_layers-1 (an SAE on one)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,6 +46,17 @@ class TranscoderConfig:
             raise ValueError(f"topk needs an integer k in [1, {self.d_transcoder}], got k={self.k!r}")
         if min(self.n_layers, self.d_model, self.d_transcoder) < 1:
             raise ValueError(f"n_layers, d_model, d_transcoder must be >= 1, got {self}")
+        if self.layers is not None:
+            if self.kind == CLT:
+                raise ValueError("a cross-layer transcoder has every layer 0..n_layers-1: layers must be None")
+            if not self.layers or sorted(set(self.layers)) != list(self.layers) or not (
+                    0 <= self.layers[0] and self.layers[-1] < self.n_layers):
+                raise ValueError(f"layers must be increasing layers in 0..{self.n_layers - 1}, got {self.layers}")
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """The layers it has features in."""
+        return list(range(self.n_layers)) if self.layers is None else list(self.layers)
 
 
 def activate(pre, activation: str, threshold=None, k: int | None = None):
@@ -171,71 +166,3 @@ class Transcoder(torch.nn.Module):
         # inputs [n_layers, ..., d_model] -> (acts per layer [..., F], reconstruction [n_layers, ..., d_model])
         acts = [self.encode(inputs[l], l) for l in range(self.config.n_layers)]
         return acts, self.decode(acts, inputs)
-
-
-# ---------------------------------------------------------------------------------------------- layout
-
-
-def _enc_file(kind, layer):
-    return f"W_enc_{layer}.safetensors" if kind == CLT else f"layer_{layer}.safetensors"
-
-
-def _dec_file(kind, layer):
-    return f"W_dec_{layer}.safetensors" if kind == CLT else _enc_file(kind, layer)
-
-
-def _dec_name(kind, layer):
-    """The decoder's tensor name: W_dec_{l} [F, n_layers - l, d_model] (CLT) or W_dec [F, d_model] (set)."""
-    return f"W_dec_{layer}" if kind == CLT else "W_dec"
-
-
-def _skip_name(kind, layer):
-    """The skip's tensor name, in the encoder file: W_skip_{l} (CLT) or W_skip (set), [d_model, d_model]."""
-    return f"W_skip_{layer}" if kind == CLT else "W_skip"
-
-
-def _enc_names(kind, layer):
-    """Tensor names (W_enc, b_enc, b_dec, threshold) inside the encoder file of one layer."""
-    if kind == CLT:
-        return f"W_enc_{layer}", f"b_enc_{layer}", f"b_dec_{layer}", f"threshold_{layer}"
-    return "W_enc", "b_enc", "b_dec", "activation_function.threshold"
-
-
-def _config_yaml(c: TranscoderConfig) -> dict:
-    meta = {
-        "model_kind": c.kind,
-        "feature_input_hook": c.feature_input_hook,
-        "feature_output_hook": c.feature_output_hook,
-        "activation": c.activation,
-        "model_name": c.model_name,
-    }
-    if c.k is not None:
-        meta["k"] = c.k
-    return meta
-
-
-# ------------------------------------------------------------------------------------------ save / load
-
-
-def _cpu(t):
-    return t.detach().to("cpu").contiguous().clone()
-
-
-def save_transcoder(transcoder: Transcoder, directory) -> None:
-    """Write `transcoder` to `directory` in the circuit-tracer layout; replaces an existing one atomically."""
-    c, t = transcoder.config, transcoder
-    with atomic_directory(directory) as tmp:
-        for l in range(c.n_layers):
-            W, b, bd, thr = _enc_names(c.kind, l)
-            enc = {W: _cpu(t.W_enc[l]), b: _cpu(t.b_enc[l]), bd: _cpu(t.b_dec[l])}
-            if t.threshold is not None:
-                enc[thr] = _cpu(t.threshold[l])
-            if t.W_skip is not None:
-                enc[_skip_name(c.kind, l)] = _cpu(t.W_skip[l])
-            if c.kind == CLT:
-                save_file(enc, str(tmp / _enc_file(c.kind, l)))
-                save_file({_dec_name(c.kind, l): _cpu(t.W_dec[l])}, str(tmp / _dec_file(c.kind, l)))
-            else:
-                enc["W_dec"] = _cpu(t.W_dec[l])
-                save_file(enc, str(tmp / _enc_file(c.kind, l)))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(_config_yaml(c), sort_keys=False))

@@ -45,9 +45,8 @@ from dreaming.dashboard import render_examples
 from dreaming.maxima import DENSE_ABOVE, Maxima
 from dreaming.output_tokens import output_directions, output_tokens
 from dreaming.similar import similar_features
-from dreaming.transcoder_files import open_transcoder, read_config
+from dreaming.formats import open_transcoder, read_config
 from dreaming.transcoders import CLT
-
 DENSEST = 10
 EXAMPLES = 4  # top dataset examples shown per feature
 SHOWN = 8  # tokens shown per list (promotes, suppresses)

@@ -68,6 +68,7 @@ class BundleView:
         self.identity = self.bundle.identity
         self.maxima = self.explorer.require_maxima()
         self.n_layers, self.features_per_layer = self.maxima.shape
+        self.layers = self.explorer.transcoder_config.layer_ids  # those it has features in (some, for an SAE)
         self._model_thread = ModelThread(max_waiting)
         self._pages: OrderedDict = OrderedDict()
         self._similar: OrderedDict = OrderedDict()
@@ -133,7 +134,8 @@ class BundleView:
         """One page of the features matching the filters (`dense`: None either way, True only dense, False none
         dense), in feature order or by `sort` (descending)."""
         arrays = self.maxima.arrays
-        keep = torch.ones(self.maxima.shape, dtype=torch.bool)  # [layers, features]
+        keep = torch.zeros(self.maxima.shape, dtype=torch.bool)  # [layers, features]
+        keep[self.layers] = True
         if layer is not None:
             keep[torch.arange(self.n_layers) != layer] = False
         if live:

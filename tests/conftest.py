@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny tokenizer, tiny random-weight causal LMs of each supported family (llama, gemma2, qwen3,
-gpt2), tiny windows."""
+"""Shared fixtures: a tiny tokenizer, tiny random-weight causal LMs of each supported family (llama, gemma2, gemma3,
+qwen3, gpt2), tiny windows."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     PreTrainedTokenizerFast,
@@ -39,6 +40,10 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3, d_model: int = 
         return Gemma2Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
                             sliding_window=64, **common)
+    if family == "gemma3":
+        return Gemma3TextConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                                sliding_window=64, **common)
     if family == "qwen3":
         return Qwen3Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,

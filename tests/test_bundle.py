@@ -34,9 +34,9 @@ def test_changing_an_encoder_tensor_changes_the_bundle_identity_and_refuses_its_
 
     from dreaming.bundle import Bundle
     from dreaming.maxima import FORMAT_VERSION
-    from dreaming.transcoders import CLT, Transcoder, TranscoderConfig, save_transcoder
-    from dreaming.transcoder_files import load_transcoder
-
+    from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
+    from dreaming.formats.circuit_tracer import save_transcoder
+    from dreaming.formats import load_transcoder
     directory = tmp_path / "bundle"
     save_transcoder(Transcoder(TranscoderConfig(CLT, 2, 8, 16, activation="jumprelu")), directory / "transcoder")
     (directory / MANIFEST).write_text(json.dumps({"model": "m", "model_name": "m"}))

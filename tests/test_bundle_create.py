@@ -19,9 +19,9 @@ from dreaming.corpus import Document, read_documents, tokenize_windows, write_do
 from dreaming.explorer import Explorer
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import fast_dtype, load_model
-from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig, save_transcoder
-from dreaming.transcoder_files import LazyEncoder
-
+from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig
+from dreaming.formats.circuit_tracer import save_transcoder
+from dreaming.encoder import LazyEncoder
 MAXIMA = ["--top-k", "3", "--batch-windows", "4", "--window-length", "32"]
 CONFIG = MaximaConfig(top_k=3, batch_windows=4)
 
@@ -336,8 +336,7 @@ def test_measuring_searching_and_dreaming_never_load_the_whole_transcoder(model_
     """A large transcoder stays cheap: the explorer reads encoder rows (whole layers' encoders for a search), and
     never loads the transcoder whole, decoders included."""
     from dreaming.engine import DreamConfig
-    from dreaming.transcoder_files import TranscoderFiles
-
+    from dreaming.formats.files import TranscoderFiles
     create(model_dir, transcoder_dir, corpus_file, tmp_path / "bundle")
     monkeypatch.setattr(TranscoderFiles, "load", lambda *a, **k: pytest.fail("the whole transcoder was loaded"))
     explorer = Explorer.open(tmp_path / "bundle", device="cpu")

@@ -61,8 +61,7 @@ def test_train_transcoder_trains_a_clt_by_default(model_dir, corpus_file, tmp_pa
     assert len(report["varied_texts"]["fvu"]) == len(report["heldout_windows"]["spliced_kl"]) == 3
     assert sorted(p.name for p in (out / "transcoder").glob("W_*_0.safetensors")) == ["W_dec_0.safetensors",
                                                                                    "W_enc_0.safetensors"]
-    from dreaming.transcoder_files import read_config
-
+    from dreaming.formats import read_config
     config = read_config(out / "transcoder")
     assert (config.kind, config.activation, config.d_transcoder, config.skip_connection) == (
         "cross_layer_transcoder", "jumprelu", 16, True)

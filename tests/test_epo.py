@@ -332,6 +332,16 @@ def test_the_chat_template_and_the_bf16_search(tiny_tokenizer, transcoder):
         assert p.activation == pytest.approx(max(measured.token_activations[p.counted_from :]), abs=1e-6)
 
 
+def test_a_base_model_dreams_in_the_bare_template(lm64, transcoder):
+    """No chat template (a base model) and no template given: the prompt alone after BOS, and the result says so."""
+    assert not getattr(lm64.tokenizer, "chat_template", None)
+    out = dream(lm64, transcoder, A, CONFIG.model_copy(update={"template": None, "iterations": 2}), 0.5)
+    assert out.template == "{prompt}" and out.template_origin == "bare" and out.config.template is None
+    assert out.frontier and all(p.text == p.prompt and p.counted_from == 1 for p in out.frontier)
+    given = dream(lm64, transcoder, A, CONFIG.model_copy(update={"iterations": 1}), 0.5)
+    assert given.template == CONFIG.template and given.template_origin == "given"
+
+
 def test_pareto_front_of_a_known_set():
     def p(activation, ce):
         return DreamedPrompt(prompt="x", text="x", token_ids=[round(activation * 10), round(ce * 10)], counted_from=1,
@@ -430,9 +440,9 @@ def test_cli_dream_and_batch_are_cached_where_compare_reads(tiny_bundle, capsys,
 def test_dreaming_reads_only_the_encoder_rows_it_needs(lm64, transcoder, result, tmp_path, monkeypatch):
     """A LazyEncoder (the rows of the dreamed feature, read from disk) gives the same dream as the whole
     transcoder in memory, and nothing encodes every feature."""
-    from dreaming.transcoders import Transcoder, save_transcoder
-    from dreaming.transcoder_files import LazyEncoder
-
+    from dreaming.transcoders import Transcoder
+    from dreaming.formats.circuit_tracer import save_transcoder
+    from dreaming.encoder import LazyEncoder
     save_transcoder(transcoder, tmp_path / "tc")
     lazy = LazyEncoder(tmp_path / "tc", dtype=torch.float64)
     monkeypatch.setattr(Transcoder, "encode", lambda *a, **k: pytest.fail("the whole encoder was used"))

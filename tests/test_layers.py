@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module may import modules of its own layer or below.
 LAYERS = [
     {"__init__", "paths", "atomic", "special_tokens", "features"},  # no torch model, no file format
-    {"models", "transcoders", "transcoder_files", "generate"},  # models and transcoders on disk
+    {"models", "transcoders", "formats", "encoder", "generate"},  # models; dictionaries on disk, their encoders
     {"corpus", "templates"},  # text: documents, windows, templates
     {"activation", "objective", "output_tokens", "similar"},  # measuring a feature on tokens
     {"maxima", "maxima_checkpoint", "engine", "train", "train_clt", "recipes", "evaluate"},  # the maxima pass, the

@@ -19,8 +19,7 @@ from dreaming.maxima import MaximaAccumulator, MaximaConfig, accumulate, batch_c
 from dreaming.models import fast_dtype
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.maxima_ray import build_maxima_ray
-from dreaming.transcoders import save_transcoder
-
+from dreaming.formats.circuit_tracer import save_transcoder
 CONFIG = MaximaConfig(top_k=4, batch_windows=2)  # 24 windows: 12 batches, 6 shards of 2 batches over 2 actors
 TIMINGS = ("seconds", "tokens_per_second")
 

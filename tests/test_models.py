@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm
-from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, load_model
-
-HOOKS = (HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT)
+from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE, HOOKS, load_model
 
 
 def hidden_states(lm, input_ids):
@@ -14,21 +12,24 @@ def hidden_states(lm, input_ids):
         return lm.model(input_ids=input_ids, output_hidden_states=True).hidden_states  # embeddings, then each layer
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "gpt2"])
 def test_hook_points_fit_the_residual_stream(tiny_tokenizer, family):
     lm = make_tiny_lm(tiny_tokenizer, family)
     input_ids = torch.randint(4, len(tiny_tokenizer), (2, 10))
     layer = 1
     values = lm.capture(input_ids, [(hook, layer) for hook in HOOKS], stop_early=False)
-    resid_mid, mlp_in, mlp_out = (values[(hook, layer)] for hook in HOOKS)
+    resid_pre, resid_mid, mlp_in, mlp_out, resid_post = (values[(hook, layer)] for hook in HOOKS)
     block = lm.layers[layer]
     norm = block.ln_2 if family == "gpt2" else (
-        block.pre_feedforward_layernorm if family == "gemma2" else block.post_attention_layernorm)
+        block.pre_feedforward_layernorm if family.startswith("gemma") else block.post_attention_layernorm)
     torch.testing.assert_close(mlp_in, norm(resid_mid))
     torch.testing.assert_close(mlp_out, block.post_feedforward_layernorm(block.mlp(mlp_in))
-                               if family == "gemma2" else block.mlp(mlp_in))
-    # the block's output is the residual mid-point plus the MLP output
-    torch.testing.assert_close(resid_mid + mlp_out, hidden_states(lm, input_ids)[layer + 1])
+                               if family.startswith("gemma") else block.mlp(mlp_in))
+    # the block's input and output are the model's hidden states; its output is the residual mid-point plus the MLP's
+    states = hidden_states(lm, input_ids)
+    torch.testing.assert_close(resid_pre, states[layer])
+    torch.testing.assert_close(resid_post, states[layer + 1])
+    torch.testing.assert_close(resid_mid + mlp_out, resid_post)
 
 
 def test_capture_stops_early(tiny_lm):
@@ -72,8 +73,9 @@ def test_replaying_recorded_layers_gives_the_same_pass_without_computing_them(ti
 
 def test_hook_aliases_and_unknown_names(tiny_lm):
     input_ids = torch.randint(4, len(tiny_lm.tokenizer), (1, 5))
-    values = tiny_lm.capture(input_ids, [("hook_mlp_out", 0), ("ln2.hook_normalized", 0)])
-    assert set(values) == {(HOOK_MLP_OUT, 0), (HOOK_MLP_IN, 0)}
+    values = tiny_lm.capture(input_ids, [("hook_mlp_out", 0), ("ln2.hook_normalized", 0), ("hook_mlp_in", 0)])
+    assert set(values) == {(HOOK_MLP_OUT, 0), (HOOK_MLP_IN, 0), (HOOK_RESID_MID, 0)}  # TransformerLens's names
+    assert tiny_lm.hook_module(HOOK_RESID_PRE, 1)[0] is tiny_lm.layers[1]
     with pytest.raises(ValueError, match="unknown hook point 'resid_post'"):
         tiny_lm.capture(input_ids, [("resid_post", 0)])
 
@@ -93,7 +95,7 @@ def test_default_model_hook_points_match_a_manual_computation():
     input_ids = lm.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     layer = 7
     values = lm.capture(input_ids, [(hook, layer) for hook in HOOKS])
-    resid_mid, mlp_in, mlp_out = (values[(hook, layer)] for hook in HOOKS)
+    resid_pre, resid_mid, mlp_in, mlp_out, resid_post = (values[(hook, layer)] for hook in HOOKS)
     block = lm.layers[layer]
     # RMSNorm and the SwiGLU MLP written out by hand from the weights
     eps = lm.model.config.rms_norm_eps
@@ -102,4 +104,7 @@ def test_default_model_hook_points_match_a_manual_computation():
     manual_out = (torch.nn.functional.silu(manual_in @ mlp.gate_proj.weight.T) * (manual_in @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
     torch.testing.assert_close(mlp_in, manual_in, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mlp_out, manual_out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(resid_mid + mlp_out, hidden_states(lm, input_ids)[layer + 1], rtol=1e-4, atol=1e-4)
+    states = hidden_states(lm, input_ids)
+    torch.testing.assert_close(resid_pre, states[layer], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(resid_post, states[layer + 1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(resid_mid + mlp_out, resid_post, rtol=1e-4, atol=1e-4)

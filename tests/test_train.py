@@ -14,8 +14,7 @@ from dreaming.train import (
     train_transcoder,
 )
 from dreaming.transcoders import SET
-from dreaming.transcoder_files import load_transcoder
-
+from dreaming.formats import load_transcoder
 SMALL = dict(features_per_layer=16, k=3, fit_tokens=64 * 12, kmeans_iterations=4, batch_windows=8, heldout_windows=6)
 
 

@@ -8,9 +8,12 @@ import torch
 from safetensors.torch import save_file
 
 from dreaming import transcoders as T
-from dreaming.transcoders import Transcoder, TranscoderConfig, save_transcoder
-from dreaming.transcoder_files import LazyEncoder, load_gemma_scope, load_transcoder
-
+from dreaming.formats import circuit_tracer
+from dreaming.transcoders import Transcoder, TranscoderConfig
+from dreaming.formats.circuit_tracer import save_transcoder
+from dreaming.encoder import LazyEncoder
+from dreaming.formats.gemma_scope import load_gemma_scope
+from dreaming.formats import load_transcoder
 N, D, F = 3, 8, 16  # layers, d_model, features
 
 
@@ -103,7 +106,7 @@ def test_crash_while_saving_leaves_nothing_half_written(tmp_path, monkeypatch):
             raise OSError("disk full")
         save_file(tensors, path)
 
-    monkeypatch.setattr(T, "save_file", failing_save_file)
+    monkeypatch.setattr(circuit_tracer, "save_file", failing_save_file)
     with pytest.raises(OSError):
         save_transcoder(random_transcoder(seed=1), tmp_path / "new")
     with pytest.raises(OSError):
@@ -277,9 +280,12 @@ def test_errors_name_what_was_wrong(tmp_path):
     with pytest.raises(ValueError, match=r"0\.\.2"):
         lazy.rows(3, [0])
 
-    os.remove(tmp_path / "tc" / "layer_1.safetensors")
+    os.remove(tmp_path / "tc" / "layer_1.safetensors")  # a per-layer set with a gap has the other layers
+    assert LazyEncoder(tmp_path / "tc").config.layer_ids == [0, 2]
+    save_transcoder(random_transcoder(T.CLT), tmp_path / "clt-gap")  # a CLT needs them all
+    os.remove(tmp_path / "clt-gap" / "W_enc_1.safetensors")
     with pytest.raises(FileNotFoundError, match=r"missing layers \[1\]"):
-        load_transcoder(tmp_path / "tc")
+        load_transcoder(tmp_path / "clt-gap")
 
     save_transcoder(random_transcoder(T.CLT), tmp_path / "clt")
     save_file({"W_dec_1": torch.zeros(F, N, D)}, str(tmp_path / "clt" / "W_dec_1.safetensors"))  # wrong shape
@@ -303,14 +309,14 @@ def test_identity_covers_every_encoder_tensor(tmp_path):
 
     config = T.TranscoderConfig(T.CLT, 2, 256, 1024, activation="jumprelu")  # W_enc_0 alone is 1 MiB
     transcoder = T.Transcoder(config)
-    T.save_transcoder(transcoder, tmp_path / "t")
+    save_transcoder(transcoder, tmp_path / "t")
     first = transcoder_identity("m", tmp_path / "t")
     assert transcoder_identity("m", tmp_path / "t") == first and transcoder_identity("other", tmp_path / "t") != first
     for name in ("threshold", "b_enc"):
         changed = load_transcoder(tmp_path / "t")
         with torch.no_grad():
             getattr(changed, name)[1, -1] += 0.5
-        T.save_transcoder(changed, tmp_path / name)
+        save_transcoder(changed, tmp_path / name)
         assert transcoder_identity("m", tmp_path / name) != first
 
 

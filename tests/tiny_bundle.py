@@ -13,9 +13,8 @@ from dreaming.bundle import MANIFEST, Bundle, maxima_report
 from dreaming.corpus import Windows, save_windows
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import LanguageModel
-from dreaming.transcoders import Transcoder, save_transcoder
-
-
+from dreaming.transcoders import Transcoder
+from dreaming.formats.circuit_tracer import save_transcoder
 def build_tiny_bundle(directory: str | Path, lm: LanguageModel, transcoder: Transcoder, windows: Windows) -> Bundle:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -31,6 +30,6 @@ def build_tiny_bundle(directory: str | Path, lm: LanguageModel, transcoder: Tran
     bundle = Bundle.open(directory)
     maxima = build_maxima(lm, transcoder, windows, directory / "maxima", bundle.identity,
                           MaximaConfig(top_k=4), progress=False)
-    bundle.manifest["maxima"] = maxima_report(maxima)
+    bundle.manifest["maxima"] = maxima_report(maxima, bundle)
     bundle.save_manifest()
     return bundle

@@ -36,7 +36,8 @@ class DreamConfig(BaseModel):
     length_slack: int = Field(4, ge=0, le=32, description="insertions and deletions keep a prompt's length within "
                               f"prompt_length ± length_slack (at least 1, at most {MAX_PROMPT}); 0: fixed length")
     template: str | None = Field(None, description="text around the prompt with exactly one {prompt} slot, e.g. "
-                                 "'\\n\\nHuman:{prompt}'; None = the model's chat template for one user turn")
+                                 "'\\n\\nHuman:{prompt}'; None = the model's chat template for one user turn, or "
+                                 "the bare '{prompt}' for a base model (no chat template)")
     position: Literal["last", "max"] = Field("max", description="target: the feature at the last prompt token, or "
                                              "its max over the prompt and the template text after it")
     iterations: int = Field(100, ge=1, le=5000, description="EPO iterations of the whole run (at most; see "

@@ -64,6 +64,8 @@ class DreamResult(BaseModel):
     prompt_length: int | None = None  # the starting prompts' length the search ran at: the config's, or the one
     # chosen for the feature (None in results of engines before 5: config.prompt_length)
     length_choice: LengthChoice | None = None  # how prompt_length was chosen, when the config left it to the engine
+    template: str | None = None  # the template the prompts were dreamed in (None: made before it was recorded)
+    template_origin: str | None = None  # "given" (config.template), "chat" (the model's) or "bare" (a base model)
     search_dtype: str | None = None  # the search model's dtype ("bfloat16", "float32"; None before engine 5)
     seed: int  # the first seed
     seeds: list[int]

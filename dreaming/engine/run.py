@@ -26,11 +26,9 @@ from dreaming.engine.state import Pool, TaskState, context_ngrams, origin_name, 
 from dreaming.features import Feature
 from dreaming.models import LanguageModel, load_model
 from dreaming.objective import Scorer, cross_entropy, make_target
-from dreaming.templates import chat_template
+from dreaming.templates import default_template
 from dreaming.transcoders import Transcoder
-from dreaming.transcoder_files import LazyEncoder
-
-
+from dreaming.encoder import LazyEncoder
 def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features: list[Feature], config: DreamConfig,
                dataset_maxes: list[float | None], progress: Progress | None = None,
                measure_lm: LanguageModel | None = None, contexts: list[Contexts | None] | None = None,
@@ -53,7 +51,7 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
     measure_lm = _measure_lm(lm, measure_lm)
     scales = [_scale(transcoder, feature, m) for feature, m in zip(features, dataset_maxes)]
     targets = [make_target(transcoder, feature, scale) for feature, (scale, _) in zip(features, scales)]
-    template = config.template if config.template is not None else chat_template(lm)
+    template, template_origin = (config.template, "given") if config.template is not None else default_template(lm)
     scorer = Scorer(lm, transcoder.config.feature_input_hook, template, targets, config.position)
     seeds = [config.seed + j for j in range(config.seeds)]
     task_targets = [i for i in range(len(features)) for _ in seeds]
@@ -96,7 +94,7 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
         results.append(DreamResult(
             feature=str(feature), model=lm.name, config=config, engine_version=ENGINE_VERSION,
             prompt_length=lengths[i], length_choice=choices[i], search_dtype=str(lm.dtype).removeprefix("torch."),
-            seed=config.seed, seeds=seeds, seconds=0.0, dataset_max=yardstick, scale_note=scales[i][1],
+            template=template, template_origin=template_origin, seed=config.seed, seeds=seeds, seconds=0.0, dataset_max=yardstick, scale_note=scales[i][1],
             frontier=pareto_front(prompts), best_fluent=best_fluent(prompts), best_novel=best_novel(prompts),
             diverse=diverse_set(prompts, len(scorer.suffix_ids)), iterations=done, stopped=stopped,
             timings={"length_seconds": length_seconds, "start_seconds": search.start_seconds,

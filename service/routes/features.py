@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from dreaming.dream_cache import max_key
 from dreaming.features import Feature
+from dreaming.formats.files import layer_span
 from service.bundle_view import SORTS, BundleView
 from service.routes.common import MAX_OFFSET, in_thread, known, unless_disconnected
 from service.runtime import Service
@@ -39,8 +40,8 @@ def router(service: Service, bundle) -> APIRouter:
                             dreams: bool = False, sort: Literal[tuple(SORTS)] = "index",
                             offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500),
                             view: BundleView = Depends(bundle)) -> dict:
-        if layer is not None and layer >= view.n_layers:
-            raise HTTPException(422, f"unknown layer {layer}: layer must be in 0..{view.n_layers - 1}")
+        if layer is not None and layer not in view.layers:
+            raise HTTPException(422, f"unknown layer {layer}: layer must be in {layer_span(view.layers)}")
         with_dreams = await in_thread(features_with_dreams, view)
         return view.browse(with_dreams, layer, live, dense, dreams, sort, offset, limit)
 

@@ -66,7 +66,7 @@ async function start() {
   $("bundle").textContent = `${info.bundle.model.name} · ${tc.kind.replaceAll("_", " ")}: ${tc.layers} layers × ` +
     `${tc.features_per_layer} features (${tc.activation})` +
     (maxima ? ` · dataset maxima over ${maxima.tokens.toLocaleString()} tokens in ${maxima.windows.toLocaleString()} windows` : "");
-  for (let layer = 0; layer < tc.layers; layer++) $("browse-layer").append(el("option", {value: layer}, layer));
+  for (const layer of tc.layer_ids) $("browse-layer").append(el("option", {value: layer}, layer));
   $("search-form").addEventListener("submit", guarded(search));
   $("browse-form").addEventListener("change", guarded(() => { offset = 0; return browse(); }));
   $("browse-previous").onclick = guarded(() => { offset = Math.max(0, offset - PAGE_SIZE); return browse(); });

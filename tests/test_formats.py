@@ -17,14 +17,16 @@ import yaml
 from safetensors.numpy import save_file
 
 from conftest import make_tiny_lm, make_tiny_transcoder, random_windows
-from dreaming import transcoder_files
+from dreaming.formats import files as format_files
 from dreaming.maxima import MaximaConfig, accumulate, batch_count
 from dreaming.models import canonical_hook, load_model
 from dreaming.similar import similar_features
-from dreaming.transcoder_files import check_against_model, open_transcoder
-from dreaming.transcoders import CLT, SET, save_transcoder
-from dreaming.transcoder_files import LazyEncoder, load_transcoder
-
+from dreaming.formats.files import check_against_model
+from dreaming.formats import open_transcoder
+from dreaming.transcoders import CLT, SET
+from dreaming.formats.circuit_tracer import save_transcoder
+from dreaming.encoder import LazyEncoder
+from dreaming.formats import load_transcoder
 ARCHITECTURES = ["llama", "gemma2", "qwen3", "gpt2"]
 N_LAYERS, F, K = 3, 16, 4  # layers (the tiny models'), features per layer, k of the topk transcoders
 COMMIT, OTHER_COMMIT = "a" * 40, "b" * 40
@@ -448,8 +450,8 @@ def test_hub_files_are_fetched_when_first_used(hub, monkeypatch):
         patterns.append(kwargs["allow_patterns"])
         return huggingface_hub.snapshot_download(repo_id, **kwargs)
 
-    monkeypatch.setattr(transcoder_files, "hf_hub_download", download)
-    monkeypatch.setattr(transcoder_files, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(format_files, "hf_hub_download", download)
+    monkeypatch.setattr(format_files, "snapshot_download", snapshot_download)
     clt = open_transcoder("hf://someone/clt")
     assert fetched == ["config.yaml"] and patterns == [["W_enc_*.safetensors"]]
     LazyEncoder(clt).encode(torch.zeros(2, d), 2)
@@ -558,10 +560,18 @@ def test_check_against_model(models, tmp_path):
     with pytest.raises(ValueError, match=r"layer_0\.safetensors: d_model 16, expected 32") as error:
         check_against_model(open_transcoder(tmp_path / "narrow"), lm)
     one_line(error)
+    # a CLT needs every layer of the model; a per-layer set may hold some (a warning), not more than it has
+    clt_files(tmp_path / "short-clt", random_layers(32, CLT)[:2], threshold=False)
+    with pytest.raises(ValueError, match="2 layers, expected 3") as error:
+        check_against_model(open_transcoder(tmp_path / "short-clt"), lm)
+    one_line(error)
     for l, p in enumerate(random_layers(32)[:2]):
         set_file(tmp_path / "short" / f"layer_{l}.safetensors", p, threshold=False)
-    with pytest.raises(ValueError, match="2 layers, expected 3") as error:
-        check_against_model(open_transcoder(tmp_path / "short"), lm)
+    (warning,) = check_against_model(open_transcoder(tmp_path / "short"), lm)
+    assert "layers 0..1 only" in warning
+    set_file(tmp_path / "deep" / "layer_5.safetensors", random_layers(32)[0], threshold=False)
+    with pytest.raises(ValueError, match=r"layers 5, but .* has layers 0\.\.2") as error:
+        check_against_model(open_transcoder(tmp_path / "deep"), lm)
     one_line(error)
     # a model name that differs is a warning (a base model's transcoder on its instruct model), not an error
     sparsify_folders(tmp_path / "sparsify", random_layers(32), "layers.{}.mlp", skip=False)
@@ -581,10 +591,17 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, hub):
             set_file(tmp_path / name / f"layer_{l}.safetensors", p, threshold)
         return tmp_path / name
 
-    # a missing layer file: in a directory, in a config.yaml list
+    # a missing layer file: a per-layer set has the others; a CLT needs them all; a config.yaml list names a file
     (a_set("gap") / "layer_1.safetensors").unlink()
+    gap = open_transcoder(tmp_path / "gap")
+    assert gap.config.layer_ids == [0, 2] and gap.config.n_layers == 3
+    with pytest.raises(ValueError, match=r"layer 1 is not in this dictionary: its layers are 0, 2") as error:
+        gap.encoder_rows(1, [0])
+    one_line(error)
+    clt_files(tmp_path / "clt-gap", random_layers(d, CLT), threshold=False)
+    (tmp_path / "clt-gap" / "W_enc_1.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing layers \[1\]") as error:
-        open_transcoder(tmp_path / "gap")
+        open_transcoder(tmp_path / "clt-gap")
     one_line(error)
     config = write_yaml(tmp_path / "list" / "config.yaml", transcoders=["../gap/layer_0.safetensors",
                                                                         "../gap/layer_1.safetensors"])
@@ -626,9 +643,8 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, hub):
     with pytest.raises(ValueError, match=r"layer_2\.safetensors: missing tensor 'activation_function\.threshold'"):
         open_transcoder(tmp_path / "thresholds")
 
-    # sparsify: a sparse autoencoder, another activation, a hookpoint that is not an MLP's
-    for name, cfg, message in [("sae", {"transcode": False}, "transcode is false: a sparse autoencoder"),
-                               ("groupmax", {"activation": "groupmax"}, "unknown activation 'groupmax'"),
+    # sparsify: another activation, a transcoder at a hookpoint that is not an MLP's
+    for name, cfg, message in [("groupmax", {"activation": "groupmax"}, "unknown activation 'groupmax'"),
                                ("resid", {}, "unknown hookpoint 'layers.0'")]:
         sparsify_folders(tmp_path / name, layers, "layers.{}" if name == "resid" else "layers.{}.mlp", skip=False,
                          **cfg)
@@ -638,7 +654,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, hub):
 
     # nothing there; a hub repo the cache does not hold (offline)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no transcoder found") as error:
+    with pytest.raises(FileNotFoundError, match="no dictionary found") as error:
         open_transcoder(tmp_path / "empty")
     one_line(error)
     with pytest.raises(FileNotFoundError, match="hf://nobody/nothing") as error:

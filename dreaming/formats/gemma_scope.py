@@ -1,0 +1,113 @@
+"""Gemma Scope's layouts: Gemma Scope (Gemma-2) and Gemma Scope 2 (Gemma-3), per-layer JumpReLU transcoders and SAEs.
+
+Gemma Scope: one params.npz a layer, named by a circuit-tracer config.yaml's `transcoders:` list
+  (dreaming/formats/circuit_tracer.py reads the list): W_enc [d_model, F] (stored transposed: read as [F, d_model]),
+  b_enc [F], threshold [F], W_dec [F, d_model], b_dec [d_model]. np.savez stores members uncompressed, so they are
+  memory-mapped, never loaded whole.
+Gemma Scope 2: one folder a layer (e.g. layer_12_width_16k_l0_small/) with params.safetensors (w_enc [d_in, F], read
+  transposed; b_enc, threshold, w_dec [F, d_out], b_dec, and in the affine transcoders affine_skip_connection, read as
+  W_skip as SAELens reads it) and config.json (architecture "jump_relu", model_name, hf_hook_point_in,
+  hf_hook_point_out: Hugging Face module paths such as model.layers.12.pre_feedforward_layernorm.output); give one
+  folder or a folder of them (some layers). Its cross-layer transcoders are not read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from dreaming.formats.files import File, LayerTensors, StoredTensor, TranscoderFiles, first_line
+from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE
+from dreaming.transcoders import SET, Transcoder
+
+CONFIG, WEIGHTS = "config.json", "params.safetensors"
+# Hugging Face module paths (model.layers.L.<path>), as Gemma Scope 2 names hook points, to dreaming.models names
+HF_HOOKS = {
+    "input": HOOK_RESID_PRE, "output": HOOK_RESID_POST,
+    "pre_feedforward_layernorm.input": HOOK_RESID_MID, "pre_feedforward_layernorm.output": HOOK_MLP_IN,
+    "post_attention_layernorm.input": HOOK_RESID_MID, "post_attention_layernorm.output": HOOK_MLP_IN,  # Llama-like
+    "post_feedforward_layernorm.output": HOOK_MLP_OUT, "mlp.output": HOOK_MLP_OUT,
+}
+HF_HOOK = re.compile(r"(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(.+)")
+
+
+def npz_layer(file: File) -> LayerTensors:
+    return LayerTensors(StoredTensor(file, "W_enc", transposed=True), StoredTensor(file, "b_enc"),
+                        StoredTensor(file, "threshold"), StoredTensor(file, "b_dec"), StoredTensor(file, "W_dec"), None)
+
+
+def load_gemma_scope(npz_paths, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out", model_name=None,
+                     dtype=torch.float32, device="cpu") -> Transcoder:
+    """A JumpReLU per-layer set from Gemma Scope params.npz files: {layer: path} or a list in layer order."""
+    from dreaming.formats.circuit_tracer import open_layer_files  # (which reads this layout's files through here)
+
+    paths = dict(npz_paths) if isinstance(npz_paths, dict) else dict(enumerate(npz_paths))
+    n = len(paths)
+    if n == 0 or sorted(paths) != list(range(n)):
+        raise ValueError(f"Gemma Scope transcoders needed for layers 0..{n - 1}, got layers {sorted(paths)}")
+    meta = {"feature_input_hook": feature_input_hook, "feature_output_hook": feature_output_hook,
+            "model_name": model_name}
+    return open_layer_files([paths[l] for l in range(n)], meta).load(dtype, device)
+
+
+# --------------------------------------------------------------------------------------------- Gemma Scope 2
+
+
+def is_folder(path: Path) -> bool:
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def open_directory(path: Path, reference: str | None = None) -> TranscoderFiles | None:
+    """One Gemma Scope 2 folder, or a folder of them (one per layer); None when `path` is neither. `reference`: what
+    the user gave (default: the path)."""
+    folders = [path] if is_folder(path) else sorted(p for p in path.iterdir() if p.is_dir() and is_folder(p))
+    if not folders:
+        return None
+    by_layer, first = {}, None
+    for folder in folders:
+        layer, meta = read_config(folder / CONFIG)
+        if first is not None and meta != first[1]:
+            raise ValueError(f"{folder / CONFIG}: differs from {first[0]} (one dictionary: the same kind and hook "
+                             f"point on every layer)")
+        if layer in by_layer:
+            raise ValueError(f"{folder / CONFIG}: a second dictionary for layer {layer}")
+        first = first or (folder / CONFIG, meta)
+        file = File.local(folder / WEIGHTS)
+        by_layer[layer] = LayerTensors(StoredTensor(file, "w_enc", transposed=True), StoredTensor(file, "b_enc"),
+                                       StoredTensor(file, "threshold"), StoredTensor(file, "b_dec"),
+                                       StoredTensor(file, "w_dec"), StoredTensor(file, "affine_skip_connection"))
+    return TranscoderFiles(reference or str(path), "gemma-scope-2", by_layer, first[1], str(first[0]))
+
+
+def read_config(path: Path) -> tuple[int, dict]:
+    """(layer, the config fields dreaming reads) of one Gemma Scope 2 config.json."""
+    try:
+        cfg = json.loads(path.read_text())
+        hook_in = cfg["hf_hook_point_in"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: expected a Gemma Scope 2 config.json with hf_hook_point_in "
+                         f"({first_line(e)})") from None
+    if cfg.get("architecture", "jump_relu") != "jump_relu":
+        raise ValueError(f"{path}: architecture {cfg['architecture']!r} is not read; expected 'jump_relu'")
+    layer, input_hook = hf_hook(hook_in, path)
+    output_hook = input_hook
+    if cfg.get("hf_hook_point_out"):
+        out_layer, output_hook = hf_hook(cfg["hf_hook_point_out"], path)
+        if out_layer != layer:
+            raise ValueError(f"{path}: reads layer {layer} and writes layer {out_layer} (a cross-layer transcoder, "
+                             f"not read); expected one layer")
+    return layer, {"kind": SET, "activation": "jumprelu", "feature_input_hook": input_hook,
+                   "feature_output_hook": output_hook, "model_name": cfg.get("model_name"),
+                   "skip_connection": bool(cfg.get("affine_connection", False))}
+
+
+def hf_hook(name: str, path: Path) -> tuple[int, str]:
+    """(layer, dreaming's hook) of a Hugging Face module path such as model.layers.12.output."""
+    match = HF_HOOK.fullmatch(name or "")
+    if match is None or match.group(2) not in HF_HOOKS:
+        raise ValueError(f"{path}: hook point {name!r} is not read; expected model.layers.L.<point>, <point> one of "
+                         f"{', '.join(HF_HOOKS)}")
+    return int(match.group(1)), HF_HOOKS[match.group(2)]
