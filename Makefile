@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test bench experiments clean
+.PHONY: setup browser demo test test-slow bench experiments clean
 
 setup: $(STAMP) browser
 
@@ -44,8 +44,13 @@ demo: setup
 	$(VENV)/bin/dreaming batch --features $$features && \
 	for feature in $$(echo $$features | tr , ' '); do $(VENV)/bin/dreaming compare --feature $$feature; done
 
+# The suite, in under 10 minutes on a 2-core CPU; the tests marked slow (a real model converted from its GGUF file)
+# run apart, in `make test-slow` (CI runs both).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # The motivating update's two studies on the default bundle; results (markdown + JSON) in experiments/results/.
 experiments: setup

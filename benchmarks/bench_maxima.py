@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from dreaming.bundle import Bundle
+from dreaming.bundle import build_default_bundle
 from dreaming.corpus import Windows
 from dreaming.maxima import MaximaConfig, build_maxima
 
@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--windows", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    bundle = Bundle.open()
+    bundle = build_default_bundle()
     lm = bundle.load_model(dtype=torch.bfloat16)
     transcoder = bundle.load_transcoder(dtype=torch.bfloat16)  # as `maxima build` runs it
     full = bundle.windows()

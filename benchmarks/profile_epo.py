@@ -23,7 +23,7 @@ import json, sys, torch
 from collections import Counter
 from torch.utils._python_dispatch import TorchDispatchMode
 torch.set_num_threads({threads})
-from dreaming.bundle import Bundle
+from dreaming.bundle import Bundle, build_default_bundle
 try:
     from dreaming.engine import DreamConfig, dream_many
 except ImportError:  # an engine before the package (version 4 and earlier)
@@ -39,7 +39,7 @@ class Count(TorchDispatchMode):
         self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {{}}))
 
-bundle = Bundle.open(None)
+bundle = build_default_bundle()
 maxima = bundle.maxima()
 native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 lm, measure_lm = bundle.load_model(dtype=torch.bfloat16 if native_bf16 else torch.float32), bundle.load_model()

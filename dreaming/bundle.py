@@ -108,9 +108,16 @@ class Bundle:
 
     @classmethod
     def open(cls, directory: str | Path | None = None) -> Bundle:
-        """Open a bundle; with no directory the default one, built first if it is missing or incomplete."""
+        """Open a bundle; with no directory the default one. Never builds: a default bundle that is missing, of an
+        earlier recipe or unfinished is an error that says to run `dreaming default build`."""
         if directory is None:
-            return build_default_bundle()
+            directory = default_bundle_dir()
+            manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
+            if manifest.get("version") != DEFAULT_BUNDLE_VERSION or "maxima" not in manifest:
+                state = ("is not built" if not manifest else "is unfinished" if manifest.get("version") ==
+                         DEFAULT_BUNDLE_VERSION else f"is of an earlier recipe (version {manifest.get('version', 1)})")
+                raise FileNotFoundError(f"the default bundle ({directory}) {state}: run `dreaming default build` "
+                                        f"(about 1.5 hours on a 2-core CPU), or give --bundle DIR")
         directory = Path(directory)
         if not (directory / MANIFEST).exists():
             raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); make one with "
@@ -119,9 +126,14 @@ class Bundle:
 
     @property
     def transcoder_reference(self) -> str | Path:
-        """Where the transcoder is: the reference a bundle was created with (a path, a config.yaml, an hf:// URI),
-        else the bundle's own `transcoder/` directory (the default bundle's fitted one)."""
-        return (self.manifest.get("transcoder") or {}).get("reference") or self.directory / "transcoder"
+        """Where the transcoder is: the reference a bundle was created with (a path, a config.yaml, an hf:// URI,
+        or a file of the bundle, such as its neurons.yaml), else the bundle's own `transcoder/` directory (the
+        default bundle's fitted one)."""
+        reference = (self.manifest.get("transcoder") or {}).get("reference")
+        if reference is None:
+            return self.directory / "transcoder"
+        inside = self.directory / reference
+        return inside if not Path(reference).is_absolute() and inside.exists() else reference
 
     @property
     def corpus_path(self) -> Path:

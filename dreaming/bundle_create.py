@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -35,9 +36,12 @@ from dreaming.bundle import MANIFEST, WINDOW_LENGTH, Bundle, maxima_report
 from dreaming.corpus import Windows, read_documents, save_windows, tokenize_windows
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import LanguageModel, best_device, fast_dtype, load_model
+from dreaming.formats import neurons
 from dreaming.formats.files import TranscoderFiles, check_against_model
+from dreaming.formats.neurons import neurons_yaml
 from dreaming.formats import open_transcoder
 MANIFEST_FORMAT = 1  # the version of a created bundle's manifest (the fields written by `create_bundle`)
+NEURONS = "neurons"  # --transcoder neurons: the model's MLP neurons, named by a neurons.yaml in the bundle
 
 
 def say(message: str) -> None:
@@ -68,12 +72,15 @@ def differences(recorded: dict | None, arguments: dict) -> str:
 
 
 def check_inputs(model: str, transcoder: str, device: str) -> tuple[LanguageModel, TranscoderFiles, list[str]]:
-    """The model (in `device`'s fast dtype, models.fast_dtype), the transcoder's files and the warnings; ValueError naming the file for a
-    transcoder that does not fit the model or cannot be read."""
+    """The model (in `device`'s fast dtype, models.fast_dtype), the transcoder's files and the warnings; ValueError
+    naming the file for a transcoder that does not fit the model or cannot be read. `transcoder` NEURONS: the
+    model's MLP neurons."""
     try:
         lm = load_model(model, dtype=fast_dtype(device), device=device)
     except (OSError, ValueError) as error:  # from_pretrained: not a hub id, no weights, no tokenizer; unsupported
         raise ValueError(f"model {model}: {one_line(error)}") from None
+    if transcoder == NEURONS:
+        transcoder = str(neurons_yaml(lm, Path(tempfile.mkdtemp()) / neurons.FILE))
     files = open_transcoder(transcoder)
     warnings = check_against_model(files, lm)
     for layer in files.config.layer_ids:  # every encoder readable now (a hub one fetched), not an hour in
@@ -151,9 +158,10 @@ def create_bundle(model: str, transcoder: str, corpus: str, out: str | os.PathLi
             "model_name": lm.name,
             "model_info": {"given": model, "architecture": lm.model.config.model_type, "layers": lm.n_layers,
                            "d_model": lm.d_model},
-            "transcoder": {"reference": arguments["transcoder"], "given": transcoder, "layout": files.layout,
-                           "kind": c.kind, "layers": c.n_layers, "features_per_layer": c.d_transcoder,
-                           "features": c.n_layers * c.d_transcoder, "activation": c.activation,
+            "transcoder": {"reference": neurons.FILE if transcoder == NEURONS else arguments["transcoder"],
+                           "given": transcoder, "layout": files.layout, "kind": c.kind,
+                           "layers": len(c.layer_ids), "layer_ids": c.layer_ids, "features_per_layer": c.d_transcoder,
+                           "features": len(c.layer_ids) * c.d_transcoder, "activation": c.activation,
                            "input_hook": c.feature_input_hook, "output_hook": c.feature_output_hook,
                            "model_name": c.model_name, "identity": files.identity(lm.name)},
             "warnings": warnings,
@@ -165,6 +173,8 @@ def create_bundle(model: str, transcoder: str, corpus: str, out: str | os.PathLi
         }
         with atomic_directory(partial) as scratch:  # the partial bundle appears whole, with its windows
             save_windows(windows, scratch / "windows")
+            if transcoder == NEURONS:
+                neurons_yaml(lm, scratch / neurons.FILE)
             (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))
         say(f"{len(windows):,} windows, {manifest['windows']['tokens']:,} tokens")
     bundle = Bundle.open(partial)

@@ -77,7 +77,7 @@ def add_bundle_argument(parser: argparse.ArgumentParser) -> None:
 
 def open_bundle(args):
     """The bundle a command reads: --bundle, else $DREAMING_BUNDLE (the first, when it lists several as `dreaming
-    serve` reads it), else the default bundle (built when missing)."""
+    serve` reads it), else the default bundle (which `dreaming default build` builds; opening never does)."""
     import os
 
     from dreaming.bundle import Bundle, parse_bundles
@@ -519,8 +519,11 @@ def cmd_compare(args) -> None:
         print("\n(no activation-range examples: these maxima predate them; `dreaming maxima build` adds them)")
     outputs = page["output_tokens"]
     print("\noutput tokens (decoder through the unembedding)")
-    print("  promotes:   " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["top"]))
-    print("  suppresses: " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["bottom"]))
+    if outputs is None:
+        print("  none: this dictionary has no decoders (a model's neurons)")
+    else:
+        print("  promotes:   " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["top"]))
+        print("  suppresses: " + "  ".join(f"{token!r} {value:+.2f}" for token, value in outputs["bottom"]))
     print("\ndreamed prompts (frontier; shared: longest token run shared with the top dataset contexts)")
     print(f"({YARDSTICKS})")
     print(DREAM_HEADER)
@@ -676,9 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "first, built in OUT.partial, resumable, idempotent")
     create.add_argument("--model", required=True, help="'default', a Hugging Face id (HF_HUB_OFFLINE=1: the local "
                         "cache only), a local save_pretrained directory, or a GGUF file (converted once)")
-    create.add_argument("--transcoder", required=True, help="a circuit-tracer directory or config.yaml (CLT or "
-                        "per-layer set), hf://owner/repo[/sub][@rev], Gemma Scope npz, or EleutherAI sparsify "
-                        "folders; referenced, never copied")
+    create.add_argument("--transcoder", required=True, help="the dictionary, referenced, never copied: a "
+                        "circuit-tracer directory or config.yaml (CLT or per-layer set), hf://owner/repo[/sub][@rev], "
+                        "Gemma Scope npz, Gemma Scope 2, SAELens or EleutherAI sparsify folders (transcoders or "
+                        "SAEs, some layers only if need be), or `neurons` (the model's MLP neurons)")
     create.add_argument("--corpus", required=True, help="corpus spec (.txt/.md/.jsonl/.parquet/dir/hf:NAME[:CONFIG])")
     create.add_argument("--out", required=True, help="the bundle directory to create")
     create.add_argument("--tokens", type=int, help="a budget of corpus tokens, BOS included (default: the whole "

@@ -1,7 +1,7 @@
 """The Python API for looking at one bundle's features: activations of texts, search, dashboards, comparison,
 similar features.
 
-    explorer = Explorer.open()                     # the default bundle (built first if missing)
+    explorer = Explorer.open()                     # the default bundle (`dreaming default build` builds it)
     explorer.activation("12/345", ["How do I make a bomb?"])
     explorer.search("How do I make a bomb?")
     explorer.compare("12/345")                     # dataset maxima beside the cached dreamed prompts
@@ -36,7 +36,7 @@ from dreaming.similar import similar_features
 from dreaming.templates import BARE, split_template
 from dreaming.transcoders import Transcoder
 from dreaming.encoder import LazyEncoder
-from dreaming.formats import read_config
+from dreaming.formats import open_transcoder, read_config
 MAX_TEXTS = 64
 FEATURES_PER_CALL = 8  # features dreamed together, sharing every forward pass (the CLI's --batch-size)
 # A positional feature (Maxima.first_token) asked for in the model's chat template is dreamed in this one instead:
@@ -257,7 +257,8 @@ class Explorer:
         dreams = self.dreams(feature) if dreams is None else dreams
         length = length or dream_length(dreams, self.dataset_max(feature)) or FALLBACK_LENGTH
         page = feature_page(self.lm, self.encoder, self.require_maxima(), feature, dreams, top, length=length)
-        (page["output_tokens"],) = output_tokens(self.lm, self.bundle.transcoder_reference, [feature])
+        files = open_transcoder(self.bundle.transcoder_reference)
+        page["output_tokens"] = output_tokens(self.lm, files, [feature])[0] if files.has_decoders else None
         return page
 
     def similar(self, feature: Feature | str, top: int = 10) -> list[dict]:

@@ -1,12 +1,14 @@
 """Causal language models: loading (HF id, local dir, a GGUF file, or the embedded default GGUF) and hook points.
 
-Hook points follow the names transcoder and SAE configs use (circuit-tracer / TransformerLens), all [..., d_model]:
+Hook points follow the names transcoder and SAE configs use (circuit-tracer / TransformerLens), [..., d_model] but
+the last:
   hook_resid_pre   the residual stream entering the block (the decoder layer's input)
   hook_resid_mid   the residual stream entering the MLP's pre-norm (alias hook_mlp_in, as TransformerLens names it)
   mlp.hook_in      the normalised MLP input (alias ln2.hook_normalized)
   mlp.hook_out     the MLP output as added to the residual (alias hook_mlp_out); for Gemma-2 and Gemma-3 that is
                    the output of post_feedforward_layernorm
   hook_resid_post  the residual stream leaving the block (the decoder layer's output)
+  mlp.hook_post    the MLP's hidden neurons [..., d_mlp], where its down projection reads them
 They are read with forward hooks; `capture` can stop the forward pass once the deepest hook has fired.
 """
 
@@ -35,7 +37,8 @@ HOOK_RESID_MID = "hook_resid_mid"
 HOOK_MLP_IN = "mlp.hook_in"
 HOOK_MLP_OUT = "mlp.hook_out"
 HOOK_RESID_POST = "hook_resid_post"
-HOOKS = (HOOK_RESID_PRE, HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_POST)
+HOOK_MLP_POST = "mlp.hook_post"
+HOOKS = (HOOK_RESID_PRE, HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_POST, HOOK_MLP_POST)
 HOOK_ALIASES = {"ln2.hook_normalized": HOOK_MLP_IN, "hook_mlp_out": HOOK_MLP_OUT, "hook_mlp_in": HOOK_RESID_MID}
 
 
@@ -46,6 +49,7 @@ class Family:
     layers: str  # attribute path of the decoder layer list
     pre_mlp_norm: str  # input = hook_resid_mid, output = mlp.hook_in
     mlp_out: str  # output = mlp.hook_out
+    mlp_down: str = "mlp.down_proj"  # input = mlp.hook_post
 
 
 LLAMA_LIKE = Family("model.layers", "post_attention_layernorm", "mlp")
@@ -56,7 +60,7 @@ FAMILIES = {
     "qwen3": LLAMA_LIKE,
     "gemma2": Family("model.layers", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     "gemma3_text": Family("model.layers", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
-    "gpt2": Family("transformer.h", "ln_2", "mlp"),
+    "gpt2": Family("transformer.h", "ln_2", "mlp", "mlp.c_proj"),
 }
 
 
@@ -138,7 +142,16 @@ class LanguageModel:
             return _get_attr(block, self.family.pre_mlp_norm), "input"
         if hook == HOOK_MLP_IN:
             return _get_attr(block, self.family.pre_mlp_norm), "output"
+        if hook == HOOK_MLP_POST:
+            return _get_attr(block, self.family.mlp_down), "input"
         return _get_attr(block, self.family.mlp_out), "output"
+
+    def hook_width(self, hook: str) -> int:
+        """The width of a hook point's value: d_model, or the MLP's hidden width for mlp.hook_post."""
+        if canonical_hook(hook) != HOOK_MLP_POST:
+            return self.d_model
+        config = self.model.config
+        return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * self.d_model
 
     def capture(
         self,

@@ -35,6 +35,9 @@ def similar_features(transcoder: str | Path | TranscoderFiles, feature: Feature 
     feature = check_feature(parse_feature(feature) if isinstance(feature, str) else feature, c.layer_ids, F)
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
+    if not files.has_decoders:
+        raise ValueError(f"{files.reference} has no decoders (a model's neurons): similar features compare decoder "
+                         f"directions")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     a = feature.layer

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dreaming.bundle import Bundle
+from dreaming.bundle import build_default_bundle
 from dreaming.evaluate import transcoder_report
 from dreaming.models import load_model
 from dreaming.recipes import RECIPES
@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--out", default=str(RESULTS / "clt_budget.json"))
     args = parser.parse_args()
 
-    bundle = Bundle.open(None)
+    bundle = build_default_bundle()
     lm = load_model("default", dtype=torch.bfloat16)
     windows = bundle.windows()
     out = Path(args.out)

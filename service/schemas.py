@@ -252,7 +252,7 @@ class FeaturePage(FeatureStats):
     best_fluent: DreamedPrompt | None  # the most active of the current dreams' best fluent prompts
     best_novel: DreamedPrompt | None  # and of their best novel ones (no run of 4 tokens shared with the data)
     stale_dreams: list[DreamedPrompt]  # scored against another maxima build's max
-    output_tokens: OutputTokens
+    output_tokens: OutputTokens | None  # None: the dictionary has no decoders (a model's neurons)
 
 
 class WorkerInfo(BaseModel):

@@ -56,3 +56,27 @@ def test_changing_an_encoder_tensor_changes_the_bundle_identity_and_refuses_its_
             with pytest.raises(ValueError, match="built for another model/transcoder"):
                 Bundle.open(directory).maxima()
         first = identity
+
+
+def test_opening_the_default_bundle_never_builds_it(tmp_path, monkeypatch, capsys):
+    """Missing, unfinished or of an earlier recipe: a one-line error naming `dreaming default build`, nothing
+    written; the CLI says the same."""
+    import pytest
+
+    from dreaming.bundle import Bundle
+    from dreaming.cli import main
+
+    monkeypatch.setenv("DREAMING_HOME", str(tmp_path))
+    monkeypatch.delenv("DREAMING_BUNDLE", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"is not built: run `dreaming default build`"):
+        Bundle.open()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "default").mkdir()
+    for manifest, state in [({"version": DEFAULT_BUNDLE_VERSION}, "is unfinished"),
+                            ({"version": 1, "maxima": {}}, r"is of an earlier recipe \(version 1\)")]:
+        (tmp_path / "default" / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(FileNotFoundError, match=state):
+            Bundle.open()
+    with pytest.raises(SystemExit, match="dreaming default build"):
+        main(["info"])
+    assert sorted(p.name for p in (tmp_path / "default").iterdir()) == [MANIFEST]

@@ -17,7 +17,6 @@ from dreaming.corpus import (
     WritingConfig,
     build_default_corpus,
     chat_requests,
-    default_documents,
     generate_documents,
     heldout_texts,
     read_documents,
@@ -165,29 +164,24 @@ def test_tokenize_windows_max_tokens(tokenizer):
 # ----------------------------------------------------------------------------- default corpus
 
 
-def test_default_documents_deterministic_and_tagged():
-    caps = {"python-code": 300_000, "docstring": 200_000, "python-docs": 200_000}
-    first = list(default_documents(caps))
-    second = list(default_documents(caps))
-    assert first == second
-    assert {d.source for d in first[:50]} == {"python-code", "docstring", "python-docs"}
-    chars = {tag: sum(len(d.text) for d in first if d.source == tag) for tag in caps}
-    for tag, cap in caps.items():
-        assert 0.8 * cap < chars[tag] <= cap
-    assert max(len(d.text) for d in first) <= 4000
-
-
 def test_build_default_corpus_is_deterministic(tmp_path, tokenizer):
-    """The same input gives the same bytes: the stdlib part and the written part, interleaved."""
+    """The same input gives the same bytes: the stdlib part (tagged, capped, chunked) and the written part,
+    interleaved."""
     written = tmp_path / "written.jsonl.gz"
     write_documents([Document("the cat sat on the mat", "story"), Document("<|im_start|>user\nhow<|im_end|>\n", "chat")],
                     written)
-    caps = {"python-code": 20_000, "docstring": 10_000, "python-docs": 10_000}
+    caps = {"python-code": 60_000, "docstring": 30_000, "python-docs": 30_000}
     first = build_default_corpus(tokenizer, tmp_path / "a.jsonl", written=written, max_chars_per_source=caps)
     second = build_default_corpus(tokenizer, tmp_path / "b.jsonl", written=written, max_chars_per_source=caps)
     assert first["built"] and (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert first["sha256"] == second["sha256"]
     assert set(first["documents"]) == {"python-code", "docstring", "python-docs", "story", "chat"}
+    # the standard library's part: each source an even spread of about its cap, in chunks, interleaved from the start
+    documents = list(read_documents(str(tmp_path / "a.jsonl")))
+    assert {d.source for d in documents[:50]} >= {"python-code", "docstring", "python-docs"}
+    for tag, cap in caps.items():
+        assert 0.8 * cap < sum(len(d.text) for d in documents if d.source == tag) <= cap
+    assert max(len(d.text) for d in documents) <= 4000
     again = build_default_corpus(tokenizer, tmp_path / "a.jsonl", written=written)  # exists: read, not rebuilt
     assert again["built"] is False and again["sha256"] == first["sha256"] and again["tokens"] == first["tokens"]
 

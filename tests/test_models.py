@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm
-from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE, HOOKS, load_model
+from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE, load_model
+
+HOOKS = (HOOK_RESID_PRE, HOOK_RESID_MID, HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_POST)  # mlp.hook_post: test_neurons
 
 
 def hidden_states(lm, input_ids):

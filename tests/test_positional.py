@@ -15,7 +15,7 @@ def maxima(tiny_bundle):
     return tiny_bundle.maxima()
 
 
-def test_the_rule_against_a_brute_force_reading_of_the_arrays(maxima):
+def test_the_rule_against_a_brute_force_reading_of_the_arrays(maxima, tiny_bundle):
     layers, per_layer = maxima.shape
     brute = []
     for feature in (Feature(layer, index) for layer in range(layers) for index in range(per_layer)):
@@ -27,7 +27,7 @@ def test_the_rule_against_a_brute_force_reading_of_the_arrays(maxima):
         at_first = [position for _, _, position in examples].count(1)
         assert summary["first_token_share"] == (at_first / len(examples) if examples else 0.0)
     assert brute == POSITIONAL
-    assert maxima_report(maxima)["first_token"] == len(brute)
+    assert maxima_report(maxima, tiny_bundle)["first_token"] == len(brute)
 
 
 @pytest.fixture(scope="module")

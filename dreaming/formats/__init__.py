@@ -6,6 +6,7 @@
                   (config.json + params.safetensors): Gemma-3's transcoders (affine skip included) and SAEs
   saelens         SAELens folders (cfg.json + sae_weights.safetensors): its SAEs and transcoders
   sparsify        EleutherAI sparsify hookpoint folders (cfg.json + sae.safetensors): transcoders and SAEs
+  neurons         a model's MLP neurons (a neurons.yaml naming its shape; the identity encoder, generated)
   files           what every layout reads through: files, tensors, TranscoderFiles
 
 `open_transcoder(reference)` resolves a reference to its TranscoderFiles:
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from dreaming.formats import circuit_tracer, gemma_scope, saelens, sparsify
-from dreaming.formats.files import File, TranscoderFiles, download, hub_uri, parse_hub, snapshot
+from dreaming.formats import circuit_tracer, gemma_scope, neurons, saelens, sparsify
+from dreaming.formats.files import File, TranscoderFiles, download, hub_uri, parse_hub, read_yaml, snapshot
 from dreaming.transcoders import Transcoder, TranscoderConfig
 
-LAYOUTS = ("circuit-tracer-clt", "circuit-tracer-set", "gemma-scope", "gemma-scope-2", "saelens", "sparsify")
+LAYOUTS = ("circuit-tracer-clt", "circuit-tracer-set", "gemma-scope", "gemma-scope-2", "saelens", "sparsify",
+           "mlp-neurons")
 LEGACY = {"gemma": "mwhanna/gemma-scope-transcoders", "llama": "mntss/transcoder-Llama-3.2-1B"}  # circuit-tracer's
 
 
@@ -60,10 +62,14 @@ def read_config(reference) -> TranscoderConfig:
 
 
 def _open_local(path: Path) -> TranscoderFiles:
+    if path.is_dir() and (path / neurons.FILE).is_file():
+        path = path / neurons.FILE
     if path.is_file():
         if path.suffix not in (".yaml", ".yml"):
-            raise ValueError(f"{path}: expected a dictionary's directory or a config.yaml")
-        return circuit_tracer.open_directory(path)
+            raise ValueError(f"{path}: expected a dictionary's directory, a config.yaml or a neurons.yaml")
+        meta = read_yaml(path, str(path))
+        return neurons.open_yaml(str(path), path, meta) if neurons.is_neurons(meta) else \
+            circuit_tracer.open_directory(path)
     for layout in (circuit_tracer, gemma_scope, saelens, sparsify):
         files = layout.open_directory(path)
         if files is not None:

@@ -32,7 +32,7 @@ import yaml
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import SafetensorError, safe_open
 
-from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig
+from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
 
 HASH_CHUNK_BYTES = 1 << 26  # identity() reads tensors this much at a time
 
@@ -313,6 +313,11 @@ class TranscoderFiles:
         threshold = files.threshold.read() if self.config.activation == "jumprelu" else None
         return tuple(t.to(device=device, dtype=dtype) if t is not None else None for t in (W, b, threshold))
 
+    @property
+    def has_decoders(self) -> bool:
+        """Whether its files hold decoders (a model's neurons have none: `similar` and output tokens need them)."""
+        return next(iter(self._layers.values())).W_dec.exists()
+
     def decoder_rows(self, layer, lo: int, hi: int) -> torch.Tensor:
         """The decoders of features lo..hi-1 of `layer` in fp32: [rows, output layers, d_model], output layers
         layer..n_layers - 1 for a CLT, just `layer` for a set."""
@@ -446,8 +451,10 @@ def check_against_model(files: TranscoderFiles, lm) -> list[str]:
     another model name (base-model transcoders on instruct models are common), a set that covers some layers only."""
     c = files.config
     encoder = files._layers[c.layer_ids[0]].W_enc.file.name
-    if c.d_model != lm.d_model:
-        raise ValueError(f"{encoder}: d_model {c.d_model}, expected {lm.d_model} (the hidden size of {lm.name})")
+    width = lm.hook_width(c.feature_input_hook)
+    if c.d_model != width:
+        raise ValueError(f"{encoder}: d_model {c.d_model}, expected {width} (the width of {lm.name}'s "
+                         f"{c.feature_input_hook})")
     if c.kind == CLT and c.n_layers != lm.n_layers:
         raise ValueError(f"{files.reference}: {c.n_layers} layers, expected {lm.n_layers} (one per layer of "
                          f"{lm.name})")

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from dreaming.formats.files import File, LayerTensors, StoredTensor, TranscoderFiles, first_line
-from dreaming.models import (HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE)
+from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_MLP_POST, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE
 from dreaming.transcoders import SET
 
 CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -34,6 +34,7 @@ ARCHITECTURES = {
 TRANSFORMER_LENS_HOOKS = {
     "hook_resid_pre": HOOK_RESID_PRE, "hook_resid_mid": HOOK_RESID_MID, "hook_mlp_in": HOOK_RESID_MID,
     "ln2.hook_normalized": HOOK_MLP_IN, "hook_mlp_out": HOOK_MLP_OUT, "hook_resid_post": HOOK_RESID_POST,
+    "mlp.hook_post": HOOK_MLP_POST,
 }
 HOOK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 

@@ -121,8 +121,9 @@ function renderIntervals() {
     el("td", {}, shadeTokens(example.tokens, example.activations, page.dataset_max, example.max_index)))));
   fillTable("intervals-table", rows, "None kept: these dataset maxima were built before activation ranges were sampled.", 4);
   const tokens = (pairs) => pairs.map(([token, value]) => el("span", {class: "tag", title: value.toFixed(3)}, tokenText(token)));
-  $("top-tokens").replaceChildren(...tokens(page.output_tokens.top));
-  $("bottom-tokens").replaceChildren(...tokens(page.output_tokens.bottom));
+  const none = [el("span", {class: "muted"}, "none: this dictionary has no decoders")];
+  $("top-tokens").replaceChildren(...(page.output_tokens ? tokens(page.output_tokens.top) : none));
+  $("bottom-tokens").replaceChildren(...(page.output_tokens ? tokens(page.output_tokens.bottom) : none));
 }
 
 function renderPareto() {
