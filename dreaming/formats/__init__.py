@@ -30,8 +30,6 @@ from dreaming.formats import circuit_tracer, gemma_scope, neurons, saelens, spar
 from dreaming.formats.files import File, TranscoderFiles, download, hub_uri, parse_hub, read_yaml, snapshot
 from dreaming.transcoders import Transcoder, TranscoderConfig
 
-LAYOUTS = ("circuit-tracer-clt", "circuit-tracer-set", "gemma-scope", "gemma-scope-2", "saelens", "sparsify",
-           "mlp-neurons")
 LEGACY = {"gemma": "mwhanna/gemma-scope-transcoders", "llama": "mntss/transcoder-Llama-3.2-1B"}  # circuit-tracer's
 
 

@@ -362,6 +362,31 @@ class TranscoderFiles:
         return digest.hexdigest()[:16]
 
 
+def open_layer_folders(path: Path, reference: str | None, layout: str, config_name: str, weights_name: str,
+                       read_config, layer_tensors) -> TranscoderFiles | None:
+    """A dictionary kept as one folder per layer (config_name + weights_name in each: SAELens, Gemma Scope 2): the
+    folder `path` itself, or the folders in it; None when there are none. `read_config(path) -> (layer, meta)`,
+    `layer_tensors(File, meta) -> LayerTensors`; every folder must give the same meta (one kind, size and hook)."""
+    def is_folder(folder: Path) -> bool:
+        return (folder / config_name).is_file() and (folder / weights_name).is_file()
+
+    folders = [path] if is_folder(path) else sorted(p for p in path.iterdir() if p.is_dir() and is_folder(p))
+    if not folders:
+        return None
+    by_layer, first = {}, None
+    for folder in folders:
+        layer, meta = read_config(folder / config_name)
+        if first is not None and meta != first[1]:
+            differ = {k: (v, first[1].get(k)) for k, v in meta.items() if first[1].get(k) != v}
+            raise ValueError(f"{folder / config_name}: differs from {first[0]} in {differ} (one dictionary: the "
+                             f"same kind, size and hook point on every layer)")
+        if layer in by_layer:
+            raise ValueError(f"{folder / config_name}: a second dictionary for layer {layer}")
+        first = first or (folder / config_name, meta)
+        by_layer[layer] = layer_tensors(File.local(folder / weights_name), meta)
+    return TranscoderFiles(reference or str(path), layout, by_layer, first[1], str(first[0]))
+
+
 def _folded(b_enc: torch.Tensor, W_enc: torch.Tensor, input_bias: StoredTensor | None) -> torch.Tensor:
     """b_enc [n] with the input bias folded in: (x - input_bias) @ W.T + b = x @ W.T + (b - W @ input_bias), in
     fp64 (then as b_enc was stored, at least fp32)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dreaming.formats.files import File, LayerTensors, StoredTensor, TranscoderFiles, first_line
+from dreaming.formats.files import File, LayerTensors, StoredTensor, TranscoderFiles, first_line, open_layer_folders
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE
 from dreaming.transcoders import SET, Transcoder
 
@@ -56,30 +56,16 @@ def load_gemma_scope(npz_paths, feature_input_hook="mlp.hook_in", feature_output
 # --------------------------------------------------------------------------------------------- Gemma Scope 2
 
 
-def is_folder(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
 def open_directory(path: Path, reference: str | None = None) -> TranscoderFiles | None:
     """One Gemma Scope 2 folder, or a folder of them (one per layer); None when `path` is neither. `reference`: what
     the user gave (default: the path)."""
-    folders = [path] if is_folder(path) else sorted(p for p in path.iterdir() if p.is_dir() and is_folder(p))
-    if not folders:
-        return None
-    by_layer, first = {}, None
-    for folder in folders:
-        layer, meta = read_config(folder / CONFIG)
-        if first is not None and meta != first[1]:
-            raise ValueError(f"{folder / CONFIG}: differs from {first[0]} (one dictionary: the same kind and hook "
-                             f"point on every layer)")
-        if layer in by_layer:
-            raise ValueError(f"{folder / CONFIG}: a second dictionary for layer {layer}")
-        first = first or (folder / CONFIG, meta)
-        file = File.local(folder / WEIGHTS)
-        by_layer[layer] = LayerTensors(StoredTensor(file, "w_enc", transposed=True), StoredTensor(file, "b_enc"),
-                                       StoredTensor(file, "threshold"), StoredTensor(file, "b_dec"),
-                                       StoredTensor(file, "w_dec"), StoredTensor(file, "affine_skip_connection"))
-    return TranscoderFiles(reference or str(path), "gemma-scope-2", by_layer, first[1], str(first[0]))
+    return open_layer_folders(path, reference, "gemma-scope-2", CONFIG, WEIGHTS, read_config, folder_tensors)
+
+
+def folder_tensors(file: File, meta: dict) -> LayerTensors:
+    return LayerTensors(StoredTensor(file, "w_enc", transposed=True), StoredTensor(file, "b_enc"),
+                        StoredTensor(file, "threshold"), StoredTensor(file, "b_dec"), StoredTensor(file, "w_dec"),
+                        StoredTensor(file, "affine_skip_connection"))
 
 
 def read_config(path: Path) -> tuple[int, dict]:

@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from dreaming.formats.files import File, LayerTensors, StoredTensor, TranscoderFiles, first_line
+from dreaming.formats.files import File, LayerTensors, StoredTensor, TranscoderFiles, first_line, open_layer_folders
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, HOOK_MLP_POST, HOOK_RESID_MID, HOOK_RESID_POST, HOOK_RESID_PRE
 from dreaming.transcoders import SET
 
@@ -39,28 +39,10 @@ TRANSFORMER_LENS_HOOKS = {
 HOOK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
-def is_folder(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
 def open_directory(path: Path, reference: str | None = None) -> TranscoderFiles | None:
     """One SAELens folder, or a folder of them (one per layer); None when `path` is neither. `reference`: what the
     user gave (default: the path)."""
-    folders = [path] if is_folder(path) else sorted(p for p in path.iterdir() if p.is_dir() and is_folder(p))
-    if not folders:
-        return None
-    by_layer, first = {}, None
-    for folder in folders:
-        layer, meta = read_config(folder / CONFIG)
-        if first is not None and meta != first[1]:
-            differ = {k: (v, first[1].get(k)) for k, v in meta.items() if first[1].get(k) != v}
-            raise ValueError(f"{folder / CONFIG}: differs from {first[0]} in {differ} (one dictionary: the same "
-                             f"kind, size and hook point on every layer)")
-        if layer in by_layer:
-            raise ValueError(f"{folder / CONFIG}: a second dictionary for layer {layer}")
-        first = first or (folder / CONFIG, meta)
-        by_layer[layer] = layer_tensors(File.local(folder / WEIGHTS), meta)
-    return TranscoderFiles(reference or str(path), "saelens", by_layer, first[1], str(first[0]))
+    return open_layer_folders(path, reference, "saelens", CONFIG, WEIGHTS, read_config, layer_tensors)
 
 
 def layer_tensors(file: File, meta: dict) -> LayerTensors:
