@@ -44,8 +44,8 @@ demo: setup
 	$(VENV)/bin/dreaming batch --features $$features && \
 	for feature in $$(echo $$features | tr , ' '); do $(VENV)/bin/dreaming compare --feature $$feature; done
 
-# The suite, in under 10 minutes on a 2-core CPU; the tests marked slow (a real model converted from its GGUF file)
-# run apart, in `make test-slow` (CI runs both).
+# The suite, in under 10 minutes on a 2-core CPU; the tests marked slow (the real model converted from its GGUF file,
+# multi-node Ray clusters: about a minute and a half) run apart, in `make test-slow` (CI runs both).
 test: setup
 	$(PY) -m pytest -q -m "not slow"
 

@@ -52,6 +52,7 @@ def test_worker_refuses_a_bundle_with_another_identity(local_ray, tiny_bundle, t
         ray.get(worker.actor.describe.remote(), timeout=120)
 
 
+@pytest.mark.slow  # a two-node Ray cluster: `make test-slow`
 def test_one_worker_per_gpu_on_a_two_node_cluster(tiny_bundle, tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                            "object_store_memory": 100 * 1024**2})
@@ -72,6 +73,7 @@ def test_one_worker_per_gpu_on_a_two_node_cluster(tiny_bundle, tmp_path):
         cluster.shutdown()
 
 
+@pytest.mark.slow  # a node joins a running cluster: `make test-slow`
 def test_a_gpu_that_joins_the_cluster_gets_a_worker_without_a_restart(tiny_bundle, tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                            "object_store_memory": 100 * 1024**2})
