@@ -5,6 +5,7 @@ Owns:
   File, StoredTensor    one local or hub file (safetensors or .npz) and one tensor of it, read by rows
   LayerTensors          where one layer's tensors are
   TranscoderFiles       the config; encoder rows, one layer's encoder, decoder rows, everything; identity
+  open_layer_folders    a dictionary kept as one folder per layer (SAELens, Gemma Scope 2)
   check_against_model   the dictionary fits a model (layers, d_model, hooks), before any long work
 
 Every layer's tensors, as read whatever the layout stores (F features per layer):
