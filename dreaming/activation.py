@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dreaming.special_tokens import with_bos
+from dreaming.encoder import LazyEncoder
 from dreaming.features import Feature, check_feature
 from dreaming.models import LanguageModel
+from dreaming.special_tokens import with_bos
 from dreaming.templates import template_ids
 from dreaming.transcoders import Transcoder
-from dreaming.encoder import LazyEncoder
+
 MAX_TEXT_TOKENS = 1024
 
 

@@ -42,12 +42,13 @@ from dreaming.models import (
     load_model,
     shared_model,
 )
+from dreaming.encoder import LazyEncoder
+from dreaming.formats import load_transcoder, read_config
 from dreaming.paths import dreaming_home
 from dreaming.recipes import DEFAULT_RECIPE, RECIPES, recipe_of
 from dreaming.train import split_windows
 from dreaming.transcoders import Transcoder
-from dreaming.encoder import LazyEncoder
-from dreaming.formats import load_transcoder, read_config
+
 MANIFEST = "bundle.json"
 # The default bundle's recipe; a default bundle of another version is moved aside and built again.
 # 1: Python-heavy corpus, CLT of 512 features per layer. 2: diverse corpus, skip transcoder set of 2,048 fitted in

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -34,12 +33,11 @@ import numpy as np
 from dreaming.atomic import atomic_directory
 from dreaming.bundle import MANIFEST, WINDOW_LENGTH, Bundle, maxima_report
 from dreaming.corpus import Windows, read_documents, save_windows, tokenize_windows
+from dreaming.formats import neurons, open_transcoder
+from dreaming.formats.files import TranscoderFiles, check_against_model
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import LanguageModel, best_device, fast_dtype, load_model
-from dreaming.formats import neurons
-from dreaming.formats.files import TranscoderFiles, check_against_model
-from dreaming.formats.neurons import neurons_yaml
-from dreaming.formats import open_transcoder
+
 MANIFEST_FORMAT = 1  # the version of a created bundle's manifest (the fields written by `create_bundle`)
 NEURONS = "neurons"  # --transcoder neurons: the model's MLP neurons, named by a neurons.yaml in the bundle
 
@@ -79,9 +77,10 @@ def check_inputs(model: str, transcoder: str, device: str) -> tuple[LanguageMode
         lm = load_model(model, dtype=fast_dtype(device), device=device)
     except (OSError, ValueError) as error:  # from_pretrained: not a hub id, no weights, no tokenizer; unsupported
         raise ValueError(f"model {model}: {one_line(error)}") from None
-    if transcoder == NEURONS:
-        transcoder = str(neurons_yaml(lm, Path(tempfile.mkdtemp()) / neurons.FILE))
-    files = open_transcoder(transcoder)
+    if transcoder == NEURONS:  # what the bundle's neurons.yaml will say
+        files = neurons.open_neurons(NEURONS, Path(neurons.FILE), neurons.neurons_meta(lm))
+    else:
+        files = open_transcoder(transcoder)
     warnings = check_against_model(files, lm)
     for layer in files.config.layer_ids:  # every encoder readable now (a hub one fetched), not an hour in
         files.encoder_rows(layer, [0])
@@ -174,7 +173,7 @@ def create_bundle(model: str, transcoder: str, corpus: str, out: str | os.PathLi
         with atomic_directory(partial) as scratch:  # the partial bundle appears whole, with its windows
             save_windows(windows, scratch / "windows")
             if transcoder == NEURONS:
-                neurons_yaml(lm, scratch / neurons.FILE)
+                neurons.neurons_yaml(lm, scratch / neurons.FILE)
             (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))
         say(f"{len(windows):,} windows, {manifest['windows']['tokens']:,} tokens")
     bundle = Bundle.open(partial)

@@ -24,19 +24,20 @@ import torch
 
 from dreaming.activation import measure_in_template, measure_texts
 from dreaming.bundle import Bundle
+from dreaming.dashboard import feature_page
 from dreaming.dream_cache import DreamCache, same_yardstick
+from dreaming.encoder import LazyEncoder
 from dreaming.engine import DreamConfig, DreamResult, Progress, continuation, dream_many, longest_run
 from dreaming.engine.length import FALLBACK_LENGTH
 from dreaming.features import Feature, check_feature, parse_feature
-from dreaming.dashboard import feature_page
+from dreaming.formats import open_transcoder
 from dreaming.maxima import SEARCH_ORDER, Maxima, SearchOrder, search_features
 from dreaming.models import LanguageModel, best_device, fast_dtype
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
 from dreaming.templates import BARE, split_template
 from dreaming.transcoders import Transcoder
-from dreaming.encoder import LazyEncoder
-from dreaming.formats import open_transcoder, read_config
+
 MAX_TEXTS = 64
 FEATURES_PER_CALL = 8  # features dreamed together, sharing every forward pass (the CLI's --batch-size)
 # A positional feature (Maxima.first_token) asked for in the model's chat template is dreamed in this one instead:
@@ -53,7 +54,8 @@ class Explorer:
     def __init__(self, bundle: Bundle, device: str | None = None):
         self.bundle = bundle
         self.device = device or best_device()
-        self.transcoder_config = read_config(bundle.transcoder_reference)
+        self.files = open_transcoder(bundle.transcoder_reference)  # headers and configs: opened once
+        self.transcoder_config = self.files.config
 
     @classmethod
     def open(cls, directory: str | Path | None = None, device: str | None = None) -> Explorer:
@@ -257,14 +259,13 @@ class Explorer:
         dreams = self.dreams(feature) if dreams is None else dreams
         length = length or dream_length(dreams, self.dataset_max(feature)) or FALLBACK_LENGTH
         page = feature_page(self.lm, self.encoder, self.require_maxima(), feature, dreams, top, length=length)
-        files = open_transcoder(self.bundle.transcoder_reference)
-        page["output_tokens"] = output_tokens(self.lm, files, [feature])[0] if files.has_decoders else None
+        page["output_tokens"] = output_tokens(self.lm, self.files, [feature])[0] if self.files.has_decoders else None
         return page
 
     def similar(self, feature: Feature | str, top: int = 10) -> list[dict]:
         """The `top` features whose decoder directions are closest (cosine) to this one's (dreaming.similar), each
         with its density, dataset max and whether it is positional (`first_token`) when the bundle has maxima."""
-        found = similar_features(self.bundle.transcoder_reference, self.feature(feature), top)
+        found = similar_features(self.files, self.feature(feature), top)
         if self.maxima is not None:
             for hit in found:
                 summary = self.maxima.summary(parse_feature(hit["feature"]))

@@ -40,11 +40,12 @@ from tqdm import tqdm
 from dreaming.activation import layer_activations, token_pieces, tokenize_text
 from dreaming.atomic import atomic_directory
 from dreaming.corpus import Windows, load_windows, save_windows
+from dreaming.encoder import LazyEncoder
 from dreaming.features import Feature, check_feature
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import LanguageModel
 from dreaming.transcoders import Transcoder
-from dreaming.encoder import LazyEncoder
+
 FORMAT_VERSION = 1
 # Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];
 # the last bin also takes everything above the top edge. Log-spaced, 8 per decade, so any scale fits.

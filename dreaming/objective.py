@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from dreaming.generate import pick_tokens
-from dreaming.special_tokens import with_bos
+from dreaming.encoder import LazyEncoder
 from dreaming.features import Feature, check_feature
+from dreaming.generate import pick_tokens
 from dreaming.models import LanguageModel
+from dreaming.special_tokens import with_bos
 from dreaming.templates import template_ids
 from dreaming.transcoders import Transcoder
-from dreaming.encoder import LazyEncoder
+
 POSITIONS = ("last", "max")
 MIN_CHUNK = 32  # children per forward pass at least (see Scorer.score_children)
 CPU_BATCH, GPU_BATCH = 128, 1024  # rows per forward pass by default on a CPU and on a GPU

@@ -15,9 +15,11 @@ import torch
 
 from dreaming.activation import token_pieces
 from dreaming.features import Feature, check_feature
-from dreaming.models import LanguageModel
-from dreaming.formats.files import TranscoderFiles
 from dreaming.formats import open_transcoder
+from dreaming.formats.files import TranscoderFiles
+from dreaming.models import LanguageModel
+
+
 def output_directions(transcoder: str | Path | TranscoderFiles, features: list[Feature]) -> torch.Tensor:
     """[n, d_model] fp32: each feature's decoder summed over the layers it writes to (read row by row);
     `transcoder`: any reference `open_transcoder` takes, or open files."""

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from dreaming.features import Feature, check_feature, parse_feature
-from dreaming.formats.files import TranscoderFiles
 from dreaming.formats import open_transcoder
+from dreaming.formats.files import TranscoderFiles
 from dreaming.transcoders import CLT
+
 # Features read at once: a chunk of a CLT's layer 0 is [CHUNK_ROWS, n_layers, d_model] fp32, 17 MB at 30 layers of
 # 576; the peak is about two chunks (experiments/results/similar_features.md).
 CHUNK_ROWS = 256

@@ -27,9 +27,11 @@ import torch
 from tqdm import tqdm
 
 from dreaming.corpus import Windows
+from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel, fast_dtype
 from dreaming.transcoders import SET, Transcoder, TranscoderConfig
-from dreaming.formats.circuit_tracer import save_transcoder
+
+
 @dataclass
 class TrainConfig:
     """Options of `train_transcoder`; the flags of `dreaming train-transcoder` use the same names."""

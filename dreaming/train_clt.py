@@ -40,10 +40,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dreaming.corpus import Windows
+from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.models import LanguageModel
 from dreaming.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
 from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
-from dreaming.formats.circuit_tracer import save_transcoder
+
+
 @dataclass
 class CLTConfig:
     """Options of `train_clt`; the flags of `dreaming train-transcoder --recipe clt` use the same names."""

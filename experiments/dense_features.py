@@ -39,14 +39,15 @@ from torch.nn.functional import normalize
 
 from dreaming.activation import layer_activations
 from dreaming.bundle import default_bundle_dir
+from dreaming.dashboard import render_examples
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
-from dreaming.dashboard import render_examples
+from dreaming.formats import open_transcoder, read_config
 from dreaming.maxima import DENSE_ABOVE, Maxima
 from dreaming.output_tokens import output_directions, output_tokens
 from dreaming.similar import similar_features
-from dreaming.formats import open_transcoder, read_config
 from dreaming.transcoders import CLT
+
 DENSEST = 10
 EXAMPLES = 4  # top dataset examples shown per feature
 SHOWN = 8  # tokens shown per list (promotes, suppresses)

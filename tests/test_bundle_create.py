@@ -16,12 +16,13 @@ from dreaming import maxima_checkpoint
 from dreaming.bundle import Bundle
 from dreaming.cli import main
 from dreaming.corpus import Document, read_documents, tokenize_windows, write_documents
+from dreaming.encoder import LazyEncoder
 from dreaming.explorer import Explorer
+from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import fast_dtype, load_model
 from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig
-from dreaming.formats.circuit_tracer import save_transcoder
-from dreaming.encoder import LazyEncoder
+
 MAXIMA = ["--top-k", "3", "--batch-windows", "4", "--window-length", "32"]
 CONFIG = MaximaConfig(top_k=3, batch_windows=4)
 
@@ -57,6 +58,16 @@ def create(model, transcoder, corpus, out, *extra):
     main(["bundle", "create", "--model", str(model), "--transcoder", str(transcoder), "--corpus", str(corpus),
           "--out", str(out), *MAXIMA, *extra])
     print(f"bundle create: {time.perf_counter() - started:.2f}s", file=sys.stderr)
+
+
+def cli_json(capsys, bundle):
+    """`dreaming ARGS --bundle BUNDLE --json` as a function of ARGS, returning its output parsed."""
+    def run(*argv):
+        capsys.readouterr()
+        main([*argv, "--bundle", str(bundle), "--json"])
+        return json.loads(capsys.readouterr().out)
+
+    return run
 
 
 def direct_maxima(model_dir, transcoder_dir, corpus, identity, out):

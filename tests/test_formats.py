@@ -17,16 +17,15 @@ import yaml
 from safetensors.numpy import save_file
 
 from conftest import make_tiny_lm, make_tiny_transcoder, random_windows
-from dreaming.formats import files as format_files
+from dreaming.encoder import LazyEncoder
+from dreaming.formats import files as format_files, load_transcoder, open_transcoder
+from dreaming.formats.circuit_tracer import save_transcoder
+from dreaming.formats.files import check_against_model
 from dreaming.maxima import MaximaConfig, accumulate, batch_count
 from dreaming.models import canonical_hook, load_model
 from dreaming.similar import similar_features
-from dreaming.formats.files import check_against_model
-from dreaming.formats import open_transcoder
 from dreaming.transcoders import CLT, SET
-from dreaming.formats.circuit_tracer import save_transcoder
-from dreaming.encoder import LazyEncoder
-from dreaming.formats import load_transcoder
+
 ARCHITECTURES = ["llama", "gemma2", "qwen3", "gpt2"]
 N_LAYERS, F, K = 3, 16, 4  # layers (the tiny models'), features per layer, k of the topk transcoders
 COMMIT, OTHER_COMMIT = "a" * 40, "b" * 40

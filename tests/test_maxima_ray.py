@@ -15,11 +15,12 @@ from conftest import make_tiny_transcoder, random_windows
 from dreaming import maxima_checkpoint
 from dreaming.bundle import MANIFEST, Bundle
 from dreaming.cli import main
+from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.maxima import MaximaAccumulator, MaximaConfig, accumulate, batch_count, build_maxima
-from dreaming.models import fast_dtype
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.maxima_ray import build_maxima_ray
-from dreaming.formats.circuit_tracer import save_transcoder
+from dreaming.models import fast_dtype
+
 CONFIG = MaximaConfig(top_k=4, batch_windows=2)  # 24 windows: 12 batches, 6 shards of 2 batches over 2 actors
 TIMINGS = ("seconds", "tokens_per_second")
 

@@ -3,12 +3,12 @@ written out from its weights (Llama, Gemma-3, GPT-2); `bundle create --transcode
 latent L/i is neuron i of layer L (relu'd), measured, searched and dreamed like any feature, each dream re-measured
 from its text; what needs decoders says it has none."""
 
-import json
-
 import pytest
 import torch
 
 from conftest import make_tiny_lm
+from test_bundle_create import cli_json, create, model_dir, write_corpus  # noqa: F401 (model_dir: a fixture)
+from dreaming.cli import main
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_POST
 
 
@@ -30,23 +30,10 @@ def test_the_neurons_hook_is_the_mlp_hidden_activation(tiny_tokenizer, family):
         torch.testing.assert_close(neurons, hidden_by_hand(lm, values[(HOOK_MLP_IN, 1)], 1, family))
 
 
-def test_a_bundle_of_a_model_s_neurons(tmp_path, tiny_lm, capsys):
-    from test_bundle_create import MAXIMA, write_corpus
-
-    from dreaming.cli import main
-
-    model_dir = tmp_path / "tiny-llama"
-    tiny_lm.model.save_pretrained(model_dir)
-    tiny_lm.tokenizer.save_pretrained(model_dir)
+def test_a_bundle_of_a_model_s_neurons(tmp_path, tiny_lm, model_dir, capsys):
     out = tmp_path / "bundle"
-    main(["bundle", "create", "--model", str(model_dir), "--transcoder", "neurons", "--corpus",
-          str(write_corpus(tmp_path / "corpus.jsonl", 30)), "--out", str(out), *MAXIMA])
-
-    def run(*argv):
-        capsys.readouterr()
-        main([*argv, "--bundle", str(out), "--json"])
-        return json.loads(capsys.readouterr().out)
-
+    create(model_dir, "neurons", write_corpus(tmp_path / "corpus.jsonl", 30), out)
+    run = cli_json(capsys, out)
     info = run("info")
     assert info["transcoder"]["layout"] == "mlp-neurons" and info["transcoder"]["features"] == 3 * 64
     assert info["transcoder"]["input_hook"] == HOOK_MLP_POST and (out / "neurons.yaml").exists()

@@ -6,9 +6,11 @@ import torch
 from conftest import make_tiny_transcoder
 from dreaming.activation import token_pieces
 from dreaming.features import Feature
+from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.output_tokens import output_tokens
 from dreaming.transcoders import SET, Transcoder, TranscoderConfig
-from dreaming.formats.circuit_tracer import save_transcoder
+
+
 def direct(lm, transcoder: Transcoder, feature: Feature, k: int):
     if transcoder.config.kind == SET:
         direction = transcoder.W_dec[feature.layer, feature.index]

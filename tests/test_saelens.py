@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm
+from test_bundle_create import cli_json, create, model_dir, write_corpus  # noqa: F401 (model_dir: a fixture)
 from dreaming.activation import feature_activations
+from dreaming.cli import main
 from dreaming.encoder import LazyEncoder
 from dreaming.features import Feature
 from dreaming.formats import open_transcoder
@@ -138,27 +140,14 @@ def test_what_is_not_read_is_refused_naming_the_field(tmp_path):
         open_transcoder(tmp_path / "mixed" / "standard")
 
 
-def test_a_bundle_of_an_saelens_sae_on_some_layers(tmp_path, tiny_lm, capsys):
+def test_a_bundle_of_an_saelens_sae_on_some_layers(tmp_path, tiny_lm, model_dir, capsys):
     """`bundle create` with a residual-stream SAE that SAELens saved for layers 0 and 2: info names the layers, the
     maxima cover those only, activation equals SAELens's encode of the model's hidden state, search, compare and a
     dream (bare template: the tiny model has no chat template) work, and a layer it lacks is a one-line error."""
-    from test_bundle_create import MAXIMA, write_corpus
-
-    from dreaming.cli import main
-
     saes = saved(tmp_path, "standard")
-    model_dir = tmp_path / "tiny-llama"
-    tiny_lm.model.save_pretrained(model_dir)
-    tiny_lm.tokenizer.save_pretrained(model_dir)
     out = tmp_path / "bundle"
-    main(["bundle", "create", "--model", str(model_dir), "--transcoder", str(tmp_path / "standard"), "--corpus",
-          str(write_corpus(tmp_path / "corpus.jsonl", 30)), "--out", str(out), *MAXIMA])
-
-    def run(*argv):
-        capsys.readouterr()
-        main([*argv, "--bundle", str(out), "--json"])
-        return json.loads(capsys.readouterr().out)
-
+    create(model_dir, tmp_path / "standard", write_corpus(tmp_path / "corpus.jsonl", 30), out)
+    run = cli_json(capsys, out)
     info = run("info")
     assert info["transcoder"]["layer_ids"] == LAYERS and info["transcoder"]["layout"] == "saelens"
     assert info["maxima"]["features"] == len(LAYERS) * F and info["transcoder"]["input_hook"] == HOOK_RESID_POST

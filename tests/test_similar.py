@@ -8,10 +8,11 @@ import torch
 
 from dreaming.cli import main
 from dreaming.features import parse_feature
+from dreaming.formats import load_transcoder, read_config
+from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.similar import similar_features
 from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig
-from dreaming.formats.circuit_tracer import save_transcoder
-from dreaming.formats import load_transcoder, read_config
+
 N_LAYERS, D_MODEL, FEATURES = 3, 8, 24
 ZERO = ["0/5", "2/0", "2/23"]  # features whose decoders are all zeros
 

@@ -13,8 +13,9 @@ from dreaming.train import (
     spherical_kmeans,
     train_transcoder,
 )
-from dreaming.transcoders import SET
 from dreaming.formats import load_transcoder
+from dreaming.transcoders import SET
+
 SMALL = dict(features_per_layer=16, k=3, fit_tokens=64 * 12, kmeans_iterations=4, batch_windows=8, heldout_windows=6)
 
 

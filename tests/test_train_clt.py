@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import random_windows
-from dreaming.train_clt import CLTConfig, TrainingCLT, Units, activation_batches, batch_topk, train_clt
 from dreaming.formats import load_transcoder
+from dreaming.train_clt import CLTConfig, TrainingCLT, Units, activation_batches, batch_topk, train_clt
 from dreaming.transcoders import CLT
+
 SMALL = dict(features_per_layer=16, k=3, tokens=6 * 128, batch_tokens=128, buffer_tokens=256, init_tokens=64,
              init_k=3, batch_windows=8, heldout_windows=6, lr=3e-3)
 

@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import save_file
 
 from dreaming import transcoders as T
-from dreaming.formats import circuit_tracer
-from dreaming.transcoders import Transcoder, TranscoderConfig
-from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.encoder import LazyEncoder
+from dreaming.formats import circuit_tracer, load_transcoder
+from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.formats.gemma_scope import load_gemma_scope
-from dreaming.formats import load_transcoder
+from dreaming.transcoders import Transcoder, TranscoderConfig
+
 N, D, F = 3, 8, 16  # layers, d_model, features
 
 

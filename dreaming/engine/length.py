@@ -14,12 +14,13 @@ and including the example's max token, measured alone after BOS (`cut_examples`)
 from __future__ import annotations
 
 from dreaming.activation import measure_token_ids
+from dreaming.encoder import LazyEncoder
 from dreaming.engine.results import LengthChoice
 from dreaming.features import Feature
 from dreaming.models import LanguageModel
 from dreaming.objective import cross_entropy
 from dreaming.transcoders import Transcoder
-from dreaming.encoder import LazyEncoder
+
 LENGTHS = (8, 12, 16, 24, 32, 48, 64)  # the lengths the rule tries
 KEEP = 0.95  # the shortest length whose best cut example keeps this share of the best over all lengths wins
 EXAMPLES = 10  # top dataset examples the rule and the yardstick read (a feature page shows as many)

@@ -16,6 +16,7 @@ import time
 import torch
 
 from dreaming.activation import measure_token_ids
+from dreaming.encoder import LazyEncoder
 from dreaming.engine.config import DreamConfig, same_search
 from dreaming.engine.length import Contexts, choose_length, length_matched_max
 from dreaming.engine.results import (ENGINE_VERSION, DreamedPrompt, DreamResult, best_fluent, best_novel,
@@ -28,7 +29,8 @@ from dreaming.models import LanguageModel, load_model
 from dreaming.objective import Scorer, cross_entropy, make_target
 from dreaming.templates import default_template
 from dreaming.transcoders import Transcoder
-from dreaming.encoder import LazyEncoder
+
+
 def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features: list[Feature], config: DreamConfig,
                dataset_maxes: list[float | None], progress: Progress | None = None,
                measure_lm: LanguageModel | None = None, contexts: list[Contexts | None] | None = None,
@@ -94,7 +96,8 @@ def dream_many(lm: LanguageModel, transcoder: Transcoder | LazyEncoder, features
         results.append(DreamResult(
             feature=str(feature), model=lm.name, config=config, engine_version=ENGINE_VERSION,
             prompt_length=lengths[i], length_choice=choices[i], search_dtype=str(lm.dtype).removeprefix("torch."),
-            template=template, template_origin=template_origin, seed=config.seed, seeds=seeds, seconds=0.0, dataset_max=yardstick, scale_note=scales[i][1],
+            template=template, template_origin=template_origin, seed=config.seed, seeds=seeds, seconds=0.0,
+            dataset_max=yardstick, scale_note=scales[i][1],
             frontier=pareto_front(prompts), best_fluent=best_fluent(prompts), best_novel=best_novel(prompts),
             diverse=diverse_set(prompts, len(scorer.suffix_ids)), iterations=done, stopped=stopped,
             timings={"length_seconds": length_seconds, "start_seconds": search.start_seconds,

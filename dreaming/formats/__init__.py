@@ -66,7 +66,7 @@ def _open_local(path: Path) -> TranscoderFiles:
         if path.suffix not in (".yaml", ".yml"):
             raise ValueError(f"{path}: expected a dictionary's directory, a config.yaml or a neurons.yaml")
         meta = read_yaml(path, str(path))
-        return neurons.open_yaml(str(path), path, meta) if neurons.is_neurons(meta) else \
+        return neurons.open_neurons(str(path), path, meta) if neurons.is_neurons(meta) else \
             circuit_tracer.open_directory(path)
     for layout in (circuit_tracer, gemma_scope, saelens, sparsify):
         files = layout.open_directory(path)
@@ -92,7 +92,7 @@ def _open_hub(reference: str, repo_id: str, folder: str, revision: str | None) -
     root = snapshot(repo_id, folder, revision, ["cfg.json", "*/cfg.json", "config.json", "*/config.json"])
     configs = sorted(root.glob("*/cfg.json")) or sorted(root.glob("cfg.json"))
     folders = sorted(root.glob("*/config.json")) or sorted(root.glob("config.json"))
-    if not configs and any("hf_hook_point_in" in json.loads(path.read_text()) for path in folders[:1]):
+    if not configs and folders and "hf_hook_point_in" in json.loads(folders[0].read_text()):
         local = snapshot(repo_id, folder, revision, ["config.json", "*/config.json", gemma_scope.WEIGHTS,
                                                      f"*/{gemma_scope.WEIGHTS}"])
         return gemma_scope.open_directory(local, reference)

@@ -4,7 +4,7 @@ raises it above zero as a feature's. No file holds weights: a neurons.yaml names
 is the identity, generated on read. No decoders are read (`similar` and the output tokens refuse it).
 
 neurons.yaml: {dictionary: mlp-neurons, n_layers, d_mlp, model_name, layers (optional: some only)};
-`neurons_yaml(lm)` writes what a model has (`dreaming bundle create --transcoder neurons` does).
+`neurons_yaml(lm, path)` writes what a model has (`dreaming bundle create --transcoder neurons` does).
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ class Identity:
         return Path(self.name)
 
 
-def neurons_yaml(lm, path: Path, layers: list[int] | None = None) -> Path:
-    """Write the neurons.yaml of `lm` (every layer, or `layers`) at `path`."""
-    meta = {"dictionary": KIND, "n_layers": lm.n_layers, "d_mlp": lm.hook_width(HOOK_MLP_POST), "model_name": lm.name}
-    if layers is not None:
-        meta["layers"] = sorted(layers)
-    path.write_text(yaml.safe_dump(meta, sort_keys=False))
+def neurons_meta(lm) -> dict:
+    """What the neurons.yaml of `lm` says: every layer's neurons."""
+    return {"dictionary": KIND, "n_layers": lm.n_layers, "d_mlp": lm.hook_width(HOOK_MLP_POST), "model_name": lm.name}
+
+
+def neurons_yaml(lm, path: Path) -> Path:
+    """Write the neurons.yaml of `lm` at `path`."""
+    path.write_text(yaml.safe_dump(neurons_meta(lm), sort_keys=False))
     return path
 
 
@@ -60,8 +62,8 @@ def is_neurons(meta: dict) -> bool:
     return meta.get("dictionary") == KIND
 
 
-def open_yaml(reference: str, path: Path, meta: dict) -> TranscoderFiles:
-    """The neurons a neurons.yaml names."""
+def open_neurons(reference: str, path: Path, meta: dict) -> TranscoderFiles:
+    """The neurons a neurons.yaml at `path` (what errors name) says, `meta` its content."""
     try:
         n_layers, width = int(meta["n_layers"]), int(meta["d_mlp"])
         layers = [int(l) for l in meta.get("layers") or range(n_layers)]
