@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
-from dreaming.bundle import build_default_bundle
-from dreaming.corpus import Windows
+from dreaming.build.default import build_default_bundle
 from dreaming.maxima import MaximaConfig, build_maxima
+from dreaming.windows import Windows
 
 
 def main():

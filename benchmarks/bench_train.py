@@ -2,7 +2,7 @@
 
 Prints tokens/s of the bf16 forward pass that captures every layer's MLP input and output, the seconds of one
 layer's closed-form fit (skip, k-means, encoders, thresholds, least squares) for several features per layer, on
-the same activations (random token ids), and the tokens/s of the CLT's gradient steps (dreaming/train_clt.py:
+the same activations (random token ids), and the tokens/s of the CLT's gradient steps (dreaming/build/train_clt.py:
 encode, BatchTopK, sparse decode into every later layer, backward, Adam) for each width, with each step's parts.
 
     python benchmarks/bench_train.py [--tokens 16384] [--features 1024,2048,4096] [--clt-features 512,1024,2048]
@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from dreaming.build.train import TrainConfig, fit_layer, layer_activations
+from dreaming.build.train_clt import TrainingCLT, batch_topk
 from dreaming.models import best_device, load_model
-from dreaming.train import TrainConfig, fit_layer, layer_activations
-from dreaming.train_clt import TrainingCLT, batch_topk
 
 
 def clt_step_seconds(x: torch.Tensor, y: torch.Tensor, features: int, k: int, steps: int = 3) -> dict:

@@ -23,7 +23,8 @@ import json, sys, torch
 from collections import Counter
 from torch.utils._python_dispatch import TorchDispatchMode
 torch.set_num_threads({threads})
-from dreaming.bundle import Bundle, build_default_bundle
+from dreaming.build.default import build_default_bundle
+from dreaming.bundle import Bundle
 try:
     from dreaming.engine import DreamConfig, dream_many
 except ImportError:  # an engine before the package (version 4 and earlier)

@@ -23,13 +23,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dreaming.bundle import Bundle, MANIFEST, default_bundle_dir, maxima_report  # noqa: E402
-from dreaming.corpus import load_windows, save_windows  # noqa: E402
+from dreaming.bundle import MANIFEST, Bundle, default_bundle_dir, maxima_report  # noqa: E402
 from dreaming.formats import read_config  # noqa: E402
 from dreaming.formats.circuit_tracer import save_transcoder  # noqa: E402
 from dreaming.maxima import MaximaConfig, build_maxima  # noqa: E402
 from dreaming.models import LanguageModel, best_device, ensure_default_model  # noqa: E402
 from dreaming.transcoders import Transcoder, TranscoderConfig  # noqa: E402
+from dreaming.windows import load_windows, save_windows  # noqa: E402
 
 MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja"]

@@ -1,5 +1,5 @@
 """A bundle: a model, its transcoder, a corpus cut into token windows (and later the dataset maxima),
-located by one directory with a `bundle.json` manifest. Builds the default bundle.
+located by one directory with a `bundle.json` manifest. Building one is dreaming/build/.
 
 Layout of a bundle directory:
     bundle.json        manifest: model, transcoder, corpus stats, build times, the transcoder's evaluation report
@@ -12,63 +12,29 @@ Layout of a bundle directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreaming.atomic import write_text_atomically
-from dreaming.corpus import (
-    Windows,
-    build_default_corpus,
-    load_windows,
-    read_documents,
-    save_windows,
-    tokenize_windows,
-)
-from dreaming.evaluate import transcoder_report
-from dreaming.maxima import DENSE_ABOVE, Maxima, MaximaConfig, build_maxima, load_maxima
-from dreaming.models import (
-    DEFAULT_MODEL,
-    LanguageModel,
-    best_device,
-    default_model_dir,
-    ensure_default_model,
-    fast_dtype,
-    load_model,
-    shared_model,
-)
 from dreaming.encoder import LazyEncoder
-from dreaming.formats import load_transcoder, read_config
+from dreaming.formats import load_transcoder, open_transcoder, read_config
+from dreaming.maxima import DENSE_ABOVE, Maxima, load_maxima
+from dreaming.models import LanguageModel, shared_model
 from dreaming.paths import dreaming_home
-from dreaming.recipes import DEFAULT_RECIPE, RECIPES, recipe_of
-from dreaming.train import split_windows
 from dreaming.transcoders import Transcoder
+from dreaming.windows import Windows, load_windows
 
 MANIFEST = "bundle.json"
 # The default bundle's recipe; a default bundle of another version is moved aside and built again.
 # 1: Python-heavy corpus, CLT of 512 features per layer. 2: diverse corpus, skip transcoder set of 2,048 fitted in
-# closed form. 3: the same corpus, a CLT trained by gradient from that fit (dreaming/train_clt.py). 4: that CLT
+# closed form. 3: the same corpus, a CLT trained by gradient from that fit (dreaming/build/train_clt.py). 4: that CLT
 # trained on fewer tokens (81,920), so that a fresh build fits its time budget.
 DEFAULT_BUNDLE_VERSION = 4
 WINDOW_LENGTH = 128
-
-
-def transcoder_identity(model_name: str, transcoder_dir: Path) -> str:
-    """Hash of the model name, the transcoder's config and its encoder files, whole (weights, biases and
-    thresholds: everything a feature's activation depends on; the decoders are not read by any measurement)."""
-    digest = hashlib.sha256(model_name.encode())
-    for path in sorted(transcoder_dir.iterdir()):
-        if path.name == "config.yaml" or path.name.startswith(("W_enc_", "layer_")):
-            digest.update(f"{path.name}:{path.stat().st_size}".encode())
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 DEFAULT_BUNDLE_NAME = "default"  # the name of the default bundle, served when none is named
@@ -119,6 +85,9 @@ class Bundle:
                          DEFAULT_BUNDLE_VERSION else f"is of an earlier recipe (version {manifest.get('version', 1)})")
                 raise FileNotFoundError(f"the default bundle ({directory}) {state}: run `dreaming default build` "
                                         f"(about 1.5 hours on a 2-core CPU), or give --bundle DIR")
+            if not (manifest.get("transcoder") or {}).get("identity"):
+                raise FileNotFoundError(f"the default bundle ({directory}) was built before bundles recorded their "
+                                        "identity: run `dreaming default build` once (seconds: it records it)")
         directory = Path(directory)
         if not (directory / MANIFEST).exists():
             raise FileNotFoundError(f"{directory} is not a bundle (no {MANIFEST}); make one with "
@@ -169,13 +138,15 @@ class Bundle:
 
     @property
     def identity(self) -> str:
-        """A fingerprint of the model and the transcoder: maxima and cached dreams are keyed by it. A created bundle
-        records it (hashing a large transcoder on every open would be slow); the default bundle's is computed."""
+        """A fingerprint of the model and the transcoder's encoders (`TranscoderFiles.identity`): maxima and cached
+        dreams are keyed by it. Recorded in the manifest when the bundle is made (hashing a large transcoder on every
+        open would be slow), else computed once."""
         recorded = (self.manifest.get("transcoder") or {}).get("identity")
         if recorded:
             return recorded
         if "_identity" not in self.__dict__:
-            self.__dict__["_identity"] = transcoder_identity(self.manifest["model_name"], self.transcoder_reference)
+            files = open_transcoder(self.transcoder_reference)
+            self.__dict__["_identity"] = files.identity(self.manifest["model_name"])
         return self.__dict__["_identity"]
 
     def maxima(self) -> Maxima | None:
@@ -200,7 +171,7 @@ def bundle_info(bundle: Bundle) -> dict:
         "transcoder": {
             "reference": str(bundle.transcoder_reference),
             "layout": recorded.get("layout", "circuit-tracer"),
-            "recipe": manifest.get("recipe"),  # how the default bundle's transcoder was trained (dreaming/recipes.py)
+            "recipe": manifest.get("recipe"),  # how the default bundle's transcoder was trained (dreaming/build/recipes.py)
             "kind": transcoder.kind,
             "layers": len(transcoder.layer_ids),
             "layer_ids": transcoder.layer_ids,  # the model layers it has (a per-layer set may have some only)
@@ -218,97 +189,6 @@ def bundle_info(bundle: Bundle) -> dict:
         "build_seconds": manifest.get("build_seconds", {}),
         "created": {key: manifest[key] for key in ("created", "arguments", "device", "warnings") if key in manifest},
     }
-
-
-def current_default_manifest(directory: Path) -> dict:
-    """The manifest of the default bundle in `directory` ({} when there is none). A bundle of an earlier default
-    recipe (another corpus and transcoder) is moved aside, untouched, to `<directory>.v<version>`, so that no step
-    of the current recipe is skipped because an old one finished, and nothing built before is lost."""
-    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
-    if not manifest or manifest.get("version") == DEFAULT_BUNDLE_VERSION:
-        return manifest
-    old = manifest.get("version", 1)
-    kept, copies = directory.with_name(f"{directory.name}.v{old}"), 1
-    while kept.exists():
-        kept, copies = directory.with_name(f"{directory.name}.v{old}-{copies}"), copies + 1
-    directory.rename(kept)
-    directory.mkdir()
-    print(f"[default build] {directory} held the default bundle of an earlier recipe (version {old}); moved it to "
-          f"{kept}, building version {DEFAULT_BUNDLE_VERSION}", flush=True)
-    return {}
-
-
-def build_default_bundle(directory: Path | None = None, config=None,
-                         progress: bool = True) -> Bundle:
-    """Build (idempotently: finished steps are skipped) the default bundle: model cache, corpus, windows,
-    transcoder (`config`: a recipe's config, dreaming/recipes.py; default: the default recipe's), maxima.
-
-    Each step records its wall time in the manifest under "build_seconds".
-    """
-    directory = Path(directory or default_bundle_dir())
-    directory.mkdir(parents=True, exist_ok=True)
-    manifest = current_default_manifest(directory)
-    bundle = Bundle(directory, manifest)
-    manifest.setdefault("version", DEFAULT_BUNDLE_VERSION)
-    manifest.setdefault("model", "default")
-    manifest.setdefault("model_name", DEFAULT_MODEL)
-    times = manifest.setdefault("build_seconds", {})
-    config = config or RECIPES[DEFAULT_RECIPE].config()
-
-    def step(name: str, done: bool, work) -> None:
-        if done:
-            return
-        print(f"[default build] {name} ...", flush=True)
-        started = time.perf_counter()
-        work()
-        times[name] = round(time.perf_counter() - started, 1)
-        bundle.save_manifest()
-        print(f"[default build] {name} done in {times[name]:.0f}s", flush=True)
-
-    step("model", (default_model_dir() / "model.safetensors").exists(), lambda: ensure_default_model(verbose=progress))
-    lm = None
-
-    def model() -> LanguageModel:
-        nonlocal lm
-        if lm is None:
-            lm = load_model("default", dtype=fast_dtype(best_device()), device=best_device())
-        return lm
-
-    def corpus():
-        stats = build_default_corpus(model().tokenizer, bundle.corpus_path)
-        manifest["corpus"] = {key: stats[key] for key in ("sha256", "documents", "chars", "tokens")}
-
-    step("corpus", (bundle.corpus_path).exists() and "corpus" in manifest, corpus)
-
-    def windows():
-        tokenizer = model().tokenizer
-        cut = tokenize_windows(read_documents(str(bundle.corpus_path)), tokenizer,
-                               window_length=WINDOW_LENGTH, bos_token_id=model().bos_token_id, progress=progress)
-        save_windows(cut, bundle.windows_dir)
-        manifest["windows"] = {"count": len(cut), "window_length": WINDOW_LENGTH, "tokens": int(cut.lengths.sum())}
-
-    step("windows", bundle.windows_dir.exists(), windows)
-
-    def transcoder():
-        cut = bundle.windows()
-        if not (directory / "transcoder").exists():  # else trained already, and only the evaluation was cut short
-            RECIPES[recipe_of(config)].train(model(), cut, config, directory / "transcoder", progress=progress)
-        manifest["recipe"] = recipe_of(config)
-        manifest["train_config"] = asdict(config)
-        heldout = split_windows(cut, config.heldout_windows, config.seed)[1]
-        manifest["transcoder_report"] = transcoder_report(model(), bundle.load_transcoder(device=model().device), cut,
-                                                          heldout, progress=progress)
-
-    step("transcoder", (directory / "transcoder").exists() and "transcoder_report" in manifest, transcoder)
-
-    def maxima():
-        encoder = bundle.load_encoder(device=model().device, dtype=model().dtype)  # encoders only, in the pass's dtype
-        built = build_maxima(model(), encoder, bundle.windows(),
-                             bundle.maxima_dir, bundle.identity, MaximaConfig(), progress=progress)
-        manifest["maxima"] = maxima_report(built, bundle)
-
-    step("maxima", (bundle.maxima_dir / "maxima.safetensors").exists() and "maxima" in manifest, maxima)
-    return bundle
 
 
 def maxima_report(maxima: Maxima, bundle: Bundle) -> dict:

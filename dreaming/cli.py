@@ -58,7 +58,7 @@ def _boolean(text: str) -> bool:
 
 
 def _recipe_name(config_class) -> str:
-    from dreaming.recipes import RECIPES
+    from dreaming.build.recipes import RECIPES
 
     return next((name for name, recipe in RECIPES.items() if recipe.config is config_class), config_class.__name__)
 
@@ -72,7 +72,7 @@ def config_from_args(config_class, args: argparse.Namespace):
 def add_bundle_argument(parser: argparse.ArgumentParser) -> None:
     """--bundle, the same on every command that reads a bundle; `open_bundle` resolves it."""
     parser.add_argument("--bundle", help="bundle directory (default: $DREAMING_BUNDLE, else the default bundle, "
-                        "built if missing)")
+                        "never built here: `dreaming default build`)")
 
 
 def open_bundle(args):
@@ -108,7 +108,7 @@ def print_json(document) -> None:
 
 
 def cmd_default_build(args) -> None:
-    from dreaming.bundle import build_default_bundle
+    from dreaming.build.default import build_default_bundle
 
     bundle = build_default_bundle()
     print(f"default bundle ready in {bundle.directory}")
@@ -116,8 +116,8 @@ def cmd_default_build(args) -> None:
 
 
 def cmd_bundle_create(args) -> None:
+    from dreaming.build.create import create_bundle
     from dreaming.bundle import bundle_info
-    from dreaming.bundle_create import create_bundle
     from dreaming.maxima import MaximaConfig
 
     check_ray_arguments(args)
@@ -249,8 +249,7 @@ def print_evaluation_summary(report: dict) -> None:
 def cmd_corpus_write(args) -> None:
     import time
 
-
-    from dreaming.corpus import WritingConfig, corpus_stats, file_sha256, generate_documents, write_documents
+    from dreaming.build.corpus import WritingConfig, corpus_stats, file_sha256, generate_documents, write_documents
     from dreaming.models import best_device, fast_dtype, load_model
 
     config = config_from_args(WritingConfig, args)
@@ -272,11 +271,11 @@ def cmd_corpus_write(args) -> None:
 
 def cmd_train_transcoder(args) -> None:
 
-    from dreaming.corpus import read_documents, tokenize_windows
-    from dreaming.evaluate import transcoder_report
+    from dreaming.build.corpus import read_documents, tokenize_windows
+    from dreaming.build.evaluate import transcoder_report
+    from dreaming.build.recipes import RECIPES
+    from dreaming.build.train import split_windows
     from dreaming.models import best_device, fast_dtype, load_model
-    from dreaming.recipes import RECIPES
-    from dreaming.train import split_windows
 
     recipe = RECIPES[args.recipe]
     own = {name for name, *_ in _config_fields(recipe.config)}
@@ -305,8 +304,8 @@ def cmd_train_transcoder(args) -> None:
 
 def cmd_maxima_build(args) -> None:
 
+    from dreaming.build.corpus import read_documents, tokenize_windows
     from dreaming.bundle import maxima_report
-    from dreaming.corpus import read_documents, tokenize_windows
     from dreaming.maxima import MaximaConfig, build_maxima
     from dreaming.models import best_device, fast_dtype
 
@@ -655,10 +654,10 @@ def cmd_serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dreaming.build.corpus import WritingConfig
+    from dreaming.build.recipes import DEFAULT_RECIPE, RECIPES
     from dreaming.bundle import WINDOW_LENGTH
-    from dreaming.corpus import WritingConfig
     from dreaming.maxima import SEARCH_ORDER, MaximaConfig
-    from dreaming.recipes import DEFAULT_RECIPE, RECIPES
 
     parser = argparse.ArgumentParser(prog="dreaming", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -675,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = commands.add_parser("bundle", help="bundles of any model and transcoder")
     bundle_commands = bundle.add_subparsers(dest="bundle_command", required=True)
     create = bundle_commands.add_parser(
-        "create", help="a bundle of a model, a transcoder and a corpus (see dreaming/bundle_create.py): checked "
+        "create", help="a bundle of a model, a transcoder and a corpus (see dreaming/build/create.py): checked "
                        "first, built in OUT.partial, resumable, idempotent")
     create.add_argument("--model", required=True, help="'default', a Hugging Face id (HF_HUB_OFFLINE=1: the local "
                         "cache only), a local save_pretrained directory, or a GGUF file (converted once)")
@@ -702,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)
     write = corpus_commands.add_parser(
         "write", help="sample the model-written part of the default corpus again (the package ships the one "
-                      "the default bundle uses: dreaming/data/written.jsonl.gz)")
+                      "the default bundle uses: dreaming/build/data/written.jsonl.gz)")
     write.add_argument("--out", required=True, help="output file (.jsonl or .jsonl.gz)")
     write.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     write.add_argument("--json", action="store_true")
@@ -711,8 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-transcoder", aliases=["train-clt"],
                                 help="train a transcoder for a model's MLPs: a CLT by gradient (--recipe clt, "
-                                     "dreaming/train_clt.py) or a per-layer skip set in closed form (--recipe "
-                                     "closed-form, dreaming/train.py)")
+                                     "dreaming/build/train_clt.py) or a per-layer skip set in closed form (--recipe "
+                                     "closed-form, dreaming/build/train.py)")
     train.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                        help=f"which transcoder to train (default: {DEFAULT_RECIPE}); the options below say each "
                             "recipe's default, and an option of the other recipe is refused")

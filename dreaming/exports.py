@@ -77,12 +77,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from dreaming.atomic import atomic_directory
-from dreaming.special_tokens import bos_token_id, pad_token_id
-
 from dreaming.activation import TextActivation, measure_token_ids
+from dreaming.atomic import atomic_directory
 from dreaming.bundle import Bundle
-from dreaming.corpus import Windows, save_windows
 from dreaming.encoder import LazyEncoder
 from dreaming.engine import NOVEL_BELOW
 from dreaming.explorer import Explorer
@@ -91,7 +88,9 @@ from dreaming.formats import read_config
 from dreaming.maxima import FORMAT_VERSION, HISTOGRAM_EDGES, Maxima, load_maxima
 from dreaming.models import LanguageModel, ensure_default_model
 from dreaming.output_tokens import output_tokens
+from dreaming.special_tokens import bos_token_id, pad_token_id
 from dreaming.transcoders import Transcoder
+from dreaming.windows import Windows, save_windows
 
 TOP_GROUP, DREAMS_GROUP = "top activations", "dreams"
 FIRST_TOKEN_GROUP = f"{TOP_GROUP} (positional: fires on a text's first token)"  # a positional feature's top group

@@ -39,12 +39,12 @@ from tqdm import tqdm
 
 from dreaming.activation import layer_activations, token_pieces, tokenize_text
 from dreaming.atomic import atomic_directory
-from dreaming.corpus import Windows, load_windows, save_windows
 from dreaming.encoder import LazyEncoder
 from dreaming.features import Feature, check_feature
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import LanguageModel
 from dreaming.transcoders import Transcoder
+from dreaming.windows import Windows, load_windows, save_windows
 
 FORMAT_VERSION = 1
 # Histogram bin edges: bin 0 holds inactive tokens (activation 0); bin i >= 1 holds (edges[i-1], edges[i]];
@@ -423,14 +423,19 @@ def save_maxima(stats: MaximaAccumulator, windows: Windows, out_dir: str | Path,
     return load_maxima(out_dir)
 
 
+def maxima_metadata(path: str | Path) -> dict:
+    """What a maxima file records of its build (format version, identity, model, tokens...), from its header."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["dreaming"])
+
+
 def load_maxima(directory: str | Path, identity: str | None = None) -> Maxima:
     """Open a maxima directory; with `identity`, refuse maxima built for another model or transcoder."""
     directory = Path(directory)
     path = directory / "maxima.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no dataset maxima at {directory}: build them with `dreaming maxima build`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = json.loads(f.metadata()["dreaming"])
+    metadata = maxima_metadata(path)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: maxima format {metadata.get('format_version')}, this version reads "
                          f"{FORMAT_VERSION}; rebuild with `dreaming maxima build`")

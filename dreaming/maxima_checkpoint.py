@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from dreaming.atomic import atomic_file
 
 if TYPE_CHECKING:
-    from dreaming.corpus import Windows
     from dreaming.maxima import MaximaAccumulator, MaximaConfig
+    from dreaming.windows import Windows
 
 CHECKPOINT_SECONDS = 60.0
 

@@ -29,11 +29,11 @@ from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from dreaming.bundle import Bundle
-from dreaming.corpus import Windows
 from dreaming.formats import read_config
 from dreaming.maxima import Maxima, MaximaAccumulator, MaximaConfig, accumulate, batch_count, save_maxima
 from dreaming.maxima_checkpoint import Checkpoint, pass_key
 from dreaming.models import best_device, fast_dtype
+from dreaming.windows import Windows
 
 SHARDS_PER_ACTOR = 4  # the work balances across actors, and a shard lost with its actor is small
 CPU_ACTORS = 2  # actors on a cluster without GPUs (each gets an equal share of the cluster's CPUs)

@@ -216,24 +216,34 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------ scoring
 
-    def score(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> Scores:
-        """Scores of prompts ids [B, W] with `lengths` [B], in batches, without gradients."""
+    def score(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
+              token_logprobs: torch.Tensor | None = None) -> Scores:
+        """Scores of prompts ids [B, W] with `lengths` [B], in batches, without gradients. Prompts whose tokens'
+        log-probabilities are known ([B, W], as `sample` returns them) run without the unembedding: over a large
+        vocabulary the logits cost more than the rest of the model."""
         parts = []
         with torch.no_grad():
             for start in range(0, len(ids), self.batch_size):
                 part = slice(start, start + self.batch_size)
-                parts.append(self._run(ids[part], lengths[part], rows[part], 0, self._prefix(len(ids[part]))))
+                known = None if token_logprobs is None else token_logprobs[part]
+                parts.append(self._run(ids[part], lengths[part], rows[part], 0, self._prefix(len(ids[part])),
+                                       known_logprobs=known))
         return Scores(*(torch.cat([getattr(p, name) for p in parts]) for name in ("f", "ce", "smooth")))
 
-    def _run(self, ids, lengths, rows, start, kv, parent: Parents | None = None) -> Scores:
+    def _run(self, ids, lengths, rows, start, kv, parent: Parents | None = None,
+             known_logprobs: torch.Tensor | None = None) -> Scores:
         """Scores of rows whose positions before `start` are cached in `kv` (and, past the prefix, are `parent`'s
-        positions: their targets and token log-probabilities are the parent's)."""
+        positions: their targets and token log-probabilities are the parent's); with `known_logprobs` [B, W] the
+        tokens' log-probabilities are those and no logits are computed."""
         tokens, _, valid = self._layout(ids, lengths, start)  # [B, T]
-        predicted = int(lengths.max()) - 1 - start  # positions start.. predict prompt tokens start + 1..
-        pre, logits, _ = self._forward(self.embedding[tokens], rows, kv, max(predicted, 0))
+        predicted = 0 if known_logprobs is not None else int(lengths.max()) - 1 - start  # positions start..
+        pre, logits, _ = self._forward(self.embedding[tokens], rows, kv, max(predicted, 0))  # predict start + 1..
         width = ids.shape[1]
-        token_logprobs = torch.zeros(len(ids), width, dtype=self.dtype, device=ids.device)  # [B, W]
-        token_logprobs[:, 0] = self.first_logprobs[ids[:, 0]]
+        if known_logprobs is not None:
+            token_logprobs = known_logprobs.to(self.dtype).clone()
+        else:
+            token_logprobs = torch.zeros(len(ids), width, dtype=self.dtype, device=ids.device)  # [B, W]
+            token_logprobs[:, 0] = self.first_logprobs[ids[:, 0]]
         if predicted > 0:
             after = ids[:, start + 1 : start + 1 + predicted]  # [B, predicted]
             token_logprobs[:, start + 1 : start + 1 + predicted] = (
@@ -343,35 +353,41 @@ class Scorer:
     # ------------------------------------------------------------------------------------------ sampling, texts
 
     def sample(self, uniforms: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0, top_k: int = 64,
-               uniform_first: torch.Tensor | None = None) -> torch.Tensor:
+               uniform_first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, length] prompts sampled from the model after the prefix, token by token with the KV cache, on the
-        model's device: row i's token at step j is drawn by inverse CDF over the allowed top-k of its own logits
-        with uniforms[i, j] ([B, length], in [0, 1)), so a row's prompt depends only on its own numbers and not
-        on the batch it is drawn in. Rows marked in `uniform_first` [B] bool draw their first token uniformly
+        model's device, and each token's log-probability under the model [B, length] (what `score` then needs
+        instead of the logits): row i's token at step j is drawn by inverse CDF over the allowed top-k of its own
+        logits with uniforms[i, j] ([B, length], in [0, 1)), so a row's prompt depends only on its own numbers and
+        not on the batch it is drawn in. Rows marked in `uniform_first` [B] bool draw their first token uniformly
         among the allowed ones instead (what the model writes after any word, not only what it starts with).
         Rows run `batch_size` × 4 at a time."""
         lm, vocab = self.lm, self.embedding.shape[0]
         blocked = ~allowed[:vocab].to(lm.device)
         allowed_ids = allowed[:vocab].nonzero()[:, 0].to(lm.device)
         uniform_first = torch.zeros(len(uniforms), dtype=torch.bool) if uniform_first is None else uniform_first
-        parts = []
+        parts, logprob_parts = [], []
         with torch.no_grad():
             for rows, free in zip(uniforms.split(4 * self.batch_size), uniform_first.split(4 * self.batch_size)):
                 rows, free = rows.to(lm.device), free.to(lm.device)
                 cache = DynamicCache(self._prefix(len(rows)), config=lm.model.config)
                 logits = self.first_logprobs.expand(len(rows), -1)  # [b, vocab]
-                ids = []
+                ids, token_logprobs = [], []
                 for step in range(rows.shape[1]):
                     token = pick_tokens(logits.masked_fill(blocked, -torch.inf), rows[:, step], temperature, top_k)
                     if step == 0:
                         anywhere = allowed_ids[(rows[:, 0] * len(allowed_ids)).long().clamp(max=len(allowed_ids) - 1)]
                         token = torch.where(free, anywhere, token)
                     ids.append(token)
+                    token_logprobs.append(logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1))
                     if step + 1 < rows.shape[1]:
                         out = lm.model(input_ids=token[:, None], use_cache=True, **{self.cache_argument: cache})
-                        logits = out.logits[:, -1]
+                        logits = self._logits(out.logits[:, -1])
                 parts.append(torch.stack(ids, dim=1))
-        return torch.cat(parts) if parts else torch.zeros(0, uniforms.shape[1], dtype=torch.long, device=lm.device)
+                logprob_parts.append(torch.stack(token_logprobs, dim=1))
+        if not parts:
+            empty = torch.zeros(0, uniforms.shape[1], device=lm.device)
+            return empty.long(), empty.to(self.dtype)
+        return torch.cat(parts), torch.cat(logprob_parts)
 
     def text(self, prompt_ids: list[int]) -> tuple[str, str]:
         """(prompt text, full text) of prompt ids."""

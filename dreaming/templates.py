@@ -2,13 +2,13 @@
 
 A prompt inside a template is measured as `[BOS] + tokens(prefix + prompt + suffix)`; the prefix cannot be
 changed by the prompt, so both EPO (dreaming.objective) and the measurement (dreaming.activation) need the ids
-of the prefix alone, with the BOS rule of dreaming.corpus.with_bos.
+of the prefix alone, with the BOS rule of dreaming.special_tokens.with_bos.
 """
 
 from __future__ import annotations
 
-from dreaming.special_tokens import with_bos
 from dreaming.models import LanguageModel
+from dreaming.special_tokens import with_bos
 
 
 def split_template(template: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""What a CLT's width and training tokens buy: the measurements behind the default recipe (dreaming/train_clt.py).
+"""What a CLT's width and training tokens buy: the measurements behind the default recipe (dreaming/build/train_clt.py).
 
 Trains one CLT per configuration on the default bundle's corpus (held-out windows excluded) and evaluates each,
 with the closed-form per-layer set beside them, on the held-out varied texts and the held-out corpus windows:
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from dreaming.bundle import build_default_bundle
-from dreaming.evaluate import transcoder_report
+from dreaming.build.default import build_default_bundle
+from dreaming.build.evaluate import transcoder_report
+from dreaming.build.recipes import RECIPES
+from dreaming.build.train import split_windows
+from dreaming.build.train_clt import CLTConfig
 from dreaming.models import load_model
-from dreaming.recipes import RECIPES
-from dreaming.train import split_windows
-from dreaming.train_clt import CLTConfig
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dreaming.build.evaluate import heldout_sequences
+from dreaming.build.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
 from dreaming.bundle import Bundle
-from dreaming.evaluate import heldout_sequences
-from dreaming.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
 
 
 def main():

@@ -1,7 +1,7 @@
 """What spreading the densities costs the closed-form start: its per-feature firing rule against one threshold
 per layer, on a few layers of a bundle.
 
-The CLT's start (dreaming/train.py, `fit_layer`) sets each feature's bias so that it fires on k/F of the fit tokens,
+The CLT's start (dreaming/build/train.py, `fit_layer`) sets each feature's bias so that it fires on k/F of the fit tokens,
 which makes the densities uniform; 40 gradient steps barely move them. Here each layer is fitted on the same
 `--tokens` corpus activations as the start (k = 32 of `--features`; one k-means clustering per layer, shared by
 the rules), with each firing rule, and measured on the held-out varied texts: FVU of the closed-form decoders, L0,
@@ -27,11 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dreaming.build.evaluate import density_summary, heldout_sequences, pad_sequences
+from dreaming.build.train import (
+    TrainConfig,
+    collect_activations,
+    firing_thresholds,
+    layer_activations,
+    least_squares,
+    membership_regressions,
+    split_windows,
+)
+from dreaming.build.train_clt import CLTConfig
 from dreaming.bundle import Bundle, default_bundle_dir
-from dreaming.evaluate import density_summary, heldout_sequences, pad_sequences
-from dreaming.train import TrainConfig, collect_activations, firing_thresholds, layer_activations, least_squares, \
-    membership_regressions, split_windows
-from dreaming.train_clt import CLTConfig
 
 K = CLTConfig().init_k  # the CLT start's k
 KMEANS_ITERATIONS, RIDGE = TrainConfig().kmeans_iterations, TrainConfig().ridge  # the closed-form fit's

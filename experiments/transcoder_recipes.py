@@ -1,4 +1,4 @@
-"""Which closed-form transcoder recipe generalises: the comparison behind the default (dreaming/train.py).
+"""Which closed-form transcoder recipe generalises: the comparison behind the default (dreaming/build/train.py).
 
 On the default bundle's corpus it captures MLP inputs/outputs of `--fit-tokens` positions of the windows the
 default fit uses, the held-out windows, and the held-out varied texts (never in any corpus), then fits
@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreaming.bundle import Bundle
-from dreaming.evaluate import heldout_sequences
-from dreaming.train import (
+from dreaming.build.evaluate import heldout_sequences
+from dreaming.build.train import (
     TrainConfig,
     collect_activations,
-    layer_activations,
     firing_thresholds,
+    layer_activations,
     least_squares,
     output_cluster_directions,
     spherical_kmeans,
     split_windows,
 )
+from dreaming.bundle import Bundle
 
 RECIPES = [  # (encoder, features, reach, skip)
     ("data", 1024, 0, False), ("xkm", 1024, 0, False), ("xkm", 1024, 2, False), ("xkm", 1024, 0, True),

@@ -15,8 +15,8 @@ from transformers import (
     Qwen3Config,
 )
 
-from dreaming.corpus import Windows
 from dreaming.models import LanguageModel
+from dreaming.windows import Windows
 
 WORDS = "the a cat dog sat on mat ran fast slow red blue big small house tree sun moon def return import class".split()
 SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]

@@ -2,7 +2,8 @@
 
 import json
 
-from dreaming.bundle import DEFAULT_BUNDLE_VERSION, MANIFEST, current_default_manifest
+from dreaming.build.default import current_default_manifest
+from dreaming.bundle import DEFAULT_BUNDLE_VERSION, MANIFEST
 
 
 def test_an_earlier_default_bundle_is_moved_aside_untouched(tmp_path):
@@ -33,10 +34,10 @@ def test_changing_an_encoder_tensor_changes_the_bundle_identity_and_refuses_its_
     from safetensors.torch import save_file
 
     from dreaming.bundle import Bundle
+    from dreaming.formats import load_transcoder
+    from dreaming.formats.circuit_tracer import save_transcoder
     from dreaming.maxima import FORMAT_VERSION
     from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
-    from dreaming.formats.circuit_tracer import save_transcoder
-    from dreaming.formats import load_transcoder
     directory = tmp_path / "bundle"
     save_transcoder(Transcoder(TranscoderConfig(CLT, 2, 8, 16, activation="jumprelu")), directory / "transcoder")
     (directory / MANIFEST).write_text(json.dumps({"model": "m", "model_name": "m"}))
@@ -80,3 +81,42 @@ def test_opening_the_default_bundle_never_builds_it(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit, match="dreaming default build"):
         main(["info"])
     assert sorted(p.name for p in (tmp_path / "default").iterdir()) == [MANIFEST]
+
+
+def test_a_default_bundle_built_before_identities_were_recorded_keeps_its_maxima(tmp_path, monkeypatch):
+    """A finished default bundle whose manifest records no identity (built before bundles recorded one) is refused
+    with a one-line error naming `dreaming default build`; that build runs only the identity step, which records
+    the identity its maxima (and cached dreams) were keyed by, so they stay in use."""
+    import numpy as np
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from dreaming.build.default import build_default_bundle
+    from dreaming.bundle import Bundle
+    from dreaming.formats.circuit_tracer import save_transcoder
+    from dreaming.maxima import FORMAT_VERSION
+    from dreaming.models import default_model_dir
+    from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
+    from dreaming.windows import Windows, save_windows
+
+    monkeypatch.setenv("DREAMING_HOME", str(tmp_path))
+    directory = tmp_path / "default"
+    save_transcoder(Transcoder(TranscoderConfig(CLT, 2, 8, 16, activation="jumprelu")), directory / "transcoder")
+    (directory / "windows").mkdir()
+    (directory / "corpus.jsonl").write_text("")
+    save_windows(Windows(np.zeros((1, 4), np.int32), np.full(1, 4, np.int32), np.zeros(1, np.int32),
+                         np.zeros(1, np.int16), ["text"]), directory / "maxima" / "windows")
+    save_file({"max_activation": torch.zeros(2, 16)}, str(directory / "maxima" / "maxima.safetensors"),
+              metadata={"dreaming": json.dumps({"format_version": FORMAT_VERSION, "identity": "keyed-before"})})
+    default_model_dir().mkdir(parents=True)
+    (default_model_dir() / "model.safetensors").write_text("")  # the model step is done
+    manifest = {"version": DEFAULT_BUNDLE_VERSION, "model": "default", "model_name": "m", "corpus": {},
+                "transcoder_report": {}, "maxima": {}, "build_seconds": {}}
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="before bundles recorded their identity: run `dreaming default build`"):
+        Bundle.open()
+    build_default_bundle(progress=False)
+    bundle = Bundle.open()
+    assert bundle.identity == "keyed-before" and bundle.maxima() is not None
+    assert set(bundle.manifest["build_seconds"]) == {"identity"}  # nothing else was built again

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import WORDS, make_tiny_transcoder
 from dreaming import maxima_checkpoint
+from dreaming.build.corpus import Document, read_documents, tokenize_windows, write_documents
 from dreaming.bundle import Bundle
 from dreaming.cli import main
-from dreaming.corpus import Document, read_documents, tokenize_windows, write_documents
 from dreaming.encoder import LazyEncoder
 from dreaming.explorer import Explorer
 from dreaming.formats.circuit_tracer import save_transcoder

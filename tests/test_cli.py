@@ -5,10 +5,11 @@ import json
 import pytest
 
 from conftest import WORDS
-from dreaming.bundle import Bundle, save_windows
+from dreaming.build.corpus import Document, write_documents
+from dreaming.bundle import Bundle
 from dreaming.cli import main
-from dreaming.corpus import Document, write_documents
 from dreaming.engine.length import FALLBACK_LENGTH
+from dreaming.windows import save_windows
 
 TINY_TRAINING = ["--recipe", "closed-form", "--features-per-layer", "32", "--k", "4", "--fit-tokens", "600",
                  "--batch-windows", "4", "--heldout-windows", "4", "--kmeans-iterations", "3", "--window-length", "32"]

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dreaming.corpus import (
+from dreaming.build.corpus import (
     WRITTEN_CORPUS,
     Document,
     WritingConfig,
@@ -274,7 +274,7 @@ def test_generate_documents_tiny_model(tokenizer):
 def test_python_docs_carry_no_machine_specific_values():
     import sys
 
-    from dreaming.corpus import _python_docs, stdlib_root
+    from dreaming.build.corpus import _python_docs, stdlib_root
 
     texts = [doc.text for doc in _python_docs(stdlib_root())]
     assert texts and not any(sys.prefix in text or sys.executable in text for text in texts)

@@ -496,10 +496,22 @@ def test_batched_sampling_equals_one_at_a_time(lm64, transcoder):
     s = Scorer(lm64, "mlp.hook_in", CONFIG.template, [make_target(transcoder, A, 0.5)], batch_size=2)
     allowed = allowed_tokens(lm64)
     uniforms = torch.rand(11, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    batched = s.sample(uniforms, allowed)  # in chunks of 4 * batch_size = 8 rows
-    alone = torch.cat([s.sample(uniforms[i : i + 1], allowed) for i in range(len(uniforms))])
+    batched = s.sample(uniforms, allowed)[0]  # in chunks of 4 * batch_size = 8 rows
+    alone = torch.cat([s.sample(uniforms[i : i + 1], allowed)[0] for i in range(len(uniforms))])
     assert torch.equal(batched, alone) and bool(allowed[batched].all())
     assert len({tuple(row) for row in batched.tolist()}) > 1
+
+
+def test_sampled_prompts_score_without_logits_as_with_them(lm64, transcoder):
+    """The log-probabilities `sample` returns with its prompts are the model's: scoring the prompts with them (no
+    unembedding run) gives the scores of scoring them from scratch, the cross-entropy included, at any lengths."""
+    s = Scorer(lm64, "mlp.hook_in", CONFIG.template, [make_target(transcoder, A, 0.5)], batch_size=4)
+    uniforms = torch.rand(9, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ids, logprobs = s.sample(uniforms, allowed_tokens(lm64))
+    lengths, rows = torch.tensor([6, 3, 5, 6, 1, 4, 6, 2, 6]), torch.zeros(9, dtype=torch.long)
+    known, scratch = s.score(ids, lengths, rows, logprobs), s.score(ids, lengths, rows)
+    for name in ("f", "ce", "smooth"):
+        assert torch.allclose(getattr(known, name), getattr(scratch, name), rtol=1e-5, atol=1e-5), name
 
 
 def test_sampling_follows_the_model_distribution(lm64, transcoder):
@@ -508,7 +520,7 @@ def test_sampling_follows_the_model_distribution(lm64, transcoder):
     s = Scorer(lm64, "mlp.hook_in", CONFIG.template, [make_target(transcoder, A, 0.5)])
     allowed = allowed_tokens(lm64)
     uniforms = torch.rand(4000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    drawn = s.sample(uniforms, allowed, top_k=5)[:, 0]
+    drawn = s.sample(uniforms, allowed, top_k=5)[0][:, 0]
     logprobs = s.first_logprobs.masked_fill(~allowed, -torch.inf)
     top = logprobs.topk(5)
     expected = torch.softmax(top.values, -1)
@@ -591,9 +603,9 @@ def test_a_uniform_first_token_is_drawn_from_its_own_number(lm64, transcoder):
     ids = allowed.nonzero()[:, 0]
     uniforms = torch.rand(6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     free = torch.tensor([False, True] * 3)
-    drawn = s.sample(uniforms, allowed, uniform_first=free)
+    drawn = s.sample(uniforms, allowed, uniform_first=free)[0]
     assert drawn[free, 0].tolist() == ids[(uniforms[free, 0] * len(ids)).long()].tolist()
-    assert torch.equal(drawn[~free], s.sample(uniforms[~free], allowed))
+    assert torch.equal(drawn[~free], s.sample(uniforms[~free], allowed)[0])
 
 
 def children_one_at_a_time(members, gradient_top, model_top, config, tasks, allowed_ids):

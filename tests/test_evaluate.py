@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm, make_tiny_transcoder, random_windows
-from dreaming.evaluate import LOG10_DENSITY_EDGES, evaluate_transcoder, window_sequences
+from dreaming.build.evaluate import LOG10_DENSITY_EDGES, evaluate_transcoder, window_sequences
+from dreaming.build.train import TrainConfig, layer_activations, split_windows, train_transcoder
 from dreaming.maxima import DENSE_ABOVE
 from dreaming.models import HOOK_MLP_OUT
-from dreaming.train import TrainConfig, layer_activations, split_windows, train_transcoder
 
 CONFIG = TrainConfig(features_per_layer=16, k=3, fit_tokens=64 * 12, kmeans_iterations=4, batch_windows=8,
                      heldout_windows=6)

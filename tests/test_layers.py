@@ -2,6 +2,8 @@
 library never imports the service, and the CLI and the service's workers reach the engine through one function."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -10,15 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"__init__", "paths", "atomic", "special_tokens", "features"},  # no torch model, no file format
     {"models", "transcoders", "formats", "encoder", "generate"},  # models; dictionaries on disk, their encoders
-    {"corpus", "templates"},  # text: documents, windows, templates
+    {"windows", "templates"},  # text: token windows, templates
     {"activation", "objective", "output_tokens", "similar"},  # measuring a feature on tokens
-    {"maxima", "maxima_checkpoint", "engine", "train", "train_clt", "recipes", "evaluate"},  # the maxima pass, the
-    # search (the engine package), training a transcoder (closed form, CLT, the recipes by name) and evaluating one
+    {"maxima", "maxima_checkpoint", "engine"},  # the maxima pass, the search (the engine package)
     {"dream_cache", "dashboard"},  # dream results on disk; the feature page
     {"bundle"},  # model + transcoder + corpus + maxima in one directory
-    {"maxima_ray", "bundle_create"},  # whole-bundle work: the sharded pass, creating a bundle
+    {"maxima_ray"},  # the maxima pass sharded over Ray actors
     {"explorer"},  # the Python API over a bundle
     {"exports"},  # dashboards for other tools
+    {"build"},  # building: corpus, training, evaluation, the default bundle, bundle create (the package)
     {"cli"},  # the command
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
@@ -94,3 +96,16 @@ def test_the_cli_and_the_workers_reach_the_engine_through_one_function():
     assert callers == {"dreaming/explorer.py"}
     for path in (ROOT / "dreaming/cli.py", ROOT / "service/workers.py"):
         assert ".dream_many(" in path.read_text(), f"{path.name} dreams through Explorer.dream_many"
+
+
+def test_the_read_path_never_imports_the_build_package():
+    """Serving never loads the training code: no module of the service (its app, routes and Ray workers) imports
+    `dreaming.build` or the CLI (which may), anywhere in it, and the layers keep every library module it reaches
+    below `build`; importing the app, the workers and the explorer leaves `dreaming.build` unloaded."""
+    for path in sorted((ROOT / "service").rglob("*.py")):
+        assert not {"dreaming.build", "dreaming.cli"} & imports(path), f"{path.relative_to(ROOT)} imports building"
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, service.app, service.workers, dreaming.explorer, dreaming.exports; "
+         "print(sorted(m for m in sys.modules if m.startswith('dreaming.build')))"],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

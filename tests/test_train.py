@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import random_windows
-from dreaming import train
-from dreaming.train import (
+from dreaming.build import train
+from dreaming.build.train import (
     TrainConfig,
     fit_layer,
     least_squares,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import random_windows
+from dreaming.build.train_clt import CLTConfig, TrainingCLT, Units, activation_batches, batch_topk, train_clt
 from dreaming.formats import load_transcoder
-from dreaming.train_clt import CLTConfig, TrainingCLT, Units, activation_batches, batch_topk, train_clt
 from dreaming.transcoders import CLT
 
 SMALL = dict(features_per_layer=16, k=3, tokens=6 * 128, batch_tokens=128, buffer_tokens=256, init_tokens=64,
@@ -98,7 +98,7 @@ def test_the_saved_clt_in_model_units_computes_what_was_trained(tiny_lm, windows
     with the same features active, rescaled."""
     config = CLTConfig(**{**SMALL, "tokens": 128})
     trained = train_clt(tiny_lm, windows, config, tmp_path / "clt", progress=False)
-    from dreaming.train import split_windows
+    from dreaming.build.train import split_windows
 
     fit, _ = split_windows(windows, config.heldout_windows, config.seed)
     x, y = next(activation_batches(tiny_lm, windows, fit, config, Units(torch.ones(3), torch.ones(3)),
@@ -138,7 +138,7 @@ def test_bad_configurations_are_refused():
 def test_no_gradient_step_saves_the_closed_form_start(tiny_lm, windows, tmp_path):
     """tokens=0: the per-layer closed-form fit as a CLT: no later-layer writes, JumpReLU at 0 (its ReLU), and each
     layer equal to `fit_layer` on the same activations."""
-    from dreaming.train import TrainConfig, collect_activations, fit_layer, split_windows
+    from dreaming.build.train import TrainConfig, collect_activations, fit_layer, split_windows
 
     config = CLTConfig(**{**SMALL, "tokens": 0})
     start = train_clt(tiny_lm, windows, config, tmp_path / "clt", progress=False)
@@ -163,7 +163,7 @@ def test_batches_stream_training_tokens_once_each_and_never_held_out_ones(tiny_l
     """Within one pass over the training windows every yielded token is a training window's token, none more often
     than it occurs there (rows are compared within TOLERANCE: a window's activations depend a little on its batch
     and its padding)."""
-    from dreaming.train import layer_activations, split_windows
+    from dreaming.build.train import layer_activations, split_windows
 
     config = CLTConfig(**SMALL)
     fit, heldout = split_windows(windows, config.heldout_windows, config.seed)

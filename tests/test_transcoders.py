@@ -305,7 +305,10 @@ def test_config_validation():
 
 def test_identity_covers_every_encoder_tensor(tmp_path):
     """A change to a threshold or a bias (stored after the first MiB of a large file) changes the identity."""
-    from dreaming.bundle import transcoder_identity
+    from dreaming.formats import open_transcoder
+
+    def transcoder_identity(model_name, directory):
+        return open_transcoder(directory).identity(model_name)
 
     config = T.TranscoderConfig(T.CLT, 2, 256, 1024, activation="jumprelu")  # W_enc_0 alone is 1 MiB
     transcoder = T.Transcoder(config)

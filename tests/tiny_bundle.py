@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 from dreaming.bundle import MANIFEST, Bundle, maxima_report
-from dreaming.corpus import Windows, save_windows
 from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import LanguageModel
 from dreaming.transcoders import Transcoder
+from dreaming.windows import Windows, save_windows
 
 
 def build_tiny_bundle(directory: str | Path, lm: LanguageModel, transcoder: Transcoder, windows: Windows) -> Bundle:

@@ -66,7 +66,8 @@ def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, t
         sizes = [len(u) for u in uniforms]
         every_other = torch.cat([torch.arange(size) % 2 == 1 for size in sizes])
         padded = torch.cat([torch.nn.functional.pad(u, (0, width - u.shape[1])) for u in uniforms])
-        ids = scorer.sample(padded, allowed, uniform_first=every_other).cpu()  # [sum of draws, width]
+        ids, logprobs = scorer.sample(padded, allowed, uniform_first=every_other)  # [sum of draws, width]
+        ids = ids.cpu()
         row_lengths = torch.cat([torch.full((size,), n) for size, n in zip(sizes, lengths)])
         ok = scorer.round_trips(ids, row_lengths)
         drawn = [[row[:n] for row in part[good].tolist()]
@@ -74,11 +75,11 @@ def sampled_starts(scorer: Scorer, config: DreamConfig, allowed: torch.Tensor, t
         if config.init in ("scan", "dataset") and any(drawn):
             device = scorer.lm.device
             rows = torch.tensor([task_targets[t] for t, mine in zip(needed, drawn) for _ in mine], dtype=torch.long)
-            flat = torch.zeros(len(rows), width, dtype=torch.long)
+            # the drawn rows in order, with the log-probabilities they were drawn with (no logits computed again);
+            # a row's positions past its own length are not read
             flat_lengths = torch.tensor([len(row) for mine in drawn for row in mine], dtype=torch.long)
-            for i, row in enumerate(row for mine in drawn for row in mine):
-                flat[i, : len(row)] = torch.tensor(row)
-            f, ce, _ = host_scores(scorer.score(flat.to(device), flat_lengths.to(device), rows.to(device)))
+            f, ce, _ = host_scores(scorer.score(ids[ok].to(device), flat_lengths.to(device), rows.to(device),
+                                                logprobs[ok.to(logprobs.device)]))
             ranked = []  # fluent first, then most active
             for mine, f_, ce_ in zip(drawn, f.split([len(m) for m in drawn]), ce.split([len(m) for m in drawn])):
                 order = sorted(range(len(mine)), key=lambda i: (float(ce_[i]) > FLUENT_CE, -float(f_[i])))

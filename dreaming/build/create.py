@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from dreaming.atomic import atomic_directory
+from dreaming.build.corpus import read_documents, tokenize_windows
 from dreaming.bundle import MANIFEST, WINDOW_LENGTH, Bundle, maxima_report
-from dreaming.corpus import Windows, read_documents, save_windows, tokenize_windows
 from dreaming.formats import neurons, open_transcoder
 from dreaming.formats.files import TranscoderFiles, check_against_model
 from dreaming.maxima import MaximaConfig, build_maxima
 from dreaming.models import LanguageModel, best_device, fast_dtype, load_model
+from dreaming.windows import Windows, save_windows
 
 MANIFEST_FORMAT = 1  # the version of a created bundle's manifest (the fields written by `create_bundle`)
 NEURONS = "neurons"  # --transcoder neurons: the model's MLP neurons, named by a neurons.yaml in the bundle

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dreaming.corpus import Windows
+from dreaming.build.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
 from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.models import LanguageModel
-from dreaming.train import TrainConfig, collect_activations, fit_layer, layer_activations, split_windows
 from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
+from dreaming.windows import Windows
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The transcoder recipes by name: `dreaming train-transcoder --recipe NAME` and the default bundle train with them.
 
-  clt          a cross-layer transcoder trained by gradient (dreaming/train_clt.py): the default
-  closed-form  a per-layer skip transcoder set fitted without gradient steps (dreaming/train.py): fast, and the
+  clt          a cross-layer transcoder trained by gradient (dreaming/build/train_clt.py): the default
+  closed-form  a per-layer skip transcoder set fitted without gradient steps (dreaming/build/train.py): fast, and the
                CLT's starting point
 Each recipe is a config dataclass (its fields are the command's flags) and a function
 train(lm, windows, config, out_dir, progress) -> Transcoder that saves what it trained. Both configs carry
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from dreaming.train import TrainConfig, train_transcoder
-from dreaming.train_clt import CLTConfig, train_clt
+from dreaming.build.train import TrainConfig, train_transcoder
+from dreaming.build.train_clt import CLTConfig, train_clt
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ The recipe (no gradient steps; each choice measured on the 2-core development CP
    d. decoders, skip and output bias: one least-squares fit of y on [features, x], with a small ridge.
 3. Saved in circuit-tracer's transcoder_set layout (`layer_{l}.safetensors` with `W_skip`), unnormalised.
 
-Also the activation collection every recipe and the evaluation (dreaming/evaluate.py) share: `layer_activations`,
+Also the activation collection every recipe and the evaluation (dreaming/build/evaluate.py) share: `layer_activations`,
 `collect_activations`, and `split_windows`, the one rule for which corpus windows are held out of training.
 """
 
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dreaming.corpus import Windows
 from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel, fast_dtype
 from dreaming.transcoders import SET, Transcoder, TranscoderConfig
+from dreaming.windows import Windows
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""Text corpora: sources -> documents -> fixed-length token windows, and the offline default corpus.
+"""Text corpora for building a bundle: sources -> documents -> fixed-length token windows (dreaming/windows.py), and
+the offline default corpus.
 
 Owns
   Document, read_documents, write_documents   text files, directories, JSONL (.gz), Parquet, Hugging Face datasets
-  with_bos                                    the one BOS rule: BOS + tokens, BOS not doubled
-  Windows, tokenize_windows                   documents -> [n_windows, window_length] token windows, BOS first
+  tokenize_windows                            documents -> Windows [n_windows, window_length], BOS first
   default_documents                           Python source, docstrings and docs from the standard library
   chat_requests, writing_prompts, WritingConfig, generate_documents
                                               the text the model writes across genres and in chat (data/)
@@ -36,8 +36,11 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from dreaming.atomic import atomic_directory, atomic_file
-from dreaming.special_tokens import bos_token_id as default_bos, pad_token_id as default_pad, with_bos
+from dreaming.atomic import atomic_file
+from dreaming.special_tokens import bos_token_id as default_bos
+from dreaming.special_tokens import pad_token_id as default_pad
+from dreaming.special_tokens import with_bos
+from dreaming.windows import Windows
 
 # -----------------------------------------------------------------------------
 # documents: reading and writing
@@ -146,27 +149,6 @@ def write_documents(documents: Iterable[Document], path: str | os.PathLike) -> N
 # token windows
 
 
-@dataclass
-class Windows:
-    tokens: np.ndarray  # [n_windows, window_length] int32; column 0 is BOS; tail padded with pad id
-    lengths: np.ndarray  # [n_windows] int32, valid tokens incl. BOS
-    document: np.ndarray  # [n_windows] int32, index of the document (in input order) the window came from
-    source: np.ndarray  # [n_windows] int16, index into `sources`
-    sources: list[str]
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def of_sources(self, names: list[str]) -> Windows:
-        """Only the windows tagged with one of these sources (the tag list itself is kept, so tags mean the same)."""
-        unknown = sorted(set(names) - set(self.sources))
-        if unknown:
-            raise ValueError(f"unknown corpus sources {unknown}; this corpus has {self.sources}")
-        keep = np.isin(self.source, [self.sources.index(name) for name in names])
-        return Windows(np.asarray(self.tokens[keep]), self.lengths[keep], self.document[keep], self.source[keep],
-                       list(self.sources))
-
-
 def tokenize_windows(
     documents: Iterable[Document],
     tokenizer,
@@ -228,21 +210,6 @@ def tokenize_windows(
         source=np.array(source_index, dtype=np.int16),
         sources=list(sources),
     )
-
-
-WINDOW_ARRAYS = ("tokens", "lengths", "document", "source")
-
-
-def save_windows(windows: Windows, directory: Path) -> None:
-    with atomic_directory(directory) as scratch:
-        for name in WINDOW_ARRAYS:
-            np.save(scratch / f"{name}.npy", getattr(windows, name))
-        (scratch / "sources.json").write_text(json.dumps(windows.sources))
-
-
-def load_windows(directory: Path) -> Windows:
-    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in WINDOW_ARRAYS}
-    return Windows(**arrays, sources=json.loads((directory / "sources.json").read_text()))
 
 
 # -----------------------------------------------------------------------------

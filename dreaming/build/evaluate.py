@@ -1,5 +1,5 @@
 """Evaluating a transcoder as the field reports it, whatever recipe made it (the closed-form set of
-dreaming/train.py, a gradient-trained CLT): how well it reconstructs each MLP's output, how sparse its features are
+dreaming/build/train.py, a gradient-trained CLT): how well it reconstructs each MLP's output, how sparse its features are
 and how spread their densities, and what standing in for the MLPs does to the model's next-token predictions.
 
 Owns:
@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dreaming.corpus import Windows, heldout_texts
+from dreaming.build.corpus import heldout_texts
+from dreaming.build.train import layer_activations, measured_positions
 from dreaming.maxima import DENSE_ABOVE
 from dreaming.models import HOOK_MLP_IN, HOOK_MLP_OUT, LanguageModel
 from dreaming.special_tokens import with_bos
-from dreaming.train import layer_activations, measured_positions
 from dreaming.transcoders import SET, Transcoder
+from dreaming.windows import Windows
 
 LOG10_DENSITY_EDGES = np.linspace(-6, 0, 13)  # histogram bins of log10(density): every half decade from 1e-6 to 1
 
