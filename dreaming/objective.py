@@ -125,7 +125,12 @@ class Scorer:
         self.prefix_text, self.suffix_text, self.prefix_ids, self.suffix_ids = template_ids(lm, template)
         self.suffix = torch.tensor(self.suffix_ids, dtype=torch.long, device=lm.device)  # [s]
         self.pad_id = lm.bos_token_id  # any id: padding sits after the suffix, where nothing reads it
-        self.embedding = lm.model.get_input_embeddings().weight  # [vocab, d_model]
+        embeddings = lm.model.get_input_embeddings()
+        self.embedding = embeddings.weight  # [vocab, d_model]
+        # Gemma's embedding module multiplies its rows by sqrt(d_model); inputs_embeds bypass the module, so the scale
+        # is applied here (to the rows and to the one-hot gradient)
+        scale = getattr(embeddings, "embed_scale", None)
+        self.embed_scale = None if scale is None else scale.to(self.embedding.dtype)
         self.layers = sorted({t.feature.layer for t in targets})
         weights = torch.stack([t.weight for t in targets])  # [targets, d_model]
         self.dtype = torch.float64 if lm.dtype == torch.float64 else torch.float32  # of targets and log-probs
@@ -166,6 +171,11 @@ class Scorer:
         tokens = torch.where(is_prompt, prompt_tokens, torch.where(valid, suffix_tokens, self.pad_id))
         return tokens, is_prompt, valid
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the model's embedding module gives for token ids [...]: [..., d_model]."""
+        rows = self.embedding[tokens]
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
     def _forward(self, embeds: torch.Tensor, rows: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
                  logit_positions: int):
         """Run embeddings [B, T, d_model] after the cached keys/values (per layer [B, kv_heads, c, head_dim]):
@@ -196,7 +206,7 @@ class Scorer:
         by token (a beam search) asks of the model."""
         kv = self._prefix(len(tokens)) if kv is None else kv
         with torch.no_grad():
-            pre, logits, cache = self._forward(self.embedding[tokens[:, None]], rows, kv, 1)
+            pre, logits, cache = self._forward(self._embed(tokens[:, None]), rows, kv, 1)
         return pre[:, 0], logits[:, 0].log_softmax(-1), [(layer.keys, layer.values) for layer in cache.layers]
 
     def _prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -237,7 +247,7 @@ class Scorer:
         tokens' log-probabilities are those and no logits are computed."""
         tokens, _, valid = self._layout(ids, lengths, start)  # [B, T]
         predicted = 0 if known_logprobs is not None else int(lengths.max()) - 1 - start  # positions start..
-        pre, logits, _ = self._forward(self.embedding[tokens], rows, kv, max(predicted, 0))  # predict start + 1..
+        pre, logits, _ = self._forward(self._embed(tokens), rows, kv, max(predicted, 0))  # predict start + 1..
         width = ids.shape[1]
         if known_logprobs is not None:
             token_logprobs = known_logprobs.to(self.dtype).clone()
@@ -302,7 +312,7 @@ class Scorer:
         B, W = ids.shape
         n = int(lengths.max())
         with torch.set_grad_enabled(with_gradient):
-            embeds = self.embedding[tokens].detach().requires_grad_(with_gradient)  # [B, T, d_model]
+            embeds = self._embed(tokens).detach().requires_grad_(with_gradient)  # [B, T, d_model]
             pre, logits, cache = self._forward(embeds, rows, self._prefix(B), n)
             logprobs = logits.log_softmax(-1)  # [B, n, vocab]: position i predicts token i + 1
             token_logprobs = torch.cat([self.first_logprobs[ids[:, :1]],
@@ -313,6 +323,7 @@ class Scorer:
             grad = None
             if with_gradient:  # at the first min(W, T) positions, as wide as the rows' prompts and suffix allow
                 through = torch.autograd.grad(objective.sum(), embeds)[0][:, :W] @ self.embedding.T  # [B, ≤W, vocab]
+                through = through if self.embed_scale is None else through * self.embed_scale
                 width = through.shape[1]
                 label = torch.cat([self.first_logprobs.expand(B, 1, -1), logprobs[:, : width - 1].detach()], dim=1)
                 weight = (lambdas.to(self.dtype) / lengths.to(self.dtype))[:, None, None] * is_prompt[:, :width, None]

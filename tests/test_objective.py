@@ -36,6 +36,14 @@ def gpt2_64(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
+def gemma3_64(tiny_tokenizer):
+    """Gemma-3's embedding module scales its rows by sqrt(d_model), which the scorer's inputs_embeds bypass."""
+    lm = make_tiny_lm(tiny_tokenizer, "gemma3")
+    lm.model.double()
+    return lm
+
+
+@pytest.fixture(scope="module")
 def transcoder():
     return tiny_transcoder()
 
@@ -53,9 +61,11 @@ def random_ids(lm, count, seed=0, width=N_PROMPT):
     return allowed[torch.randint(len(allowed), (count, width), generator=g)], lengths
 
 
+@pytest.mark.parametrize("model, tolerance", [("lm64", 1e-9), ("gemma3_64", 1e-6)])  # Gemma-3 norms in fp32
 @pytest.mark.parametrize("position", ["last", "max"])
 @pytest.mark.parametrize("template", [TEMPLATE, "the {prompt}"])  # with and without a suffix
-def test_score_equals_a_direct_computation_on_the_full_text(lm64, transcoder, position, template):
+def test_score_equals_a_direct_computation_on_the_full_text(model, tolerance, transcoder, position, template, request):
+    lm64 = request.getfixturevalue(model)
     s = scorer(lm64, transcoder, position, template=template)
     ids, lengths = random_ids(lm64, 6, width=6)
     rows = torch.tensor([0, 1, 1, 0, 1, 0])
@@ -73,9 +83,9 @@ def test_score_equals_a_direct_computation_on_the_full_text(lm64, transcoder, po
         expected_f = pre[start + n - 1] if position == "last" else pre[start:].max()
         logprobs = logits[start - 1 : start + n - 1].log_softmax(-1)  # predicts every prompt token
         expected_ce = -logprobs.gather(-1, full[0, start : start + n, None]).mean()
-        assert scores.f[b].item() == pytest.approx(expected_f.item(), abs=1e-9)
-        assert scores.ce[b].item() == pytest.approx(expected_ce.item(), abs=1e-9)
-        assert cross_entropy(lm64, full.tolist(), start, n) == pytest.approx([expected_ce.item()], abs=1e-9)
+        assert scores.f[b].item() == pytest.approx(expected_f.item(), abs=tolerance)
+        assert scores.ce[b].item() == pytest.approx(expected_ce.item(), abs=tolerance)
+        assert cross_entropy(lm64, full.tolist(), start, n) == pytest.approx([expected_ce.item()], abs=tolerance)
 
 
 @pytest.mark.parametrize("position, few_passes", [("last", False), ("max", False), ("max", True)])
@@ -121,7 +131,8 @@ def one_hot_objective(s: Scorer, one_hot: torch.Tensor, lengths: torch.Tensor, r
     position = torch.arange(T)
     valid = position[None] < (lengths + len(s.suffix_ids))[:, None]  # [B, T]
     is_prompt = position[None] < lengths[:, None]
-    embeds = one_hot @ s.embedding  # [B, T, d_model]
+    vocab = torch.arange(one_hot.shape[-1])
+    embeds = one_hot @ s.lm.model.get_input_embeddings()(vocab)  # [B, T, d_model]: the module's rows, scaled or not
     pre, logits, _ = s._forward(embeds, rows, s._prefix(len(one_hot)), n)
     logprobs = logits.log_softmax(-1)  # [B, n, vocab]
     token_logprobs = torch.cat([(one_hot[:, :1] * s.first_logprobs).sum(-1),
@@ -171,6 +182,23 @@ def test_token_gradient_equals_finite_differences(gpt2_64, transcoder, position)
     for b in range(3):
         n = int(lengths[b])
         assert torch.allclose(grad[b, :n], full[b, :n], atol=1e-10)
+
+
+def test_token_gradient_of_a_scaled_embedding_equals_autograd_of_the_one_hot_objective(gemma3_64, transcoder):
+    """On Gemma-3 (rows scaled by sqrt(d_model) in the embedding module) the scores and the one-hot gradient are
+    those of the one-hot objective through the model's own embedding module."""
+    s = scorer(gemma3_64, transcoder, "max")
+    ids, lengths = random_ids(gemma3_64, 3, seed=1)
+    rows, lambdas = torch.tensor([0, 1, 0]), torch.tensor([0.0, 0.7, 3.0], dtype=torch.float64)
+    scores, grad = s.gradient(ids, lengths, rows, lambdas)
+    one_hot = torch.nn.functional.one_hot(s._layout(ids, lengths, 0)[0], s.embedding.shape[0]).double()
+    one_hot.requires_grad_(True)
+    objective, f, ce = one_hot_objective(s, one_hot, lengths, rows, lambdas)
+    assert torch.allclose(f, scores.f) and torch.allclose(ce, scores.ce)
+    full = torch.autograd.grad(objective.sum(), one_hot)[0]
+    for b in range(3):
+        n = int(lengths[b])
+        assert torch.allclose(grad[b, :n], full[b, :n], atol=1e-8)
 
 
 def test_gradient_of_one_row_does_not_depend_on_the_others(lm64, transcoder):

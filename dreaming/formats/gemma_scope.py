@@ -6,7 +6,8 @@ Gemma Scope: one params.npz a layer, named by a circuit-tracer config.yaml's `tr
   memory-mapped, never loaded whole.
 Gemma Scope 2: one folder a layer (e.g. layer_12_width_16k_l0_small/) with params.safetensors (w_enc [d_in, F], read
   transposed; b_enc, threshold, w_dec [F, d_out], b_dec, and in the affine transcoders affine_skip_connection, read as
-  W_skip as SAELens reads it) and config.json (architecture "jump_relu", model_name, hf_hook_point_in,
+  W_skip as SAELens reads it, added as x @ W_skip.T; circuit-tracer adds x @ affine_skip_connection instead, which
+  cannot be settled without the published files; only reconstructions read it) and config.json (architecture "jump_relu", model_name, hf_hook_point_in,
   hf_hook_point_out: Hugging Face module paths such as model.layers.12.pre_feedforward_layernorm.output); give one
   folder or a folder of them (some layers). Its cross-layer transcoders are not read.
 """
