@@ -377,9 +377,22 @@ def cmd_maxima_import(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from dreaming.exports import export_circuit_tracer, export_neuronpedia
+    from dreaming.exports import export_circuit_tracer, export_gemma_scope_2, export_neuronpedia
     from dreaming.features import parse_features
 
+    if args.format == "gemma-scope-2":
+        if args.features:
+            raise SystemExit("--features: gemma-scope-2 exports the whole dictionary")
+        report = export_gemma_scope_2(explorer(args), args.out)
+        if args.json:
+            return print_json(report)
+        print(f"exported the {report['kind']} ({report['features']:,} features, layers "
+              f"{report['layers'][0]}..{report['layers'][-1]}{', with its skip' if report['skip'] else ''}) as "
+              f"gemma-scope-2 to {report['directory']}: {report['files']:,} files, {report['bytes'] / 1e9:.2f} GB, "
+              f"{report['seconds']:.0f} s")
+        print("read it with circuit-tracer's load_gemma_scope_2_clt (a CLT) or load_transcoder_set(..., "
+              "special_load_fn='gemma-scope-2'), or `dreaming bundle create --transcoder` the directory")
+        return
     features = parse_features(args.features) if args.features else None
     if args.format == "circuit-tracer":
         report = export_circuit_tracer(explorer(args), args.out, features, scan=args.scan)
@@ -759,8 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     imported.set_defaults(run=cmd_maxima_import)
 
     export = commands.add_parser("export", help="feature dashboards as circuit-tracer feature files or Neuronpedia "
-                                 "export batches (see dreaming/exports.py)")
-    export.add_argument("--format", required=True, choices=["circuit-tracer", "neuronpedia"])
+                                 "export batches, or the dictionary itself in Gemma Scope 2's layout (what "
+                                 "circuit-tracer reads a CLT's skip from; see dreaming/exports.py)")
+    export.add_argument("--format", required=True, choices=["circuit-tracer", "neuronpedia", "gemma-scope-2"])
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--features", help="comma-separated feature ids, e.g. 12/345,3/7 (default: every feature)")
     export.add_argument("--scan", help="circuit-tracer: the metadata.scan of the graphs that show these features "

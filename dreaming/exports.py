@@ -4,6 +4,8 @@ imported as dataset maxima: the yardstick of a published transcoder without reco
 Owns
   export_circuit_tracer   one feature JSON per feature, where circuit-tracer's local graph viewer reads it
   export_neuronpedia      Neuronpedia export batches: features and activations as gzipped JSONL
+  export_gemma_scope_2    the bundle's dictionary itself in Gemma Scope 2's layout, which circuit-tracer loads with a
+                          CLT's skip (its own CLT loader reads no skip)
   import_neuronpedia      a maxima directory (dreaming/maxima.py) from Neuronpedia activation batches
   cantor_id               circuit-tracer's number for a feature
 
@@ -85,6 +87,7 @@ from dreaming.engine import NOVEL_BELOW
 from dreaming.explorer import Explorer
 from dreaming.features import Feature, check_feature
 from dreaming.formats import read_config
+from dreaming.formats.gemma_scope import save_gemma_scope_2
 from dreaming.maxima import FORMAT_VERSION, HISTOGRAM_EDGES, Maxima, load_maxima
 from dreaming.models import LanguageModel, ensure_default_model
 from dreaming.output_tokens import output_tokens
@@ -289,6 +292,22 @@ def export_circuit_tracer(explorer: Explorer, out_dir: str | Path, features: lis
         path.write_text(json.dumps(circuit_tracer_feature(maxima, feature, groups, output, scan), allow_nan=False))
         files.add(path)
     return export_report(Path(out_dir), files, len(files), started, format="circuit-tracer", scan=scan)
+
+
+def export_gemma_scope_2(explorer: Explorer, out_dir: str | Path) -> dict:
+    """Write the bundle's dictionary (encoders, decoders and skip) to `out_dir` in Gemma Scope 2's layout
+    (dreaming/formats/gemma_scope.py), hook points named by the model's module paths. circuit-tracer reads a CLT's
+    skip from these files (`load_gemma_scope_2_clt`), not from its own CLT layout."""
+    if not explorer.files.has_decoders:
+        raise ValueError(f"{explorer.bundle.transcoder_reference} has no decoders (a model's neurons): nothing for "
+                         "another tool to reconstruct with")
+    started = time.perf_counter()
+    transcoder = explorer.bundle.load_transcoder()
+    out_dir = Path(out_dir)
+    save_gemma_scope_2(transcoder, out_dir, explorer.lm.module_path)
+    c = transcoder.config
+    return export_report(out_dir, set(out_dir.rglob("*.*")), len(c.layer_ids) * c.d_transcoder, started,
+                         format="gemma-scope-2", kind=c.kind, layers=c.layer_ids, skip=c.skip_connection)
 
 
 def model_slug(name: str) -> str:

@@ -146,6 +146,17 @@ class LanguageModel:
             return _get_attr(block, self.family.mlp_down), "input"
         return _get_attr(block, self.family.mlp_out), "output"
 
+    def module_path(self, hook: str, layer: int) -> str:
+        """The hook point as a Hugging Face module path and side, e.g. model.layers.3.post_attention_layernorm.output
+        (how Gemma Scope 2 names hook points)."""
+        hook, family = canonical_hook(hook), self.family
+        block = f"{family.layers}.{layer}"
+        if hook in (HOOK_RESID_PRE, HOOK_RESID_POST):
+            return f"{block}.{'input' if hook == HOOK_RESID_PRE else 'output'}"
+        module, side = {HOOK_RESID_MID: (family.pre_mlp_norm, "input"), HOOK_MLP_IN: (family.pre_mlp_norm, "output"),
+                        HOOK_MLP_POST: (family.mlp_down, "input"), HOOK_MLP_OUT: (family.mlp_out, "output")}[hook]
+        return f"{block}.{module}.{side}"
+
     def hook_width(self, hook: str) -> int:
         """The width of a hook point's value: d_model, or the MLP's hidden width for mlp.hook_post."""
         if canonical_hook(hook) != HOOK_MLP_POST:

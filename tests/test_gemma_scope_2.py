@@ -1,7 +1,9 @@
 """Gemma Scope 2's layout on a tiny Gemma-3: per-layer folders (config.json + params.safetensors) of affine
 (skip) transcoders and residual-stream SAEs, some layers only, read in place; the activation dreaming measures
-through the model equals JumpReLU of the hook point's value (Hugging Face's own modules, hooked by hand); what is not
-read is one line naming the file."""
+through the model equals JumpReLU of the hook point's value (Hugging Face's own modules, hooked by hand); the skip
+as circuit-tracer's own loader adds it; what is not read is one line naming the file. Written back
+(`save_gemma_scope_2`, `dreaming export --format gemma-scope-2`): a CLT with its skip that circuit-tracer's
+`load_gemma_scope_2_clt` reconstructs with exactly as dreaming does, and that dreaming reads back."""
 
 import json
 
@@ -85,8 +87,15 @@ def test_gemma_scope_2_folders_on_a_tiny_gemma_3(tmp_path, gemma3, tiny_tokenize
         features = [Feature(layer, i) for i in range(F)]
         ours = feature_activations(gemma3, LazyEncoder(files), input_ids, features)
         torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-5)
-    if kind == "transcoder":
-        torch.testing.assert_close(files.load().W_skip[1], written[1]["affine_skip_connection"])
+    if kind == "transcoder":  # the skip adds x @ affine_skip_connection, as circuit-tracer's loader has it
+        from circuit_tracer.transcoder.single_layer_transcoder import load_gemma_scope_2_transcoder
+
+        x = torch.randn(5, D, generator=torch.Generator().manual_seed(4))
+        theirs = load_gemma_scope_2_transcoder(str(tmp_path / kind / "layer_1_width_16k_l0_small" / "params.safetensors"),
+                                               layer=1, device=torch.device("cpu"), dtype=torch.float32)
+        ours = x @ files.load().W_skip[1].T  # how dreaming's Transcoder adds its skip
+        torch.testing.assert_close(ours, theirs.compute_skip(x))
+        torch.testing.assert_close(ours, x @ written[1]["affine_skip_connection"])
     one = open_transcoder(tmp_path / kind / "layer_1_width_16k_l0_small")
     assert one.config.layer_ids == [1]
 
@@ -97,7 +106,72 @@ def test_what_gemma_scope_2_layout_is_not_read(tmp_path):
                                          r"not read") as error:
         open_transcoder(tmp_path / "attn")
     assert "\n" not in str(error.value)
-    write_folder(tmp_path / "clt", 0, "model.layers.{}.pre_feedforward_layernorm.output",
+    write_folder(tmp_path / "elsewhere", 0, "model.layers.{}.pre_feedforward_layernorm.output",
                  "model.layers.3.post_feedforward_layernorm.output")
-    with pytest.raises(ValueError, match="a cross-layer transcoder, not read"):
-        open_transcoder(tmp_path / "clt")
+    with pytest.raises(ValueError, match="reads layer 0 and names layer 3 as its output; expected its own layer"):
+        open_transcoder(tmp_path / "elsewhere")
+
+
+def a_clt_with_a_skip(lm, seed=0):
+    from dreaming.transcoders import CLT, Transcoder, TranscoderConfig
+
+    g = torch.Generator().manual_seed(seed)
+    config = TranscoderConfig(CLT, lm.n_layers, lm.d_model, F, activation="jumprelu", skip_connection=True,
+                              model_name=lm.name)
+    transcoder = Transcoder(config)
+    with torch.no_grad():
+        for parameter in transcoder.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) / D**0.5)
+        transcoder.threshold.copy_(0.1 * torch.rand(transcoder.threshold.shape, generator=g))
+    return transcoder
+
+
+def test_a_clt_written_as_gemma_scope_2_is_circuit_tracers_and_ours_again(tmp_path, gemma3):
+    """A JumpReLU CLT with a skip, written by save_gemma_scope_2: dreaming reads back every tensor; circuit-tracer's
+    load_gemma_scope_2_clt holds the same CLT, skip included, and reconstructs every layer's output as dreaming does.
+    (circuit-tracer 0.5.0's loader reads layers range(max(paths)): it drops the last layer unless the dict has one key
+    more, which it never reads.)"""
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_gemma_scope_2_clt
+
+    from dreaming.formats.gemma_scope import save_gemma_scope_2
+
+    ours = a_clt_with_a_skip(gemma3)
+    save_gemma_scope_2(ours, tmp_path / "gs2", gemma3.module_path)
+    config = json.loads((tmp_path / "gs2" / "layer_1" / "config.json").read_text())
+    assert config["hf_hook_point_in"] == "model.layers.1.pre_feedforward_layernorm.output"
+    assert config["hf_hook_point_out"] == "model.layers.1.post_feedforward_layernorm.output"
+    back = open_transcoder(tmp_path / "gs2")
+    assert back.layout == "gemma-scope-2" and back.config.kind == "cross_layer_transcoder"
+    assert (back.config.feature_input_hook, back.config.feature_output_hook) == (HOOK_MLP_IN, HOOK_MLP_OUT)
+    loaded = back.load()
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
+    n = gemma3.n_layers
+    paths = {l: str(tmp_path / "gs2" / f"layer_{l}" / "params.safetensors") for l in range(n)}
+    theirs = load_gemma_scope_2_clt({**paths, n: None}, device=torch.device("cpu"), dtype=torch.float32)
+    x = torch.randn(n, 6, D, generator=torch.Generator().manual_seed(5))  # every layer's input, 6 positions
+    with torch.no_grad():
+        expected = ours(x)[1]  # [layers, positions, d_model]
+        reconstruction = theirs.decode(theirs.encode(x).to_sparse(), x)  # as its attribution reconstructs, skip in
+        torch.testing.assert_close(reconstruction, expected, rtol=1e-4, atol=1e-5)
+        for layer in range(n):
+            torch.testing.assert_close(theirs.compute_skip(layer, x[layer]), x[layer] @ ours.W_skip[layer].T)
+
+
+def test_dreaming_export_writes_the_bundles_dictionary_as_gemma_scope_2(tiny_bundle, tmp_path, capsys):
+    """`dreaming export --format gemma-scope-2` writes the bundle's CLT, which reads back equal; a dictionary without
+    decoders is refused in one line."""
+    from dreaming.bundle import Bundle
+    from dreaming.cli import main
+
+    main(["export", "--format", "gemma-scope-2", "--bundle", str(tiny_bundle.directory), "--out", str(tmp_path / "x"),
+          "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "gemma-scope-2" and report["files"] == 2 * len(report["layers"])
+    original = Bundle.open(tiny_bundle.directory).load_transcoder()
+    back = open_transcoder(tmp_path / "x").load()
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], tensor, msg=name)
+    with pytest.raises(SystemExit, match="whole dictionary"):
+        main(["export", "--format", "gemma-scope-2", "--bundle", str(tiny_bundle.directory), "--out",
+              str(tmp_path / "y"), "--features", "0/1"])

@@ -19,9 +19,21 @@ DREAM_SETTINGS = {name: value for name, value in TINY_CONFIG.items() if name != 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tiny_gpt2_bundle, tmp_path_factory):
-    with serving([tiny_bundle.directory, f"second={tiny_gpt2_bundle.directory}"], tmp_path_factory.mktemp("home"),
-                 DREAMING_FEATURES_PER_CALL="2") as server:
+def neurons_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny model's MLP neurons as a dictionary: no decoders."""
+    from test_bundle_create import write_corpus
+
+    from dreaming.build.create import create_bundle
+
+    root = tmp_path_factory.mktemp("neurons")
+    return create_bundle(str(tiny_bundle.directory / "model"), "neurons", str(write_corpus(root / "corpus.jsonl", 20)),
+                         root / "bundle", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tiny_gpt2_bundle, neurons_bundle, tmp_path_factory):
+    with serving([tiny_bundle.directory, f"second={tiny_gpt2_bundle.directory}", f"neurons={neurons_bundle.directory}"],
+                 tmp_path_factory.mktemp("home"), DREAMING_FEATURES_PER_CALL="2") as server:
         yield server
 
 
@@ -195,6 +207,17 @@ def test_the_second_bundle_picked_on_the_home_page_is_carried_to_its_feature_pag
         assert shaded == [(shown(text), value) for text, value in zip(example["tokens"], example["activations"])]
     assert page.get_attribute("header a.brand", "href") == "/?bundle=second"
     assert page.inner_text("#feature-bundle") == "of bundle second" and "(second)" in page.title()
+    assert tab.errors == []
+
+
+def test_a_neurons_page_says_it_has_no_decoders(tab, client):
+    """A dictionary without decoders (a model's neurons): the page loads without an error and says so where the
+    output tokens and the similar features would be; the API's similar is a 404 saying why."""
+    feature = client.get("/v1/bundles/neurons/features", params={"live": "true", "limit": 1}).json()["features"][0]
+    similar = client.get(f"/v1/bundles/neurons/features/{feature['feature']}/similar")
+    assert similar.status_code == 404 and "has no decoders" in similar.json()["detail"]
+    page = tab.open(f"/features/{feature['feature']}?bundle=neurons")
+    assert all("no decoders" in page.inner_text(place) for place in ("#top-tokens", "#bottom-tokens", "#similar-table"))
     assert tab.errors == []
 
 

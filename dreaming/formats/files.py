@@ -193,11 +193,15 @@ def npz_members(path: Path) -> dict:
 
 @dataclass
 class StoredTensor:
-    """One tensor of a file; `transposed`: stored [d_model, F] (Gemma Scope's W_enc), read as [F, d_model]."""
+    """One tensor of a file; `transposed`: stored [d_model, F] (Gemma Scope's W_enc), read as [F, d_model];
+    `outputs_from`: a CLT decoder stored [F, n_layers, d_model] with every output layer (Gemma Scope 2's, zero before
+    its own), read from output layer `outputs_from` on: [F, n_layers - outputs_from, d_model], as the circuit-tracer
+    layout keeps it."""
 
     file: File
     key: str
     transposed: bool = False
+    outputs_from: int = 0
 
     def exists(self) -> bool:
         return self.key in self.file.keys()
@@ -205,14 +209,19 @@ class StoredTensor:
     @property
     def shape(self) -> list[int]:
         shape = self.file.shape(self.key)
+        if self.outputs_from:
+            shape = [shape[0], shape[1] - self.outputs_from, *shape[2:]]
         return shape[::-1] if self.transposed else shape
 
     def read(self, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
-        return self.file.read(self.key, slice(lo, hi), self.transposed)
+        rows = self.file.read(self.key, slice(lo, hi), self.transposed)
+        return rows[:, self.outputs_from :] if self.outputs_from else rows
 
     def expect(self, shape: list[int]) -> StoredTensor:
         """Self, once it is found with `shape`; else a one-line error naming the file."""
         stored = shape[::-1] if self.transposed else list(shape)
+        if self.outputs_from:
+            stored = [stored[0], stored[1] + self.outputs_from, *stored[2:]]
         if not self.exists():
             raise ValueError(f"{self.file.name}: missing tensor {self.key!r} (expected shape {stored})")
         got = self.file.shape(self.key)
@@ -367,7 +376,8 @@ def open_layer_folders(path: Path, reference: str | None, layout: str, config_na
                        read_config, layer_tensors) -> TranscoderFiles | None:
     """A dictionary kept as one folder per layer (config_name + weights_name in each: SAELens, Gemma Scope 2): the
     folder `path` itself, or the folders in it; None when there are none. `read_config(path) -> (layer, meta)`,
-    `layer_tensors(File, meta) -> LayerTensors`; every folder must give the same meta (one kind, size and hook)."""
+    `layer_tensors(File, meta, layer) -> LayerTensors`; every folder must give the same meta (one kind, size and
+    hook)."""
     def is_folder(folder: Path) -> bool:
         return (folder / config_name).is_file() and (folder / weights_name).is_file()
 
@@ -384,7 +394,7 @@ def open_layer_folders(path: Path, reference: str | None, layout: str, config_na
         if layer in by_layer:
             raise ValueError(f"{folder / config_name}: a second dictionary for layer {layer}")
         first = first or (folder / config_name, meta)
-        by_layer[layer] = layer_tensors(File.local(folder / weights_name), meta)
+        by_layer[layer] = layer_tensors(File.local(folder / weights_name), meta, layer)
     return TranscoderFiles(reference or str(path), layout, by_layer, first[1], str(first[0]))
 
 

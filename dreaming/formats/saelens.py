@@ -45,7 +45,7 @@ def open_directory(path: Path, reference: str | None = None) -> TranscoderFiles 
     return open_layer_folders(path, reference, "saelens", CONFIG, WEIGHTS, read_config, layer_tensors)
 
 
-def layer_tensors(file: File, meta: dict) -> LayerTensors:
+def layer_tensors(file: File, meta: dict, layer: int) -> LayerTensors:
     return LayerTensors(StoredTensor(file, "W_enc", transposed=True), StoredTensor(file, "b_enc"),
                         StoredTensor(file, "threshold"), StoredTensor(file, "b_dec"), StoredTensor(file, "W_dec"),
                         StoredTensor(file, "W_skip"), StoredTensor(file, "b_dec") if meta["apply_b_dec"] else None)

@@ -121,9 +121,9 @@ function renderIntervals() {
     el("td", {}, shadeTokens(example.tokens, example.activations, page.dataset_max, example.max_index)))));
   fillTable("intervals-table", rows, "None kept: these dataset maxima were built before activation ranges were sampled.", 4);
   const tokens = (pairs) => pairs.map(([token, value]) => el("span", {class: "tag", title: value.toFixed(3)}, tokenText(token)));
-  const none = [el("span", {class: "muted"}, "none: this dictionary has no decoders")];
-  $("top-tokens").replaceChildren(...(page.output_tokens ? tokens(page.output_tokens.top) : none));
-  $("bottom-tokens").replaceChildren(...(page.output_tokens ? tokens(page.output_tokens.bottom) : none));
+  const none = () => [el("span", {class: "muted"}, "none: this dictionary has no decoders")]; // one node per place
+  $("top-tokens").replaceChildren(...(page.output_tokens ? tokens(page.output_tokens.top) : none()));
+  $("bottom-tokens").replaceChildren(...(page.output_tokens ? tokens(page.output_tokens.bottom) : none()));
 }
 
 function renderPareto() {
@@ -223,6 +223,10 @@ async function dream(event) {
 // ------------------------------------------------------------------------------------------------ similar
 
 async function similar() {
+  if (!page.output_tokens) { // no decoders (a model's neurons): nothing to compare
+    fillTable("similar-table", [], "This dictionary has no decoders (a model's neurons): no similar features.", 4);
+    return;
+  }
   const found = await api(`/v1/features/${LAYER}/${INDEX}/similar?top=10`);
   fillTable("similar-table", found.map((s) => el("tr", {}, el("td", {}, featureLink(s.feature), " ",
     s.first_token ? firstTokenBadge() : ""),
