@@ -425,7 +425,7 @@ def cmd_activation(args) -> None:
         first = result["counted_from"]
         print(f"{result['text']!r}: activation {result['activation']:.3f} = {percent(result['fraction_of_max']).strip()} "
               "of dataset max" + (" (the prompt and what follows it)" if args.template else ""))
-        if args.template:
+        if args.template and first > 1:  # a template with text before {prompt}
             print(f"    the template's own prefix (positions 1..{first - 1}, not counted): activation "
                   f"{result['template_activation']:.3f}")
         top = max(result["token_activations"]) or 1.0
