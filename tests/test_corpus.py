@@ -164,6 +164,7 @@ def test_tokenize_windows_max_tokens(tokenizer):
 # ----------------------------------------------------------------------------- default corpus
 
 
+@pytest.mark.slow  # two builds of the standard library's part (22 s): `make test-slow`
 def test_build_default_corpus_is_deterministic(tmp_path, tokenizer):
     """The same input gives the same bytes: the stdlib part (tagged, capped, chunked) and the written part,
     interleaved."""
