@@ -57,7 +57,8 @@ def current_default_manifest(directory: Path) -> dict:
 def build_default_bundle(directory: Path | None = None, config=None,
                          progress: bool = True) -> Bundle:
     """Build (idempotently: finished steps are skipped) the default bundle: model cache, corpus, windows,
-    transcoder (`config`: a recipe's config, dreaming/recipes.py; default: the default recipe's), maxima.
+    transcoder (`config`: a recipe's config, dreaming/build/recipes.py; default: the default recipe's), identity,
+    maxima.
 
     Each step records its wall time in the manifest under "build_seconds".
     """
@@ -109,6 +110,8 @@ def build_default_bundle(directory: Path | None = None, config=None,
         cut = bundle.windows()
         if not (directory / "transcoder").exists():  # else trained already, and only the evaluation was cut short
             RECIPES[recipe_of(config)].train(model(), cut, config, directory / "transcoder", progress=progress)
+            for stale in ("transcoder", "maxima"):  # a new transcoder: its own identity, its own maxima
+                manifest.pop(stale, None)
         manifest["recipe"] = recipe_of(config)
         manifest["train_config"] = asdict(config)
         heldout = split_windows(cut, config.heldout_windows, config.seed)[1]
