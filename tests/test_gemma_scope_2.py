@@ -91,8 +91,8 @@ def test_gemma_scope_2_folders_on_a_tiny_gemma_3(tmp_path, gemma3, tiny_tokenize
         from circuit_tracer.transcoder.single_layer_transcoder import load_gemma_scope_2_transcoder
 
         x = torch.randn(5, D, generator=torch.Generator().manual_seed(4))
-        theirs = load_gemma_scope_2_transcoder(str(tmp_path / kind / "layer_1_width_16k_l0_small" / "params.safetensors"),
-                                               layer=1, device=torch.device("cpu"), dtype=torch.float32)
+        params = tmp_path / kind / "layer_1_width_16k_l0_small" / "params.safetensors"
+        theirs = load_gemma_scope_2_transcoder(str(params), layer=1, device=torch.device("cpu"), dtype=torch.float32)
         ours = x @ files.load().W_skip[1].T  # how dreaming's Transcoder adds its skip
         torch.testing.assert_close(ours, theirs.compute_skip(x))
         torch.testing.assert_close(ours, x @ written[1]["affine_skip_connection"])

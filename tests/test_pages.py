@@ -1,6 +1,6 @@
 """The web pages in a real headless Chromium (Playwright driving Debian's `chromium`, offline), against a real
-`dreaming serve` on the tiny bundle (the default) and a second one with its Ray worker: what the pages show must be
-what the API returns."""
+`dreaming serve` on the tiny bundle (the default), a second one, the tiny model's neurons (no decoders) and SAEs of
+some layers, with its Ray worker: what the pages show must be what the API returns."""
 
 import csv
 import io
@@ -31,9 +31,24 @@ def neurons_bundle(tiny_bundle, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tiny_gpt2_bundle, neurons_bundle, tmp_path_factory):
-    with serving([tiny_bundle.directory, f"second={tiny_gpt2_bundle.directory}", f"neurons={neurons_bundle.directory}"],
-                 tmp_path_factory.mktemp("home"), DREAMING_FEATURES_PER_CALL="2") as server:
+def sae_bundle(tiny_bundle, tmp_path_factory):
+    """Residual-stream SAEs (written by SAELens) for layers 0 and 2 of the tiny model's three."""
+    from test_bundle_create import write_corpus
+    from test_saelens import saved
+
+    from dreaming.build.create import create_bundle
+
+    root = tmp_path_factory.mktemp("sae")
+    saved(root, "standard")
+    return create_bundle(str(tiny_bundle.directory / "model"), str(root / "standard"),
+                         str(write_corpus(root / "corpus.jsonl", 20)), root / "bundle", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tiny_gpt2_bundle, neurons_bundle, sae_bundle, tmp_path_factory):
+    bundles = [tiny_bundle.directory, f"second={tiny_gpt2_bundle.directory}", f"neurons={neurons_bundle.directory}",
+               f"sae={sae_bundle.directory}"]
+    with serving(bundles, tmp_path_factory.mktemp("home"), DREAMING_FEATURES_PER_CALL="2") as server:
         yield server
 
 
@@ -218,6 +233,17 @@ def test_a_neurons_page_says_it_has_no_decoders(tab, client):
     assert similar.status_code == 404 and "has no decoders" in similar.json()["detail"]
     page = tab.open(f"/features/{feature['feature']}?bundle=neurons")
     assert all("no decoders" in page.inner_text(place) for place in ("#top-tokens", "#bottom-tokens", "#similar-table"))
+    assert tab.errors == []
+
+
+def test_previous_and_next_step_over_the_layers_a_dictionary_lacks(tab, client):
+    """An SAE for layers 0 and 2: the next feature after layer 0's last is 2/0, and back."""
+    last = client.get("/v1/bundles/sae/info").json()["bundle"]["transcoder"]["features_per_layer"] - 1
+    page = tab.open(f"/features/0/{last}?bundle=sae")
+    assert page.get_attribute("#next-feature", "href") == "/features/2/0?bundle=sae"
+    page = tab.open("/features/2/0?bundle=sae")
+    assert page.get_attribute("#previous-feature", "href") == f"/features/0/{last}?bundle=sae"
+    assert page.get_attribute("#next-feature", "href") == "/features/2/1?bundle=sae"
     assert tab.errors == []
 
 

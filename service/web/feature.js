@@ -238,10 +238,11 @@ async function start() {
   pageFrame();
   const [info] = await Promise.all([serverInfo(), load()]);
   const perLayer = info.bundle.transcoder.features_per_layer;
-  const flat = Number(LAYER) * perLayer + Number(INDEX);
+  const layers = info.bundle.transcoder.layer_ids; // the layers the dictionary has (some only, for an SAE)
+  const flat = layers.indexOf(Number(LAYER)) * perLayer + Number(INDEX);
   const link = (id, at) => {
-    if (at < 0 || at >= info.bundle.transcoder.features) return $(id).removeAttribute("href");
-    $(id).href = pageUrl(`/features/${Math.floor(at / perLayer)}/${at % perLayer}`);
+    if (at < 0 || at >= layers.length * perLayer) return $(id).removeAttribute("href");
+    $(id).href = pageUrl(`/features/${layers[Math.floor(at / perLayer)]}/${at % perLayer}`);
   };
   link("previous-feature", flat - 1);
   link("next-feature", flat + 1);
