@@ -390,8 +390,9 @@ def cmd_export(args) -> None:
               f"{report['layers'][0]}..{report['layers'][-1]}{', with its skip' if report['skip'] else ''}) as "
               f"gemma-scope-2 to {report['directory']}: {report['files']:,} files, {report['bytes'] / 1e9:.2f} GB, "
               f"{report['seconds']:.0f} s")
-        print("read it with circuit-tracer's load_gemma_scope_2_clt (a CLT) or load_transcoder_set(..., "
-              "special_load_fn='gemma-scope-2'), or `dreaming bundle create --transcoder` the directory")
+        print("read it with circuit-tracer's load_gemma_scope_2_clt (a CLT; 0.5.0 needs one path key more, see the "
+              "README) or load_transcoder_set(..., special_load_fn='gemma-scope-2'), or `dreaming bundle create "
+              "--transcoder` the directory")
         return
     features = parse_features(args.features) if args.features else None
     if args.format == "circuit-tracer":

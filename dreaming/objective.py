@@ -250,7 +250,7 @@ class Scorer:
         pre, logits, _ = self._forward(self._embed(tokens), rows, kv, max(predicted, 0))  # predict start + 1..
         width = ids.shape[1]
         if known_logprobs is not None:
-            token_logprobs = known_logprobs.to(self.dtype).clone()
+            token_logprobs = known_logprobs.to(self.dtype)
         else:
             token_logprobs = torch.zeros(len(ids), width, dtype=self.dtype, device=ids.device)  # [B, W]
             token_logprobs[:, 0] = self.first_logprobs[ids[:, 0]]

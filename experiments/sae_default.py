@@ -7,8 +7,8 @@ It is a demonstration dictionary, not a good SAE: a few hundred Adam steps on th
 L0 on the held-out varied texts (text of other kinds than the corpus it was trained on).
 
     python experiments/sae_default.py --out ~/b/sae-layer12 [--layer 12] [--latents 2304] [--k 32] [--steps 400]
-    dreaming bundle create --model default --transcoder ~/b/sae-layer12 --corpus ~/.cache/dreaming/default/corpus.jsonl \
-        --tokens 20000 --out ~/b/sae
+    dreaming bundle create --model default --transcoder ~/b/sae-layer12 \
+        --corpus ~/.cache/dreaming/default/corpus.jsonl --tokens 20000 --out ~/b/sae
 """
 
 import argparse
@@ -21,6 +21,7 @@ from sae_lens.saes.sae import SAEMetadata
 from dreaming.build.evaluate import heldout_sequences, pad_sequences
 from dreaming.bundle import Bundle
 from dreaming.models import HOOK_RESID_POST
+from dreaming.transcoders import activate
 
 
 def residuals(lm, tokens: torch.Tensor, lengths: torch.Tensor, layer: int, batch: int = 16) -> torch.Tensor:
@@ -33,11 +34,6 @@ def residuals(lm, tokens: torch.Tensor, lengths: torch.Tensor, layer: int, batch
         keep = (torch.arange(width)[None] >= 1) & (torch.arange(width)[None] < n[:, None])
         rows.append(value[keep].float())
     return torch.cat(rows)
-
-
-def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    values, indices = pre.relu().topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter_(-1, indices, values)
 
 
 def main():
@@ -71,7 +67,7 @@ def main():
     scale = (x - b_dec).norm(dim=-1).mean()  # inputs divided by their mean norm while training, folded in at the end
 
     def reconstruct(inputs):
-        z = topk(((inputs - params["b_dec"]) / scale) @ params["W_enc"] + params["b_enc"], args.k)
+        z = activate(((inputs - params["b_dec"]) / scale) @ params["W_enc"] + params["b_enc"], "topk", k=args.k)
         return z @ params["W_dec"] * scale + params["b_dec"], z
 
     started = time.perf_counter()

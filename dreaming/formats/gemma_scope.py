@@ -124,8 +124,8 @@ def hf_hook(name: str, path: Path) -> tuple[int, str]:
 def save_gemma_scope_2(transcoder: Transcoder, directory, hf_hook_point) -> None:
     """Write `transcoder` (a JumpReLU or ReLU CLT or per-layer set) in Gemma Scope 2's layout, one folder a layer
     (`layer_{l}/` with params.safetensors and config.json), replacing `directory` atomically. `hf_hook_point(hook,
-    layer)` names a hook point as a Hugging Face module path (`LanguageModel.module_path`). A ReLU dictionary is written with zero thresholds
-    (JumpReLU at 0 is ReLU); a TopK one has no JumpReLU form and is refused."""
+    layer)` names a hook point as a Hugging Face module path (`LanguageModel.module_path`). A ReLU dictionary is
+    written with zero thresholds (JumpReLU at 0 is ReLU); a TopK one has no JumpReLU form and is refused."""
     c, t = transcoder.config, transcoder
     if c.activation not in ("jumprelu", "relu"):
         raise ValueError(f"a {c.activation} dictionary has no JumpReLU form: Gemma Scope 2 holds JumpReLU ones")
@@ -136,13 +136,11 @@ def save_gemma_scope_2(transcoder: Transcoder, directory, hf_hook_point) -> None
     with atomic_directory(directory) as tmp:
         for l in c.layer_ids:
             threshold = t.threshold[l] if t.threshold is not None else torch.zeros(c.d_transcoder)
+            w_dec = cpu(t.W_dec[l])
             if c.kind == CLT:  # every output layer, zero before its own (what circuit-tracer's loader slices)
-                w_dec = torch.zeros(c.d_transcoder, c.n_layers, c.d_model)
-                w_dec[:, l:] = cpu(t.W_dec[l])
-            else:
-                w_dec = t.W_dec[l]
+                w_dec = torch.cat([w_dec.new_zeros(c.d_transcoder, l, c.d_model), w_dec], dim=1)
             params = {"w_enc": cpu(t.W_enc[l].T), "b_enc": cpu(t.b_enc[l]), "threshold": cpu(threshold),
-                      "b_dec": cpu(t.b_dec[l]), "w_dec": cpu(w_dec)}
+                      "b_dec": cpu(t.b_dec[l]), "w_dec": w_dec}
             if t.W_skip is not None:
                 params["affine_skip_connection"] = cpu(t.W_skip[l].T)  # x @ A = x @ W_skip.T
             (tmp / f"layer_{l}").mkdir()

@@ -51,10 +51,10 @@ def router(service: Service, bundle) -> APIRouter:
     async def similar(layer: int, index: int, top: int = Query(10, ge=1, le=100),
                       view: BundleView = Depends(bundle)) -> list[dict]:
         feature = known(view, Feature(layer, index))
-        if not view.explorer.files.has_decoders:
-            raise HTTPException(404, f"{view.explorer.files.reference} has no decoders (a model's neurons): similar "
-                                     "features compare decoder directions")
-        return await view.similar(feature, top)
+        try:
+            return await view.similar(feature, top)
+        except ValueError as error:  # the feature and `top` are checked above: a dictionary without decoders
+            raise HTTPException(404, str(error)) from None
 
     @routes.get("/features/{layer}/{index}", response_model=FeaturePage,
                 summary="Dataset maxima, cached dreams (the service's and those made with `dreaming dream` on the "
