@@ -12,13 +12,13 @@ Prints:
      whose starting prompts are farthest from its max, all three starting from prompts sampled from the model
      (no dataset seeds), so the comparison is not decided at iteration 1;
   4. features per minute at the default configuration for K = 1, 4, 16 features sharing each batch (the cost of an
-     iteration from two calls of different lengths, plus what a call pays once): this engine (each feature at its
-     chosen length) and, with --previous, the engine before it on the same features.
+     iteration, timed by the search itself, plus what a call pays once): this engine (each feature at its chosen
+     length) and, with --previous, the engine before it on the same features.
 
 The search runs in the device's fast dtype (models.fast_dtype: bf16 on a GPU or a CPU with bf16 matmuls, else
 fp32), the previous engine too, so both are timed as they would run on this machine.
 
-    python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--parts 1,2,3,4] [--threads 2]
+    python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--throughput-iterations 3] [--parts 1,2,3,4] [--threads 2]
 
 --previous DIR: a checkout of the commit before this engine (e.g. `git worktree add /tmp/previous <commit>`).
 """
@@ -42,7 +42,7 @@ from dreaming.models import best_device, fast_dtype
 from dreaming.objective import Scorer, make_target
 from dreaming.templates import chat_template
 
-SHORT, LONG = 2, 6  # iterations of the two timed calls per K in part 4
+SHORT, LONG = 2, 6  # iterations of the previous engine's two timed calls per K in part 4
 LENGTHS = (8, 12, 16, 24, 32, 48, 64)  # part 1's fixed prompt lengths
 
 # The engine before this version, in its own process: the seconds per iteration of `iterations` on one feature,
@@ -108,6 +108,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=40, help="iterations of the EPO/GCG/random comparison")
     parser.add_argument("--timing-iterations", type=int, default=6, help="iterations timed per length in part 1")
     parser.add_argument("--k", default="1,4,16", help="batch sizes (features) for features/minute")
+    parser.add_argument("--throughput-iterations", type=int, default=3, help="iterations of part 4's call per K")
     parser.add_argument("--parts", default="1,2,3,4", help="which of the four measurements to run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=best_device(), help="where the models run (default: a GPU if any)")
@@ -240,36 +241,39 @@ def methods(args, lm, measure_lm, transcoder, maxima, features, config):
 
 
 def throughput(args, lm, measure_lm, transcoder, maxima, features, config):
-    """4. features per minute with K features sharing each forward/backward pass. A call of SHORT and one of LONG
-    iterations per K: their difference is the cost of LONG - SHORT iterations; the rest (the length rule, the
-    starting prompts, the final measurement) is paid once per call. A warm-up call first, so no K pays the device's
-    warm-up. The previous engine (--previous) runs the same calls on the same features at its defaults."""
-    print(f"\nfeatures/minute at {config.iterations} iterations (from calls of {SHORT} and {LONG} iterations per K)")
+    """4. features per minute with K features sharing each forward/backward pass, from one call of
+    --throughput-iterations per K: the search's own clock gives the seconds per iteration; the rest of the call (the
+    length rule, the starting prompts, the final measurement) is paid once per call. A warm-up call first, so no K
+    pays the device's warm-up. The previous engine (--previous), whose results count the starts in with the
+    iterations, runs calls of SHORT and LONG iterations on the same features at its defaults: their difference is
+    the cost of LONG - SHORT iterations."""
+    iterations = args.throughput_iterations
+    print(f"\nfeatures/minute at {config.iterations} iterations (from a call of {iterations} iterations per K)")
     pool = list(dict.fromkeys(features + study_features(maxima, 26)))
     ks = [int(x) for x in args.k.split(",")]
 
-    def call(group, iterations) -> tuple[float, list[int]]:
-        started = time.perf_counter()
-        results = dream_many(lm, transcoder, group, config.model_copy(update={"iterations": iterations}),
-                             [maxima.dataset_max(f) for f in group], measure_lm=measure_lm,
-                             contexts=[maxima.top_contexts(f) for f in group])
-        return time.perf_counter() - started, [r.prompt_length for r in results]
+    def call(group, iterations) -> list:
+        return dream_many(lm, transcoder, group, config.model_copy(update={"iterations": iterations}),
+                          [maxima.dataset_max(f) for f in group], measure_lm=measure_lm,
+                          contexts=[maxima.top_contexts(f) for f in group])
 
-    def line(name: str, k: int, short: float, long: float, note: str = "") -> None:
-        per_iteration = (long - short) / (LONG - SHORT)
-        once = short - SHORT * per_iteration
+    def line(name: str, k: int, per_iteration: float, once: float, note: str = "") -> None:
         minutes = (once + per_iteration * config.iterations) / 60
         print(f"  {name:<16} K = {k:>2}: {per_iteration:6.3f} s/iteration, {once:5.1f} s once per call, "
               f"{minutes * 60 / k:6.1f} s a feature, {k / minutes:6.2f} features/minute{note}", flush=True)
 
     call(pool[:1], 1)
     for k in ks:
-        (short, lengths), (long, _) = call(pool[:k], SHORT), call(pool[:k], LONG)
-        line("this engine", k, short, long, f" (lengths {', '.join(map(str, lengths))})")
+        results = call(pool[:k], iterations)
+        per_iteration = results[0].timings["seconds_per_iteration"]
+        once = results[0].seconds - results[0].iterations * per_iteration
+        lengths = ", ".join(str(r.prompt_length) for r in results)
+        line("this engine", k, per_iteration, once, f" (lengths {lengths}; call {results[0].seconds:.0f} s)")
     if args.previous:
         previous = previous_engine(args, pool[: max(ks)], str(lm.dtype).removeprefix("torch."), ks=ks)
         for k, (short, long) in (previous or {}).items():
-            line("previous engine", int(k), short, long, " (12 tokens)")
+            per_iteration = (long - short) / (LONG - SHORT)
+            line("previous engine", int(k), per_iteration, short - SHORT * per_iteration, " (12 tokens)")
 
 
 if __name__ == "__main__":

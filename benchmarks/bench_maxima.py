@@ -19,6 +19,7 @@ import torch
 
 from dreaming.build.default import build_default_bundle
 from dreaming.maxima import MaximaConfig, build_maxima
+from dreaming.models import fast_dtype
 from dreaming.windows import Windows
 
 
@@ -28,8 +29,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     bundle = build_default_bundle()
-    lm = bundle.load_model(dtype=torch.bfloat16)
-    transcoder = bundle.load_transcoder(dtype=torch.bfloat16)  # as `maxima build` runs it
+    lm = bundle.load_model(dtype=fast_dtype())
+    transcoder = bundle.load_transcoder(dtype=lm.dtype)  # as `maxima build` runs it
     full = bundle.windows()
     n = min(args.windows, len(full))
     windows = Windows(np.asarray(full.tokens[:n]), np.asarray(full.lengths[:n]), np.asarray(full.document[:n]),

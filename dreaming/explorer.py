@@ -32,7 +32,7 @@ from dreaming.engine.length import FALLBACK_LENGTH
 from dreaming.features import Feature, check_feature, parse_feature
 from dreaming.formats import open_transcoder
 from dreaming.maxima import SEARCH_ORDER, Maxima, SearchOrder, search_features
-from dreaming.models import LanguageModel, best_device, fast_dtype
+from dreaming.models import LanguageModel, best_device, search_dtype
 from dreaming.output_tokens import output_tokens
 from dreaming.similar import similar_features
 from dreaming.templates import BARE, split_template
@@ -88,14 +88,13 @@ class Explorer:
     def search_model(self, dtype: str) -> LanguageModel:
         """The model in a dream config's search dtype ("auto": models.fast_dtype of the device), loaded once (fp32 is
         the measuring model itself)."""
-        if dtype == "auto":
-            dtype = str(fast_dtype(self.device)).removeprefix("torch.")
-        if dtype == "float32":
+        resolved = search_dtype(dtype, self.device)
+        if resolved == torch.float32:
             return self.lm
         models = self.__dict__.setdefault("_search_models", {})
-        if dtype not in models:
-            models[dtype] = self.bundle.load_model(dtype=getattr(torch, dtype), device=self.device)
-        return models[dtype]
+        if resolved not in models:
+            models[resolved] = self.bundle.load_model(dtype=resolved, device=self.device)
+        return models[resolved]
 
     @cached_property
     def maxima(self) -> Maxima | None:

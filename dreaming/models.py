@@ -253,6 +253,11 @@ def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+def search_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dream config's `dtype` ("auto", "bfloat16", "float32") on `device`: "auto" is fast_dtype's choice."""
+    return fast_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def default_model_dir() -> Path:
     return dreaming_home() / "models" / DEFAULT_MODEL
 

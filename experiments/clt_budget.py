@@ -17,14 +17,13 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
 
 from dreaming.build.default import build_default_bundle
 from dreaming.build.evaluate import transcoder_report
 from dreaming.build.recipes import RECIPES
 from dreaming.build.train import split_windows
 from dreaming.build.train_clt import CLTConfig
-from dreaming.models import load_model
+from dreaming.models import fast_dtype, load_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,7 +68,7 @@ def main():
     args = parser.parse_args()
 
     bundle = build_default_bundle()
-    lm = load_model("default", dtype=torch.bfloat16)
+    lm = load_model("default", dtype=fast_dtype())  # as the build
     windows = bundle.windows()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else []

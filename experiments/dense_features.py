@@ -44,6 +44,7 @@ from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
 from dreaming.formats import open_transcoder, read_config
 from dreaming.maxima import DENSE_ABOVE, Maxima
+from dreaming.models import fast_dtype
 from dreaming.output_tokens import output_directions, output_tokens
 from dreaming.similar import similar_features
 from dreaming.transcoders import CLT
@@ -232,7 +233,7 @@ def study(explorer: Explorer, windows: int, pairs: int, null: int, seed: int) ->
     null_partners = [lowest_partner(transcoder_dir, f) for f in null_features]
     groups = {"dense": [(f, p) for f, (p, _) in zip(dense, partners)], "random": random_pairs(maxima, pairs, rng),
               "null": [(f, p) for f, (p, _) in zip(null_features, null_partners)]}
-    lm = bundle.load_model(dtype=torch.bfloat16, device=explorer.device)  # as the maxima pass
+    lm = bundle.load_model(dtype=fast_dtype(explorer.device), device=explorer.device)  # as the maxima pass
     all_pairs = [pair for members in groups.values() for pair in members]
     counted = corpus_pass(lm, bundle.load_transcoder(dtype=lm.dtype, device=lm.device), maxima, sample, all_pairs,
                           dense)

@@ -39,6 +39,7 @@ from dreaming.bundle import Bundle, default_bundle_dir
 from dreaming.engine import DreamConfig, basins, dream, paper_config, previous_config
 from dreaming.features import Feature
 from dreaming.maxima import DENSE_ABOVE
+from dreaming.models import search_dtype
 
 DENSITY = (1e-4, DENSE_ABOVE)
 
@@ -178,8 +179,8 @@ def main():
         base = base.model_copy(update={"iterations": args.iterations})
     runs = configs(args.configs.split(";"), base)
     names = list(runs)
-    lm = bundle.load_model(dtype=torch.bfloat16)
     measure_lm = bundle.load_model(dtype=torch.float32)
+    search_models = {}  # per search dtype (the configs' `dtype`; "auto": bf16 only where matmuls have it in hardware)
     transcoder = bundle.load_transcoder()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,10 @@ def main():
                 continue  # done in an earlier (interrupted) run
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            result = dream(lm, transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm,
+            dtype = search_dtype(config.dtype)
+            if dtype not in search_models:
+                search_models[dtype] = measure_lm if dtype == torch.float32 else bundle.load_model(dtype=dtype)
+            result = dream(search_models[dtype], transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm,
                            contexts=maxima.top_contexts(feature))
             row = {"feature": str(feature), "config_name": name, "config": config.model_dump(mode="json"),
                    "density": float(maxima.arrays["density"][feature.layer, feature.index]),

@@ -38,6 +38,7 @@ from dreaming.explorer import Explorer
 from dreaming.features import Feature, parse_feature
 from dreaming.dashboard import render_examples
 from dreaming.maxima import build_maxima, load_maxima
+from dreaming.models import fast_dtype
 
 HERE = Path(__file__).parent
 DREAMS = HERE / "results" / "epo_quality_v4_clt.json"  # the quality study on the default bundle (version 4)
@@ -68,8 +69,8 @@ def narrow_maxima(explorer: Explorer, names: list[str]):
     out = explorer.bundle.directory / "studies" / f"narrow-{'+'.join(names)}" / "maxima"
     if (out / "maxima.safetensors").exists():
         return load_maxima(out, explorer.bundle.identity), None
-    lm = explorer.bundle.load_model(dtype=torch.bfloat16)
-    transcoder = explorer.bundle.load_transcoder(dtype=torch.bfloat16)
+    lm = explorer.bundle.load_model(dtype=fast_dtype())  # as the maxima pass
+    transcoder = explorer.bundle.load_transcoder(dtype=lm.dtype)
     started = time.perf_counter()
     built = build_maxima(lm, transcoder, explorer.bundle.windows().of_sources(names), out, explorer.bundle.identity)
     return built, time.perf_counter() - started

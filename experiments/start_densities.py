@@ -39,6 +39,7 @@ from dreaming.build.train import (
 )
 from dreaming.build.train_clt import CLTConfig
 from dreaming.bundle import Bundle, default_bundle_dir
+from dreaming.models import fast_dtype
 
 K = CLTConfig().init_k  # the CLT start's k
 KMEANS_ITERATIONS, RIDGE = TrainConfig().kmeans_iterations, TrainConfig().ridge  # the closed-form fit's
@@ -114,7 +115,7 @@ def main():
     args = parser.parse_args()
     started = time.perf_counter()
     bundle = Bundle.open(args.bundle or default_bundle_dir())
-    lm = bundle.load_model(dtype=torch.bfloat16)
+    lm = bundle.load_model(dtype=fast_dtype())  # as the build
     windows = bundle.windows()
     fit_windows, _ = split_windows(windows, 64, args.seed)
     x, y = collect_activations(lm, windows, fit_windows, args.tokens, 32, progress=False)

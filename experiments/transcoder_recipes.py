@@ -36,6 +36,7 @@ from dreaming.build.train import (
     split_windows,
 )
 from dreaming.bundle import Bundle
+from dreaming.models import fast_dtype
 
 RECIPES = [  # (encoder, features, reach, skip)
     ("data", 1024, 0, False), ("xkm", 1024, 0, False), ("xkm", 1024, 2, False), ("xkm", 1024, 0, True),
@@ -74,7 +75,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     bundle = Bundle.open(args.bundle)
-    lm = bundle.load_model(dtype=torch.bfloat16)
+    lm = bundle.load_model(dtype=fast_dtype())  # as the build
     windows = bundle.windows()
     config = TrainConfig()
     fit_windows, heldout = split_windows(windows, config.heldout_windows, config.seed)

@@ -20,7 +20,7 @@ from dreaming.encoder import LazyEncoder
 from dreaming.explorer import Explorer
 from dreaming.formats.circuit_tracer import save_transcoder
 from dreaming.maxima import MaximaConfig, build_maxima
-from dreaming.models import fast_dtype, load_model
+from dreaming.models import fast_dtype, load_model, search_dtype
 from dreaming.transcoders import CLT, SET, Transcoder, TranscoderConfig
 
 MAXIMA = ["--top-k", "3", "--batch-windows", "4", "--window-length", "32"]
@@ -332,6 +332,10 @@ def test_bundles_of_one_model_share_its_weights_in_a_process(model_dir, transcod
     assert first.bundle.identity == second.bundle.identity and first.maxima.metadata != second.maxima.metadata
     assert first.lm is second.lm and first.search_model("bfloat16") is second.search_model("bfloat16")
     assert first.lm is not first.search_model("bfloat16")
+    # a config's dtype: float32 is the measuring model itself, "auto" the machine's fast dtype (models.search_dtype)
+    assert first.search_model("float32") is first.lm
+    assert first.search_model("auto") is first.search_model(str(fast_dtype("cpu")).removeprefix("torch."))
+    assert search_dtype("auto", "cuda") == torch.bfloat16 and search_dtype("float32", "cuda") == torch.float32
     (a,), (b,) = first.activation("1/3", ["the cat sat"]), second.activation("1/3", ["the cat sat"])
     assert a["activation"] == b["activation"]
     from dreaming import models
