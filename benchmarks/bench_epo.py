@@ -18,7 +18,8 @@ Prints:
 The search runs in the device's fast dtype (models.fast_dtype: bf16 on a GPU or a CPU with bf16 matmuls, else
 fp32), the previous engine too, so both are timed as they would run on this machine.
 
-    python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--throughput-iterations 3] [--parts 1,2,3,4] [--threads 2]
+    python benchmarks/bench_epo.py [--previous DIR] [--iterations 40] [--k 1,4,16] [--throughput-iterations 3]
+                                   [--parts 1,2,3,4] [--threads 2]
 
 --previous DIR: a checkout of the commit before this engine (e.g. `git worktree add /tmp/previous <commit>`).
 """

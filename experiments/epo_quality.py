@@ -196,8 +196,8 @@ def main():
             dtype = search_dtype(config.dtype)
             if dtype not in search_models:
                 search_models[dtype] = measure_lm if dtype == torch.float32 else bundle.load_model(dtype=dtype)
-            result = dream(search_models[dtype], transcoder, feature, config, maxima.dataset_max(feature), measure_lm=measure_lm,
-                           contexts=maxima.top_contexts(feature))
+            result = dream(search_models[dtype], transcoder, feature, config, maxima.dataset_max(feature),
+                           measure_lm=measure_lm, contexts=maxima.top_contexts(feature))
             row = {"feature": str(feature), "config_name": name, "config": config.model_dump(mode="json"),
                    "density": float(maxima.arrays["density"][feature.layer, feature.index]),
                    "dataset_max": maxima.dataset_max(feature), "seconds": time.perf_counter() - started,
