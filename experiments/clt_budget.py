@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-
 from dreaming.build.default import build_default_bundle
 from dreaming.build.evaluate import transcoder_report
 from dreaming.build.recipes import RECIPES

@@ -37,9 +37,9 @@ import torch
 
 from dreaming.bundle import Bundle, default_bundle_dir
 from dreaming.engine import DreamConfig, basins, dream, paper_config, previous_config
+from dreaming.explorer import Explorer
 from dreaming.features import Feature
 from dreaming.maxima import DENSE_ABOVE
-from dreaming.models import search_dtype
 
 DENSITY = (1e-4, DENSE_ABOVE)
 
@@ -179,9 +179,7 @@ def main():
         base = base.model_copy(update={"iterations": args.iterations})
     runs = configs(args.configs.split(";"), base)
     names = list(runs)
-    measure_lm = bundle.load_model(dtype=torch.float32)
-    search_models = {}  # per search dtype (the configs' `dtype`; "auto": bf16 only where matmuls have it in hardware)
-    transcoder = bundle.load_transcoder()
+    explorer = Explorer(bundle)  # the fp32 measuring model, the transcoder and a model per config's search dtype
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text()) if out.exists() else []
@@ -193,11 +191,8 @@ def main():
                 continue  # done in an earlier (interrupted) run
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            dtype = search_dtype(config.dtype)
-            if dtype not in search_models:
-                search_models[dtype] = measure_lm if dtype == torch.float32 else bundle.load_model(dtype=dtype)
-            result = dream(search_models[dtype], transcoder, feature, config, maxima.dataset_max(feature),
-                           measure_lm=measure_lm, contexts=maxima.top_contexts(feature))
+            result = dream(explorer.search_model(config.dtype), explorer.transcoder, feature, config,
+                           maxima.dataset_max(feature), measure_lm=explorer.lm, contexts=maxima.top_contexts(feature))
             row = {"feature": str(feature), "config_name": name, "config": config.model_dump(mode="json"),
                    "density": float(maxima.arrays["density"][feature.layer, feature.index]),
                    "dataset_max": maxima.dataset_max(feature), "seconds": time.perf_counter() - started,
