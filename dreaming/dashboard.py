@@ -74,6 +74,17 @@ def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
             "counted_from": point["counted_from"]}
 
 
+def one_per_prompt(dreamed: list[dict]) -> list[dict]:
+    """Each token sequence once (`_dreamed` dicts): a prompt found again by a newer engine, or by two seeds or
+    configs, is listed once, as the newest engine found it (the first of equals)."""
+    kept = {}
+    for dream in dreamed:
+        key = tuple(dream["token_ids"])
+        if key not in kept or (dream["engine_version"] or 0) > (kept[key]["engine_version"] or 0):
+            kept[key] = dream
+    return list(kept.values())
+
+
 def _best(results: list[dict], name: str, dataset_max: float) -> dict | None:
     """The most active of the results' `name` prompts ("best_fluent" or "best_novel"), as `_dreamed` gives it."""
     found = [(result[name], result) for result in results if result.get(name)]
@@ -121,8 +132,9 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
     `dreams` are dream results as JSON dicts (see dreaming.engine.DreamResult). Those scored against the feature's
     dataset max now are current: their frontier prompts are listed in `dreams` (activation, % of the dataset
     max, cross-entropy, origin, longest run shared with the top dataset contexts, the yardstick of a positional
-    feature's dream), strongest first, the union of their `diverse` sets (one entry per token sequence) in
-    `diverse`, and the most active of their best fluent and best novel prompts in `best_fluent`, `best_novel`.
+    feature's dream), strongest first, the union of their `diverse` sets in `diverse` (each list has one entry per
+    token sequence, see `one_per_prompt`), and the most active of their best fluent and best novel prompts in
+    `best_fluent`, `best_novel`.
     Results scored against another dataset max (an earlier maxima build) are never shown as current: their
     prompts are in `stale_dreams`, with the max they were scored against (`scored_against`) and their own
     recorded fraction of it. With `length`, each example has `length_matched` (see `render_examples`).
@@ -133,21 +145,19 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
     dataset_max = summary["dataset_max"]
     current = [result for result in dreams if same_yardstick(result.get("dataset_max"), dataset_max)]
     stale = [result for result in dreams if not same_yardstick(result.get("dataset_max"), dataset_max)]
-    dreamed = [_dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
-               for result in current for point in result.get("frontier", [])]
-    dreamed.sort(key=lambda d: d["activation"], reverse=True)
-    diverse = {}
-    for result in current:
-        for point in result.get("diverse") or []:
-            key = tuple(point["token_ids"])
-            if key not in diverse or point["activation"] > diverse[key]["activation"]:
-                diverse[key] = _dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
-    stale_dreamed = [{**_dreamed(point, result, point.get("fraction_of_max")),
-                      "scored_against": result.get("dataset_max")}
-                     for result in stale for point in result.get("frontier", [])]
+
+    def current_points(field: str) -> list[dict]:
+        points = [_dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
+                  for result in current for point in result.get(field) or []]
+        return sorted(one_per_prompt(points), key=lambda d: d["activation"], reverse=True)
+
+    dreamed, diverse = current_points("frontier"), current_points("diverse")
+    stale_dreamed = one_per_prompt([{**_dreamed(point, result, point.get("fraction_of_max")),
+                                     "scored_against": result.get("dataset_max")}
+                                    for result in stale for point in result.get("frontier", [])])
     stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
     best = {name: _best(current, name, dataset_max) for name in ("best_fluent", "best_novel")}
-    shade_dreams(lm, transcoder, feature, dreamed + list(diverse.values()) + stale_dreamed
+    shade_dreams(lm, transcoder, feature, dreamed + diverse + stale_dreamed
                  + [dream for dream in best.values() if dream is not None])
     examples = page_examples(render_examples(lm, transcoder, maxima, feature, top=top, length=length,
                                              after=PAGE_AFTER))
@@ -157,5 +167,5 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
     intervals = [{**r, "examples": [next(rendered) for _ in r["examples"]]} for r in intervals]
     return {**summary, "examples": examples, "intervals": intervals, "length": length,
             "engine_version": ENGINE_VERSION, "dreams": dreamed,
-            "diverse": sorted(diverse.values(), key=lambda d: d["activation"], reverse=True), **best,
+            "diverse": diverse, **best,
             "stale_dreams": stale_dreamed}

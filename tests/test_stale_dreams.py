@@ -117,3 +117,30 @@ def test_the_service_keeps_a_current_and_a_stale_result_of_one_config_apart():
 def test_cache_keys_tell_yardsticks_apart():
     assert max_key(None) == max_key(0.0) == "none"  # no yardstick: no maxima, or a dead feature
     assert max_key(1.5) == max_key(json.loads(json.dumps(1.5))) != max_key(1.5000001)
+
+
+def test_a_prompt_dreamed_again_by_a_newer_engine_is_listed_once(bundle, capsys, monkeypatch):
+    """A re-dream under a new engine version is new work (a new cache key), and the old result stays current
+    (same dataset max); the page lists each prompt once, as the newest engine found it, and keeps the old
+    engine's other prompts, marked with their engine in `compare`."""
+    from dreaming import dream_cache
+    from dreaming.engine import ENGINE_VERSION
+
+    cache, identity = DreamCache(bundle.directory / "dreams"), bundle.identity
+    explorer = Explorer.open(bundle.directory, device="cpu")
+    dataset_max = explorer.dataset_max(FEATURE)
+    old = result_for(explorer, ["cat sat", "dog ran"], dataset_max).model_copy(update={"engine_version": 5})
+    monkeypatch.setattr(dream_cache, "ENGINE_VERSION", 5)
+    cache.put(identity, old)
+    monkeypatch.undo()
+    cache.put(identity, result_for(explorer, ["cat sat", "red sun"], dataset_max))
+    assert len(list(cache._feature_dir(identity, FEATURE).glob("*.json"))) == 2
+
+    page = explorer.compare(FEATURE, top=2)
+    engines = sorted((d["prompt"], d["engine_version"]) for d in page["dreams"])
+    assert engines == [("cat sat", ENGINE_VERSION), ("dog ran", 5), ("red sun", ENGINE_VERSION)]
+    assert sorted(d["prompt"] for d in page["diverse"]) == ["cat sat", "dog ran", "red sun"]
+    activations = [d["activation"] for d in page["dreams"]]
+    assert activations == sorted(activations, reverse=True)
+    listed = compare_text(capsys, bundle).split("dreamed prompts")[1].split("\nbest fluent")[0]
+    assert listed.count("'cat sat'") == 1 and "'dog ran' [engine 5]" in listed and "'red sun' [engine" not in listed
