@@ -89,13 +89,13 @@ def test_the_rule_picks_a_longer_prompt_for_a_feature_that_needs_context(built):
     lm, transcoder, windows = built
     long = choose_length(lm, transcoder, LONG, top_contexts(lm, transcoder, windows, LONG), cap=64)
     cat = choose_length(lm, transcoder, CAT, top_contexts(lm, transcoder, windows, CAT), cap=64)
-    assert cat.chosen == LENGTHS[0] == 8
+    assert cat.chosen == LENGTHS[0] == 12
     assert long.chosen > 24 and long.chosen > cat.chosen
     # the rule as documented: the shortest length keeping KEEP of the best, and nothing shorter does
     assert long.kept[long.lengths.index(long.chosen)] >= KEEP
     assert all(k < KEEP for n, k in zip(long.lengths, long.kept) if n < long.chosen)
     capped = choose_length(lm, transcoder, LONG, top_contexts(lm, transcoder, windows, LONG), cap=20)
-    assert capped.lengths == [8, 12, 16] and capped.chosen <= 16
+    assert capped.lengths == [12, 16] and capped.chosen <= 16
     fallback = choose_length(lm, transcoder, LONG, None, cap=64)
     assert fallback.chosen == FALLBACK_LENGTH and fallback.lengths == [] and "no dataset maxima" in fallback.rule
 

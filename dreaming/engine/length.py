@@ -21,7 +21,9 @@ from dreaming.models import LanguageModel
 from dreaming.objective import cross_entropy
 from dreaming.transcoders import Transcoder
 
-LENGTHS = (8, 12, 16, 24, 32, 48, 64)  # the lengths the rule tries
+# The lengths the rule tries. None below 12: where the data fires within 8 tokens, a dream still needs room
+# around the feature's few tokens (README, "Prompt length": 8 tokens against 12 on the same four features).
+LENGTHS = (12, 16, 24, 32, 48, 64)
 KEEP = 0.95  # the shortest length whose best cut example keeps this share of the best over all lengths wins
 EXAMPLES = 10  # top dataset examples the rule and the yardstick read (a feature page shows as many)
 FALLBACK_LENGTH = 16  # a feature without dataset maxima (a fresh bundle): no examples to measure

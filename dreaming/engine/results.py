@@ -12,7 +12,8 @@ from dreaming.engine.config import DreamConfig, same_search
 
 # The version of the search: a change that makes the same config give other results bumps it, so services keyed
 # on it (dream_cache.dream_key, the service's job key) do not serve results an earlier engine computed as current.
-ENGINE_VERSION = 6  # 6: Gemma's scaled embedding rows in the search (5 searched Gemma models on unscaled rows)
+ENGINE_VERSION = 7  # 7: the length rule's shortest length is 12 tokens (6 tried 8); 6: Gemma's scaled embedding
+# rows in the search (5 searched Gemma models on unscaled rows)
 FLUENT_CE = 5.0  # a prompt is "fluent" at cross-entropy <= 5 nats inside its template (reference.md)
 NOVEL_BELOW = 4  # a prompt is novel when it shares no run of this many tokens with the top dataset contexts
 DIVERSE = 8  # prompts in a result's diverse set
