@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -101,10 +102,10 @@ def markdown(rows: list[dict], names: list[str]) -> str:
             r = mine.get(n)
             best, novel = r and r["best_fluent"], r and r.get("best_novel")
             cells += [str(r.get("prompt_length") or r["config"].get("prompt_length") or "") if r else "",
-                      f"{best['fraction_of_max']:.0%} ({best['cross_entropy']:.2f}), {best['origin']}" if best
+                      f"{best['fraction_of_max']:.1%} ({best['cross_entropy']:.2f}), {best['origin']}" if best
                       else ("—" if r else ""),
                       f"{r.get('diverse_at_80', '')} ({r.get('basins_at_80', '?')})" if r else "",
-                      f"{novel['fraction_of_max']:.0%}" if novel else ("—" if r else ""),
+                      f"{novel['fraction_of_max']:.1%}" if novel else ("—" if r else ""),
                       f"{r['seconds']:.0f}" if r else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -114,12 +115,12 @@ def markdown(rows: list[dict], names: list[str]) -> str:
         diverse = sum(1 for r in done if r.get("diverse_at_80", 0) >= 3)
         varied = sum(1 for r in done if strong_and_varied(r))
         novel = sum(1 for r in done if r.get("best_novel") and r["best_novel"]["fraction_of_max"] >= 1.0)
-        fractions = sorted(r["best_fluent"]["fraction_of_max"] if r["best_fluent"] else 0.0 for r in done)
-        median = fractions[len(fractions) // 2] if fractions else float("nan")
+        fractions = [r["best_fluent"]["fraction_of_max"] if r["best_fluent"] else 0.0 for r in done]
+        median = statistics.median(fractions) if fractions else float("nan")
         lines.append(f"- {n}: {hits}/{len(done)} with a fluent prompt at >= 100% of the dataset max; {novel}/"
                      f"{len(done)} with a novel fluent prompt at >= 100%; {diverse}/{len(done)} with >= 3 diverse "
                      f"fluent prompts at >= 80%, {varied}/{len(done)} of them from >= 2 basins; median best fluent "
-                     f"{median:.0%}")
+                     f"{median:.1%}")
     return "\n".join(lines) + "\n"
 
 
