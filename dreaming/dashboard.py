@@ -75,14 +75,14 @@ def _dreamed(point: dict, result: dict, fraction_of_max: float | None) -> dict:
 
 
 def one_per_prompt(dreamed: list[dict]) -> list[dict]:
-    """Each token sequence once (`_dreamed` dicts): a prompt found again by a newer engine, or by two seeds or
-    configs, is listed once, as the newest engine found it (the first of equals)."""
+    """Each token sequence once (`_dreamed` dicts), strongest first: a prompt found again by a newer engine, or by
+    two seeds or configs, is listed once, as the newest engine found it (the first of equals)."""
     kept = {}
     for dream in dreamed:
         key = tuple(dream["token_ids"])
         if key not in kept or (dream["engine_version"] or 0) > (kept[key]["engine_version"] or 0):
             kept[key] = dream
-    return list(kept.values())
+    return sorted(kept.values(), key=lambda d: d["activation"], reverse=True)
 
 
 def _best(results: list[dict], name: str, dataset_max: float) -> dict | None:
@@ -147,15 +147,13 @@ def feature_page(lm: LanguageModel, transcoder: Transcoder, maxima: Maxima, feat
     stale = [result for result in dreams if not same_yardstick(result.get("dataset_max"), dataset_max)]
 
     def current_points(field: str) -> list[dict]:
-        points = [_dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
-                  for result in current for point in result.get(field) or []]
-        return sorted(one_per_prompt(points), key=lambda d: d["activation"], reverse=True)
+        return one_per_prompt([_dreamed(point, result, point["activation"] / dataset_max if dataset_max > 0 else None)
+                               for result in current for point in result.get(field) or []])
 
     dreamed, diverse = current_points("frontier"), current_points("diverse")
     stale_dreamed = one_per_prompt([{**_dreamed(point, result, point.get("fraction_of_max")),
                                      "scored_against": result.get("dataset_max")}
                                     for result in stale for point in result.get("frontier", [])])
-    stale_dreamed.sort(key=lambda d: d["activation"], reverse=True)
     best = {name: _best(current, name, dataset_max) for name in ("best_fluent", "best_novel")}
     shade_dreams(lm, transcoder, feature, dreamed + diverse + stale_dreamed
                  + [dream for dream in best.values() if dream is not None])

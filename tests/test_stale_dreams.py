@@ -134,7 +134,7 @@ def test_a_prompt_dreamed_again_by_a_newer_engine_is_listed_once(bundle, capsys,
     cache.put(identity, old)
     monkeypatch.undo()
     cache.put(identity, result_for(explorer, ["cat sat", "red sun"], dataset_max))
-    assert len(list(cache._feature_dir(identity, FEATURE).glob("*.json"))) == 2
+    assert len(cache.for_feature(identity, FEATURE, dataset_max)) == 2
 
     page = explorer.compare(FEATURE, top=2)
     engines = sorted((d["prompt"], d["engine_version"]) for d in page["dreams"])
